@@ -1,0 +1,95 @@
+"""moetion: fault-tolerant pipeline-parallel Mixture-of-Experts training.
+
+Typical use, in a script started by ``moetion launch`` or ``torchrun``::
+
+    module = moetion.PipelineModule(layers=[...], num_stages=4, loss_fn=loss)
+    engine = moetion.initialize(module, optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-3),
+                                config={"micro_batches": 4})
+    for _ in range(iterations):
+        loss = engine.train_batch(data)
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+
+from moetion import log as _log
+from moetion.config import Config, LRScheduleConfig
+from moetion.data import ByteCorpus, DataSource, TensorDataSource
+from moetion.distributed import build_context, init_process_group
+from moetion.engine import IterationStats, PipelineEngine
+from moetion.errors import ConfigError, DataError, LaunchError, MoetionError, PartitionError, PeerFailure
+from moetion.module import LayerSpec, PipelineModule, TiedLayerSpec
+from moetion.threads import pin_threads
+
+__all__ = [
+    "ByteCorpus",
+    "Config",
+    "ConfigError",
+    "DataError",
+    "DataSource",
+    "IterationStats",
+    "LaunchError",
+    "LayerSpec",
+    "LRScheduleConfig",
+    "MoetionError",
+    "PartitionError",
+    "PeerFailure",
+    "PipelineEngine",
+    "PipelineModule",
+    "TensorDataSource",
+    "TiedLayerSpec",
+    "initialize",
+]
+
+_log_module = logging.getLogger(__name__)
+
+
+def initialize(
+    module: PipelineModule,
+    *,
+    optimizer: torch.optim.Optimizer | Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer],
+    config: Config | Mapping[str, Any] | str | Path | None = None,
+) -> PipelineEngine:
+    """Joins the job, pins this rank's threads, and returns the engine for this stage.
+
+    Args:
+        module: this rank's :class:`PipelineModule` (built with the job's ``num_stages``).
+        optimizer: an optimizer over ``module.parameters()``, or a factory taking the parameters.
+        config: a :class:`Config`, a dict of its keys, or the path of a JSON file.
+    """
+    config = _as_config(config)
+    if module.loss_fn is None and module.is_last_stage:
+        raise ConfigError("the last stage needs a loss: pass PipelineModule(..., loss_fn=...)")
+    init_process_group(timeout_s=config.peer_timeout_s)
+    context = build_context(num_stages=module.num_stages, tied_stages=module.tied_stages())
+    if context.stage != module.stage_id:
+        raise ConfigError(
+            f"rank {context.rank} runs stage {context.stage} but the module was built for stage "
+            f"{module.stage_id}: build PipelineModule without stage_id under a launcher"
+        )
+    _log.configure(rank=context.rank, stage=context.stage)
+    threads = pin_threads(config.threads, local_world_size=context.local_world_size)
+    module.to(context.device)
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        optimizer = optimizer(module.parameters())
+    _log_module.info(
+        "stage %d/%d replica %d/%d: layers %d..%d, %d parameters, %d intra-op threads, %s",
+        context.stage, module.num_stages, context.replica, context.topology.data_parallel,
+        module.parts[context.stage], module.parts[context.stage + 1] - 1,
+        sum(p.numel() for p in module.parameters()), threads, config.precision,
+    )
+    return PipelineEngine(module=module, optimizer=optimizer, config=config, dist_context=context, threads=threads)
+
+
+def _as_config(config: Config | Mapping[str, Any] | str | Path | None) -> Config:
+    if config is None:
+        return Config()
+    if isinstance(config, Config):
+        return config
+    if isinstance(config, (str, Path)):
+        return Config.from_json(config)
+    return Config.from_dict(config)

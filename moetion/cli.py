@@ -1,0 +1,48 @@
+"""The ``moetion`` command line: ``moetion launch`` and ``moetion demo``."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from moetion.errors import MoetionError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="moetion", description="Fault-tolerant pipeline-parallel MoE training")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    launch = commands.add_parser("launch", help="run a training script as N local ranks (torchrun-style env)")
+    launch.add_argument("--nproc", type=int, required=True, help="number of ranks (stages x data-parallel replicas)")
+    launch.add_argument("--timeout", type=float, default=None, help="kill the job after this many seconds")
+    launch.add_argument("script")
+    launch.add_argument("script_args", nargs=argparse.REMAINDER)
+
+    demo = commands.add_parser("demo", help="train the built-in MoE model across pipeline-stage processes")
+    demo.add_argument("--iterations", type=int, default=50)
+    demo.add_argument("--stages", type=int, default=4)
+    demo.add_argument("--data-parallel", type=int, default=1)
+    demo.add_argument("--micro-batches", type=int, default=4)
+    demo.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    demo.add_argument("--seed", type=int, default=0)
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "launch":
+            from moetion.launcher import launch_script
+
+            launch_script(args.script, args.script_args, nproc=args.nproc, timeout_s=args.timeout)
+        else:
+            from moetion.demo import DemoSettings, run_demo
+
+            run_demo(DemoSettings(
+                iterations=args.iterations, stages=args.stages, data_parallel=args.data_parallel,
+                micro_batches=args.micro_batches, precision=args.precision, seed=args.seed,
+            ))
+    except MoetionError as error:
+        print(f"moetion {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

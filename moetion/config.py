@@ -1,0 +1,118 @@
+"""Engine configuration: dataclasses loadable from a dict or JSON file, strict about unknown keys.
+
+Strictness matters because a misspelt key (``micro_batchs``) silently falling back to a default
+would change the training run without anyone noticing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from moetion.errors import ConfigError
+
+PRECISIONS = ("fp32", "bf16")
+LR_DECAYS = ("constant", "linear", "cosine")
+
+
+@dataclass
+class LRScheduleConfig:
+    """Learning rate as a pure function of the iteration: linear warm-up, then optional decay.
+
+    The factor multiplies each optimizer param group's initial ``lr``. Being a function of the
+    iteration (not of mutable scheduler state) is what lets a replay use each iteration's own LR.
+    """
+
+    warmup_iterations: int = 0
+    decay: str = "constant"
+    decay_iterations: int = 0
+    min_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.warmup_iterations < 0:
+            raise ConfigError(f"lr_schedule.warmup_iterations must be >= 0, got {self.warmup_iterations}")
+        if self.decay not in LR_DECAYS:
+            raise ConfigError(f"lr_schedule.decay must be one of {LR_DECAYS}, got {self.decay!r}")
+        if self.decay != "constant" and self.decay_iterations < 1:
+            raise ConfigError(
+                f"lr_schedule.decay={self.decay!r} needs decay_iterations >= 1 "
+                f"(iterations after warm-up to reach min_ratio), got {self.decay_iterations}"
+            )
+        if not 0.0 <= self.min_ratio <= 1.0:
+            raise ConfigError(f"lr_schedule.min_ratio must lie in [0, 1], got {self.min_ratio}")
+
+
+@dataclass
+class Config:
+    """Everything the pipeline engine needs besides the model, the optimizer and the data.
+
+    Attributes:
+        seed: root of every random draw (initialisation, dropout, router noise, data order).
+        micro_batches: M, micro-batches per iteration and per data-parallel replica.
+        precision: ``"fp32"``, or ``"bf16"`` compute with fp32 master weights and gradients.
+        grad_clip: global max gradient norm across all stages and replicas; ``None`` disables.
+        lr_schedule: warm-up and decay of the learning rate, see :class:`LRScheduleConfig`.
+        threads: intra-op threads per rank; ``None`` means cores // local ranks (at least 1).
+            Replay must use the same count, so it is recorded.
+        peer_timeout_s: bound on every wait for a peer; a dead or hung peer becomes a
+            :class:`~moetion.errors.PeerFailure` naming the rank instead of a hang.
+    """
+
+    seed: int = 0
+    micro_batches: int = 4
+    precision: str = "fp32"
+    grad_clip: float | None = 1.0
+    lr_schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)
+    threads: int | None = None
+    peer_timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.micro_batches < 1:
+            raise ConfigError(f"micro_batches must be >= 1, got {self.micro_batches}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ConfigError(f"grad_clip must be > 0 or null (no clipping), got {self.grad_clip}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be >= 1 or null (automatic), got {self.threads}")
+        if self.peer_timeout_s <= 0:
+            raise ConfigError(f"peer_timeout_s must be > 0, got {self.peer_timeout_s}")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "Config":
+        """Builds a config from plain data; an unknown key is an error naming the key."""
+        return _from_mapping(cls, values, path="")
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "Config":
+        """Reads a JSON file holding the same keys as :meth:`from_dict`."""
+        try:
+            values = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise ConfigError(f"cannot read config file {path}: {error}") from None
+        return cls.from_dict(values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _from_mapping(cls: type, values: Mapping[str, Any], *, path: str) -> Any:
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"config section {path or '<root>'} must be a mapping, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {path + unknown[0]!r}; known keys here: {', '.join(sorted(known))}"
+        )
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            value = _from_mapping(hint, value, path=f"{path}{name}.")
+        kwargs[name] = value
+    return cls(**kwargs)

@@ -1,0 +1,89 @@
+"""Joining the job: process-group initialisation from torchrun-style env vars, and the groups.
+
+Every rank creates every group in the same order (``new_group`` is collective), then keeps only
+those it belongs to.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from moetion.errors import ConfigError
+from moetion.topology import PipeTopology
+
+
+@dataclass
+class DistContext:
+    """This rank's place in the job and the process groups it communicates over."""
+
+    rank: int
+    local_world_size: int
+    topology: PipeTopology
+    device: torch.device
+    pipeline_group: dist.ProcessGroup | None = None
+    data_group: dist.ProcessGroup | None = None
+    tied_groups: dict[str, dist.ProcessGroup] = field(default_factory=dict)
+
+    @property
+    def stage(self) -> int:
+        return self.topology.stage_of(self.rank)
+
+    @property
+    def replica(self) -> int:
+        return self.topology.replica_of(self.rank)
+
+    def neighbour(self, offset: int) -> int | None:
+        """Global rank of the stage ``offset`` away in this pipeline, or None past an end."""
+        stage = self.stage + offset
+        if not 0 <= stage < self.topology.num_stages:
+            return None
+        return self.topology.rank(stage=stage, replica=self.replica)
+
+
+def init_process_group(*, timeout_s: float) -> None:
+    """Joins the job described by RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT, if not joined yet.
+
+    NCCL when CUDA is available, gloo otherwise. ``timeout_s`` bounds every collective.
+    """
+    if dist.is_initialized():
+        return
+    missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+    if missing:
+        raise ConfigError(
+            f"environment variables {missing} are not set: start training with `moetion launch` "
+            "or `torchrun`, or call torch.distributed.init_process_group yourself first"
+        )
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, init_method="env://", timeout=timedelta(seconds=timeout_s))
+
+
+def build_context(*, num_stages: int, tied_stages: dict[str, list[int]]) -> DistContext:
+    """Creates the pipeline, data-parallel and tied-weight groups for this rank."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    topology = PipeTopology.from_world(world_size=world, num_stages=num_stages)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    context = DistContext(rank=rank, local_world_size=local_world, topology=topology, device=device)
+    for replica in range(topology.data_parallel):
+        group = dist.new_group(topology.pipeline_ranks(replica))
+        if replica == context.replica:
+            context.pipeline_group = group
+    for stage in range(num_stages):
+        group = dist.new_group(topology.replica_ranks(stage))
+        if stage == context.stage:
+            context.data_group = group
+    for key, stages in tied_stages.items():
+        for replica in range(topology.data_parallel):
+            ranks = [topology.rank(stage=s, replica=replica) for s in stages]
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                context.tied_groups[key] = group
+    return context

@@ -1,0 +1,224 @@
+"""The pipeline engine: runs a stage's 1F1B instruction stream, one iteration per ``train_batch``.
+
+The data path of one iteration, top to bottom: load or receive a micro-batch's input, forward
+(under a step context that keys its random draws), send the output on; receive the output's
+gradient, backward, send the input's gradient back; then sum tied gradients, average across
+replicas, and take the optimizer step behind the global grad-norm exchange (the commit point).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from moetion import gradients, schedule
+from moetion.config import Config
+from moetion.data import DataSource
+from moetion.distributed import DistContext
+from moetion.errors import DataError, PeerFailure
+from moetion.lr_schedule import apply_lr
+from moetion.module import PipelineModule
+from moetion.p2p import StageLinks
+from moetion.precision import StagePrecision
+from moetion.random import StepContext, step_context
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class IterationStats:
+    """What one ``train_batch`` produced; ``loss`` is the mean over micro-batches and replicas."""
+
+    iteration: int
+    loss: float
+    grad_norm: float
+    clip_coef: float
+    lr_factor: float
+    seconds: float
+
+
+class PipelineEngine:
+    """Trains one pipeline stage; create it with :func:`moetion.initialize`."""
+
+    def __init__(
+        self,
+        *,
+        module: PipelineModule,
+        optimizer: torch.optim.Optimizer,
+        config: Config,
+        dist_context: DistContext,
+        threads: int,
+    ) -> None:
+        self.module = module
+        self.optimizer = optimizer
+        self.config = config
+        self.dist = dist_context
+        self.threads = threads
+        self.iteration = 0
+        self.last_stats: IterationStats | None = None
+        self.precision = StagePrecision(module, config.precision)
+        self.links = StageLinks(
+            prev_rank=dist_context.neighbour(-1),
+            next_rank=dist_context.neighbour(+1),
+            timeout_s=config.peer_timeout_s,
+            device=dist_context.device,
+        )
+        self._params = [p for p in module.parameters() if p.requires_grad]
+        self._norm_params = self._params_counted_in_norm()
+        self._dispatch: dict[type[schedule.Instruction], Callable[[int | None], None]] = {
+            schedule.LoadMicroBatch: self._load_micro_batch,
+            schedule.RecvActivation: self._recv_activation,
+            schedule.ForwardPass: self._forward,
+            schedule.SendActivation: self._send_activation,
+            schedule.RecvGrad: self._recv_grad,
+            schedule.BackwardPass: self._backward,
+            schedule.SendGrad: self._send_grad,
+            schedule.ReduceTiedGrads: self._reduce_tied_grads,
+            schedule.ReduceGrads: self._reduce_grads,
+            schedule.OptimizerStep: self._optimizer_step,
+        }
+
+    @property
+    def stage(self) -> int:
+        return self.module.stage_id
+
+    def train_batch(self, data: DataSource) -> float:
+        """Runs iteration ``self.iteration`` over ``config.micro_batches`` micro-batches.
+
+        Returns the iteration's mean loss (over micro-batches and data-parallel replicas), the
+        same value on every rank. The optimizer step is the commit point: when this returns,
+        every rank of the job has applied the same iteration.
+        """
+        start = time.perf_counter()
+        self._data = data
+        self._inputs: dict[int, torch.Tensor] = {}
+        self._labels: dict[int, torch.Tensor] = {}
+        self._outputs: dict[int, torch.Tensor] = {}
+        self._output_grads: dict[int, torch.Tensor] = {}
+        self._input_grads: dict[int, torch.Tensor] = {}
+        self._loss_sum = torch.zeros((), dtype=torch.float32)
+        self.optimizer.zero_grad(set_to_none=True)
+        for instruction in schedule.train_schedule(
+            stage=self.stage, num_stages=self.module.num_stages, micro_batches=self.config.micro_batches
+        ):
+            self._dispatch[type(instruction)](instruction.micro_batch)
+        self.last_stats.seconds = time.perf_counter() - start
+        self.iteration += 1
+        return self.last_stats.loss
+
+    # -- micro-batch instructions ------------------------------------------------------------------
+    def _global_index(self, m: int) -> int:
+        return self.dist.replica * self.config.micro_batches + m
+
+    def _load_micro_batch(self, m: int | None) -> None:
+        try:
+            inputs, labels = self._data.micro_batch(self.iteration, self._global_index(m))
+        except DataError:
+            raise
+        except Exception as error:
+            raise DataError(
+                f"data source failed for iteration {self.iteration}, micro-batch {self._global_index(m)}: {error}"
+            ) from error
+        device = self.dist.device
+        if self.module.is_first_stage:
+            self._inputs[m] = inputs.to(device)
+        if self.module.is_last_stage:
+            self._labels[m] = labels.to(device)
+
+    def _recv_activation(self, m: int | None) -> None:
+        x = self.links.recv_activation(what=self._what("activation", m))
+        self._inputs[m] = x.requires_grad_(x.is_floating_point())
+
+    def _forward(self, m: int | None) -> None:
+        context = StepContext(
+            seed=self.config.seed,
+            iteration=self.iteration,
+            micro_batch=self._global_index(m),
+            loss_scale=1.0 / self.config.micro_batches,
+        )
+        with step_context(context):
+            out = self.precision.compute(self._inputs[m])
+        if self.module.is_last_stage:
+            loss = self.module.loss_fn(out, self._labels.pop(m))
+            self._loss_sum += loss.detach().float()
+            out = loss / self.config.micro_batches
+        self._outputs[m] = out
+
+    def _send_activation(self, m: int | None) -> None:
+        self.links.send_activation(self._outputs[m].detach(), what=self._what("activation", m))
+
+    def _recv_grad(self, m: int | None) -> None:
+        self._output_grads[m] = self.links.recv_grad(self._outputs[m], what=self._what("gradient", m))
+
+    def _backward(self, m: int | None) -> None:
+        out = self._outputs.pop(m)
+        if out.requires_grad:
+            torch.autograd.backward(out, grad_tensors=self._output_grads.pop(m, None))
+        self.precision.after_backward()
+        x = self._inputs.pop(m)
+        if not self.module.is_first_stage:
+            self._input_grads[m] = x.grad if x.grad is not None else torch.zeros_like(x)
+
+    def _send_grad(self, m: int | None) -> None:
+        self.links.send_grad(self._input_grads.pop(m), what=self._what("gradient", m))
+
+    # -- per-iteration instructions -----------------------------------------------------------------
+    def _reduce_tied_grads(self, _: int | None) -> None:
+        self.links.wait_sends()
+        gradients.fill_missing_grads(self._params)
+        for key, group in self.dist.tied_groups.items():
+            for p in self.module.tied[key].parameters():
+                self._collective(dist.all_reduce, p.grad, group=group, what=f"summing tied weight {key!r}")
+
+    def _reduce_grads(self, _: int | None) -> None:
+        replicas = self.dist.topology.data_parallel
+        loss = self._loss_sum.reshape(1)
+        if replicas > 1:
+            flat = torch.cat([p.grad.reshape(-1) for p in self._params] + [loss])
+            self._collective(dist.all_reduce, flat, group=self.dist.data_group, what="averaging gradients")
+            offset = 0
+            for p in self._params:
+                p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad)).div_(replicas)
+                offset += p.numel()
+            loss = flat[offset:]
+        self._loss_sum = loss[0]
+
+    def _optimizer_step(self, _: int | None) -> None:
+        mine = torch.stack([gradients.squared_norm(self._norm_params), self._loss_sum])
+        gathered = [torch.empty_like(mine) for _ in range(self.module.num_stages)]
+        self._collective(dist.all_gather, gathered, mine, group=self.dist.pipeline_group, what="exchanging grad norms")
+        norm = gradients.total_norm([g[0] for g in gathered])
+        coef = gradients.clip_coefficient(norm, self.config.grad_clip)
+        gradients.scale_grads(self._params, coef)
+        factor = apply_lr(self.optimizer, self.config.lr_schedule, self.iteration)
+        self.optimizer.step()
+        self.precision.after_step()
+        loss = float(gathered[-1][1]) / (self.config.micro_batches * self.dist.topology.data_parallel)
+        self.last_stats = IterationStats(self.iteration, loss, float(norm), coef, factor, 0.0)
+
+    # -- helpers -------------------------------------------------------------------------------------
+    def _params_counted_in_norm(self) -> list[torch.nn.Parameter]:
+        """This stage's parameters, minus tied copies whose norm another stage counts."""
+        skip = {
+            id(p)
+            for key in self.dist.tied_groups
+            if self.module.tied_parameter_owner(key) != self.stage
+            for p in self.module.tied[key].parameters()
+        }
+        return [p for p in self._params if id(p) not in skip]
+
+    def _collective(self, op: Callable[..., object], *args: object, group: dist.ProcessGroup | None, what: str) -> None:
+        try:
+            op(*args, group=group)
+        except RuntimeError as error:
+            raise PeerFailure(
+                f"stage {self.stage} (rank {self.dist.rank}) lost a peer while {what} in iteration "
+                f"{self.iteration}: {str(error).splitlines()[0]}"
+            ) from None
+
+    def _what(self, kind: str, m: int | None) -> str:
+        return f"{kind} of micro-batch {m}, iteration {self.iteration} (stage {self.stage}, rank {self.dist.rank})"

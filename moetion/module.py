@@ -1,0 +1,198 @@
+"""Describing a model as a list of layers and building only this stage's share of it.
+
+DeepSpeed's names (``PipelineModule``, ``LayerSpec``, ``TiedLayerSpec``) so it feels familiar.
+Each layer is built with its own seed derived from its index (or its tie key), so a layer's initial
+weights do not depend on how the model is partitioned or which process builds it.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from moetion import random as mrandom
+from moetion.errors import ConfigError, PartitionError
+from moetion.partition import balanced_partition, layer_weights
+from moetion.topology import PipeTopology
+
+
+class LayerSpec:
+    """A layer described, not built: ``typename(*args, **kwargs)`` runs only on the owning stage."""
+
+    def __init__(self, typename: type[nn.Module] | Callable[..., nn.Module], *args: Any, **kwargs: Any) -> None:
+        if not callable(typename):
+            raise TypeError(f"LayerSpec needs a module class or factory, got {typename!r}")
+        self.typename = typename
+        self.args = args
+        self.kwargs = kwargs
+
+    @property
+    def name(self) -> str:
+        return getattr(self.typename, "__name__", type(self.typename).__name__)
+
+    def build(self) -> nn.Module:
+        module = self.typename(*self.args, **self.kwargs)
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"LayerSpec({self.name}) built {type(module).__name__}, not an nn.Module")
+        return module
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name})"
+
+
+class TiedLayerSpec(LayerSpec):
+    """A layer whose parameters are shared by every occurrence of the same ``key``.
+
+    Typical use: the token embedding at the first stage and the LM head at the last. Each stage
+    holding the key builds its own copy from the same seed; their gradients are summed after the
+    backward passes, so the copies stay bit-identical. ``forward_fn(module, x)`` lets an
+    occurrence use the module differently (the head multiplies by the embedding's weight).
+    """
+
+    def __init__(
+        self,
+        key: str,
+        typename: type[nn.Module] | Callable[..., nn.Module],
+        *args: Any,
+        forward_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(typename, *args, **kwargs)
+        self.key = key
+        self.forward_fn = forward_fn
+
+    def __repr__(self) -> str:
+        return f"TiedLayerSpec({self.key!r}, {self.name})"
+
+
+class PipelineModule(nn.Module):
+    """This stage's slice of a layer list, plus the partition of the whole list.
+
+    Args:
+        layers: ``LayerSpec``/``TiedLayerSpec`` entries (or already-built modules) in model order.
+        num_stages: pipeline stages to split the layers into.
+        loss_fn: ``loss_fn(outputs, labels)`` evaluated on the last stage.
+        partition_method: ``"parameters"`` (balance parameter counts), ``"uniform"`` (balance
+            layer counts) or ``"type:<regex>"`` (balance layers whose class name matches).
+        stage_id: the stage to build; by default derived from ``RANK`` and ``WORLD_SIZE``.
+        seed: root of the per-layer initialisation seeds.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[LayerSpec | nn.Module],
+        num_stages: int,
+        *,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        partition_method: str = "parameters",
+        stage_id: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not layers:
+            raise PartitionError("PipelineModule needs at least one layer")
+        self.specs = list(layers)
+        self.num_stages = num_stages
+        self.loss_fn = loss_fn
+        self.partition_method = partition_method
+        self.seed = seed
+        self.stage_id = _stage_from_env(num_stages) if stage_id is None else stage_id
+        if not 0 <= self.stage_id < num_stages:
+            raise ConfigError(f"stage_id {self.stage_id} outside a pipeline of {num_stages} stages")
+        weights = layer_weights(partition_method, names=[_name(s) for s in self.specs], param_count=self._count_params)
+        self.parts = balanced_partition(weights, num_stages)
+        self.layers = nn.ModuleDict()
+        self.tied = nn.ModuleDict()
+        self._forward_fns: list[tuple[int, Callable[[torch.Tensor], torch.Tensor]]] = []
+        for index in range(self.parts[self.stage_id], self.parts[self.stage_id + 1]):
+            self._forward_fns.append((index, self._build_layer(index)))
+
+    # -- partition facts every rank can compute -------------------------------------------------
+    @property
+    def is_first_stage(self) -> bool:
+        return self.stage_id == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.stage_id == self.num_stages - 1
+
+    def stage_layers(self, stage: int) -> range:
+        """Global indices of the layers owned by ``stage``."""
+        return range(self.parts[stage], self.parts[stage + 1])
+
+    def tied_stages(self) -> dict[str, list[int]]:
+        """For each tie key, the stages holding a copy (sorted); only keys on >= 2 stages."""
+        stages: dict[str, set[int]] = {}
+        for stage in range(self.num_stages):
+            for index in self.stage_layers(stage):
+                spec = self.specs[index]
+                if isinstance(spec, TiedLayerSpec):
+                    stages.setdefault(spec.key, set()).add(stage)
+        return {key: sorted(s) for key, s in sorted(stages.items()) if len(s) > 1}
+
+    def tied_parameter_owner(self, key: str) -> int:
+        """The stage that counts a tied weight once in the global gradient norm."""
+        return min(s for s in range(self.num_stages) for i in self.stage_layers(s)
+                   if isinstance(self.specs[i], TiedLayerSpec) and self.specs[i].key == key)
+
+    # -- forward ---------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Runs this stage's layers; under a step context each layer draws from its own generator."""
+        context = mrandom._current.get()
+        for index, fn in self._forward_fns:
+            if context is None:
+                x = fn(x)
+            else:
+                with mrandom.step_context(context.for_layer(index)):
+                    x = fn(x)
+        return x
+
+    # -- construction ----------------------------------------------------------------------------
+    def _build_layer(self, index: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        spec = self.specs[index]
+        if isinstance(spec, TiedLayerSpec):
+            if spec.key not in self.tied:
+                self.tied[spec.key] = _seeded_build(spec, mrandom.derive_seed(mrandom.DOMAIN_INIT, self.seed, spec.key))
+            module = self.tied[spec.key]
+            if spec.forward_fn is None:
+                return module
+            forward_fn = spec.forward_fn
+            return lambda x: forward_fn(module, x)
+        if isinstance(spec, LayerSpec):
+            module = _seeded_build(spec, mrandom.derive_seed(mrandom.DOMAIN_INIT, self.seed, index))
+        elif isinstance(spec, nn.Module):
+            module = spec
+        else:
+            raise TypeError(f"layer {index} is {type(spec).__name__}; expected LayerSpec, TiedLayerSpec or nn.Module")
+        self.layers[str(index)] = module
+        return module
+
+    def _count_params(self, index: int) -> int:
+        spec = self.specs[index]
+        if isinstance(spec, nn.Module):
+            return sum(p.numel() for p in spec.parameters())
+        with torch.device("meta"):
+            return sum(p.numel() for p in spec.build().parameters())
+
+
+def _seeded_build(spec: LayerSpec, seed: int) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return spec.build()
+
+
+def _name(spec: LayerSpec | nn.Module) -> str:
+    return spec.name if isinstance(spec, LayerSpec) else type(spec).__name__
+
+
+def _stage_from_env(num_stages: int) -> int:
+    try:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    except KeyError:
+        raise ConfigError(
+            "PipelineModule needs stage_id=... or the RANK and WORLD_SIZE environment variables "
+            "(run under `moetion launch` or `torchrun`)"
+        ) from None
+    return PipeTopology.from_world(world_size=world, num_stages=num_stages).stage_of(rank)

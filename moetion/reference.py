@@ -1,0 +1,119 @@
+"""Single-process training of a PipelineModule's layers: the ground truth a pipeline must equal.
+
+It builds every stage's module in one process, runs each micro-batch end to end through all of
+them with one autograd graph, and reproduces the pipeline's reduction *structure* (gradients
+accumulated per replica in micro-batch order, tied copies summed in stage order, replicas summed in
+rank order, per-stage squared norms added in stage order), because floating-point sums are only
+bitwise equal when they are associated the same way.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from moetion import gradients
+from moetion.config import Config
+from moetion.data import DataSource
+from moetion.lr_schedule import apply_lr
+from moetion.module import LayerSpec, PipelineModule
+from moetion.precision import StagePrecision
+from moetion.random import StepContext, step_context
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+@dataclass
+class ReferenceRun:
+    losses: list[float]
+    stages: list[PipelineModule]
+    optimizers: list[torch.optim.Optimizer]
+
+
+def train_reference(
+    *,
+    layers: Sequence[LayerSpec | nn.Module],
+    num_stages: int,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    optimizer: OptimizerFactory,
+    config: Config,
+    data: DataSource,
+    iterations: int,
+    data_parallel: int = 1,
+    partition_method: str = "parameters",
+    module_seed: int = 0,
+) -> ReferenceRun:
+    """Trains ``iterations`` steps in this process; run it with the pipeline's thread count."""
+    stages = [
+        PipelineModule(layers, num_stages, loss_fn=loss_fn, partition_method=partition_method, stage_id=s, seed=module_seed)
+        for s in range(num_stages)
+    ]
+    optimizers = [optimizer(stage.parameters()) for stage in stages]
+    precisions = [StagePrecision(stage, config.precision) for stage in stages]
+    params = [[p for p in stage.parameters() if p.requires_grad] for stage in stages]
+    tied = stages[0].tied_stages()
+    norm_params = [_counted_in_norm(stage, tied) for stage in stages]
+    micro = config.micro_batches
+    losses = []
+    for iteration in range(iterations):
+        replica_grads, loss_sum = [], torch.zeros((), dtype=torch.float32)
+        for replica in range(data_parallel):
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            replica_loss = torch.zeros((), dtype=torch.float32)
+            for m in range(micro):
+                index = replica * micro + m
+                inputs, labels = data.micro_batch(iteration, index)
+                with step_context(StepContext(config.seed, iteration, index, 1.0 / micro)):
+                    x = inputs
+                    for precision in precisions:
+                        x = precision.compute(x)
+                loss = loss_fn(x, labels)
+                replica_loss += loss.detach().float()
+                (loss / micro).backward()
+                for precision in precisions:
+                    precision.after_backward()
+            for stage_params in params:
+                gradients.fill_missing_grads(stage_params)
+            _sum_tied(stages, tied)
+            replica_grads.append([[p.grad.clone() for p in stage_params] for stage_params in params])
+            loss_sum = loss_sum + replica_loss if replica else replica_loss
+        if data_parallel > 1:
+            for s, stage_params in enumerate(params):
+                for i, p in enumerate(stage_params):
+                    total = replica_grads[0][s][i]
+                    for r in range(1, data_parallel):
+                        total = total + replica_grads[r][s][i]
+                    p.grad = total.div_(data_parallel)
+        norm = gradients.total_norm([gradients.squared_norm(ps) for ps in norm_params])
+        coef = gradients.clip_coefficient(norm, config.grad_clip)
+        for s, opt in enumerate(optimizers):
+            gradients.scale_grads(params[s], coef)
+            apply_lr(opt, config.lr_schedule, iteration)
+            opt.step()
+            precisions[s].after_step()
+        losses.append(float(loss_sum) / (micro * data_parallel))
+    return ReferenceRun(losses=losses, stages=stages, optimizers=optimizers)
+
+
+def _sum_tied(stages: list[PipelineModule], tied: dict[str, list[int]]) -> None:
+    for key, holders in tied.items():
+        copies = [list(stages[s].tied[key].parameters()) for s in holders]
+        for group in zip(*copies):
+            total = group[0].grad
+            for p in group[1:]:
+                total = total + p.grad
+            for p in group:
+                p.grad = total.clone()
+
+
+def _counted_in_norm(stage: PipelineModule, tied: dict[str, list[int]]) -> list[nn.Parameter]:
+    skip = {
+        id(p)
+        for key in tied
+        if key in stage.tied and stage.tied_parameter_owner(key) != stage.stage_id
+        for p in stage.tied[key].parameters()
+    }
+    return [p for p in stage.parameters() if p.requires_grad and id(p) not in skip]
