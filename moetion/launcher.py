@@ -13,6 +13,7 @@ names every rank that failed and how.
 """
 from __future__ import annotations
 
+import io
 import multiprocessing as mp
 import os
 import signal
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, Callable, Sequence
 
+import torch
 import torch.distributed as dist
 
 from moetion.errors import LaunchError
@@ -55,7 +57,7 @@ class _Worker:
         if self.result_pipe is None or not self.result_pipe.poll():
             return
         try:
-            status, payload = self.result_pipe.recv()
+            status, payload = torch.load(io.BytesIO(self.result_pipe.recv_bytes()), weights_only=True)
         except EOFError:  # the worker died without reporting; its exit code tells how
             self.result_pipe = None
             return
@@ -130,7 +132,11 @@ def _forked_main(fn: Callable[..., Any], args: tuple, env: dict[str, str], pipe:
     except BaseException:  # noqa: BLE001 - report everything, including SystemExit, to the parent
         status, payload = "error", traceback.format_exc()
     try:
-        pipe.send((status, payload))
+        # torch.save, not the pipe's pickling: that shares tensors through handles that vanish
+        # when this process exits, before the parent has read them.
+        buffer = io.BytesIO()
+        torch.save((status, payload), buffer)
+        pipe.send_bytes(buffer.getvalue())
     finally:
         pipe.close()
         if dist.is_initialized():
@@ -167,7 +173,11 @@ def _supervise(workers: list[_Worker], *, timeout_s: float | None) -> None:
         w.collect()
         if isinstance(w.handle, mp.process.BaseProcess):
             w.handle.join()
-    failures = sorted((w for w in workers if w.exit_code() != 0), key=lambda w: w.exited_at)
+    # Root causes first: a rank that failed on its own, before those that lost it as a peer.
+    failures = sorted(
+        (w for w in workers if w.exit_code() != 0),
+        key=lambda w: (w.error is not None and "PeerFailure" in w.error, w.exited_at),
+    )
     if not failures and not timed_out:
         return
     lines = [f"timed out after {timeout_s} s" if timed_out else f"{len(failures)} of {len(workers)} ranks failed"]

@@ -18,6 +18,9 @@ from moetion.partition import balanced_partition, layer_weights
 from moetion.topology import PipeTopology
 
 
+ForwardFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+
 class LayerSpec:
     """A layer described, not built: ``typename(*args, **kwargs)`` runs only on the owning stage."""
 
@@ -56,7 +59,7 @@ class TiedLayerSpec(LayerSpec):
         key: str,
         typename: type[nn.Module] | Callable[..., nn.Module],
         *args: Any,
-        forward_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
+        forward_fn: ForwardFn | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(typename, *args, **kwargs)
@@ -105,9 +108,12 @@ class PipelineModule(nn.Module):
         self.parts = balanced_partition(weights, num_stages)
         self.layers = nn.ModuleDict()
         self.tied = nn.ModuleDict()
-        self._forward_fns: list[tuple[int, Callable[[torch.Tensor], torch.Tensor]]] = []
-        for index in range(self.parts[self.stage_id], self.parts[self.stage_id + 1]):
-            self._forward_fns.append((index, self._build_layer(index)))
+        # (global index, module, forward_fn or None). Plain data, no closures, so that a deepcopy
+        # of this module (the bf16 compute copy) calls its own copies of the layers.
+        self._steps: list[tuple[int, nn.Module, ForwardFn | None]] = [
+            (index, *self._build_layer(index))
+            for index in range(self.parts[self.stage_id], self.parts[self.stage_id + 1])
+        ]
 
     # -- partition facts every rank can compute -------------------------------------------------
     @property
@@ -141,25 +147,21 @@ class PipelineModule(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Runs this stage's layers; under a step context each layer draws from its own generator."""
         context = mrandom._current.get()
-        for index, fn in self._forward_fns:
+        for index, module, forward_fn in self._steps:
             if context is None:
-                x = fn(x)
+                x = _run(module, forward_fn, x)
             else:
                 with mrandom.step_context(context.for_layer(index)):
-                    x = fn(x)
+                    x = _run(module, forward_fn, x)
         return x
 
     # -- construction ----------------------------------------------------------------------------
-    def _build_layer(self, index: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _build_layer(self, index: int) -> tuple[nn.Module, ForwardFn | None]:
         spec = self.specs[index]
         if isinstance(spec, TiedLayerSpec):
             if spec.key not in self.tied:
                 self.tied[spec.key] = _seeded_build(spec, mrandom.derive_seed(mrandom.DOMAIN_INIT, self.seed, spec.key))
-            module = self.tied[spec.key]
-            if spec.forward_fn is None:
-                return module
-            forward_fn = spec.forward_fn
-            return lambda x: forward_fn(module, x)
+            return self.tied[spec.key], spec.forward_fn
         if isinstance(spec, LayerSpec):
             module = _seeded_build(spec, mrandom.derive_seed(mrandom.DOMAIN_INIT, self.seed, index))
         elif isinstance(spec, nn.Module):
@@ -167,7 +169,7 @@ class PipelineModule(nn.Module):
         else:
             raise TypeError(f"layer {index} is {type(spec).__name__}; expected LayerSpec, TiedLayerSpec or nn.Module")
         self.layers[str(index)] = module
-        return module
+        return module, None
 
     def _count_params(self, index: int) -> int:
         spec = self.specs[index]
@@ -175,6 +177,10 @@ class PipelineModule(nn.Module):
             return sum(p.numel() for p in spec.parameters())
         with torch.device("meta"):
             return sum(p.numel() for p in spec.build().parameters())
+
+
+def _run(module: nn.Module, forward_fn: ForwardFn | None, x: torch.Tensor) -> torch.Tensor:
+    return module(x) if forward_fn is None else forward_fn(module, x)
 
 
 def _seeded_build(spec: LayerSpec, seed: int) -> nn.Module:
