@@ -85,7 +85,9 @@ def rank_env(*, rank: int, world_size: int, port: int) -> dict[str, str]:
     }
 
 
-def launch_script(script: str, script_args: Sequence[str], *, nproc: int, timeout_s: float | None = None) -> None:
+def launch_script(
+    script: str, script_args: Sequence[str], *, nproc: int, timeout_s: float | None = None, grace_s: float = GRACE_S
+) -> None:
     """Runs ``python script *script_args`` as ``nproc`` ranks; raises LaunchError if any fails."""
     if nproc < 1:
         raise LaunchError(f"--nproc must be >= 1, got {nproc}")
@@ -96,11 +98,15 @@ def launch_script(script: str, script_args: Sequence[str], *, nproc: int, timeou
     for rank in range(nproc):
         env = {**os.environ, **rank_env(rank=rank, world_size=nproc, port=store.port)}
         workers.append(_Worker(rank, subprocess.Popen([sys.executable, script, *script_args], env=env)))
-    _supervise(workers, timeout_s=timeout_s)
-    del store
+    try:
+        _supervise(workers, timeout_s=timeout_s, grace_s=grace_s)
+    finally:
+        del store  # stops its server thread even when a traceback outlives this frame
 
 
-def run_workers(fn: Callable[..., Any], *, nproc: int, args: tuple = (), timeout_s: float | None = None) -> list[Any]:
+def run_workers(
+    fn: Callable[..., Any], *, nproc: int, args: tuple = (), timeout_s: float | None = None, grace_s: float = GRACE_S
+) -> list[Any]:
     """Forks ``nproc`` ranks, each calling ``fn(*args)`` with torchrun's environment set.
 
     Returns the ranks' return values in rank order; raises LaunchError with each failed rank's
@@ -109,22 +115,36 @@ def run_workers(fn: Callable[..., Any], *, nproc: int, args: tuple = (), timeout
     if nproc < 1:
         raise LaunchError(f"nproc must be >= 1, got {nproc}")
     context = mp.get_context("fork")
-    store = host_store(nproc)
-    workers = []
+    workers, port_pipes = [], []
+    # Fork before starting the store: its server thread must not exist while the parent forks.
     for rank in range(nproc):
         receiver, sender = context.Pipe(duplex=False)
-        env = rank_env(rank=rank, world_size=nproc, port=store.port)
-        process = context.Process(target=_forked_main, args=(fn, args, env, sender), name=f"moetion-rank{rank}")
+        port_receiver, port_sender = context.Pipe(duplex=False)
+        process = context.Process(
+            target=_forked_main, args=(fn, args, rank, nproc, port_receiver, sender), name=f"moetion-rank{rank}"
+        )
         process.start()
         sender.close()
+        port_receiver.close()
         workers.append(_Worker(rank, process, receiver))
-    _supervise(workers, timeout_s=timeout_s)
-    del store
+        port_pipes.append(port_sender)
+    store = host_store(nproc)
+    for pipe in port_pipes:
+        pipe.send(store.port)
+        pipe.close()
+    try:
+        _supervise(workers, timeout_s=timeout_s, grace_s=grace_s)
+    finally:
+        del store  # a live server thread would make the next fork unsafe
     return [w.result for w in workers]
 
 
-def _forked_main(fn: Callable[..., Any], args: tuple, env: dict[str, str], pipe: Connection) -> None:
-    os.environ.update(env)
+def _forked_main(
+    fn: Callable[..., Any], args: tuple, rank: int, world_size: int, port_pipe: Connection, result_pipe: Connection
+) -> None:
+    port = port_pipe.recv()
+    port_pipe.close()
+    os.environ.update(rank_env(rank=rank, world_size=world_size, port=port))
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     try:
         result = fn(*args)
@@ -136,17 +156,17 @@ def _forked_main(fn: Callable[..., Any], args: tuple, env: dict[str, str], pipe:
         # when this process exits, before the parent has read them.
         buffer = io.BytesIO()
         torch.save((status, payload), buffer)
-        pipe.send_bytes(buffer.getvalue())
+        result_pipe.send_bytes(buffer.getvalue())
     finally:
-        pipe.close()
+        result_pipe.close()
         if dist.is_initialized():
             dist.destroy_process_group()
     if status == "error":
         sys.exit(1)
 
 
-def _supervise(workers: list[_Worker], *, timeout_s: float | None) -> None:
-    """Waits for all workers; on the first failure gives the rest GRACE_S, then kills them."""
+def _supervise(workers: list[_Worker], *, timeout_s: float | None, grace_s: float) -> None:
+    """Waits for all workers; on the first failure gives the rest ``grace_s``, then kills them."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     kill_at = None
     timed_out = False
@@ -162,7 +182,7 @@ def _supervise(workers: list[_Worker], *, timeout_s: float | None) -> None:
             break
         failed = any(c not in (None, 0) for c in codes)
         if failed and kill_at is None:
-            kill_at = now + GRACE_S
+            kill_at = now + grace_s
         if deadline is not None and now > deadline and kill_at is None:
             timed_out, kill_at = True, now
         if kill_at is not None and now >= kill_at:

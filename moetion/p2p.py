@@ -106,10 +106,12 @@ class StageLinks:
     def _wait(self, work: dist.Work, peer: int, *, what: str) -> None:
         message = None
         try:
-            if work.wait(self.timeout) is False:
-                message = f"no answer within {self.timeout.total_seconds():.0f} s"
-        except RuntimeError as error:
+            answered = work.wait(self.timeout) is not False
+        except RuntimeError as error:  # gloo raises both on a closed connection and on a timeout
             message = str(error).splitlines()[0]
+            answered = "Timed out" not in message
+        if not answered:
+            message = f"no answer within {self.timeout.total_seconds():g} s (is it hung?)"
         if message is not None:
             raise PeerFailure(_lost(peer, what, message))
 
