@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -22,11 +22,24 @@ from moetion.distributed import DistContext
 from moetion.errors import DataError, PeerFailure
 from moetion.lr_schedule import apply_lr
 from moetion.module import PipelineModule
+from moetion.moe import MoELayer
 from moetion.p2p import StageLinks
 from moetion.precision import StagePrecision
 from moetion.random import StepContext, step_context
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class _MicroBatchBuffers:
+    """Tensors alive between a micro-batch's instructions, keyed by micro-batch index."""
+
+    loss_sum: torch.Tensor
+    inputs: dict[int, torch.Tensor] = field(default_factory=dict)
+    labels: dict[int, torch.Tensor] = field(default_factory=dict)
+    outputs: dict[int, torch.Tensor] = field(default_factory=dict)
+    output_grads: dict[int, torch.Tensor] = field(default_factory=dict)
+    input_grads: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -95,12 +108,7 @@ class PipelineEngine:
         """
         start = time.perf_counter()
         self._data = data
-        self._inputs: dict[int, torch.Tensor] = {}
-        self._labels: dict[int, torch.Tensor] = {}
-        self._outputs: dict[int, torch.Tensor] = {}
-        self._output_grads: dict[int, torch.Tensor] = {}
-        self._input_grads: dict[int, torch.Tensor] = {}
-        self._loss_sum = torch.zeros((), dtype=torch.float32)
+        self._mb = _MicroBatchBuffers(loss_sum=torch.zeros((), dtype=torch.float32, device=self.dist.device))
         self.optimizer.zero_grad(set_to_none=True)
         for instruction in schedule.train_schedule(
             stage=self.stage, num_stages=self.module.num_stages, micro_batches=self.config.micro_batches
@@ -109,6 +117,17 @@ class PipelineEngine:
         self.last_stats.seconds = time.perf_counter() - start
         self.iteration += 1
         return self.last_stats.loss
+
+    def expert_token_counts(self) -> dict[str, torch.Tensor]:
+        """Tokens routed to each expert of each MoE layer on this stage since the last call.
+
+        Keyed by the layer's name in the stage module (its name in the unpartitioned model).
+        """
+        return {
+            name: layer.pop_token_counts()
+            for name, layer in self.precision.compute.named_modules()
+            if isinstance(layer, MoELayer)
+        }
 
     # -- micro-batch instructions ------------------------------------------------------------------
     def _global_index(self, m: int) -> int:
@@ -125,13 +144,13 @@ class PipelineEngine:
             ) from error
         device = self.dist.device
         if self.module.is_first_stage:
-            self._inputs[m] = inputs.to(device)
+            self._mb.inputs[m] = inputs.to(device)
         if self.module.is_last_stage:
-            self._labels[m] = labels.to(device)
+            self._mb.labels[m] = labels.to(device)
 
     def _recv_activation(self, m: int | None) -> None:
         x = self.links.recv_activation(what=self._what("activation", m))
-        self._inputs[m] = x.requires_grad_(x.is_floating_point())
+        self._mb.inputs[m] = x.requires_grad_(x.is_floating_point())
 
     def _forward(self, m: int | None) -> None:
         context = StepContext(
@@ -141,30 +160,30 @@ class PipelineEngine:
             loss_scale=1.0 / self.config.micro_batches,
         )
         with step_context(context):
-            out = self.precision.compute(self._inputs[m])
+            out = self.precision.compute(self._mb.inputs[m])
         if self.module.is_last_stage:
-            loss = self.module.loss_fn(out, self._labels.pop(m))
-            self._loss_sum += loss.detach().float()
+            loss = self.module.loss_fn(out, self._mb.labels.pop(m))
+            self._mb.loss_sum += loss.detach().float()
             out = loss / self.config.micro_batches
-        self._outputs[m] = out
+        self._mb.outputs[m] = out
 
     def _send_activation(self, m: int | None) -> None:
-        self.links.send_activation(self._outputs[m].detach(), what=self._what("activation", m))
+        self.links.send_activation(self._mb.outputs[m].detach(), what=self._what("activation", m))
 
     def _recv_grad(self, m: int | None) -> None:
-        self._output_grads[m] = self.links.recv_grad(self._outputs[m], what=self._what("gradient", m))
+        self._mb.output_grads[m] = self.links.recv_grad(self._mb.outputs[m], what=self._what("gradient", m))
 
     def _backward(self, m: int | None) -> None:
-        out = self._outputs.pop(m)
+        out = self._mb.outputs.pop(m)
         if out.requires_grad:
-            torch.autograd.backward(out, grad_tensors=self._output_grads.pop(m, None))
+            torch.autograd.backward(out, grad_tensors=self._mb.output_grads.pop(m, None))
         self.precision.after_backward()
-        x = self._inputs.pop(m)
+        x = self._mb.inputs.pop(m)
         if not self.module.is_first_stage:
-            self._input_grads[m] = x.grad if x.grad is not None else torch.zeros_like(x)
+            self._mb.input_grads[m] = x.grad if x.grad is not None else torch.zeros_like(x)
 
     def _send_grad(self, m: int | None) -> None:
-        self.links.send_grad(self._input_grads.pop(m), what=self._what("gradient", m))
+        self.links.send_grad(self._mb.input_grads.pop(m), what=self._what("gradient", m))
 
     # -- per-iteration instructions -----------------------------------------------------------------
     def _reduce_tied_grads(self, _: int | None) -> None:
@@ -176,7 +195,7 @@ class PipelineEngine:
 
     def _reduce_grads(self, _: int | None) -> None:
         replicas = self.dist.topology.data_parallel
-        loss = self._loss_sum.reshape(1)
+        loss = self._mb.loss_sum.reshape(1)
         if replicas > 1:
             flat = torch.cat([p.grad.reshape(-1) for p in self._params] + [loss])
             self._collective(dist.all_reduce, flat, group=self.dist.data_group, what="averaging gradients")
@@ -185,10 +204,10 @@ class PipelineEngine:
                 p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad)).div_(replicas)
                 offset += p.numel()
             loss = flat[offset:]
-        self._loss_sum = loss[0]
+        self._mb.loss_sum = loss[0]
 
     def _optimizer_step(self, _: int | None) -> None:
-        mine = torch.stack([gradients.squared_norm(self._norm_params), self._loss_sum])
+        mine = torch.stack([gradients.squared_norm(self._norm_params, device=self.dist.device), self._mb.loss_sum])
         gathered = [torch.empty_like(mine) for _ in range(self.module.num_stages)]
         self._collective(dist.all_gather, gathered, mine, group=self.dist.pipeline_group, what="exchanging grad norms")
         norm = gradients.total_norm([g[0] for g in gathered])

@@ -24,18 +24,18 @@ def fill_missing_grads(params: Iterable[torch.nn.Parameter]) -> None:
             p.grad = torch.zeros_like(p)
 
 
-def squared_norm(params: Iterable[torch.nn.Parameter]) -> torch.Tensor:
+def squared_norm(params: Iterable[torch.nn.Parameter], *, device: torch.device | str = "cpu") -> torch.Tensor:
     """Sum of squared gradient entries of ``params`` as an fp32 scalar, in parameter order."""
     norms = [torch.linalg.vector_norm(p.grad, dtype=torch.float32) for p in params if p.grad is not None]
     if not norms:
-        return torch.zeros((), dtype=torch.float32)
+        return torch.zeros((), dtype=torch.float32, device=device)
     return torch.stack(norms).square().sum()
 
 
-def total_norm(stage_squares: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+def total_norm(stage_squares: Sequence[torch.Tensor]) -> torch.Tensor:
     """The global norm from per-stage squared norms, added in stage order."""
-    total = torch.zeros((), dtype=torch.float32)
-    for sq in stage_squares:
+    total = stage_squares[0]
+    for sq in stage_squares[1:]:
         total = total + sq
     return total.sqrt()
 

@@ -57,7 +57,7 @@ class StageLinks:
         """Sends to the next stage; the first send of the link also carries shape and dtype."""
         key = (tensor.dtype, tuple(tensor.shape))
         if self._sent_meta is None:
-            self._isend(_encode_meta(tensor), self.next_rank, what=f"shape of {what}")
+            self._isend(_encode_meta(tensor).to(self.device), self.next_rank, what=f"shape of {what}")
             self._sent_meta = key
         elif key != self._sent_meta:
             raise ValueError(
@@ -68,9 +68,9 @@ class StageLinks:
 
     def recv_activation(self, *, what: str) -> torch.Tensor:
         if self._recv_meta is None:
-            meta = torch.empty(_META_LEN, dtype=torch.int64)
+            meta = torch.empty(_META_LEN, dtype=torch.int64, device=self.device)
             self._recv(meta, self.prev_rank, what=f"shape of {what}")
-            self._recv_meta = _decode_meta(meta)
+            self._recv_meta = _decode_meta(meta.cpu())
         dtype, shape = self._recv_meta
         return self._recv(torch.empty(shape, dtype=dtype, device=self.device), self.prev_rank, what=what)
 

@@ -12,6 +12,8 @@ def random_tensor(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> 
     """Random bit patterns (NaN payloads, -0.0, denormals included), except bool which must be 0/1."""
     generator = np.random.default_rng(seed)
     count = int(np.prod(shape, dtype=np.int64))
+    if count == 0:
+        return torch.empty(shape, dtype=dtype)
     if dtype == torch.bool:
         return torch.from_numpy(generator.integers(0, 2, count, dtype=np.uint8)).view(torch.bool).reshape(shape)
     raw = generator.integers(0, 256, count * dtype.itemsize, dtype=np.uint8)

@@ -41,6 +41,9 @@ def pipeline_rank(num_stages: int, precision: str) -> dict:
     for _ in range(ITERATIONS):
         losses.append(engine.train_batch(source))
         clip.append(engine.last_stats.clip_coef)
+        for name, counts in engine.expert_token_counts().items():
+            routed = 4 * 4 * MODEL.seq_len * MODEL.top_k  # micro-batches x rows x tokens x choices
+            assert counts.sum() == routed, f"{name} counted {counts.tolist()}"
         dropped += sum(int(m.last_dropped) for m in engine.precision.compute.modules()
                        if isinstance(m, moetion.moe.MoELayer))
     return {"stage": engine.stage, "replica": engine.dist.replica, "losses": losses, "clip": clip,
