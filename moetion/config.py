@@ -46,6 +46,46 @@ class LRScheduleConfig:
 
 
 @dataclass
+class SnapshotConfig:
+    """Sparse checkpointing (DESIGN.md §2.1, §4).
+
+    Attributes:
+        enabled: capture a sparse snapshot after every optimizer step.
+        window: pin W; ``None`` chooses it with Algorithm 1 from measured iteration time and copy
+            bandwidth, re-decided at every window boundary.
+        bandwidth_gbps: pin the snapshot bandwidth (GB/s) instead of measuring it.
+        shm_dir: node-local shared-memory root; windows there survive the capturing process.
+        run_id: names this job's directory under ``shm_dir`` and ``persist_dir``; ``None`` means
+            ``MOETION_RUN_ID`` from the environment, else derived from MASTER_ADDR/MASTER_PORT.
+        persist_dir: also write every ``persist_every``-th complete window there (asynchronously).
+        keep_persisted: persisted windows kept per stage replica (older ones are pruned).
+        reorder_change / reorder_fraction: re-order experts at a window boundary when at least
+            ``reorder_fraction`` of them changed popularity by more than ``reorder_change``.
+    """
+
+    enabled: bool = False
+    window: int | None = None
+    bandwidth_gbps: float | None = None
+    shm_dir: str = "/dev/shm/moetion"
+    run_id: str | None = None
+    persist_dir: str | None = None
+    persist_every: int = 1
+    keep_persisted: int = 2
+    reorder_change: float = 0.10
+    reorder_fraction: float = 0.25
+
+    def __post_init__(self) -> None:
+        if self.window is not None and self.window < 1:
+            raise ConfigError(f"snapshot.window must be >= 1 or null (automatic), got {self.window}")
+        if self.bandwidth_gbps is not None and self.bandwidth_gbps <= 0:
+            raise ConfigError(f"snapshot.bandwidth_gbps must be > 0 or null (measured), got {self.bandwidth_gbps}")
+        if self.persist_every < 1 or self.keep_persisted < 1:
+            raise ConfigError("snapshot.persist_every and snapshot.keep_persisted must be >= 1")
+        if not (0 < self.reorder_change and 0 < self.reorder_fraction <= 1):
+            raise ConfigError("snapshot.reorder_change must be > 0 and reorder_fraction in (0, 1]")
+
+
+@dataclass
 class Config:
     """Everything the pipeline engine needs besides the model, the optimizer and the data.
 
@@ -59,6 +99,7 @@ class Config:
             Replay must use the same count, so it is recorded.
         peer_timeout_s: bound on every wait for a peer; a dead or hung peer becomes a
             :class:`~moetion.errors.PeerFailure` naming the rank instead of a hang.
+        snapshot: sparse checkpointing, see :class:`SnapshotConfig`.
     """
 
     seed: int = 0
@@ -68,6 +109,7 @@ class Config:
     lr_schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)
     threads: int | None = None
     peer_timeout_s: float = 300.0
+    snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
 
     def __post_init__(self) -> None:
         if self.micro_batches < 1:

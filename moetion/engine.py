@@ -26,6 +26,7 @@ from moetion.moe import MoELayer
 from moetion.p2p import StageLinks
 from moetion.precision import StagePrecision
 from moetion.random import StepContext, step_context
+from moetion.snapshot.checkpointer import SparseCheckpointer, StageIdentity, run_id
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,8 @@ class PipelineEngine:
             timeout_s=config.peer_timeout_s,
             device=dist_context.device,
         )
+        self.checkpointer = self._build_checkpointer() if config.snapshot.enabled else None
+        self.last_token_counts: dict[str, torch.Tensor] = {}
         self._params = [p for p in module.parameters() if p.requires_grad]
         self._norm_params = self._params_counted_in_norm()
         self._dispatch: dict[type[schedule.Instruction], Callable[[int | None], None]] = {
@@ -110,6 +113,8 @@ class PipelineEngine:
         self._data = data
         self._mb = _MicroBatchBuffers(loss_sum=torch.zeros((), dtype=torch.float32, device=self.dist.device))
         self.optimizer.zero_grad(set_to_none=True)
+        if self.checkpointer is not None:
+            self.checkpointer.begin_iteration()
         for instruction in schedule.train_schedule(
             stage=self.stage, num_stages=self.module.num_stages, micro_batches=self.config.micro_batches
         ):
@@ -119,15 +124,14 @@ class PipelineEngine:
         return self.last_stats.loss
 
     def expert_token_counts(self) -> dict[str, torch.Tensor]:
-        """Tokens routed to each expert of each MoE layer on this stage since the last call.
+        """Tokens this replica routed to each expert of each MoE layer on this stage in the last
+        iteration, keyed by the layer's name in the stage module (its name in the whole model)."""
+        return dict(self.last_token_counts)
 
-        Keyed by the layer's name in the stage module (its name in the unpartitioned model).
-        """
-        return {
-            name: layer.pop_token_counts()
-            for name, layer in self.precision.compute.named_modules()
-            if isinstance(layer, MoELayer)
-        }
+    def close(self) -> None:
+        """Waits for background snapshot work and stops its threads."""
+        if self.checkpointer is not None:
+            self.checkpointer.close()
 
     # -- micro-batch instructions ------------------------------------------------------------------
     def _global_index(self, m: int) -> int:
@@ -194,32 +198,62 @@ class PipelineEngine:
                 self._collective(dist.all_reduce, p.grad, group=group, what=f"summing tied weight {key!r}")
 
     def _reduce_grads(self, _: int | None) -> None:
+        """Averages gradients across replicas; the loss and the checkpointer's proposal ride along."""
+        self.last_token_counts = self._pop_token_counts()
+        extra = [self._mb.loss_sum.reshape(1)]
+        if self.checkpointer is not None:
+            extra.append(self.checkpointer.dp_payload(self.last_token_counts).to(self.dist.device))
         replicas = self.dist.topology.data_parallel
-        loss = self._mb.loss_sum.reshape(1)
         if replicas > 1:
-            flat = torch.cat([p.grad.reshape(-1) for p in self._params] + [loss])
+            flat = torch.cat([p.grad.reshape(-1) for p in self._params] + extra)
             self._collective(dist.all_reduce, flat, group=self.dist.data_group, what="averaging gradients")
             offset = 0
             for p in self._params:
                 p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad)).div_(replicas)
                 offset += p.numel()
-            loss = flat[offset:]
-        self._mb.loss_sum = loss[0]
+            extra = [flat[offset : offset + 1], flat[offset + 1 :]]
+        self._mb.loss_sum = extra[0][0]
+        if self.checkpointer is not None:
+            self.checkpointer.absorb_dp(extra[1].cpu())
 
     def _optimizer_step(self, _: int | None) -> None:
-        mine = torch.stack([gradients.squared_norm(self._norm_params, device=self.dist.device), self._mb.loss_sum])
+        """Global grad-norm (the commit point), clip, LR, step, then capture the snapshot."""
+        parts = [gradients.squared_norm(self._norm_params, device=self.dist.device).reshape(1), self._mb.loss_sum.reshape(1)]
+        if self.checkpointer is not None:
+            parts.append(self.checkpointer.stage_payload().to(self.dist.device))
+        mine = torch.cat(parts)
         gathered = [torch.empty_like(mine) for _ in range(self.module.num_stages)]
         self._collective(dist.all_gather, gathered, mine, group=self.dist.pipeline_group, what="exchanging grad norms")
         norm = gradients.total_norm([g[0] for g in gathered])
         coef = gradients.clip_coefficient(norm, self.config.grad_clip)
         gradients.scale_grads(self._params, coef)
         factor = apply_lr(self.optimizer, self.config.lr_schedule, self.iteration)
+        if self.checkpointer is not None:
+            self.checkpointer.absorb_gather([g[2:].cpu() for g in gathered])
+            self.checkpointer.before_step()
         self.optimizer.step()
         self.precision.after_step()
+        if self.checkpointer is not None:
+            self.checkpointer.after_step(self.iteration)
         loss = float(gathered[-1][1]) / (self.config.micro_batches * self.dist.topology.data_parallel)
         self.last_stats = IterationStats(self.iteration, loss, float(norm), coef, factor, 0.0)
 
     # -- helpers -------------------------------------------------------------------------------------
+    def _pop_token_counts(self) -> dict[str, torch.Tensor]:
+        return {
+            name: layer.pop_token_counts()
+            for name, layer in self.precision.compute.named_modules()
+            if isinstance(layer, MoELayer)
+        }
+
+    def _build_checkpointer(self) -> SparseCheckpointer:
+        identity = StageIdentity(
+            run_id=run_id(self.config.snapshot), stage=self.stage, replica=self.dist.replica,
+            data_parallel=self.dist.topology.data_parallel, threads=self.threads, precision=self.config.precision,
+        )
+        return SparseCheckpointer(master=self.module, compute=self.precision.compute, optimizer=self.optimizer,
+                                  config=self.config.snapshot, identity=identity)
+
     def _params_counted_in_norm(self) -> list[torch.nn.Parameter]:
         """This stage's parameters, minus tied copies whose norm another stage counts."""
         skip = {

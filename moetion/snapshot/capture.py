@@ -1,0 +1,77 @@
+"""Copying snapshot tensors off the critical path.
+
+The worker thread copies while the next iteration's forward and backward run (torch's copy
+releases the GIL). The engine calls :meth:`CaptureWorker.fence` before the next optimizer step,
+so no tensor is overwritten while it is still being copied.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from typing import Callable
+
+import torch
+
+CopyJob = tuple[torch.Tensor, torch.Tensor]  # (source tensor, destination uint8 view)
+
+
+class CaptureWorker:
+    """One background thread running capture jobs in submission order."""
+
+    def __init__(self, name: str = "moetion-capture") -> None:
+        self._jobs: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self._pending = 0
+        self._done = threading.Condition()
+        self.bytes_copied = 0
+        self.seconds_copying = 0.0
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    @property
+    def bandwidth(self) -> float | None:
+        """Measured copy bandwidth in bytes per second, once something was copied."""
+        return self.bytes_copied / self.seconds_copying if self.seconds_copying > 0 else None
+
+    def submit(self, copies: list[CopyJob], then: Callable[[], None] | None = None) -> None:
+        """Queues ``copies``; ``then`` runs on the worker thread after the last one."""
+        self._raise_pending()
+        with self._done:
+            self._pending += 1
+        self._jobs.put((copies, then))
+
+    def fence(self) -> None:
+        """Blocks until every submitted job finished; re-raises a job's error."""
+        with self._done:
+            self._done.wait_for(lambda: self._pending == 0)
+        self._raise_pending()
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join()
+
+    def _raise_pending(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise RuntimeError(f"snapshot capture failed: {error}") from error
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            copies, then = job
+            try:
+                start = time.perf_counter()
+                for source, destination in copies:
+                    destination.copy_(source.detach().reshape(-1).view(torch.uint8))
+                    self.bytes_copied += destination.numel()
+                self.seconds_copying += time.perf_counter() - start
+                if then is not None:
+                    then()
+            except BaseException as error:  # noqa: BLE001 - surfaced to the training thread at the fence
+                self._error = error
+            with self._done:
+                self._pending -= 1
+                self._done.notify_all()

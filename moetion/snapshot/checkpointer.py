@@ -1,0 +1,244 @@
+"""The sparse checkpointer: the window lifecycle of one stage replica.
+
+Call order per iteration (the engine does this): ``begin_iteration()``; ``dp_payload()`` rides
+on the data-parallel gradient all-reduce and ``absorb_dp()`` reads it back; ``stage_payload()``
+rides on the commit all-gather and ``absorb_gather()`` reads every stage's; ``before_step()``
+fences the previous capture; ``after_step(t)`` captures.
+
+Windows are decided job-wide without extra collectives: every rank proposes a W each iteration
+(Algorithm 1 on its measured iteration time and copy bandwidth, or the pinned value); replicas of
+a stage average their proposals on the gradient all-reduce, stages take the maximum on the commit
+all-gather. The value gathered at a *decision iteration* ``d`` (iteration 0, then the last
+iteration of every window) is the W of the window starting at ``d + 1``, identical on every rank.
+
+States: ``WAITING`` (before the first window) -> ``CAPTURING`` (window t0..t0+W-1; capture ``i``
+after step ``t0+i``) -> the last capture publishes the window to shared memory, and the next
+window starts at once.
+"""
+from __future__ import annotations
+
+import enum
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from moetion.config import SnapshotConfig
+from moetion.errors import ConfigError
+from moetion.faults import fault_point
+from moetion.operators import Operator, discover_operators
+from moetion.snapshot.capture import CaptureWorker
+from moetion.snapshot.image import Capture, Entry, WindowImage, WindowManifest, checksum
+from moetion.snapshot.layout import WindowLayout, plan_layout
+from moetion.snapshot.shm import SharedMemoryTier
+from moetion.window import SlotPlan, find_window_size, popularity_drifted, snapshot_order, split_into_slots
+
+log = logging.getLogger(__name__)
+
+_EMA = 0.3  # weight of the newest measurement of iteration time and bandwidth
+
+
+class WindowState(enum.Enum):
+    WAITING = "waiting"
+    CAPTURING = "capturing"
+
+
+@dataclass(frozen=True)
+class StageIdentity:
+    run_id: str
+    stage: int
+    replica: int
+    data_parallel: int
+    threads: int
+    precision: str
+
+
+class SparseCheckpointer:
+    """Captures one window after another for one stage replica and keeps them in the tiers."""
+
+    def __init__(
+        self,
+        *,
+        master: nn.Module,
+        compute: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        config: SnapshotConfig,
+        identity: StageIdentity,
+    ) -> None:
+        self.master, self.compute, self.optimizer = master, compute, optimizer
+        self.config = config
+        self.identity = identity
+        self.operators: dict[str, Operator] = {op.name: op for op in discover_operators(master)}
+        self._experts = [op.name for op in self.operators.values() if op.kind == "expert"]
+        self.full_bytes = {n: op.full_bytes() for n, op in self.operators.items()}
+        self.compute_bytes = {n: op.compute_bytes(precision=identity.precision) for n, op in self.operators.items()}
+        self.shm = SharedMemoryTier(config.shm_dir, run_id=identity.run_id, stage=identity.stage, replica=identity.replica)
+        self.worker = CaptureWorker(name=f"moetion-capture-s{identity.stage}")
+        self.state = WindowState.WAITING
+        self.order = snapshot_order(list(self.operators.values()), {})
+        self.plan: SlotPlan | None = None
+        self.window_start: int | None = None
+        self.windows_completed = 0
+        self.last_complete: WindowManifest | None = None
+        self._layout: WindowLayout | None = None
+        self._blob: torch.Tensor | None = None
+        self._popularity_used: dict[str, float] = {}
+        self._popularity_now: dict[str, float] = {n: 0.0 for n in self._experts}
+        self._iteration_seconds: float | None = None
+        self._iteration_start = time.perf_counter()
+        self._bandwidth = config.bandwidth_gbps * 1e9 if config.bandwidth_gbps else _probe_bandwidth(master)
+        self._proposal = 1.0
+        self._agreed: int | None = None
+        self.listeners: list = []  # callables(image) run after a window is published (replication, disk)
+
+    # -- piggybacked agreement -----------------------------------------------------------------
+    def begin_iteration(self) -> None:
+        self._iteration_start = time.perf_counter()
+
+    def dp_payload(self, token_counts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[W proposal, tokens per expert operator] to be summed across replicas."""
+        counts = []
+        for name in self._experts:
+            layer, _, expert = name.rpartition(".experts.")
+            counts.append(float(token_counts[layer][int(expert)]) if layer in token_counts else 0.0)
+        return torch.tensor([self._propose(), *counts], dtype=torch.float32)
+
+    def absorb_dp(self, summed: torch.Tensor) -> None:
+        replicas = self.identity.data_parallel
+        self._proposal = math.ceil(float(summed[0]) / replicas)
+        for name, count in zip(self._experts, summed[1:].tolist()):
+            self._popularity_now[name] += count
+
+    def stage_payload(self) -> torch.Tensor:
+        return torch.tensor([float(self._proposal)], dtype=torch.float32)
+
+    def absorb_gather(self, per_stage: list[torch.Tensor]) -> None:
+        self._agreed = int(max(float(v[0]) for v in per_stage))
+
+    # -- capture ---------------------------------------------------------------------------------
+    def before_step(self) -> None:
+        """Call before the optimizer step: the previous capture must not see half-updated tensors."""
+        self.worker.fence()
+
+    def after_step(self, iteration: int) -> None:
+        """Call right after the optimizer step of ``iteration``."""
+        self._observe_iteration_time()
+        if self.state is WindowState.CAPTURING:
+            self._capture(iteration)
+        if self._is_decision_point(iteration):
+            self._start_window(iteration + 1)
+
+    def close(self) -> None:
+        self.worker.fence()
+        self.worker.close()
+
+    def _is_decision_point(self, iteration: int) -> bool:
+        if self.state is WindowState.WAITING:
+            return iteration == 0 or self.window_start is None
+        return iteration == self.window_start + self.plan.window - 1
+
+    def _start_window(self, start: int) -> None:
+        if self._agreed is None:
+            raise ConfigError("no agreed window size: absorb_gather() must run before after_step()")
+        if popularity_drifted(self._popularity_used, self._popularity_now,
+                              change=self.config.reorder_change, fraction=self.config.reorder_fraction):
+            self.order = snapshot_order(list(self.operators.values()), self._popularity_now)
+            self._popularity_used = dict(self._popularity_now)
+            log.info("expert popularity drifted: new snapshot order %s", self.order)
+        self._popularity_now = {n: 0.0 for n in self._experts}
+        self.plan = split_into_slots(self.order, self._agreed)
+        self.window_start = start
+        self.state = WindowState.CAPTURING
+        self._layout = None
+        log.info("window %d..%d: W=%d, operators per slot %s", start, start + self.plan.window - 1,
+                 self.plan.window, "/".join(str(len(s)) for s in self.plan.slots))
+
+    def _capture(self, iteration: int) -> None:
+        i = iteration - self.window_start
+        if i == 0:
+            self._layout = plan_layout(plan=self.plan, operators=self.operators, master=self.master,
+                                       compute=self.compute, optimizer=self.optimizer)
+            self._blob = self.shm.new_blob(self.window_start, self._layout.blob_bytes)
+        copies = [
+            (source, self._blob[e.offset : e.offset + e.nbytes])
+            for source, e in zip(self._layout.sources[i], self._layout.entries[i])
+        ]
+        last = i == self.plan.window - 1
+        finish = self._publisher(self.window_start, self._layout, self._blob, iteration) if last else None
+        self.worker.submit(copies, then=finish)
+
+    def _publisher(self, start: int, layout: WindowLayout, blob: torch.Tensor, iteration: int):
+        identity = self.identity
+
+        def publish() -> None:
+            fault_point("capture", stage=identity.stage, replica=identity.replica, iteration=iteration)
+            captures = tuple(
+                Capture(start + i, tuple(_with_checksum(e, blob) for e in entries))
+                for i, entries in enumerate(layout.entries)
+            )
+            manifest = WindowManifest(
+                run_id=identity.run_id, stage=identity.stage, replica=identity.replica, start_iteration=start,
+                slots=self.plan.slots, precision=identity.precision, threads=identity.threads,
+                captures=captures, blob_bytes=layout.blob_bytes,
+            )
+            self.shm.publish(manifest)
+            self.last_complete = manifest
+            self.windows_completed += 1
+            image = WindowImage(manifest, blob)
+            for listener in self.listeners:
+                listener(image)
+
+        return publish
+
+    # -- measurements ---------------------------------------------------------------------------
+    def _observe_iteration_time(self) -> None:
+        seconds = time.perf_counter() - self._iteration_start
+        self._iteration_seconds = seconds if self._iteration_seconds is None else (
+            _EMA * seconds + (1 - _EMA) * self._iteration_seconds)
+        measured = self.worker.bandwidth
+        if measured and self.config.bandwidth_gbps is None:
+            self._bandwidth = _EMA * measured + (1 - _EMA) * self._bandwidth
+
+    def _propose(self) -> int:
+        if self.config.window is not None:
+            return self.config.window
+        seconds = self._iteration_seconds or (time.perf_counter() - self._iteration_start)
+        budget = seconds * self._bandwidth
+        try:
+            return find_window_size(self.order, full=self.full_bytes, compute=self.compute_bytes, budget_bytes=budget)
+        except ConfigError:
+            return max(1, len(self.order))  # the cheapest per iteration; logged by the planner's users
+
+    def tier_bytes(self) -> dict[str, int]:
+        return {"shm": self.shm.bytes_held()}
+
+
+def run_id(config: SnapshotConfig) -> str:
+    """The job's name in shared memory and on disk; identical on every rank and on replacements."""
+    if config.run_id:
+        return config.run_id
+    if os.environ.get("MOETION_RUN_ID"):
+        return os.environ["MOETION_RUN_ID"]
+    return f"job-{os.environ.get('MASTER_ADDR', 'local')}-{os.environ.get('MASTER_PORT', '0')}"
+
+
+def _with_checksum(entry: Entry, blob: torch.Tensor) -> Entry:
+    return replace(entry, checksum=checksum(blob[entry.offset : entry.offset + entry.nbytes]))
+
+
+def _probe_bandwidth(module: nn.Module) -> float:
+    """Bytes per second of copying this stage's weights once, the first guess of snapshot speed."""
+    params = [p.detach() for p in module.parameters()]
+    total = sum(p.numel() * p.element_size() for p in params) or 1
+    scratch = torch.empty(total, dtype=torch.uint8)
+    start = time.perf_counter()
+    offset = 0
+    for p in params:
+        n = p.numel() * p.element_size()
+        scratch[offset : offset + n].copy_(p.reshape(-1).view(torch.uint8))
+        offset += n
+    return total / max(time.perf_counter() - start, 1e-9)

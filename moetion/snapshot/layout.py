@@ -1,0 +1,62 @@
+"""Where each tensor of a window goes: the entries of every capture and their source tensors."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moetion.operators import Operator
+from moetion.snapshot.image import Entry, aligned, dtype_name
+from moetion.window import SlotPlan
+
+
+@dataclass
+class WindowLayout:
+    """Per capture, the blob entries (checksums still 0) and the live tensors they copy."""
+
+    entries: list[list[Entry]]
+    sources: list[list[torch.Tensor]]
+    blob_bytes: int
+
+
+def plan_layout(
+    *,
+    plan: SlotPlan,
+    operators: dict[str, Operator],
+    master: nn.Module,
+    compute: nn.Module,
+    optimizer: torch.optim.Optimizer,
+) -> WindowLayout:
+    """Lays out capture ``i``: full snapshots of slot ``i``, compute snapshots of later slots.
+
+    Call after the window's first optimizer step, when the optimizer state exists.
+    """
+    masters = dict(master.named_parameters())
+    computes = dict(compute.named_parameters())
+    entries: list[list[Entry]] = []
+    sources: list[list[torch.Tensor]] = []
+    offset = 0
+
+    def add(capture: list, capture_sources: list, op: str, param: str, role: str, tensor: torch.Tensor) -> None:
+        nonlocal offset
+        nbytes = tensor.numel() * tensor.element_size()
+        capture.append(Entry(op, param, role, dtype_name(tensor.dtype), tuple(tensor.shape), offset, nbytes))
+        capture_sources.append(tensor)
+        offset = aligned(offset + nbytes)
+
+    for i, slot in enumerate(plan.slots):
+        capture, capture_sources = [], []
+        for op in slot:
+            for name in operators[op].param_names:
+                add(capture, capture_sources, op, name, "weight", masters[name])
+                state = optimizer.state.get(masters[name], {})
+                for key in sorted(k for k, v in state.items() if torch.is_tensor(v)):
+                    add(capture, capture_sources, op, name, f"optim.{key}", state[key])
+        for later in plan.slots[i + 1 :]:
+            for op in later:
+                for name in operators[op].param_names:
+                    add(capture, capture_sources, op, name, "compute", computes[name])
+        entries.append(capture)
+        sources.append(capture_sources)
+    return WindowLayout(entries, sources, offset)
