@@ -65,7 +65,11 @@ def initialize(
     if module.loss_fn is None and module.is_last_stage:
         raise ConfigError("the last stage needs a loss: pass PipelineModule(..., loss_fn=...)")
     init_process_group(timeout_s=config.peer_timeout_s)
-    context = build_context(num_stages=module.num_stages, tied_stages=module.tied_stages())
+    context = build_context(
+        num_stages=module.num_stages,
+        tied_stages=module.tied_stages(),
+        replication=config.snapshot.enabled and config.snapshot.replicate,
+    )
     if context.stage != module.stage_id:
         raise ConfigError(
             f"rank {context.rank} runs stage {context.stage} but the module was built for stage "

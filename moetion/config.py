@@ -57,6 +57,7 @@ class SnapshotConfig:
         shm_dir: node-local shared-memory root; windows there survive the capturing process.
         run_id: names this job's directory under ``shm_dir`` and ``persist_dir``; ``None`` means
             ``MOETION_RUN_ID`` from the environment, else derived from MASTER_ADDR/MASTER_PORT.
+        replicate: send each complete window to a peer stage's host over a gloo group of its own.
         persist_dir: also write every ``persist_every``-th complete window there (asynchronously).
         keep_persisted: persisted windows kept per stage replica (older ones are pruned).
         reorder_change / reorder_fraction: re-order experts at a window boundary when at least
@@ -68,6 +69,7 @@ class SnapshotConfig:
     bandwidth_gbps: float | None = None
     shm_dir: str = "/dev/shm/moetion"
     run_id: str | None = None
+    replicate: bool = True
     persist_dir: str | None = None
     persist_every: int = 1
     keep_persisted: int = 2

@@ -27,6 +27,7 @@ class DistContext:
     pipeline_group: dist.ProcessGroup | None = None
     data_group: dist.ProcessGroup | None = None
     tied_groups: dict[str, dist.ProcessGroup] = field(default_factory=dict)
+    replication_group: dist.ProcessGroup | None = None
 
     @property
     def stage(self) -> int:
@@ -61,8 +62,9 @@ def init_process_group(*, timeout_s: float) -> None:
     dist.init_process_group(backend, init_method="env://", timeout=timedelta(seconds=timeout_s))
 
 
-def build_context(*, num_stages: int, tied_stages: dict[str, list[int]]) -> DistContext:
-    """Creates the pipeline, data-parallel and tied-weight groups for this rank."""
+def build_context(*, num_stages: int, tied_stages: dict[str, list[int]], replication: bool = False) -> DistContext:
+    """Creates the pipeline, data-parallel and tied-weight groups for this rank, and with
+    ``replication`` a world-wide gloo group that only snapshot replication uses."""
     rank, world = dist.get_rank(), dist.get_world_size()
     topology = PipeTopology.from_world(world_size=world, num_stages=num_stages)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
@@ -86,4 +88,6 @@ def build_context(*, num_stages: int, tied_stages: dict[str, list[int]]) -> Dist
             group = dist.new_group(ranks)
             if rank in ranks:
                 context.tied_groups[key] = group
+    if replication:
+        context.replication_group = dist.new_group(list(range(world)), backend="gloo")
     return context

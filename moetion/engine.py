@@ -27,6 +27,7 @@ from moetion.p2p import StageLinks
 from moetion.precision import StagePrecision
 from moetion.random import StepContext, step_context
 from moetion.snapshot.checkpointer import SparseCheckpointer, StageIdentity, run_id
+from moetion.snapshot.replica import PeerReplicator, replication_peers
 
 log = logging.getLogger(__name__)
 
@@ -251,8 +252,13 @@ class PipelineEngine:
             run_id=run_id(self.config.snapshot), stage=self.stage, replica=self.dist.replica,
             data_parallel=self.dist.topology.data_parallel, threads=self.threads, precision=self.config.precision,
         )
+        replicator = None
+        peers = replication_peers(self.dist.topology, self.dist.rank)
+        if self.dist.replication_group is not None and peers is not None:
+            replicator = PeerReplicator(group=self.dist.replication_group, send_to=peers[0], receive_from=peers[1],
+                                        stage=self.stage, replica=self.dist.replica)
         return SparseCheckpointer(master=self.module, compute=self.precision.compute, optimizer=self.optimizer,
-                                  config=self.config.snapshot, identity=identity)
+                                  config=self.config.snapshot, identity=identity, replicator=replicator)
 
     def _params_counted_in_norm(self) -> list[torch.nn.Parameter]:
         """This stage's parameters, minus tied copies whose norm another stage counts."""

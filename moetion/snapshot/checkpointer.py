@@ -23,6 +23,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 from torch import nn
@@ -34,6 +35,7 @@ from moetion.operators import Operator, discover_operators
 from moetion.snapshot.capture import CaptureWorker
 from moetion.snapshot.image import Capture, Entry, WindowImage, WindowManifest, checksum
 from moetion.snapshot.layout import WindowLayout, plan_layout
+from moetion.snapshot.replica import PeerReplicator
 from moetion.snapshot.shm import SharedMemoryTier
 from moetion.window import SlotPlan, find_window_size, popularity_drifted, snapshot_order, split_into_slots
 
@@ -68,6 +70,7 @@ class SparseCheckpointer:
         optimizer: torch.optim.Optimizer,
         config: SnapshotConfig,
         identity: StageIdentity,
+        replicator: PeerReplicator | None = None,
     ) -> None:
         self.master, self.compute, self.optimizer = master, compute, optimizer
         self.config = config
@@ -93,7 +96,9 @@ class SparseCheckpointer:
         self._bandwidth = config.bandwidth_gbps * 1e9 if config.bandwidth_gbps else _probe_bandwidth(master)
         self._proposal = 1.0
         self._agreed: int | None = None
-        self.listeners: list = []  # callables(image) run after a window is published (replication, disk)
+        self.replicator = replicator
+        # Run on the capture thread after a window is published: hand it to the slower tiers.
+        self.listeners: list[Callable[[WindowImage], None]] = [replicator.offer] if replicator else []
 
     # -- piggybacked agreement -----------------------------------------------------------------
     def begin_iteration(self) -> None:
@@ -133,8 +138,11 @@ class SparseCheckpointer:
             self._start_window(iteration + 1)
 
     def close(self) -> None:
+        """Finishes the capture in flight and the tiers' background work, then stops the threads."""
         self.worker.fence()
         self.worker.close()
+        if self.replicator is not None:
+            self.replicator.close()
 
     def _is_decision_point(self, iteration: int) -> bool:
         if self.state is WindowState.WAITING:
@@ -168,10 +176,12 @@ class SparseCheckpointer:
             for source, e in zip(self._layout.sources[i], self._layout.entries[i])
         ]
         last = i == self.plan.window - 1
-        finish = self._publisher(self.window_start, self._layout, self._blob, iteration) if last else None
+        finish = self._publisher(self.plan, self.window_start, self._layout, self._blob, iteration) if last else None
         self.worker.submit(copies, then=finish)
 
-    def _publisher(self, start: int, layout: WindowLayout, blob: torch.Tensor, iteration: int):
+    def _publisher(self, plan: SlotPlan, start: int, layout: WindowLayout, blob: torch.Tensor, iteration: int):
+        """The publish step of one window, bound to that window's own plan, layout and blob: it runs
+        on the capture thread while the training thread may already be planning the next window."""
         identity = self.identity
 
         def publish() -> None:
@@ -182,7 +192,7 @@ class SparseCheckpointer:
             )
             manifest = WindowManifest(
                 run_id=identity.run_id, stage=identity.stage, replica=identity.replica, start_iteration=start,
-                slots=self.plan.slots, precision=identity.precision, threads=identity.threads,
+                slots=plan.slots, precision=identity.precision, threads=identity.threads,
                 captures=captures, blob_bytes=layout.blob_bytes,
             )
             self.shm.publish(manifest)
@@ -214,7 +224,8 @@ class SparseCheckpointer:
             return max(1, len(self.order))  # the cheapest per iteration; logged by the planner's users
 
     def tier_bytes(self) -> dict[str, int]:
-        return {"shm": self.shm.bytes_held()}
+        """Bytes each tier holds for this stage replica (``peer``: the replica it keeps for another)."""
+        return {"shm": self.shm.bytes_held(), "peer": self.replicator.bytes_held() if self.replicator else 0}
 
 
 def run_id(config: SnapshotConfig) -> str:

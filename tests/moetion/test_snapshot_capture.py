@@ -47,9 +47,19 @@ def train(num_stages, iterations, precision, window, shm_dir, record=True):
     assert sorted(fully) == sorted(ckpt.operators), "every operator is fully captured in the window"
     per_capture = [{e.operator for e in c.entries if e.role == "weight"} for c in image.manifest.captures]
     assert sum(len(s) for s in per_capture) == len(ckpt.operators), "and exactly once"
+    held = ckpt.replicator.held() if ckpt.replicator else None
     return {"stage": engine.stage, "replica": engine.dist.replica, "checked": checked,
+            "manifest": image.manifest.to_json(), "held": held.manifest.to_json() if held else None,
+            "held_blob_equal": held is not None and torch.equal(held.blob[: held.manifest.blob_bytes],
+                                                                _source_blob(shm_dir, held.manifest)),
             "window": (image.manifest.start_iteration, image.manifest.window), "slots": image.manifest.slots,
             "completed": ckpt.windows_completed, "shm_bytes": ckpt.tier_bytes()["shm"]}
+
+
+def _source_blob(shm_dir, manifest):
+    """The window as the source stage keeps it in shared memory (same host in these tests)."""
+    image = SharedMemoryTier(shm_dir, run_id="test", stage=manifest.stage, replica=manifest.replica).load_complete()
+    return image.blob[: image.manifest.blob_bytes]
 
 
 @pytest.mark.parametrize("num_stages, replicas, precision", [(4, 1, "fp32"), (2, 2, "bf16")])
@@ -62,6 +72,9 @@ def test_snapshots_equal_live_state_at_capture(tmp_path, num_stages, replicas, p
     for stage in range(num_stages):
         slots = {r["slots"] for r in ranks if r["stage"] == stage}
         assert len(slots) == 1, "replicas of a stage agree on the slot plan"
+    own = {r["manifest"] for r in ranks}
+    for r in ranks:  # every rank holds a verified replica of another stage's latest window
+        assert r["held"] in own and r["held"] != r["manifest"] and r["held_blob_equal"]
 
 
 def test_automatic_window_is_the_same_on_every_rank(tmp_path):
