@@ -31,7 +31,7 @@ class CaptureWorker:
 
     @property
     def bandwidth(self) -> float | None:
-        """Measured copy bandwidth in bytes per second, once something was copied."""
+        """Measured capture throughput in bytes per second (copies plus the work after them)."""
         return self.bytes_copied / self.seconds_copying if self.seconds_copying > 0 else None
 
     def submit(self, copies: list[CopyJob], then: Callable[[], None] | None = None) -> None:
@@ -67,9 +67,10 @@ class CaptureWorker:
                 for source, destination in copies:
                     destination.copy_(source.detach().reshape(-1).view(torch.uint8))
                     self.bytes_copied += destination.numel()
-                self.seconds_copying += time.perf_counter() - start
                 if then is not None:
                     then()
+                # End to end (copies, checksums, publishing): the throughput the budget can count on.
+                self.seconds_copying += time.perf_counter() - start
             except BaseException as error:  # noqa: BLE001 - surfaced to the training thread at the fence
                 self._error = error
             with self._done:
