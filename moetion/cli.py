@@ -1,4 +1,4 @@
-"""The ``moetion`` command line: ``moetion launch`` and ``moetion demo``."""
+"""The ``moetion`` command line: ``moetion launch``, ``moetion demo`` and ``moetion inspect``."""
 from __future__ import annotations
 
 import argparse
@@ -25,12 +25,23 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     demo.add_argument("--seed", type=int, default=0)
 
+    inspect = commands.add_parser("inspect", help="list persisted snapshot windows per stage and check their integrity")
+    inspect.add_argument("dir", help="the directory windows were persisted to")
+    inspect.add_argument("--no-verify", action="store_true", help="skip reading blobs and checking checksums")
+    inspect.add_argument("--json", action="store_true", help="print one JSON object per window instead of a table")
+
     args = parser.parse_args(argv)
     try:
         if args.command == "launch":
             from moetion.launcher import launch_script
 
             launch_script(args.script, args.script_args, nproc=args.nproc, timeout_s=args.timeout)
+        elif args.command == "inspect":
+            from pathlib import Path
+
+            from moetion.snapshot.inspect import inspect_command
+
+            return inspect_command(Path(args.dir), verify=not args.no_verify, as_json=args.json)
         else:
             from moetion.demo import DemoSettings, run_demo
 

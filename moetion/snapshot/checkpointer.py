@@ -23,6 +23,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -35,6 +36,7 @@ from moetion.operators import Operator, discover_operators
 from moetion.snapshot.capture import CaptureWorker
 from moetion.snapshot.image import Capture, Entry, WindowImage, WindowManifest, checksum
 from moetion.snapshot.layout import WindowLayout, plan_layout
+from moetion.snapshot.persist import AsyncPersister
 from moetion.snapshot.replica import PeerReplicator
 from moetion.snapshot.shm import SharedMemoryTier
 from moetion.window import SlotPlan, find_window_size, popularity_drifted, snapshot_order, split_into_slots
@@ -97,8 +99,14 @@ class SparseCheckpointer:
         self._proposal = 1.0
         self._agreed: int | None = None
         self.replicator = replicator
+        self.persister = (
+            AsyncPersister(Path(config.persist_dir) / identity.run_id, keep=config.keep_persisted)
+            if config.persist_dir else None
+        )
         # Run on the capture thread after a window is published: hand it to the slower tiers.
         self.listeners: list[Callable[[WindowImage], None]] = [replicator.offer] if replicator else []
+        if self.persister is not None:
+            self.listeners.append(self._persist_every_kth)
 
     # -- piggybacked agreement -----------------------------------------------------------------
     def begin_iteration(self) -> None:
@@ -143,6 +151,8 @@ class SparseCheckpointer:
         self.worker.close()
         if self.replicator is not None:
             self.replicator.close()
+        if self.persister is not None:
+            self.persister.close()
 
     def _is_decision_point(self, iteration: int) -> bool:
         if self.state is WindowState.WAITING:
@@ -225,7 +235,15 @@ class SparseCheckpointer:
 
     def tier_bytes(self) -> dict[str, int]:
         """Bytes each tier holds for this stage replica (``peer``: the replica it keeps for another)."""
-        return {"shm": self.shm.bytes_held(), "peer": self.replicator.bytes_held() if self.replicator else 0}
+        return {
+            "shm": self.shm.bytes_held(),
+            "peer": self.replicator.bytes_held() if self.replicator else 0,
+            "disk": self.persister.bytes_on_disk if self.persister else 0,
+        }
+
+    def _persist_every_kth(self, image: WindowImage) -> None:
+        if self.windows_completed % self.config.persist_every == 0:
+            self.persister.submit(image)
 
 
 def run_id(config: SnapshotConfig) -> str:

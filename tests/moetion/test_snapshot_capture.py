@@ -1,7 +1,7 @@
 """Sparse snapshots over real multi-process training: every captured tensor equals the live
 state at its capture iteration, every operator is fully captured exactly once per window, and all
 ranks agree on windows; a SIGKILL mid-capture leaves the previous window intact in shared memory."""
-import signal
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,6 +11,7 @@ import moetion
 from moetion.launcher import run_workers
 from moetion.models import GPTMoEConfig, build_gpt_moe_layers, gpt_moe_loss
 from moetion.snapshot.image import SnapshotError
+from moetion.snapshot.persist import load_persisted
 from moetion.snapshot.shm import SharedMemoryTier
 
 MODEL = GPTMoEConfig(seq_len=8, d_model=16, n_heads=2, n_layers=4, d_hidden=32, num_experts=4, capacity_factor=1.0)
@@ -20,7 +21,8 @@ def train(num_stages, iterations, precision, window, shm_dir, record=True):
     module = moetion.PipelineModule(build_gpt_moe_layers(MODEL), num_stages, loss_fn=gpt_moe_loss)
     engine = moetion.initialize(module, optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-2), config={
         "micro_batches": 2, "threads": 1, "precision": precision,
-        "snapshot": {"enabled": True, "window": window, "shm_dir": str(shm_dir), "run_id": "test"}})
+        "snapshot": {"enabled": True, "window": window, "shm_dir": str(shm_dir), "run_id": "test",
+                     "persist_dir": str(shm_dir / "disk")}})
     data = moetion.ByteCorpus(bytes(range(256)) * 8, seq_len=8, micro_batch_size=2)
     history = {}
     for t in range(iterations):
@@ -75,6 +77,10 @@ def test_snapshots_equal_live_state_at_capture(tmp_path, num_stages, replicas, p
     own = {r["manifest"] for r in ranks}
     for r in ranks:  # every rank holds a verified replica of another stage's latest window
         assert r["held"] in own and r["held"] != r["manifest"] and r["held_blob_equal"]
+    shutil.rmtree(tmp_path / "test")  # shared memory gone: the disk copy still serves every stage
+    for r in ranks:
+        image = load_persisted(tmp_path / "disk" / "test", stage=r["stage"], replica=r["replica"])
+        assert image.manifest.to_json() == r["manifest"]
 
 
 def test_automatic_window_is_the_same_on_every_rank(tmp_path):

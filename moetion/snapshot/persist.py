@@ -1,0 +1,301 @@
+"""The disk tier: complete window images persisted for whole-job restarts and offline export.
+
+Layout: ``root/stage-SSS/replica-RRR/window-TTTTTTTTTT/{manifest.json,blob.bin}`` (T: the window's
+start iteration). A window directory appears only by ``os.rename`` of a fully written, fsynced
+sibling ``.tmp-*`` directory; readers ignore ``.tmp-*`` leftovers of crashed writers (delete them
+by hand at leisure). No pickle: a JSON manifest, raw bytes, and a checksum per tensor.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import shutil
+import threading
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moetion.errors import ConfigError
+from moetion.faults import fault_point
+from moetion.snapshot.image import SnapshotError, WindowImage, WindowManifest
+
+MANIFEST = "manifest.json"
+BLOB = "blob.bin"
+TMP_PREFIX = ".tmp-"
+CHUNK_BYTES = 64 << 20  # bounded write size: no single huge syscall, no copy of the blob
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PersistedWindow:
+    """One window directory on disk, described by its (readable) manifest."""
+
+    stage: int
+    replica: int
+    start_iteration: int
+    window: int
+    end_iteration: int
+    run_id: str
+    path: Path
+    blob_bytes: int
+
+    @classmethod
+    def of(cls, m: WindowManifest, path: Path) -> PersistedWindow:
+        return cls(m.stage, m.replica, m.start_iteration, m.window, m.end_iteration, m.run_id, path, m.blob_bytes)
+
+
+def window_path(root: Path, *, stage: int, replica: int, start_iteration: int) -> Path:
+    return Path(root) / f"stage-{stage:03d}" / f"replica-{replica:03d}" / f"window-{start_iteration:010d}"
+
+
+def iter_window_dirs(root: Path) -> list[tuple[int, int, int, Path]]:
+    """Every window directory as (stage, replica, start_iteration, path), readable or not, sorted."""
+    return [(stage, replica, t0, path) for stage, stage_dir in _numbered(Path(root), "stage")
+            for replica, replica_dir in _numbered(stage_dir, "replica") for t0, path in _numbered(replica_dir, "window")]
+
+
+def persist_window(image: WindowImage, root: Path, *, verify: bool = True) -> Path:
+    """Writes ``image`` atomically under ``root``; returns its window directory.
+
+    ``verify`` first checks the in-memory checksums (native, ~10 GB/s), so a corrupted copy is
+    refused rather than persisted as good. The same window already on disk (identical manifest,
+    which holds every checksum, and blob size) is not rewritten; a different one is renamed to
+    ``.tmp-replaced-*``, replaced, then deleted. The blob must not change while it is written;
+    it may map a file the caller has already unlinked.
+    """
+    m, blob = image.manifest, image.blob
+    dest = window_path(root, stage=m.stage, replica=m.replica, start_iteration=m.start_iteration)
+    if blob.dtype != torch.uint8 or blob.dim() != 1 or blob.device.type != "cpu":
+        raise SnapshotError(f"window blob must be a 1-D uint8 CPU tensor, got {blob.dtype} {tuple(blob.shape)} on {blob.device}")
+    if blob.numel() < m.blob_bytes or verify:
+        image.verify(source=f"window {m.start_iteration} of stage {m.stage} replica {m.replica} (in memory)")
+    manifest_bytes = m.to_json()
+    with contextlib.suppress(OSError):
+        if (dest / MANIFEST).read_bytes() == manifest_bytes and (dest / BLOB).stat().st_size == m.blob_bytes:
+            _log.debug("%s already holds this window; not rewriting it", dest)
+            return dest
+    tmp = dest.parent / f"{TMP_PREFIX}{dest.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+        _write_file(tmp / MANIFEST, memoryview(manifest_bytes))
+        _write_file(tmp / BLOB, memoryview(blob[: m.blob_bytes].contiguous().numpy()))  # no copy of the blob
+        _fsync_dir(tmp)
+        fault_point("persistence", stage=m.stage, replica=m.replica, iteration=m.end_iteration)
+        old = dest.parent / f"{TMP_PREFIX}replaced-{dest.name}-{uuid.uuid4().hex[:8]}"
+        if dest.exists():
+            os.rename(dest, old)
+        os.rename(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+        for directory in (dest.parent, dest.parent.parent, dest.parent.parent.parent):
+            _fsync_dir(directory)  # make the new names (window, and replica/stage if new) durable
+    except OSError as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SnapshotError(f"cannot persist window to {dest}: {error}; check that {root} is a writable directory with free space") from error
+    _log.info("persisted window %d..%d of stage %d replica %d to %s (%d bytes)",
+              m.start_iteration, m.end_iteration, m.stage, m.replica, dest, m.blob_bytes)
+    return dest
+
+
+def list_persisted(root: Path) -> list[PersistedWindow]:
+    """Windows with a readable manifest, sorted; others are skipped with a warning (inspect says why)."""
+    found = []
+    for _, _, _, path in iter_window_dirs(root):
+        try:
+            found.append(PersistedWindow.of(read_manifest(path), path))
+        except SnapshotError as error:
+            _log.warning("skipping unreadable persisted window: %s", error)
+    return found
+
+
+def read_manifest(window_dir: Path) -> WindowManifest:
+    """Parses and checks a window directory's manifest and blob size, without reading the blob."""
+    window_dir = Path(window_dir)
+    manifest_path, blob_path = window_dir / MANIFEST, window_dir / BLOB
+    advice = f"delete {window_dir} and load another window or tier"
+    try:
+        m = WindowManifest.from_json(manifest_path.read_bytes(), source=str(manifest_path))
+        size = blob_path.stat().st_size
+    except OSError as error:
+        raise SnapshotError(f"{error.filename}: missing or unreadable ({error.strerror}); {advice}") from None
+    except SnapshotError as error:
+        raise SnapshotError(f"{error}; {advice}") from None
+    home = window_path(Path(), stage=m.stage, replica=m.replica, start_iteration=m.start_iteration)
+    if home.parts != window_dir.parts[-3:]:
+        raise SnapshotError(f"{manifest_path}: describes stage {m.stage} replica {m.replica} window {m.start_iteration}, "
+                            f"which belongs in {home}; the directory was moved or mixed up")
+    if size != m.blob_bytes:
+        problem = "truncated" if size < m.blob_bytes else "longer than expected"
+        raise SnapshotError(f"{blob_path}: {problem}: {size} bytes, manifest says {m.blob_bytes}; {advice}")
+    return m
+
+
+def load_window(window_dir: Path, *, verify: bool = True) -> WindowImage:
+    """Reads one window directory into memory; with ``verify`` every tensor's checksum is checked."""
+    window_dir = Path(window_dir)
+    m = read_manifest(window_dir)
+    blob = torch.empty(m.blob_bytes, dtype=torch.uint8)
+    view, done = memoryview(blob.numpy()), 0
+    try:
+        with open(window_dir / BLOB, "rb", buffering=0) as f:
+            while done < m.blob_bytes and (n := f.readinto(view[done : done + CHUNK_BYTES])):
+                done += n
+    except OSError as error:
+        raise SnapshotError(f"{window_dir / BLOB}: cannot read blob ({error.strerror})") from None
+    if done != m.blob_bytes:
+        raise SnapshotError(f"{window_dir / BLOB}: truncated while reading: {done} of {m.blob_bytes} bytes")
+    image = WindowImage(m, blob)
+    if verify:
+        image.verify(source=str(window_dir / BLOB))
+    return image
+
+
+def load_persisted(root: Path, *, stage: int, replica: int, iteration: int | None = None, verify: bool = True) -> WindowImage:
+    """Loads the newest window of (stage, replica), or the one that *starts* at ``iteration``
+    (windows are named by their start: recovery replays from there). A bad window is reported,
+    never silently skipped: the error names the older windows to try instead."""
+    dirs = iter_window_dirs(root)
+    ours = [(t0, path) for s, r, t0, path in dirs if (s, r) == (stage, replica)]
+    if not ours:
+        listing = ", ".join(f"stage {s} replica {r}" for s, r in sorted({d[:2] for d in dirs})) or "none"
+        raise SnapshotError(f"no persisted window of stage {stage} replica {replica} under {root}; present: {listing}")
+    match = ours[-1:] if iteration is None else [(t0, path) for t0, path in ours if t0 == iteration]
+    if not match:
+        raise SnapshotError(f"no persisted window of stage {stage} replica {replica} starts at iteration {iteration}; "
+                            f"windows start at {[t0 for t0, _ in ours]}")
+    t0, path = match[0]
+    try:
+        return load_window(path, verify=verify)
+    except SnapshotError as error:
+        older = [t for t, _ in ours if t < t0]
+        raise SnapshotError(f"{error}" + (f"; older windows start at {older} (pass iteration=...)" if older else "")) from None
+
+
+def prune_persisted(root: Path, *, stage: int, replica: int, keep: int) -> list[Path]:
+    """Deletes all but the newest ``keep`` (>= 1) windows of (stage, replica); returns their paths.
+    Each is renamed to ``.tmp-*`` first, so a crash mid-delete never leaves half a window."""
+    if keep < 1:
+        raise ConfigError(f"keep must be at least 1 (the newest window is never pruned), got {keep}")
+    removed = [path for s, r, _, path in iter_window_dirs(root) if (s, r) == (stage, replica)][:-keep]
+    for path in removed:
+        doomed = path.parent / f"{TMP_PREFIX}pruned-{path.name}-{uuid.uuid4().hex[:8]}"
+        os.rename(path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+    return removed
+
+
+class AsyncPersister:
+    """Persists window images on a background thread so training never waits for the disk.
+
+    One image is written while at most one waits: a newer submission replaces the waiting one (the
+    disk only needs the latest window), never the one being written. After each write, that stage
+    and replica are pruned to their newest ``keep`` windows. ``close()`` drains the queue.
+    """
+
+    def __init__(self, root: Path, *, keep: int = 2, verify: bool = True) -> None:
+        if keep < 1:
+            raise ConfigError(f"keep must be at least 1, got {keep}")
+        self.root, self.keep, self.verify = Path(root), keep, verify
+        self._cond = threading.Condition()
+        self._pending: WindowImage | None = None
+        self._busy = self._closing = False
+        self._error: BaseException | None = None
+        self._last: PersistedWindow | None = None
+        self._bytes: dict[tuple[int, int], int] = {}
+        self._thread = threading.Thread(target=self._run, name="moetion-persist", daemon=True)
+        self._thread.start()
+
+    @property
+    def last_persisted(self) -> PersistedWindow | None:
+        """The newest window this persister has completely written, or None."""
+        with self._cond:
+            return self._last
+
+    @property
+    def bytes_on_disk(self) -> int:
+        """Bytes on disk, after pruning, of the windows of the (stage, replica) pairs this persister wrote."""
+        with self._cond:
+            return sum(self._bytes.values())
+
+    def submit(self, image: WindowImage) -> None:
+        """Queues ``image`` for writing and returns at once. The blob must stay unchanged until written."""
+        with self._cond:
+            if self._closing:
+                raise SnapshotError("AsyncPersister is closed; create a new one")
+            if self._pending is not None:
+                old = self._pending.manifest
+                _log.warning("disk is behind: dropping unwritten window %d of stage %d for window %d; persist less often",
+                             old.start_iteration, old.stage, image.manifest.start_iteration)
+            self._pending = image
+            self._cond.notify_all()
+
+    def wait(self) -> None:
+        """Blocks until nothing is written or waiting; re-raises (once) the first write error."""
+        with self._cond:
+            while self._busy or self._pending is not None:
+                self._cond.wait()
+            error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def close(self) -> None:
+        """Finishes the writes already submitted, stops the thread, and re-raises any write error."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join()
+        self.wait()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._pending is None and not self._closing:
+                    self._cond.wait()
+                if self._pending is None:
+                    return
+                image, self._pending, self._busy = self._pending, None, True
+            m, record, size, error = image.manifest, None, 0, None
+            try:
+                path = persist_window(image, self.root, verify=self.verify)
+                prune_persisted(self.root, stage=m.stage, replica=m.replica, keep=self.keep)
+                record = PersistedWindow.of(m, path)
+                size = sum(f.stat().st_size for f in path.parent.glob("window-*/*"))
+            except Exception as caught:  # noqa: BLE001 - handed to wait()
+                _log.error("persisting window %d of stage %d failed: %s", m.start_iteration, m.stage, caught)
+                error = caught
+            del image  # drop the blob (possibly a mapping of shared memory) before waiting again
+            with self._cond:
+                self._busy = False
+                if error is not None:
+                    self._error = self._error or error
+                else:
+                    self._last, self._bytes[(record.stage, record.replica)] = record, size
+                self._cond.notify_all()
+
+
+def _numbered(parent: Path, kind: str) -> list[tuple[int, Path]]:
+    if not parent.is_dir():
+        return []
+    return sorted((int(m.group(1)), p) for p in parent.iterdir() if (m := re.fullmatch(rf"{kind}-(\d+)", p.name)) and p.is_dir())
+
+
+def _write_file(path: Path, data: memoryview) -> None:
+    with open(path, "wb", buffering=0) as f:
+        for start in range(0, len(data), CHUNK_BYTES):
+            chunk = data[start : start + CHUNK_BYTES]
+            while len(chunk):
+                chunk = chunk[f.write(chunk) :]
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
