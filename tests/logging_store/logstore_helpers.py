@@ -4,6 +4,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+import logging_store as ls
+
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.bool]
 SHAPES = [(), (0,), (3, 0, 5), (7,), (33, 65), (2, 3, 4, 5)]
 
@@ -38,3 +40,19 @@ def _bytes(t: torch.Tensor) -> np.ndarray:
     if t.numel() == 0:
         return np.empty(0, np.uint8)
     return t.reshape(-1).view(torch.uint8).numpy()
+
+
+def assert_exact_accounting(store: ls.LogStore, tensors: dict[ls.LogKey, torch.Tensor]) -> ls.StoreStats:
+    """Stats equal sums recomputed entry by entry, and the raw total equals the tensors put."""
+    stats = store.stats()
+    infos = [store.describe(key) for key in store.keys()]
+    assert stats.entries == len(infos) == len(tensors)
+    assert stats.raw_bytes == sum(t.nbytes for t in tensors.values()) == sum(i.raw_bytes for i in infos)
+    by_state = {state: [i for i in infos if i.state is state] for state in ls.EntryState}
+    assert (stats.raw_entries, stats.encoded_entries, stats.spilled_entries) == tuple(
+        len(by_state[s]) for s in (ls.EntryState.RAW, ls.EntryState.ENCODED, ls.EntryState.SPILLED))
+    assert stats.spilled_bytes == sum(i.stored_bytes for i in by_state[ls.EntryState.SPILLED])
+    assert stats.resident_bytes == sum(i.stored_bytes for i in infos if i.state is not ls.EntryState.SPILLED)
+    assert stats.stored_bytes == stats.resident_bytes + stats.spilled_bytes
+    assert all(i.stored_bytes == i.raw_bytes for i in by_state[ls.EntryState.RAW])
+    return stats

@@ -71,6 +71,19 @@ def test_put_copies_so_later_mutation_does_not_leak_in() -> None:
         assert torch.equal(store.get(_key(0)), torch.arange(10.0))
 
 
+def test_tensors_that_require_grad_are_logged_by_value(tmp_path) -> None:
+    weight = torch.randn(30, 20, requires_grad=True)
+    activation = weight * 2  # non-leaf with a grad_fn
+    with LogStore(workers=1, budget_bytes=3000, spill_dir=tmp_path, **SMALL) as store:
+        store.put(_key(0), activation)  # larger than the budget: written straight to disk
+        store.put(_key(1), weight[:5])  # fits: pooled memory
+        store.put(_key(2), weight[:5].T)  # strided
+        assert store.describe(_key(0)).state is ls.EntryState.SPILLED
+        for key, expected in ((_key(0), activation), (_key(1), weight[:5]), (_key(2), weight[:5].T)):
+            got = store.get(key)
+            assert not got.requires_grad and torch.equal(got, expected.detach())
+
+
 def test_get_into_out_tensor_and_its_checks() -> None:
     with LogStore(codec="zstd", workers=1, **SMALL) as store:
         x = smooth_tensor(torch.float32, (5, 7))
@@ -198,12 +211,14 @@ def test_put_does_not_wait_for_compression(monkeypatch: pytest.MonkeyPatch) -> N
 def test_export_import_round_trip_bytes_and_files() -> None:
     with LogStore(codec="zstd", workers=1, **SMALL) as source:
         tensors = _fill(source)
-        source.put(_key(20), torch.ones(5))  # probably still raw when exported
+        source.put(_key(20), torch.ones(5))  # outside the exported range
+        early = source.export(0, 10)  # a mix of raw and encoded entries
+        assert [f.header.tag for f in ls.iter_frames(early)] == [k.to_tag() for k in source.keys(0, 10)]
+        assert source.wait_idle(timeout=30)
         blob = source.export(0, 10)
-        assert [f.header.tag for f in ls.iter_frames(blob)] == [k.to_tag() for k in source.keys(0, 10)]
         file = io.BytesIO()
-        assert source.export_to(file, 0, 10) == len(blob)
-    for stream in (blob, io.BytesIO(file.getvalue())):
+        assert source.export_to(file, 0, 10) == len(blob) and file.getvalue() == blob
+    for stream in (early, blob, io.BytesIO(blob)):
         with LogStore(codec="lz4", workers=1, **SMALL) as target:
             assert target.import_(stream) == sorted(tensors)
             _check_all(target, tensors)
