@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import tempfile
@@ -85,6 +86,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, nargs="*", default=[4, 8])
     parser.add_argument("--quick", action="store_true", help="few iterations, one round")
     args = parser.parse_args()
+    os.environ.setdefault("MOETION_LOG_LEVEL", "WARNING")
     if args.quick:
         args.iterations, args.warmup, args.rounds = 8, 2, 1
     rows = [("none", None), ("sparse", None), *[("sparse", w) for w in args.windows], ("dense", 1), ("dcp-async", None)]

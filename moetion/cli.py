@@ -24,6 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--micro-batches", type=int, default=4)
     demo.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--window", type=int, default=None, help="pin the sparse-checkpoint window W (default: Algorithm 1)")
+    demo.add_argument("--persist-dir", default=None, help="also persist complete windows there (see `moetion inspect`)")
+    demo.add_argument("--no-snapshots", action="store_true", help="train without sparse checkpointing")
 
     inspect = commands.add_parser("inspect", help="list persisted snapshot windows per stage and check their integrity")
     inspect.add_argument("dir", help="the directory windows were persisted to")
@@ -48,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             run_demo(DemoSettings(
                 iterations=args.iterations, stages=args.stages, data_parallel=args.data_parallel,
                 micro_batches=args.micro_batches, precision=args.precision, seed=args.seed,
+                snapshots=not args.no_snapshots, window=args.window, persist_dir=args.persist_dir,
             ))
     except MoetionError as error:
         print(f"moetion {args.command}: error: {error}", file=sys.stderr)

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import time
+import os
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -10,6 +13,9 @@ import moetion
 from moetion.data import ByteCorpus, stdlib_corpus
 from moetion.launcher import run_workers
 from moetion.models import GPTMoEConfig, build_gpt_moe_layers, gpt_moe_loss
+
+
+SHM_ROOT = "/dev/shm/moetion"
 
 
 @dataclass
@@ -22,13 +28,16 @@ class DemoSettings:
     precision: str = "fp32"
     lr: float = 3e-3
     seed: int = 0
+    snapshots: bool = True
+    window: int | None = None
+    persist_dir: str | None = None
 
 
 def demo_model_config() -> GPTMoEConfig:
     return GPTMoEConfig(seq_len=64, d_model=64, n_heads=4, n_layers=6, d_hidden=128, num_experts=4, top_k=2)
 
 
-def demo_engine_config(settings: DemoSettings) -> moetion.Config:
+def demo_engine_config(settings: DemoSettings, *, run_id: str = "demo") -> moetion.Config:
     return moetion.Config.from_dict({
         "seed": settings.seed,
         "micro_batches": settings.micro_batches,
@@ -36,6 +45,8 @@ def demo_engine_config(settings: DemoSettings) -> moetion.Config:
         "grad_clip": 1.0,
         "lr_schedule": {"warmup_iterations": 5, "decay": "cosine",
                         "decay_iterations": max(1, settings.iterations - 5), "min_ratio": 0.1},
+        "snapshot": {"enabled": settings.snapshots, "window": settings.window, "run_id": run_id,
+                     "shm_dir": SHM_ROOT, "persist_dir": settings.persist_dir},
     })
 
 
@@ -47,15 +58,21 @@ def run_demo(settings: DemoSettings) -> dict:
         f"{settings.micro_batches} micro-batches, {settings.iterations} iterations, {settings.precision}",
         flush=True,
     )
-    results = run_workers(_rank_main, nproc=settings.stages * settings.data_parallel, args=(settings,))
+    os.environ.setdefault("MOETION_LOG_LEVEL", "WARNING")  # progress lines only; INFO shows every rank's events
+    run_id = f"demo-{os.getpid()}"
+    try:
+        results = run_workers(_rank_main, nproc=settings.stages * settings.data_parallel, args=(settings, run_id))
+    finally:
+        shutil.rmtree(Path(SHM_ROOT) / run_id, ignore_errors=True)  # the demo's windows die with it
     return results[0]
 
 
-def _rank_main(settings: DemoSettings) -> dict:
+def _rank_main(settings: DemoSettings, run_id: str) -> dict:
     model = demo_model_config()
     module = moetion.PipelineModule(build_gpt_moe_layers(model), settings.stages, loss_fn=gpt_moe_loss, seed=settings.seed)
     engine = moetion.initialize(
-        module, optimizer=lambda ps: torch.optim.AdamW(ps, lr=settings.lr), config=demo_engine_config(settings)
+        module, optimizer=lambda ps: torch.optim.AdamW(ps, lr=settings.lr),
+        config=demo_engine_config(settings, run_id=run_id),
     )
     data = ByteCorpus(stdlib_corpus(), seq_len=model.seq_len, micro_batch_size=settings.micro_batch_size, seed=settings.seed)
     tokens_per_iteration = settings.micro_batches * settings.data_parallel * settings.micro_batch_size * model.seq_len
@@ -73,6 +90,7 @@ def _rank_main(settings: DemoSettings) -> dict:
                 f"{tokens_per_iteration / stats.seconds:8.0f} tokens/s  {stats.seconds * 1000:6.1f} ms",
                 flush=True,
             )
+    engine.close()
     total = time.perf_counter() - start
     steady = sorted(seconds[1:] or seconds)[len(seconds[1:] or seconds) // 2]
     summary = {
@@ -83,10 +101,26 @@ def _rank_main(settings: DemoSettings) -> dict:
         "tokens_per_s": tokens_per_iteration / steady,
         "threads_per_rank": engine.threads,
     }
+    if engine.checkpointer is not None:
+        summary["snapshots"] = _snapshot_summary(engine)
     if speaker:
+        if "snapshots" in summary:
+            print(summary["snapshots"]["line"], flush=True)
         print(
             f"done: {settings.iterations} iterations in {total:.1f} s, median {steady * 1000:.0f} ms/iteration, "
             f"{summary['tokens_per_s']:.0f} tokens/s, final loss {loss:.4f}, {engine.threads} thread(s) per rank",
             flush=True,
         )
     return summary
+
+
+def _snapshot_summary(engine: moetion.PipelineEngine) -> dict:
+    ckpt = engine.checkpointer
+    last = ckpt.last_complete
+    tiers = ckpt.tier_bytes()
+    window = f"latest complete window {last.start_iteration}..{last.end_iteration} (W={last.window})" if last else "no complete window yet"
+    line = (
+        f"sparse checkpoints (stage {engine.stage}): {ckpt.windows_completed} windows complete, {window}, "
+        + ", ".join(f"{tier} {size / 1024:.0f} KiB" for tier, size in tiers.items())
+    )
+    return {"windows": ckpt.windows_completed, "window": last.window if last else None, "tiers": tiers, "line": line}

@@ -1,14 +1,16 @@
-"""Logging with the rank and stage in every line."""
+"""Logging with the rank and stage in every line; ``MOETION_LOG_LEVEL`` (default INFO) sets the level."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 _HANDLER_NAME = "moetion-rank"
 
 
-def configure(*, rank: int, stage: int, level: int = logging.INFO) -> None:
+def configure(*, rank: int, stage: int) -> None:
     """Sends the ``moetion`` loggers' records to stderr, prefixed with this process's rank."""
+    level = os.environ.get("MOETION_LOG_LEVEL", "INFO").upper()
     logger = logging.getLogger("moetion")
     for handler in list(logger.handlers):
         if handler.get_name() == _HANDLER_NAME:
