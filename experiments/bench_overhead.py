@@ -63,11 +63,12 @@ def run_mode(mode: str, window: int | None, args: argparse.Namespace, scratch: s
         pending.result()
     engine.close()
     ckpt = engine.checkpointer
-    result = {"seconds": seconds, "bytes_per_iteration": 0.0, "host_bytes": 0, "window": None}
+    result = {"seconds": seconds, "bytes_per_iteration": 0.0, "host_bytes": 0, "window": None, "fence_ms": 0.0}
     if ckpt is not None and ckpt.last_complete is not None:
         manifest = ckpt.last_complete
         result.update(bytes_per_iteration=manifest.blob_bytes / manifest.window, window=manifest.window,
-                      host_bytes=sum(ckpt.tier_bytes().values()))
+                      host_bytes=sum(ckpt.tier_bytes().values()),
+                      fence_ms=ckpt.worker.seconds_fenced * 1000 / (args.warmup + args.iterations))
     if mode == "dcp-async":
         files = [p for p in Path(f"{scratch}/dcp-{engine.dist.rank}").rglob("*") if p.is_file()]
         result["bytes_per_iteration"] = sum(p.stat().st_size for p in files) / 2
@@ -112,13 +113,13 @@ def main() -> None:
         table.append({"mode": label, "median_ms": median * 1000, "ratio_vs_none": median / base,
                       "window": last["window"], "bytes_per_iteration": last["bytes_per_iteration"],
                       "bytes_vs_dense": last["bytes_per_iteration"] / dense_bytes if dense_bytes else None,
-                      "host_bytes": last["host_bytes"]})
-    print(f"\n{'mode':12s} {'ms/iter':>8s} {'x none':>7s} {'W':>3s} {'KiB/iter':>9s} {'x dense':>8s} {'held KiB':>9s}")
+                      "host_bytes": last["host_bytes"], "fence_ms": last["fence_ms"]})
+    print(f"\n{'mode':12s} {'ms/iter':>8s} {'x none':>7s} {'W':>3s} {'KiB/iter':>9s} {'x dense':>8s} {'held KiB':>9s} {'fence ms':>8s}")
     for row in table:
         print(f"{row['mode']:12s} {row['median_ms']:8.1f} {row['ratio_vs_none']:7.3f} {row['window'] or '-':>3} "
               f"{row['bytes_per_iteration'] / 1024:9.1f} "
               f"{row['bytes_vs_dense'] if row['bytes_vs_dense'] is not None else float('nan'):8.3f} "
-              f"{row['host_bytes'] / 1024:9.1f}")
+              f"{row['host_bytes'] / 1024:9.1f} {row['fence_ms']:8.2f}")
     print("(stage 0's figures; KiB/iter and held KiB are per stage replica; held = shared memory + peer replica,"
           " or disk for DCP)")
     RESULTS.mkdir(exist_ok=True)

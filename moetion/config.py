@@ -54,6 +54,10 @@ class SnapshotConfig:
         window: pin W; ``None`` chooses it with Algorithm 1 from measured iteration time and copy
             bandwidth, re-decided at every window boundary.
         bandwidth_gbps: pin the snapshot bandwidth (GB/s) instead of measuring it.
+        budget_fraction: the share of an iteration's time the capture may take, so the budget is
+            ``fraction x iteration time x bandwidth``. ``None``: 1.0 with CUDA, where copies run on
+            the DMA engine behind compute (the paper's assumption), and 0.02 on CPU, where they take
+            cores from training, so that snapshots cost at most ~2% of the iteration.
         shm_dir: node-local shared-memory root; windows there survive the capturing process.
         run_id: names this job's directory under ``shm_dir`` and ``persist_dir``; ``None`` means
             ``MOETION_RUN_ID`` from the environment, else derived from MASTER_ADDR/MASTER_PORT.
@@ -67,6 +71,7 @@ class SnapshotConfig:
     enabled: bool = False
     window: int | None = None
     bandwidth_gbps: float | None = None
+    budget_fraction: float | None = None
     shm_dir: str = "/dev/shm/moetion"
     run_id: str | None = None
     replicate: bool = True
@@ -81,6 +86,8 @@ class SnapshotConfig:
             raise ConfigError(f"snapshot.window must be >= 1 or null (automatic), got {self.window}")
         if self.bandwidth_gbps is not None and self.bandwidth_gbps <= 0:
             raise ConfigError(f"snapshot.bandwidth_gbps must be > 0 or null (measured), got {self.bandwidth_gbps}")
+        if self.budget_fraction is not None and not 0 < self.budget_fraction <= 1:
+            raise ConfigError(f"snapshot.budget_fraction must lie in (0, 1] or be null (automatic), got {self.budget_fraction}")
         if self.persist_every < 1 or self.keep_persisted < 1:
             raise ConfigError("snapshot.persist_every and snapshot.keep_persisted must be >= 1")
         if not (0 < self.reorder_change and 0 < self.reorder_fraction <= 1):

@@ -26,6 +26,7 @@ class CaptureWorker:
         self._done = threading.Condition()
         self.bytes_copied = 0
         self.seconds_copying = 0.0
+        self.seconds_fenced = 0.0  # how long training waited for captures: the overhead it paid
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -43,8 +44,10 @@ class CaptureWorker:
 
     def fence(self) -> None:
         """Blocks until every submitted job finished; re-raises a job's error."""
+        start = time.perf_counter()
         with self._done:
             self._done.wait_for(lambda: self._pending == 0)
+        self.seconds_fenced += time.perf_counter() - start
         self._raise_pending()
 
     def close(self) -> None:

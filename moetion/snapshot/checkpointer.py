@@ -44,6 +44,7 @@ from moetion.window import SlotPlan, find_window_size, popularity_drifted, snaps
 log = logging.getLogger(__name__)
 
 _EMA = 0.3  # weight of the newest measurement of iteration time and bandwidth
+CPU_BUDGET_FRACTION = 0.02  # on CPU, captures compete with training for cores: spend ~2% of an iteration
 
 
 class WindowState(enum.Enum):
@@ -96,6 +97,7 @@ class SparseCheckpointer:
         self._iteration_seconds: float | None = None
         self._iteration_start = time.perf_counter()
         self._bandwidth = config.bandwidth_gbps * 1e9 if config.bandwidth_gbps else _probe_bandwidth(master)
+        self._budget_fraction = config.budget_fraction or (1.0 if torch.cuda.is_available() else CPU_BUDGET_FRACTION)
         self._proposal = 1.0
         self._agreed: int | None = None
         self.replicator = replicator
@@ -227,7 +229,7 @@ class SparseCheckpointer:
         if self.config.window is not None:
             return self.config.window
         seconds = self._iteration_seconds or (time.perf_counter() - self._iteration_start)
-        budget = seconds * self._bandwidth
+        budget = self._budget_fraction * seconds * self._bandwidth
         try:
             return find_window_size(self.order, full=self.full_bytes, compute=self.compute_bytes, budget_bytes=budget)
         except ConfigError:

@@ -30,6 +30,10 @@ def test_unknown_keys_are_named():
         ({"threads": 0}, "threads must be >= 1"),
         ({"lr_schedule": {"decay": "cosine"}}, "needs decay_iterations"),
         ({"lr_schedule": "fast"}, "must be a mapping"),
+        ({"snapshot": {"window": 0}}, "snapshot.window must be >= 1"),
+        ({"snapshot": {"budget_fraction": 0}}, "budget_fraction must lie in"),
+        ({"snapshot": {"persist_every": 0}}, "persist_every"),
+        ({"snapshot": {"widow": 3}}, "unknown config key 'snapshot.widow'"),
     ],
 )
 def test_bad_values(values, message):
@@ -52,3 +56,16 @@ def test_lr_is_a_function_of_the_iteration():
     assert lr_factor(schedule, 100) == pytest.approx(0.1)
     cosine = LRScheduleConfig(decay="cosine", decay_iterations=10)
     assert lr_factor(cosine, 0) == 1.0 and lr_factor(cosine, 5) == pytest.approx(0.5)
+
+
+def test_kill_specs_parse_and_reject_nonsense():
+    from moetion.faults import KillSpec
+
+    assert KillSpec.parse("stage=2, iter=17, phase=backward") == KillSpec(2, 17, "backward")
+    assert KillSpec.parse(KillSpec(1, 3, "capture", 1).to_text()) == KillSpec(1, 3, "capture", 1)
+    with pytest.raises(ConfigError, match="phase must be one of"):
+        KillSpec.parse("stage=1,iter=2,phase=lunch")
+    with pytest.raises(ConfigError, match="needs stage="):
+        KillSpec.parse("stage=1,phase=step")
+    with pytest.raises(ConfigError, match="key=value"):
+        KillSpec.parse("stage")

@@ -24,9 +24,10 @@ def train(num_stages, iterations, precision, window, shm_dir, record=True):
         "snapshot": {"enabled": True, "window": window, "shm_dir": str(shm_dir), "run_id": "test",
                      "persist_dir": str(shm_dir / "disk")}})
     data = moetion.ByteCorpus(bytes(range(256)) * 8, seq_len=8, micro_batch_size=2)
-    history = {}
+    history, orders = {}, []
     for t in range(iterations):
         engine.train_batch(data)
+        orders.append((engine.checkpointer.window_start, tuple(engine.checkpointer.order)))
         if record:
             opt = engine.optimizer
             history[t] = {
@@ -37,6 +38,8 @@ def train(num_stages, iterations, precision, window, shm_dir, record=True):
             }
     engine.close()
     ckpt = engine.checkpointer
+    for (start_before, order_before), (start_after, order_after) in zip(orders, orders[1:]):
+        assert order_before == order_after or start_before != start_after, "re-ordered inside a window"
     image = SharedMemoryTier(shm_dir, run_id="test", stage=engine.stage, replica=engine.dist.replica).load_complete()
     checked = 0
     for capture in image.manifest.captures:
