@@ -95,6 +95,25 @@ class SnapshotConfig:
 
 
 @dataclass
+class UpstreamLogConfig:
+    """Upstream logging (DESIGN.md §2.3): what each stage sent, kept for replaying a neighbour.
+
+    Attributes:
+        enabled: log boundary tensors and per-iteration decisions; needs ``snapshot.enabled``,
+            because logs are kept exactly from the start of the latest complete window on.
+        codec / level / shuffle: how ``logging_store`` compresses entries in the background.
+        budget_bytes / spill_dir: beyond this much host memory, the oldest entries spill to disk.
+    """
+
+    enabled: bool = False
+    codec: str = "lz4"
+    level: int | None = None
+    shuffle: bool = True
+    budget_bytes: int | None = None
+    spill_dir: str | None = None
+
+
+@dataclass
 class Config:
     """Everything the pipeline engine needs besides the model, the optimizer and the data.
 
@@ -109,6 +128,7 @@ class Config:
         peer_timeout_s: bound on every wait for a peer; a dead or hung peer becomes a
             :class:`~moetion.errors.PeerFailure` naming the rank instead of a hang.
         snapshot: sparse checkpointing, see :class:`SnapshotConfig`.
+        upstream_log: logging of boundary tensors for replay, see :class:`UpstreamLogConfig`.
     """
 
     seed: int = 0
@@ -119,6 +139,7 @@ class Config:
     threads: int | None = None
     peer_timeout_s: float = 300.0
     snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
+    upstream_log: UpstreamLogConfig = field(default_factory=UpstreamLogConfig)
 
     def __post_init__(self) -> None:
         if self.micro_batches < 1:
@@ -131,6 +152,11 @@ class Config:
             raise ConfigError(f"threads must be >= 1 or null (automatic), got {self.threads}")
         if self.peer_timeout_s <= 0:
             raise ConfigError(f"peer_timeout_s must be > 0, got {self.peer_timeout_s}")
+        if self.upstream_log.enabled and not self.snapshot.enabled:
+            raise ConfigError(
+                "upstream_log.enabled needs snapshot.enabled: logs are kept from the latest complete "
+                "snapshot window on, and are useless without one"
+            )
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "Config":

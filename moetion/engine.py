@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+from logging_store import LogStoreConfig
 
 from moetion import gradients, schedule
 from moetion.config import Config
@@ -28,6 +29,7 @@ from moetion.precision import StagePrecision
 from moetion.random import StepContext, step_context
 from moetion.snapshot.checkpointer import SparseCheckpointer, StageIdentity, run_id
 from moetion.snapshot.replica import PeerReplicator, replication_peers
+from moetion.upstream_log import IterationScalars, UpstreamLog
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,7 @@ class PipelineEngine:
             device=dist_context.device,
         )
         self.checkpointer = self._build_checkpointer() if config.snapshot.enabled else None
+        self.upstream = self._build_upstream_log() if config.upstream_log.enabled else None
         self.last_token_counts: dict[str, torch.Tensor] = {}
         self._params = [p for p in module.parameters() if p.requires_grad]
         self._norm_params = self._params_counted_in_norm()
@@ -133,6 +136,8 @@ class PipelineEngine:
         """Waits for background snapshot work and stops its threads."""
         if self.checkpointer is not None:
             self.checkpointer.close()
+        if self.upstream is not None:
+            self.upstream.close()
 
     # -- micro-batch instructions ------------------------------------------------------------------
     def _global_index(self, m: int) -> int:
@@ -173,7 +178,10 @@ class PipelineEngine:
         self._mb.outputs[m] = out
 
     def _send_activation(self, m: int | None) -> None:
-        self.links.send_activation(self._mb.outputs[m].detach(), what=self._what("activation", m))
+        activation = self._mb.outputs[m].detach()
+        self.links.send_activation(activation, what=self._what("activation", m))
+        if self.upstream is not None:
+            self.upstream.log_activation(self.iteration, m, activation)
 
     def _recv_grad(self, m: int | None) -> None:
         self._mb.output_grads[m] = self.links.recv_grad(self._mb.outputs[m], what=self._what("gradient", m))
@@ -188,7 +196,10 @@ class PipelineEngine:
             self._mb.input_grads[m] = x.grad if x.grad is not None else torch.zeros_like(x)
 
     def _send_grad(self, m: int | None) -> None:
-        self.links.send_grad(self._mb.input_grads.pop(m), what=self._what("gradient", m))
+        grad = self._mb.input_grads.pop(m)
+        self.links.send_grad(grad, what=self._what("gradient", m))
+        if self.upstream is not None:
+            self.upstream.log_gradient(self.iteration, m, grad)
 
     # -- per-iteration instructions -----------------------------------------------------------------
     def _reduce_tied_grads(self, _: int | None) -> None:
@@ -197,6 +208,8 @@ class PipelineEngine:
         for key, group in self.dist.tied_groups.items():
             for p in self.module.tied[key].parameters():
                 self._collective(dist.all_reduce, p.grad, group=group, what=f"summing tied weight {key!r}")
+            if self.upstream is not None:
+                self.upstream.log_tied_grads(self.iteration, key, [p.grad for p in self.module.tied[key].parameters()])
 
     def _reduce_grads(self, _: int | None) -> None:
         """Averages gradients across replicas; the loss and the checkpointer's proposal ride along."""
@@ -229,6 +242,9 @@ class PipelineEngine:
         coef = gradients.clip_coefficient(norm, self.config.grad_clip)
         gradients.scale_grads(self._params, coef)
         factor = apply_lr(self.optimizer, self.config.lr_schedule, self.iteration)
+        if self.upstream is not None:
+            scalars = IterationScalars(lr_factor=factor, grad_norm=float(norm), clip_coef=coef)
+            self.upstream.log_scalars(self.iteration, scalars)
         if self.checkpointer is not None:
             self.checkpointer.absorb_gather([g[2:].cpu() for g in gathered])
             self.checkpointer.before_step()
@@ -246,6 +262,15 @@ class PipelineEngine:
             for name, layer in self.precision.compute.named_modules()
             if isinstance(layer, MoELayer)
         }
+
+    def _build_upstream_log(self) -> UpstreamLog:
+        settings = self.config.upstream_log
+        store = LogStoreConfig(codec=settings.codec, level=settings.level, shuffle=settings.shuffle,
+                               budget_bytes=settings.budget_bytes, spill_dir=settings.spill_dir)
+        log_ = UpstreamLog(stage=self.stage, store_config=store)
+        # Retention: once a newer window is complete, replay starts there; older logs are dead.
+        self.checkpointer.listeners.append(lambda image: log_.drop_before(image.manifest.start_iteration))
+        return log_
 
     def _build_checkpointer(self) -> SparseCheckpointer:
         identity = StageIdentity(

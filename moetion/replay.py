@@ -1,0 +1,191 @@
+"""Sparse-to-dense conversion: rebuild a stage's exact state ``S_f`` from its last complete window
+plus what its neighbours logged (DESIGN.md §2.2).
+
+The window starting at ``t0`` holds, after each step ``t0 + i``, the full snapshot of slot ``i``
+and the compute snapshot of every later slot. Replay starts from capture 0 (slot 0 full, everything
+else frozen at its compute weights), then for ``t = t0+1 .. f``:
+
+1. frozen operators (slots ``>= j``, ``j = t - t0``) run forward and pass input-gradients back but
+   have ``requires_grad`` off: no weight gradient, no optimizer step (any parameter type);
+2. the iteration runs over micro-batches in order, reading inputs and output-gradients from the
+   neighbours' logs (the first and last stage re-read inputs and labels from the data source), with
+   the same random draws, the logged clip coefficient and learning-rate factor, and the logged
+   reduced gradient of tied weights;
+3. slot ``j`` is promoted by loading its full snapshot of step ``t`` and the still-frozen slots get
+   their compute weights of step ``t``.
+After ``t0 + W - 1`` every operator is active and the remaining iterations are ordinary steps.
+
+Data parallelism: a replica of a stage is healed by copying a live replica's state; replaying a
+stage whose every replica is lost means replaying the replica group together (not written yet),
+because logging the reduced gradients instead would cost a full gradient per iteration.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moetion import gradients
+from moetion.config import Config
+from moetion.data import DataSource
+from moetion.errors import MoetionError
+from moetion.module import PipelineModule
+from moetion.operators import discover_operators
+from moetion.precision import StagePrecision
+from moetion.random import StepContext, step_context
+from moetion.snapshot.image import WindowImage
+from moetion.upstream_log import LogReader
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReplayReport:
+    start_iteration: int
+    until: int
+    iterations_replayed: int
+    seconds: float
+
+
+def replay_stage(
+    *,
+    module: PipelineModule,
+    optimizer: torch.optim.Optimizer,
+    config: Config,
+    window: WindowImage,
+    logs: LogReader,
+    data: DataSource,
+    until: int,
+    replica: int = 0,
+    precision: StagePrecision | None = None,
+) -> ReplayReport:
+    """Brings ``module`` and ``optimizer`` (freshly built for the window's stage) to ``S_until``.
+
+    ``until`` must lie at or past the window's last iteration. ``precision`` is the stage's compute
+    copy when the caller keeps one (the engine does); otherwise one is made here.
+    """
+    manifest = window.manifest
+    if manifest.stage != module.stage_id:
+        raise MoetionError(f"window of stage {manifest.stage} cannot rebuild stage {module.stage_id}")
+    if until < manifest.end_iteration:
+        raise MoetionError(
+            f"replay must reach at least iteration {manifest.end_iteration}, the window's last, to yield a "
+            f"consistent state; asked for {until}"
+        )
+    if torch.get_num_threads() != manifest.threads:
+        log.info("replay uses %d intra-op threads as the original run did (was %d)", manifest.threads, torch.get_num_threads())
+        torch.set_num_threads(manifest.threads)
+    start = time.perf_counter()
+    precision = precision or StagePrecision(module, config.precision)
+    state = _StageState(module, precision, optimizer, window)
+    state.load(0)
+    for t in range(manifest.start_iteration + 1, until + 1):
+        _replay_iteration(state, config=config, logs=logs, data=data, iteration=t, replica=replica)
+        j = t - manifest.start_iteration
+        if j < manifest.window:
+            state.load(j)
+    state.set_trainable(len(manifest.slots))
+    seconds = time.perf_counter() - start
+    log.info("replayed stage %d from iteration %d to %d in %.2f s", module.stage_id, manifest.start_iteration, until, seconds)
+    return ReplayReport(manifest.start_iteration, until, until - manifest.start_iteration, seconds)
+
+
+class _StageState:
+    """The stage's parameters by operator, and loading a capture's snapshots into them."""
+
+    def __init__(self, module: PipelineModule, precision: StagePrecision, optimizer: torch.optim.Optimizer,
+                 window: WindowImage) -> None:
+        self.module, self.precision, self.optimizer, self.window = module, precision, optimizer, window
+        self.masters = dict(module.named_parameters())
+        self.computes = dict(precision.compute.named_parameters())
+        operators = {op.name: op for op in discover_operators(module)}
+        slotted = {op for slot in window.manifest.slots for op in slot}
+        if slotted != set(operators):
+            raise MoetionError(
+                f"the window's operators do not match the model: only in the window {sorted(slotted - set(operators))}, "
+                f"only in the model {sorted(set(operators) - slotted)}"
+            )
+        self.slot_params = [[n for op in slot for n in operators[op].param_names] for slot in window.manifest.slots]
+        self.active_slots = 1
+
+    def load(self, j: int) -> None:
+        """After step t0+j: slot j becomes active from its full snapshot; later slots get compute weights."""
+        capture = self.window.manifest.captures[j]
+        promoted = set(self.slot_params[j])
+        with torch.no_grad():
+            for entry in capture.entries:
+                value = self.window.tensor(entry)
+                if entry.role == "weight":
+                    self.masters[entry.param].copy_(value)
+                elif entry.role.startswith("optim."):
+                    self.optimizer.state[self.masters[entry.param]][entry.role[len("optim."):]] = value
+                elif entry.role == "compute":
+                    self.computes[entry.param].copy_(value)
+            if self.precision.compute is not self.module:
+                for name in promoted:
+                    self.computes[name].copy_(self.masters[name])
+        self.set_trainable(j + 1)
+
+    def set_trainable(self, active_slots: int) -> None:
+        """Slots below ``active_slots`` train; the rest are frozen (forward and input-gradients only)."""
+        self.active_slots = active_slots
+        for i, names in enumerate(self.slot_params):
+            for name in names:
+                self.masters[name].requires_grad_(i < active_slots)
+                self.computes[name].requires_grad_(i < active_slots)
+
+    def active_params(self) -> list[nn.Parameter]:
+        return [self.masters[n] for names in self.slot_params[: self.active_slots] for n in names]
+
+    def refresh_active_compute(self) -> None:
+        if self.precision.compute is self.module:
+            return
+        with torch.no_grad():
+            for names in self.slot_params[: self.active_slots]:
+                for name in names:
+                    self.computes[name].copy_(self.masters[name])
+
+
+def _replay_iteration(state: _StageState, *, config: Config, logs: LogReader, data: DataSource,
+                      iteration: int, replica: int) -> None:
+    module, micro = state.module, config.micro_batches
+    state.optimizer.zero_grad(set_to_none=True)
+    for m in range(micro):
+        index = replica * micro + m
+        inputs, labels = data.micro_batch(iteration, index) if (module.is_first_stage or module.is_last_stage) else (None, None)
+        x = inputs if module.is_first_stage else logs.activation(iteration, m)
+        if not module.is_first_stage:
+            x.requires_grad_(x.is_floating_point())
+        with step_context(StepContext(config.seed, iteration, index, 1.0 / micro)):
+            out = state.precision.compute(x)
+        if module.is_last_stage:
+            out = module.loss_fn(out, labels) / micro
+            grad = None
+        else:
+            grad = logs.gradient(iteration, m)
+        if out.requires_grad:
+            torch.autograd.backward(out, grad_tensors=grad)
+        state.precision.after_backward()
+    active = state.active_params()
+    gradients.fill_missing_grads(active)
+    _use_logged_tied_grads(state, logs, iteration)
+    scalars = logs.scalars(iteration)
+    gradients.scale_grads(active, scalars.clip_coef)
+    for group in state.optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+        group["lr"] = group["initial_lr"] * scalars.lr_factor
+    state.optimizer.step()
+    state.refresh_active_compute()
+
+
+def _use_logged_tied_grads(state: _StageState, logs: LogReader, iteration: int) -> None:
+    """A tied weight's gradient is the sum over the stages sharing it: take it as it was reduced."""
+    for key in state.module.tied_stages():
+        if key not in state.module.tied:
+            continue
+        for index, param in enumerate(state.module.tied[key].parameters()):
+            if param.requires_grad:
+                param.grad = logs.tied_grad(iteration, key, index).to(param.grad.dtype)
