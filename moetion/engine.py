@@ -270,6 +270,7 @@ class PipelineEngine:
         log_ = UpstreamLog(stage=self.stage, store_config=store)
         # Retention: once a newer window is complete, replay starts there; older logs are dead.
         self.checkpointer.listeners.append(lambda image: log_.drop_before(image.manifest.start_iteration))
+        self.checkpointer.log_exporter = log_.export
         return log_
 
     def _build_checkpointer(self) -> SparseCheckpointer:

@@ -24,19 +24,23 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
 
 import torch
+from logging_store import LogStore
 from torch import nn
 
 from moetion import gradients
 from moetion.config import Config
 from moetion.data import DataSource
 from moetion.errors import MoetionError
-from moetion.module import PipelineModule
+from moetion.module import LayerSpec, PipelineModule
 from moetion.operators import discover_operators
 from moetion.precision import StagePrecision
 from moetion.random import StepContext, step_context
 from moetion.snapshot.image import WindowImage
+from moetion.snapshot.persist import load_persisted, load_window_logs, window_path
 from moetion.upstream_log import LogReader
 
 log = logging.getLogger(__name__)
@@ -68,6 +72,12 @@ def replay_stage(
     copy when the caller keeps one (the engine does); otherwise one is made here.
     """
     manifest = window.manifest
+    if manifest.extra.get("data_parallel", 1) > 1:
+        raise MoetionError(
+            f"stage {manifest.stage} trained with {manifest.extra['data_parallel']} data-parallel replicas: its "
+            "gradients were averaged across replicas, which a lone replay cannot reproduce; copy the state "
+            "of a live replica instead (replaying the whole replica group is not implemented yet)"
+        )
     if manifest.stage != module.stage_id:
         raise MoetionError(f"window of stage {manifest.stage} cannot rebuild stage {module.stage_id}")
     if until < manifest.end_iteration:
@@ -189,3 +199,42 @@ def _use_logged_tied_grads(state: _StageState, logs: LogReader, iteration: int) 
         for index, param in enumerate(state.module.tied[key].parameters()):
             if param.requires_grad:
                 param.grad = logs.tied_grad(iteration, key, index).to(param.grad.dtype)
+
+
+def dense_state_from_persisted(
+    root: Path,
+    *,
+    stage: int,
+    start_iteration: int,
+    layers: Sequence[LayerSpec | nn.Module],
+    num_stages: int,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
+    config: Config,
+    data: DataSource,
+    until: int | None = None,
+    partition_method: str = "parameters",
+    module_seed: int = 0,
+) -> dict:
+    """The converter: one stage's dense state from its persisted window and its neighbours'
+    persisted logs (offline; recovery calls :func:`replay_stage` with live logs instead).
+
+    ``root`` is a run's persist directory (``persist_dir/<run_id>``). Returns
+    ``{"iteration", "model", "optimizer"}`` state dicts at ``until`` (default: the window's end).
+    """
+    module = PipelineModule(layers, num_stages, loss_fn=loss_fn, partition_method=partition_method,
+                            stage_id=stage, seed=module_seed)
+    opt = optimizer(module.parameters())
+    window = load_persisted(root, stage=stage, replica=0, iteration=start_iteration)
+    talks_to = {stage - 1, stage + 1} | {s for stages in module.tied_stages().values() if stage in stages for s in stages}
+    logs = {}
+    for other in sorted(s for s in talks_to if 0 <= s < num_stages and s != stage):
+        store = LogStore()
+        store.import_(load_window_logs(window_path(root, stage=other, replica=0, start_iteration=start_iteration)))
+        logs[other] = store
+    until = window.manifest.end_iteration if until is None else until
+    replay_stage(module=module, optimizer=opt, config=config, window=window, logs=LogReader(logs, stage=stage),
+                 data=data, until=until)
+    for store in logs.values():
+        store.close()
+    return {"iteration": until, "model": module.state_dict(), "optimizer": opt.state_dict()}

@@ -101,6 +101,9 @@ class SparseCheckpointer:
         self._proposal = 1.0
         self._agreed: int | None = None
         self.replicator = replicator
+        # Set by the engine when upstream logging is on: (start, stop) -> this stage's logs of those
+        # iterations, persisted with each window so it can be replayed offline.
+        self.log_exporter: Callable[[int, int], bytes] | None = None
         self.persister = (
             AsyncPersister(Path(config.persist_dir) / identity.run_id, keep=config.keep_persisted)
             if config.persist_dir else None
@@ -206,6 +209,7 @@ class SparseCheckpointer:
                 run_id=identity.run_id, stage=identity.stage, replica=identity.replica, start_iteration=start,
                 slots=plan.slots, precision=identity.precision, threads=identity.threads,
                 captures=captures, blob_bytes=layout.blob_bytes,
+                extra={"data_parallel": identity.data_parallel},
             )
             self.shm.publish(manifest)
             self.last_complete = manifest
@@ -245,7 +249,9 @@ class SparseCheckpointer:
 
     def _persist_every_kth(self, image: WindowImage) -> None:
         if self.windows_completed % self.config.persist_every == 0:
-            self.persister.submit(image)
+            m = image.manifest
+            logs = self.log_exporter(m.start_iteration, m.end_iteration + 1) if self.log_exporter else None
+            self.persister.submit(image, logs=logs)
 
 
 def run_id(config: SnapshotConfig) -> str:

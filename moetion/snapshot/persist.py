@@ -25,6 +25,7 @@ from moetion.snapshot.image import SnapshotError, WindowImage, WindowManifest
 
 MANIFEST = "manifest.json"
 BLOB = "blob.bin"
+LOGS = "logs.bin"  # the window's upstream logs: a logging_store export stream (checksummed frames)
 TMP_PREFIX = ".tmp-"
 CHUNK_BYTES = 64 << 20  # bounded write size: no single huge syscall, no copy of the blob
 _log = logging.getLogger(__name__)
@@ -58,14 +59,15 @@ def iter_window_dirs(root: Path) -> list[tuple[int, int, int, Path]]:
             for replica, replica_dir in _numbered(stage_dir, "replica") for t0, path in _numbered(replica_dir, "window")]
 
 
-def persist_window(image: WindowImage, root: Path, *, verify: bool = True) -> Path:
+def persist_window(image: WindowImage, root: Path, *, verify: bool = True, logs: bytes | None = None) -> Path:
     """Writes ``image`` atomically under ``root``; returns its window directory.
 
     ``verify`` first checks the in-memory checksums (native, ~10 GB/s), so a corrupted copy is
     refused rather than persisted as good. The same window already on disk (identical manifest,
     which holds every checksum, and blob size) is not rewritten; a different one is renamed to
     ``.tmp-replaced-*``, replaced, then deleted. The blob must not change while it is written;
-    it may map a file the caller has already unlinked.
+    it may map a file the caller has already unlinked. ``logs`` (what this stage sent during the
+    window, as a ``LogStore.export`` stream) are written beside it, in the same atomic step.
     """
     m, blob = image.manifest, image.blob
     dest = window_path(root, stage=m.stage, replica=m.replica, start_iteration=m.start_iteration)
@@ -75,7 +77,11 @@ def persist_window(image: WindowImage, root: Path, *, verify: bool = True) -> Pa
         image.verify(source=f"window {m.start_iteration} of stage {m.stage} replica {m.replica} (in memory)")
     manifest_bytes = m.to_json()
     with contextlib.suppress(OSError):
-        if (dest / MANIFEST).read_bytes() == manifest_bytes and (dest / BLOB).stat().st_size == m.blob_bytes:
+        if (
+            (dest / MANIFEST).read_bytes() == manifest_bytes
+            and (dest / BLOB).stat().st_size == m.blob_bytes
+            and (logs is None or (dest / LOGS).read_bytes() == logs)
+        ):
             _log.debug("%s already holds this window; not rewriting it", dest)
             return dest
     tmp = dest.parent / f"{TMP_PREFIX}{dest.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -84,6 +90,8 @@ def persist_window(image: WindowImage, root: Path, *, verify: bool = True) -> Pa
         tmp.mkdir()
         _write_file(tmp / MANIFEST, memoryview(manifest_bytes))
         _write_file(tmp / BLOB, memoryview(blob[: m.blob_bytes].contiguous().numpy()))  # no copy of the blob
+        if logs is not None:
+            _write_file(tmp / LOGS, memoryview(logs))
         _fsync_dir(tmp)
         fault_point("persistence", stage=m.stage, replica=m.replica, iteration=m.end_iteration)
         old = dest.parent / f"{TMP_PREFIX}replaced-{dest.name}-{uuid.uuid4().hex[:8]}"
@@ -154,6 +162,19 @@ def load_window(window_dir: Path, *, verify: bool = True) -> WindowImage:
     return image
 
 
+def load_window_logs(window_dir: Path) -> bytes:
+    """The upstream logs persisted with a window (import them with ``LogStore.import_``, which
+    verifies every frame); a window persisted without logs is an error naming the directory."""
+    path = Path(window_dir) / LOGS
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise SnapshotError(
+            f"{path}: no upstream logs persisted with this window ({error.strerror}); enable "
+            "upstream_log and persist_dir together to make windows replayable offline"
+        ) from None
+
+
 def load_persisted(root: Path, *, stage: int, replica: int, iteration: int | None = None, verify: bool = True) -> WindowImage:
     """Loads the newest window of (stage, replica), or the one that *starts* at ``iteration``
     (windows are named by their start: recovery replays from there). A bad window is reported,
@@ -201,7 +222,7 @@ class AsyncPersister:
             raise ConfigError(f"keep must be at least 1, got {keep}")
         self.root, self.keep, self.verify = Path(root), keep, verify
         self._cond = threading.Condition()
-        self._pending: WindowImage | None = None
+        self._pending: tuple[WindowImage, bytes | None] | None = None
         self._busy = self._closing = False
         self._error: BaseException | None = None
         self._last: PersistedWindow | None = None
@@ -221,16 +242,17 @@ class AsyncPersister:
         with self._cond:
             return sum(self._bytes.values())
 
-    def submit(self, image: WindowImage) -> None:
-        """Queues ``image`` for writing and returns at once. The blob must stay unchanged until written."""
+    def submit(self, image: WindowImage, *, logs: bytes | None = None) -> None:
+        """Queues ``image`` (and its logs) for writing and returns at once. The blob must stay
+        unchanged until written."""
         with self._cond:
             if self._closing:
                 raise SnapshotError("AsyncPersister is closed; create a new one")
             if self._pending is not None:
-                old = self._pending.manifest
+                old = self._pending[0].manifest
                 _log.warning("disk is behind: dropping unwritten window %d of stage %d for window %d; persist less often",
                              old.start_iteration, old.stage, image.manifest.start_iteration)
-            self._pending = image
+            self._pending = (image, logs)
             self._cond.notify_all()
 
     def wait(self) -> None:
@@ -257,17 +279,17 @@ class AsyncPersister:
                     self._cond.wait()
                 if self._pending is None:
                     return
-                image, self._pending, self._busy = self._pending, None, True
+                (image, logs), self._pending, self._busy = self._pending, None, True
             m, record, size, error = image.manifest, None, 0, None
             try:
-                path = persist_window(image, self.root, verify=self.verify)
+                path = persist_window(image, self.root, verify=self.verify, logs=logs)
                 prune_persisted(self.root, stage=m.stage, replica=m.replica, keep=self.keep)
                 record = PersistedWindow.of(m, path)
                 size = sum(f.stat().st_size for f in path.parent.glob("window-*/*"))
             except Exception as caught:  # noqa: BLE001 - handed to wait()
                 _log.error("persisting window %d of stage %d failed: %s", m.start_iteration, m.stage, caught)
                 error = caught
-            del image  # drop the blob (possibly a mapping of shared memory) before waiting again
+            del image, logs  # drop the blob (possibly a mapping of shared memory) before waiting again
             with self._cond:
                 self._busy = False
                 if error is not None:

@@ -1,6 +1,8 @@
 """Replay rebuilds any stage bit for bit: run a real pipeline past a complete window, then in
 another process rebuild each stage's S_f from its window and its neighbours' logs only, and
 compare weights and the full optimizer state with torch.equal."""
+import shutil
+
 import pytest
 import torch
 
@@ -8,7 +10,7 @@ import moetion
 from logging_store import LogStore
 from moetion.launcher import run_workers
 from moetion.models import GPTMoEConfig, build_gpt_moe_layers, gpt_moe_loss
-from moetion.replay import replay_stage
+from moetion.replay import dense_state_from_persisted, replay_stage
 from moetion.snapshot.image import WindowImage, WindowManifest
 from moetion.snapshot.shm import SharedMemoryTier
 from moetion.upstream_log import IterationScalars, LogReader
@@ -140,3 +142,38 @@ def test_negative_controls_make_the_comparison_fail(tmp_path, reader_type):
     assert bad, "a corrupted replay must not compare equal"
     if reader_type is PerturbedActivation:  # stage 0 reads no activations: it must still be exact
         assert not any(b.startswith("stage 0 ") for b in bad)
+
+
+def train_persisted(root, iterations):
+    module = moetion.PipelineModule(build_gpt_moe_layers(MODEL), STAGES, loss_fn=gpt_moe_loss, seed=2)
+    cfg = config("fp32", 3, root / "shm")
+    cfg.snapshot.persist_dir = str(root / "disk")
+    engine = moetion.initialize(module, optimizer=optimizer, config=cfg)
+    source, states = data(), {}
+    for t in range(iterations):
+        engine.train_batch(source)
+        states[t] = {"model": {k: v.clone() for k, v in module.state_dict().items()},
+                     "optim": {i: {k: v.clone() for k, v in st.items()}
+                               for i, st in engine.optimizer.state_dict()["state"].items()}}
+    engine.close()
+    return {"stage": engine.stage, "states": states}
+
+
+def convert_offline(root):
+    return {stage: dense_state_from_persisted(
+        root / "disk" / "replay", stage=stage, start_iteration=4, layers=build_gpt_moe_layers(MODEL),
+        num_stages=STAGES, loss_fn=gpt_moe_loss, optimizer=optimizer, config=config("fp32", 3, "/unused"),
+        data=data(), module_seed=2) for stage in range(STAGES)}
+
+
+def test_offline_converter_rebuilds_each_stage_from_disk_alone(tmp_path):
+    ranks = run_workers(train_persisted, nproc=STAGES, args=(tmp_path, 8), timeout_s=180)
+    shutil.rmtree(tmp_path / "shm")  # nothing in memory: disk only
+    converted = run_workers(convert_offline, nproc=1, args=(tmp_path,), timeout_s=180)[0]
+    for r in ranks:
+        dense = converted[r["stage"]]
+        assert dense["iteration"] == 6
+        live = r["states"][6]
+        assert all(torch.equal(dense["model"][k], v) for k, v in live["model"].items())
+        assert all(torch.equal(dense["optimizer"]["state"][i][k], v)
+                   for i, st in live["optim"].items() for k, v in st.items())
