@@ -47,6 +47,7 @@ def demo_engine_config(settings: DemoSettings, *, run_id: str = "demo") -> moeti
                         "decay_iterations": max(1, settings.iterations - 5), "min_ratio": 0.1},
         "snapshot": {"enabled": settings.snapshots, "window": settings.window, "run_id": run_id,
                      "shm_dir": SHM_ROOT, "persist_dir": settings.persist_dir},
+        "upstream_log": {"enabled": settings.snapshots},
     })
 
 
@@ -90,6 +91,7 @@ def _rank_main(settings: DemoSettings, run_id: str) -> dict:
                 f"{tokens_per_iteration / stats.seconds:8.0f} tokens/s  {stats.seconds * 1000:6.1f} ms",
                 flush=True,
             )
+    log_bytes = engine.upstream.bytes_per_iteration() if engine.upstream is not None else None
     engine.close()
     total = time.perf_counter() - start
     steady = sorted(seconds[1:] or seconds)[len(seconds[1:] or seconds) // 2]
@@ -102,7 +104,7 @@ def _rank_main(settings: DemoSettings, run_id: str) -> dict:
         "threads_per_rank": engine.threads,
     }
     if engine.checkpointer is not None:
-        summary["snapshots"] = _snapshot_summary(engine)
+        summary["snapshots"] = _snapshot_summary(engine, log_bytes)
     if speaker:
         if "snapshots" in summary:
             print(summary["snapshots"]["line"], flush=True)
@@ -114,13 +116,16 @@ def _rank_main(settings: DemoSettings, run_id: str) -> dict:
     return summary
 
 
-def _snapshot_summary(engine: moetion.PipelineEngine) -> dict:
+def _snapshot_summary(engine: moetion.PipelineEngine, log_bytes: tuple[float, float] | None) -> dict:
     ckpt = engine.checkpointer
     last = ckpt.last_complete
     tiers = ckpt.tier_bytes()
     window = f"latest complete window {last.start_iteration}..{last.end_iteration} (W={last.window})" if last else "no complete window yet"
+    raw, stored = log_bytes or (0.0, 0.0)
     line = (
         f"sparse checkpoints (stage {engine.stage}): {ckpt.windows_completed} windows complete, {window}, "
         + ", ".join(f"{tier} {size / 1024:.0f} KiB" for tier, size in tiers.items())
+        + f"; upstream log {raw / 1024:.0f} KiB/iteration raw, {stored / 1024:.0f} KiB stored"
     )
-    return {"windows": ckpt.windows_completed, "window": last.window if last else None, "tiers": tiers, "line": line}
+    return {"windows": ckpt.windows_completed, "window": last.window if last else None, "tiers": tiers,
+            "log_bytes_per_iteration": {"raw": raw, "stored": stored}, "line": line}

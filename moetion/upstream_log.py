@@ -73,6 +73,12 @@ class UpstreamLog:
     def drop_before(self, iteration: int) -> None:
         self.store.drop_before(iteration)
 
+    def bytes_per_iteration(self) -> tuple[float, float]:
+        """(raw, stored) bytes logged per iteration, averaged over the iterations held now."""
+        stats = self.store.stats()
+        iterations = len({key.iteration for key in self.store.keys()}) or 1
+        return stats.raw_bytes / iterations, stats.stored_bytes / iterations
+
     def export(self, start: int, stop: int) -> bytes:
         return self.store.export(start, stop)
 

@@ -1,6 +1,7 @@
 """Replay rebuilds any stage bit for bit: run a real pipeline past a complete window, then in
 another process rebuild each stage's S_f from its window and its neighbours' logs only, and
 compare weights and the full optimizer state with torch.equal."""
+import dataclasses
 import shutil
 
 import pytest
@@ -14,6 +15,7 @@ from moetion.replay import dense_state_from_persisted, replay_stage
 from moetion.snapshot.image import WindowImage, WindowManifest
 from moetion.snapshot.shm import SharedMemoryTier
 from moetion.upstream_log import IterationScalars, LogReader
+from window_image_helpers import make_image
 
 STAGES = 4
 MODEL = GPTMoEConfig(seq_len=8, d_model=16, n_heads=2, n_layers=4, d_hidden=32, num_experts=4,
@@ -177,3 +179,12 @@ def test_offline_converter_rebuilds_each_stage_from_disk_alone(tmp_path):
         assert all(torch.equal(dense["model"][k], v) for k, v in live["model"].items())
         assert all(torch.equal(dense["optimizer"]["state"][i][k], v)
                    for i, st in live["optim"].items() for k, v in st.items())
+
+
+def test_replay_refuses_a_data_parallel_window():
+    image, _ = make_image(stage=0)
+    image.manifest = dataclasses.replace(image.manifest, extra={"data_parallel": 2})
+    module = moetion.PipelineModule(build_gpt_moe_layers(MODEL), STAGES, loss_fn=gpt_moe_loss, stage_id=0)
+    with pytest.raises(moetion.MoetionError, match="copy the state of a live replica"):
+        replay_stage(module=module, optimizer=optimizer(module.parameters()), config=config("fp32", 3, "/x"),
+                     window=image, logs=LogReader({}, stage=0), data=data(), until=10)
