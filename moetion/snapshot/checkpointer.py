@@ -161,16 +161,19 @@ class SparseCheckpointer:
 
     def _is_decision_point(self, iteration: int) -> bool:
         if self.state is WindowState.WAITING:
-            return iteration == 0 or self.window_start is None
+            return True  # the first after_step decides the first window
         return iteration == self.window_start + self.plan.window - 1
 
     def _start_window(self, start: int) -> None:
         if self._agreed is None:
             raise ConfigError("no agreed window size: absorb_gather() must run before after_step()")
-        if popularity_drifted(self._popularity_used, self._popularity_now,
+        # Shares, not counts: windows of different W route different numbers of tokens.
+        total = sum(self._popularity_now.values()) or 1.0
+        shares = {name: count / total for name, count in self._popularity_now.items()}
+        if popularity_drifted(self._popularity_used, shares,
                               change=self.config.reorder_change, fraction=self.config.reorder_fraction):
-            self.order = snapshot_order(list(self.operators.values()), self._popularity_now)
-            self._popularity_used = dict(self._popularity_now)
+            self.order = snapshot_order(list(self.operators.values()), shares)
+            self._popularity_used = shares
             log.info("expert popularity drifted: new snapshot order %s", self.order)
         self._popularity_now = {n: 0.0 for n in self._experts}
         self.plan = split_into_slots(self.order, self._agreed)
