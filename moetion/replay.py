@@ -63,7 +63,6 @@ def replay_stage(
     logs: LogReader,
     data: DataSource,
     until: int,
-    replica: int = 0,
     precision: StagePrecision | None = None,
 ) -> ReplayReport:
     """Brings ``module`` and ``optimizer`` (freshly built for the window's stage) to ``S_until``.
@@ -80,6 +79,8 @@ def replay_stage(
         )
     if manifest.stage != module.stage_id:
         raise MoetionError(f"window of stage {manifest.stage} cannot rebuild stage {module.stage_id}")
+    if manifest.precision != config.precision:
+        raise MoetionError(f"the window was captured under {manifest.precision}, the config says {config.precision}")
     if until < manifest.end_iteration:
         raise MoetionError(
             f"replay must reach at least iteration {manifest.end_iteration}, the window's last, to yield a "
@@ -93,7 +94,7 @@ def replay_stage(
     state = _StageState(module, precision, optimizer, window)
     state.load(0)
     for t in range(manifest.start_iteration + 1, until + 1):
-        _replay_iteration(state, config=config, logs=logs, data=data, iteration=t, replica=replica)
+        _replay_iteration(state, config=config, logs=logs, data=data, iteration=t)
         j = t - manifest.start_iteration
         if j < manifest.window:
             state.load(j)
@@ -159,12 +160,11 @@ class _StageState:
                     self.computes[name].copy_(self.masters[name])
 
 
-def _replay_iteration(state: _StageState, *, config: Config, logs: LogReader, data: DataSource,
-                      iteration: int, replica: int) -> None:
+def _replay_iteration(state: _StageState, *, config: Config, logs: LogReader, data: DataSource, iteration: int) -> None:
     module, micro = state.module, config.micro_batches
     state.optimizer.zero_grad(set_to_none=True)
     for m in range(micro):
-        index = replica * micro + m
+        index = m  # the global micro-batch index of replica 0, the only one replay serves
         inputs, labels = data.micro_batch(iteration, index) if (module.is_first_stage or module.is_last_stage) else (None, None)
         x = inputs if module.is_first_stage else logs.activation(iteration, m)
         if not module.is_first_stage:
