@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -20,13 +21,15 @@ from moetion import gradients, schedule
 from moetion.config import Config
 from moetion.data import DataSource
 from moetion.distributed import DistContext
-from moetion.errors import DataError, PeerFailure
+from moetion.errors import ConfigError, DataError, PeerFailure
 from moetion.lr_schedule import apply_lr
 from moetion.module import PipelineModule
 from moetion.moe import MoELayer
 from moetion.p2p import StageLinks
 from moetion.precision import StagePrecision
 from moetion.random import StepContext, step_context
+from moetion.replay import newest_common_window, persisted_neighbour_logs, replay_stage
+from moetion.snapshot.persist import load_persisted
 from moetion.snapshot.checkpointer import SparseCheckpointer, StageIdentity, run_id
 from moetion.snapshot.replica import PeerReplicator, replication_peers
 from moetion.upstream_log import IterationScalars, UpstreamLog
@@ -131,6 +134,31 @@ class PipelineEngine:
         """Tokens this replica routed to each expert of each MoE layer on this stage in the last
         iteration, keyed by the layer's name in the stage module (its name in the whole model)."""
         return dict(self.last_token_counts)
+
+    def load_checkpoint(self, data: DataSource, root: str | Path | None = None) -> int:
+        """Whole-job restart: rebuilds this stage from the newest window persisted by every stage.
+
+        Call on every rank right after :func:`moetion.initialize`, before training. Each stage replays
+        its window from disk with its neighbours' persisted logs (the same conversion as the offline
+        converter), so training continues bit-identically to a run that never stopped. ``root``
+        defaults to ``snapshot.persist_dir/<run_id>``. Returns the iteration training continues at.
+        """
+        if self.dist.topology.data_parallel > 1:
+            raise ConfigError("restarting a data-parallel job from sparse windows is not supported yet")
+        if root is None:
+            if not self.config.snapshot.persist_dir:
+                raise ConfigError("load_checkpoint needs snapshot.persist_dir (or an explicit root)")
+            root = Path(self.config.snapshot.persist_dir) / run_id(self.config.snapshot)
+        root = Path(root)
+        start = newest_common_window(root, num_stages=self.module.num_stages)
+        window = load_persisted(root, stage=self.stage, replica=0, iteration=start)
+        with persisted_neighbour_logs(root, module=self.module, start_iteration=start) as logs:
+            replay_stage(module=self.module, optimizer=self.optimizer, config=self.config, window=window,
+                         logs=logs, data=data, until=window.manifest.end_iteration, precision=self.precision)
+        self.iteration = window.manifest.end_iteration + 1
+        log.info("restarted from window %d..%d under %s; continuing at iteration %d",
+                 start, window.manifest.end_iteration, root, self.iteration)
+        return self.iteration
 
     def close(self) -> None:
         """Waits for background snapshot work and stops its threads."""

@@ -21,11 +21,12 @@ because logging the reduced gradients instead would cost a full gradient per ite
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from logging_store import LogStore
@@ -40,7 +41,7 @@ from moetion.operators import discover_operators
 from moetion.precision import StagePrecision
 from moetion.random import StepContext, step_context
 from moetion.snapshot.image import WindowImage
-from moetion.snapshot.persist import load_persisted, load_window_logs, window_path
+from moetion.snapshot.persist import list_persisted, load_persisted, load_window_logs, window_path
 from moetion.upstream_log import LogReader
 
 log = logging.getLogger(__name__)
@@ -226,15 +227,40 @@ def dense_state_from_persisted(
                             stage_id=stage, seed=module_seed)
     opt = optimizer(module.parameters())
     window = load_persisted(root, stage=stage, replica=0, iteration=start_iteration)
+    until = window.manifest.end_iteration if until is None else until
+    with persisted_neighbour_logs(root, module=module, start_iteration=start_iteration) as logs:
+        replay_stage(module=module, optimizer=opt, config=config, window=window, logs=logs, data=data, until=until)
+    return {"iteration": until, "model": module.state_dict(), "optimizer": opt.state_dict()}
+
+
+@contextlib.contextmanager
+def persisted_neighbour_logs(root: Path, *, module: PipelineModule, start_iteration: int) -> Iterator[LogReader]:
+    """A LogReader over the logs persisted with window ``start_iteration`` by every stage the
+    module's stage talks to (its neighbours and the stages sharing its tied weights)."""
+    stage, num_stages = module.stage_id, module.num_stages
     talks_to = {stage - 1, stage + 1} | {s for stages in module.tied_stages().values() if stage in stages for s in stages}
     logs = {}
-    for other in sorted(s for s in talks_to if 0 <= s < num_stages and s != stage):
-        store = LogStore()
-        store.import_(load_window_logs(window_path(root, stage=other, replica=0, start_iteration=start_iteration)))
-        logs[other] = store
-    until = window.manifest.end_iteration if until is None else until
-    replay_stage(module=module, optimizer=opt, config=config, window=window, logs=LogReader(logs, stage=stage),
-                 data=data, until=until)
-    for store in logs.values():
-        store.close()
-    return {"iteration": until, "model": module.state_dict(), "optimizer": opt.state_dict()}
+    try:
+        for other in sorted(s for s in talks_to if 0 <= s < num_stages and s != stage):
+            logs[other] = LogStore()
+            logs[other].import_(load_window_logs(window_path(root, stage=other, replica=0, start_iteration=start_iteration)))
+        yield LogReader(logs, stage=stage)
+    finally:
+        for store in logs.values():
+            store.close()
+
+
+def newest_common_window(root: Path, *, num_stages: int) -> int:
+    """The start of the newest window persisted by every stage (replica 0), for a whole-job restart."""
+    starts: dict[int, set[int]] = {}
+    for window in list_persisted(root):
+        if window.replica == 0:
+            starts.setdefault(window.start_iteration, set()).add(window.stage)
+    complete = [start for start, stages in starts.items() if stages == set(range(num_stages))]
+    if not complete:
+        found = {start: sorted(stages) for start, stages in sorted(starts.items())}
+        raise MoetionError(
+            f"no window under {root} was persisted by all {num_stages} stages (windows by start: {found}); "
+            "nothing to restart from"
+        )
+    return max(complete)
