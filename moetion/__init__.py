@@ -11,6 +11,7 @@ Typical use, in a script started by ``moetion launch`` or ``torchrun``::
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -43,6 +44,7 @@ __all__ = [
     "TensorDataSource",
     "TiedLayerSpec",
     "initialize",
+    "resume_requested",
 ]
 
 _log_module = logging.getLogger(__name__)
@@ -87,6 +89,12 @@ def initialize(
         sum(p.numel() for p in module.parameters()), threads, config.precision,
     )
     return PipelineEngine(module=module, optimizer=optimizer, config=config, dist_context=context, threads=threads)
+
+
+def resume_requested() -> bool:
+    """True when the job was started to resume (``moetion launch --resume``, or ``MOETION_RESUME=1``
+    under torchrun): the script should then call ``engine.load_checkpoint(data)`` before training."""
+    return os.environ.get("MOETION_RESUME") == "1"
 
 
 def _as_config(config: Config | Mapping[str, Any] | str | Path | None) -> Config:

@@ -14,6 +14,8 @@ def main(argv: list[str] | None = None) -> int:
     launch = commands.add_parser("launch", help="run a training script as N local ranks (torchrun-style env)")
     launch.add_argument("--nproc", type=int, required=True, help="number of ranks (stages x data-parallel replicas)")
     launch.add_argument("--timeout", type=float, default=None, help="kill the job after this many seconds")
+    launch.add_argument("--resume", action="store_true",
+                        help="ask the script to restart from its persisted windows (sets MOETION_RESUME=1)")
     launch.add_argument("script")
     launch.add_argument("script_args", nargs=argparse.REMAINDER)
 
@@ -38,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "launch":
             from moetion.launcher import launch_script
 
-            launch_script(args.script, args.script_args, nproc=args.nproc, timeout_s=args.timeout)
+            launch_script(args.script, args.script_args, nproc=args.nproc, timeout_s=args.timeout, resume=args.resume)
         elif args.command == "inspect":
             from pathlib import Path
 

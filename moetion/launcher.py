@@ -85,10 +85,22 @@ def rank_env(*, rank: int, world_size: int, port: int) -> dict[str, str]:
     }
 
 
+RESUME_ENV = "MOETION_RESUME"
+
+
 def launch_script(
-    script: str, script_args: Sequence[str], *, nproc: int, timeout_s: float | None = None, grace_s: float = GRACE_S
+    script: str,
+    script_args: Sequence[str],
+    *,
+    nproc: int,
+    timeout_s: float | None = None,
+    grace_s: float = GRACE_S,
+    resume: bool = False,
 ) -> None:
-    """Runs ``python script *script_args`` as ``nproc`` ranks; raises LaunchError if any fails."""
+    """Runs ``python script *script_args`` as ``nproc`` ranks; raises LaunchError if any fails.
+
+    ``resume`` sets ``MOETION_RESUME=1`` for the ranks: see :func:`moetion.resume_requested`.
+    """
     if nproc < 1:
         raise LaunchError(f"--nproc must be >= 1, got {nproc}")
     if not os.path.isfile(script):
@@ -97,6 +109,8 @@ def launch_script(
     workers = []
     for rank in range(nproc):
         env = {**os.environ, **rank_env(rank=rank, world_size=nproc, port=store.port)}
+        if resume:
+            env[RESUME_ENV] = "1"
         workers.append(_Worker(rank, subprocess.Popen([sys.executable, script, *script_args], env=env)))
     try:
         _supervise(workers, timeout_s=timeout_s, grace_s=grace_s)

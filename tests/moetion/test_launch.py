@@ -55,3 +55,33 @@ def test_missing_script_is_an_error(tmp_path):
     result = subprocess.run([sys.executable, "-m", "moetion.cli", "launch", "--nproc", "2", str(tmp_path / "nope.py")],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "does not exist" in result.stderr
+
+
+RESUMABLE = textwrap.dedent('''
+    import sys, torch, moetion
+    from moetion.models import GPTMoEConfig, build_gpt_moe_layers, gpt_moe_loss
+    model = GPTMoEConfig(seq_len=8, d_model=16, n_heads=2, n_layers=2, d_hidden=16, num_experts=2)
+    module = moetion.PipelineModule(build_gpt_moe_layers(model), 2, loss_fn=gpt_moe_loss)
+    engine = moetion.initialize(module, optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-2), config={
+        "micro_batches": 2, "snapshot": {"enabled": True, "window": 2, "run_id": "resumable",
+        "shm_dir": sys.argv[1] + "/shm", "persist_dir": sys.argv[1] + "/disk"}, "upstream_log": {"enabled": True}})
+    data = moetion.ByteCorpus(bytes(range(256)) * 8, seq_len=8, micro_batch_size=2)
+    start = engine.load_checkpoint(data) if moetion.resume_requested() else 0
+    for _ in range(start, 8):
+        engine.train_batch(data)
+    engine.close()
+    print(f"rank {engine.dist.rank} started at {start}", flush=True)
+''')
+
+
+def test_launch_resume_restarts_from_persisted_windows(tmp_path):
+    script = tmp_path / "resumable.py"
+    script.write_text(RESUMABLE)
+    command = [sys.executable, "-m", "moetion.cli", "launch", "--nproc", "2", str(script), str(tmp_path)]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    assert "started at 0" in first.stdout
+    again = subprocess.run(command[:4] + ["--resume"] + command[4:], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    starts = set(re.findall(r"started at (\d+)", again.stdout))
+    assert len(starts) == 1 and int(starts.pop()) > 0, again.stdout
