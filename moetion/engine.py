@@ -7,7 +7,9 @@ replicas, and take the optimizer step behind the global grad-norm exchange (the 
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -311,6 +313,8 @@ class PipelineEngine:
         if self.dist.replication_group is not None and peers is not None:
             replicator = PeerReplicator(group=self.dist.replication_group, send_to=peers[0], receive_from=peers[1],
                                         stage=self.stage, replica=self.dist.replica)
+        if self.config.snapshot.persist_dir and self.dist.rank == 0:
+            _write_run_config(Path(self.config.snapshot.persist_dir) / identity.run_id, self.config)
         return SparseCheckpointer(master=self.module, compute=self.precision.compute, optimizer=self.optimizer,
                                   config=self.config.snapshot, identity=identity, replicator=replicator)
 
@@ -335,3 +339,14 @@ class PipelineEngine:
 
     def _what(self, kind: str, m: int | None) -> str:
         return f"{kind} of micro-batch {m}, iteration {self.iteration} (stage {self.stage}, rank {self.dist.rank})"
+
+
+RUN_CONFIG = "config.json"
+
+
+def _write_run_config(root: Path, config: Config) -> None:
+    """The job's config beside its persisted windows: offline replay must use exactly these settings."""
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{RUN_CONFIG}.tmp"
+    tmp.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True))
+    os.replace(tmp, root / RUN_CONFIG)
