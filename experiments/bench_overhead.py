@@ -1,6 +1,10 @@
-"""Iteration-time overhead of checkpointing every iteration, side by side in one run.
+"""Overhead of checkpointing and of upstream logging every iteration, side by side in one run; replay speed.
 
-Rows (same model, same 4 stage processes, interleaved rounds so machine noise hits all alike):
+Every timed table runs the same model on the same 4 stage processes, in rounds that interleave its
+rows so machine noise hits all alike; a row's figure is the median over its rounds, and its ratio is
+against a baseline row measured in the same run. ``--only`` picks a part (default: both).
+
+Part "snapshots" -- the cost of a snapshot every iteration:
   none        no checkpointing (the baseline every ratio is against)
   sparse-auto moetion sparse snapshots, W chosen by Algorithm 1 from measured time and bandwidth
   sparse-W    moetion sparse snapshots with W pinned (one row per --windows value)
@@ -9,7 +13,23 @@ Rows (same model, same 4 stage processes, interleaved rounds so machine noise hi
   dcp-async   torch.distributed.checkpoint.async_save of model + optimizer every iteration
 Snapshot rows keep windows in /dev/shm and replicate each to a peer stage, as in production.
 
-Prints a table and writes experiments/results/bench_overhead.json.
+Part "logging" -- upstream logging of boundary tensors (DESIGN.md §2.3), three tables:
+  1. Logging overhead. Every row takes sparse snapshots with W pinned to --log-window, so the
+     ratios isolate logging:
+       log-off     snapshots, no upstream logging (the baseline of this table)
+       log-none    logging, entries kept uncompressed
+       log-lz4     logging with lz4 + byte-shuffle, the default (the <= 1.03x target applies here)
+       log-zstd1   logging with zstd level 1 + byte-shuffle
+  2. Log bytes per iteration, raw and stored, per stage and summed over stages, for each codec of
+     table 1, in fp32 and bf16: --precision's figures come from table 1's last round, the other
+     precision's from one short run per codec.
+  3. Replay speed. One run with W pinned and lz4 logging keeps every iteration's log; then a fresh
+     process rebuilds each stage from the latest complete window and its neighbours' logs with
+     ``replay_stage``, times it against that stage's normal iteration time, and checks with
+     torch.equal that weights and full optimizer state equal the live stage's.
+
+Prints the tables and writes experiments/results/bench_overhead.json with the keys of the parts
+that ran: "rows" (snapshots), "logging", "log_bytes" and "replay".
 """
 from __future__ import annotations
 
@@ -20,29 +40,92 @@ import shutil
 import statistics
 import tempfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 import moetion
+from logging_store import LogStore
 from moetion.data import stdlib_corpus
 from moetion.demo import demo_model_config
 from moetion.launcher import run_workers
 from moetion.models import build_gpt_moe_layers, gpt_moe_loss
+from moetion.replay import replay_stage
+from moetion.snapshot.image import WindowImage, WindowManifest
+from moetion.upstream_log import LogReader
 
 RESULTS = Path(__file__).parent / "results"
+LOG_TARGET = 1.03
+# Logging rows: label -> upstream_log config (None: logging off). The target applies to the default.
+LOG_ROWS = {
+    "log-off": None,
+    "log-none": {"codec": "none"},
+    "log-lz4": {"codec": "lz4", "shuffle": True},
+    "log-zstd1": {"codec": "zstd", "level": 1, "shuffle": True},
+}
+DEFAULT_LOG_ROW = "log-lz4"
+COMPRESS_TIMEOUT_S = 120
 
 
+# -- shared ----------------------------------------------------------------------------------------
+def build_module(args: argparse.Namespace, stage_id: int | None = None) -> moetion.PipelineModule:
+    return moetion.PipelineModule(build_gpt_moe_layers(demo_model_config()), args.stages, loss_fn=gpt_moe_loss,
+                                  stage_id=stage_id)
+
+
+def adamw(params) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-3)
+
+
+def corpus() -> moetion.ByteCorpus:
+    return moetion.ByteCorpus(stdlib_corpus(), seq_len=demo_model_config().seq_len, micro_batch_size=8)
+
+
+@contextmanager
+def scratch_dir() -> Iterator[str]:
+    path = tempfile.mkdtemp(prefix="moetion-bench-", dir="/dev/shm")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def run_stages(fn: Callable[..., dict], args: argparse.Namespace, *fn_args: object) -> list[dict]:
+    """``fn(*fn_args, scratch)`` on ``args.stages`` forked stage processes; their results in rank order."""
+    with scratch_dir() as scratch:
+        return run_workers(fn, nproc=args.stages, args=(*fn_args, scratch), timeout_s=600)
+
+
+def interleaved(rows: dict[str, tuple], fn: Callable[..., dict],
+                args: argparse.Namespace) -> dict[str, list[list[dict]]]:
+    """Runs every row (``fn``'s arguments) once per round, rows in turn; each row's rank results per round."""
+    per_row: dict[str, list[list[dict]]] = {label: [] for label in rows}
+    for round_index in range(args.rounds):
+        for label, fn_args in rows.items():
+            ranks = run_stages(fn, args, *fn_args)
+            per_row[label].append(ranks)
+            print(f"round {round_index + 1}/{args.rounds}: {label:12s} median "
+                  f"{statistics.median(ranks[0]['seconds']) * 1000:.1f} ms", flush=True)
+    return per_row
+
+
+def median_seconds(rounds: list[list[dict]]) -> float:
+    """Median iteration time over all rounds of a row, as stage 0 measured it (the pipeline's time)."""
+    return statistics.median(s for ranks in rounds for s in ranks[0]["seconds"])
+
+
+# -- part "snapshots" ------------------------------------------------------------------------------
 def run_mode(mode: str, window: int | None, args: argparse.Namespace, scratch: str) -> dict:
-    model = demo_model_config()
-    module = moetion.PipelineModule(build_gpt_moe_layers(model), args.stages, loss_fn=gpt_moe_loss)
+    module = build_module(args)
     snapshot = {"enabled": mode in ("sparse", "dense"), "window": window, "shm_dir": f"{scratch}/shm",
                 "run_id": f"bench-{mode}-{window}"}
-    engine = moetion.initialize(module, optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-3), config={
+    engine = moetion.initialize(module, optimizer=adamw, config={
         "micro_batches": args.micro_batches, "precision": args.precision, "snapshot": snapshot})
-    data = moetion.ByteCorpus(stdlib_corpus(), seq_len=model.seq_len, micro_batch_size=8)
+    data = corpus()
     own_group = None
     for rank in range(dist.get_world_size()):  # DCP coordinates within a group: one per stage
         group = dist.new_group([rank], backend="gloo")
@@ -76,40 +159,17 @@ def run_mode(mode: str, window: int | None, args: argparse.Namespace, scratch: s
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stages", type=int, default=4)
-    parser.add_argument("--micro-batches", type=int, default=4)
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--iterations", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--windows", type=int, nargs="*", default=[4, 8])
-    parser.add_argument("--quick", action="store_true", help="few iterations, one round")
-    args = parser.parse_args()
-    os.environ.setdefault("MOETION_LOG_LEVEL", "WARNING")
-    if args.quick:
-        args.iterations, args.warmup, args.rounds = 8, 2, 1
-    rows = [("none", None), ("sparse", None), *[("sparse", w) for w in args.windows], ("dense", 1), ("dcp-async", None)]
-    per_row: dict[str, list[dict]] = {}
-    for round_index in range(args.rounds):
-        for mode, window in rows:
-            label = {"none": "none", "dense": "dense", "dcp-async": "dcp-async"}.get(mode) or (
-                "sparse-auto" if window is None else f"sparse-W{window}")
-            scratch = tempfile.mkdtemp(prefix="moetion-bench-", dir="/dev/shm")
-            try:
-                ranks = run_workers(run_mode, nproc=args.stages, args=(mode, window, args, scratch), timeout_s=600)
-            finally:
-                shutil.rmtree(scratch, ignore_errors=True)
-            per_row.setdefault(label, []).append(ranks[0])
-            print(f"round {round_index + 1}/{args.rounds}: {label:12s} median "
-                  f"{statistics.median(ranks[0]['seconds']) * 1000:.1f} ms", flush=True)
-    base = statistics.median(s for r in per_row["none"] for s in r["seconds"])
-    dense_bytes = per_row["dense"][0]["bytes_per_iteration"]
+def snapshot_part(args: argparse.Namespace) -> list[dict]:
+    rows = {"none": ("none", None), "sparse-auto": ("sparse", None),
+            **{f"sparse-W{w}": ("sparse", w) for w in args.windows},
+            "dense": ("dense", 1), "dcp-async": ("dcp-async", None)}
+    per_row = interleaved({label: (*mode, args) for label, mode in rows.items()}, run_mode, args)
+    base = median_seconds(per_row["none"])
+    dense_bytes = per_row["dense"][0][0]["bytes_per_iteration"]
     table = []
-    for label, results in per_row.items():
-        median = statistics.median(s for r in results for s in r["seconds"])
-        last = results[-1]
+    for label, rounds in per_row.items():
+        median = median_seconds(rounds)
+        last = rounds[-1][0]
         table.append({"mode": label, "median_ms": median * 1000, "ratio_vs_none": median / base,
                       "window": last["window"], "bytes_per_iteration": last["bytes_per_iteration"],
                       "bytes_vs_dense": last["bytes_per_iteration"] / dense_bytes if dense_bytes else None,
@@ -121,10 +181,224 @@ def main() -> None:
               f"{row['bytes_vs_dense'] if row['bytes_vs_dense'] is not None else float('nan'):8.3f} "
               f"{row['host_bytes'] / 1024:9.1f} {row['fence_ms']:8.2f}")
     print("(stage 0's figures; KiB/iter and held KiB are per stage replica; held = shared memory + peer replica,"
-          " or disk for DCP)")
+          " or disk for DCP)\n")
+    return table
+
+
+# -- part "logging" --------------------------------------------------------------------------------
+def log_config(args: argparse.Namespace, precision: str, scratch: str, upstream_log: dict | None) -> moetion.Config:
+    """Snapshots with W pinned to --log-window in every logging run, plus the given logging (None: off)."""
+    snapshot = {"enabled": True, "window": args.log_window, "shm_dir": f"{scratch}/shm", "run_id": "bench-log"}
+    return moetion.Config.from_dict({
+        "micro_batches": args.micro_batches, "precision": precision, "snapshot": snapshot,
+        "upstream_log": {"enabled": upstream_log is not None, **(upstream_log or {})},
+    })
+
+
+def run_logging(upstream_log: dict | None, precision: str, iterations: int, args: argparse.Namespace,
+                scratch: str) -> dict:
+    """One stage process: its iteration times and, with logging on, its log's bytes per iteration."""
+    engine = moetion.initialize(build_module(args), optimizer=adamw,
+                                config=log_config(args, precision, scratch, upstream_log))
+    data, seconds = corpus(), []
+    for t in range(args.warmup + iterations):
+        engine.train_batch(data)
+        if t >= args.warmup:
+            seconds.append(engine.last_stats.seconds)
+    result = {"stage": engine.stage, "seconds": seconds}
+    if engine.upstream is not None:
+        result["log"] = log_bytes(engine)
+    engine.close()
+    return result
+
+
+def log_bytes(engine: moetion.PipelineEngine) -> dict:
+    """This stage's log per held iteration (retention keeps the latest complete window on), once the
+    background compression has caught up."""
+    engine.checkpointer.worker.fence()  # the last window's publish drops older logs on the capture thread
+    store = engine.upstream.store
+    if not store.wait_idle(timeout=COMPRESS_TIMEOUT_S):
+        raise RuntimeError(f"stage {engine.stage}: log compression did not catch up in {COMPRESS_TIMEOUT_S} s")
+    stats = store.stats()
+    held = len({key.iteration for key in store.keys()})
+    return {"iterations_held": held, "entries": stats.entries / held,
+            "raw_bytes": stats.raw_bytes / held, "stored_bytes": stats.stored_bytes / held}
+
+
+def logging_overhead(args: argparse.Namespace) -> tuple[list[dict], dict[str, list[dict]]]:
+    """Table 1; also returns each logging row's last-round rank results (for table 2)."""
+    rows = {label: (upstream_log, args.precision, args.iterations, args) for label, upstream_log in LOG_ROWS.items()}
+    per_row = interleaved(rows, run_logging, args)
+    base = median_seconds(per_row["log-off"])
+    table = [{"mode": label, "median_ms": median_seconds(rounds) * 1000, "ratio_vs_off": median_seconds(rounds) / base}
+             for label, rounds in per_row.items()]
+    print(f"\nlogging overhead ({args.precision}, sparse snapshots W={args.log_window} in every row)")
+    print(f"{'mode':12s} {'ms/iter':>8s} {'x off':>7s}")
+    for row in table:
+        print(f"{row['mode']:12s} {row['median_ms']:8.1f} {row['ratio_vs_off']:7.3f}")
+    ratio = next(row["ratio_vs_off"] for row in table if row["mode"] == DEFAULT_LOG_ROW)
+    print(f"target <= {LOG_TARGET:.2f}x for {DEFAULT_LOG_ROW} (the default): {ratio:.3f}x, "
+          f"{'met' if ratio <= LOG_TARGET else 'NOT met'}\n")
+    return table, {label: rounds[-1] for label, rounds in per_row.items() if LOG_ROWS[label] is not None}
+
+
+def log_bytes_table(args: argparse.Namespace, timed: dict[str, list[dict]]) -> list[dict]:
+    """Table 2, from the timed runs in --precision and one short run per codec in the other precision."""
+    table = []
+    for precision in ("fp32", "bf16"):
+        for label, ranks in timed.items():
+            if precision != args.precision:
+                ranks = run_stages(run_logging, args, LOG_ROWS[label], precision, args.log_window, args)
+                print(f"{precision} {label}: measured", flush=True)
+            logs = [r["log"] for r in sorted(ranks, key=lambda r: r["stage"])]
+            per_stage = {key: [log[key] for log in logs]
+                         for key in ("raw_bytes", "stored_bytes", "entries", "iterations_held")}
+            table.append({"precision": precision, "mode": label, **LOG_ROWS[label], **per_stage})
+    columns = " ".join(f"{f's{stage}':>7s}" for stage in range(args.stages)) + f" {'sum':>8s}"
+    print("\nlog bytes per iteration, KiB, per stage and summed over stages (stage 0 sends only activations, the last"
+          " stage only gradients; both ends also log the tied embedding's gradient)")
+    print(f"{'':20s} {'raw':<{len(columns)}s} | {'stored':<{len(columns)}s} |")
+    print(f"{'precision':9s} {'mode':10s} {columns} | {columns} | raw/stored")
+    for row in table:
+        raw, stored = row["raw_bytes"], row["stored_bytes"]
+        print(f"{row['precision']:9s} {row['mode']:10s} {kib_columns(raw)} | {kib_columns(stored)} | "
+              f"{sum(raw) / sum(stored):10.3f}")
+    print()
+    return table
+
+
+def kib_columns(per_stage: list[float]) -> str:
+    return " ".join(f"{b / 1024:7.1f}" for b in per_stage) + f" {sum(per_stage) / 1024:8.1f}"
+
+
+def train_for_replay(iterations: int, args: argparse.Namespace, scratch: str) -> dict:
+    """One stage process: trains with lz4 logging, keeps each iteration's log before retention drops
+    it, and returns them with the latest complete window and the live state at the end."""
+    module = build_module(args)
+    engine = moetion.initialize(module, optimizer=adamw,
+                                config=log_config(args, args.precision, scratch, LOG_ROWS[DEFAULT_LOG_ROW]))
+    data, seconds, logs = corpus(), [], []
+    for t in range(iterations):
+        engine.train_batch(data)
+        seconds.append(engine.last_stats.seconds)
+        logs.append(engine.upstream.export(t, t + 1))
+    engine.checkpointer.worker.fence()
+    image = engine.checkpointer.shm.load_complete()
+    engine.close()
+    return {"stage": engine.stage, "seconds": seconds[args.warmup:], "logs": b"".join(logs),
+            "manifest": image.manifest.to_json(), "blob": image.blob[: image.manifest.blob_bytes].clone(),
+            "model": module.state_dict(), "optim": engine.optimizer.state_dict()["state"]}
+
+
+def neighbour_logs(ranks: list[dict], module: moetion.PipelineModule) -> dict[int, LogStore]:
+    """The logs of the stages ``module``'s stage talks to (its neighbours and the stages sharing a tied
+    weight with it), imported into fresh stores and compressed as a live store would hold them."""
+    stage = module.stage_id
+    tied = {s for shared in module.tied_stages().values() if stage in shared for s in shared}
+    talks_to = ({stage - 1, stage + 1} | tied) - {stage}
+    stores = {}
+    for other in ranks:
+        if other["stage"] in talks_to:
+            stores[other["stage"]] = store = LogStore()
+            store.import_(other["logs"])
+            store.wait_idle(timeout=COMPRESS_TIMEOUT_S)
+    return stores
+
+
+def mismatches(live: dict, model: dict[str, torch.Tensor], optim: dict[int, dict]) -> list[str]:
+    """Every weight and optimizer-state tensor of the live stage that the rebuilt one does not equal."""
+    bad = [name for name, value in live["model"].items() if not torch.equal(model[name], value)]
+    for index, state in live["optim"].items():
+        for key, value in state.items():
+            mine = optim.get(index, {}).get(key)
+            if mine is None or not torch.equal(mine, value):
+                bad.append(f"optimizer[{index}].{key}")
+    return bad
+
+
+def replay_every_stage(ranks: list[dict], until: int, args: argparse.Namespace, scratch: str) -> list[dict]:
+    """In a fresh process: rebuilds each stage to ``until`` from its window and neighbours' logs."""
+    results = []
+    for live in sorted(ranks, key=lambda r: r["stage"]):
+        stage = live["stage"]
+        module = build_module(args, stage_id=stage)
+        optimizer = adamw(module.parameters())
+        stores = neighbour_logs(ranks, module)
+        config = log_config(args, args.precision, scratch, LOG_ROWS[DEFAULT_LOG_ROW])
+        report = replay_stage(module=module, optimizer=optimizer, config=config,
+                              window=WindowImage(WindowManifest.from_json(live["manifest"]), live["blob"]),
+                              logs=LogReader(stores, stage=stage), data=corpus(), until=until)
+        for store in stores.values():
+            store.close()
+        results.append({"stage": stage, "start_iteration": report.start_iteration, "until": report.until,
+                        "iterations_replayed": report.iterations_replayed, "seconds": report.seconds,
+                        "mismatches": mismatches(live, module.state_dict(), optimizer.state_dict()["state"])})
+    return results
+
+
+def replay_speed(args: argparse.Namespace) -> dict:
+    """Table 3. The run is a multiple of W iterations long, so it ends one iteration short of completing
+    a window: the replay covers the 2W-2 iterations after the latest complete window's first."""
+    iterations = args.log_window * max(2, (args.warmup + args.iterations) // (2 * args.log_window))
+    with scratch_dir() as scratch:
+        ranks = run_workers(train_for_replay, nproc=args.stages, args=(iterations, args, scratch), timeout_s=600)
+        until = iterations - 1
+        rebuilt = run_workers(replay_every_stage, nproc=1, args=(ranks, until, args, scratch), timeout_s=600)[0]
+    normal = {r["stage"]: statistics.median(r["seconds"]) for r in ranks}
+    stages = [{**r, "replay_it_per_s": r["iterations_replayed"] / r["seconds"],
+               "normal_it_per_s": 1 / normal[r["stage"]]} for r in rebuilt]
+    first = stages[0]
+    print(f"\nreplay ({args.precision}, lz4 logs): each stage rebuilt in a fresh process from its window "
+          f"{first['start_iteration']}..{first['start_iteration'] + args.log_window - 1} (W={args.log_window}) "
+          f"and its neighbours' logs, up to iteration {first['until']}")
+    print(f"{'stage':>5s} {'replayed':>8s} {'replay s':>8s} {'replay it/s':>11s} {'normal it/s':>11s} {'x normal':>8s}"
+          "  torch.equal")
+    for row in stages:
+        verdict = f"NO ({len(row['mismatches'])} tensors differ)" if row["mismatches"] else "yes"
+        print(f"{row['stage']:5d} {row['iterations_replayed']:8d} {row['seconds']:8.3f} {row['replay_it_per_s']:11.2f} "
+              f"{row['normal_it_per_s']:11.2f} {row['replay_it_per_s'] / row['normal_it_per_s']:8.2f}  {verdict}")
+    print(f"(normal it/s = 1 / median of the stage's own iteration time in the training run; that is the whole "
+          f"pipelined iteration with its bubbles, with {args.stages} stage processes sharing the cores, of which the "
+          f"stage's own compute is only a share; replay runs alone in one process)")
+    exact = all(not row["mismatches"] for row in stages)
+    print(f"replay exact (weights and full optimizer state, every stage): {'yes' if exact else 'NO'}")
+    for row in stages:
+        if row["mismatches"]:
+            print(f"  stage {row['stage']} differs in: {', '.join(row['mismatches'][:8])}")
+    print()
+    return {"precision": args.precision, "window": args.log_window, "iterations_trained": iterations,
+            "exact": exact, "stages": stages}
+
+
+def logging_part(args: argparse.Namespace) -> dict:
+    overhead, timed = logging_overhead(args)
+    return {"logging": overhead, "log_bytes": log_bytes_table(args, timed), "replay": replay_speed(args)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=["snapshots", "logging", "all"], default="all")
+    parser.add_argument("--stages", type=int, default=4)
+    parser.add_argument("--micro-batches", type=int, default=4)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--iterations", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--windows", type=int, nargs="*", default=[4, 8])
+    parser.add_argument("--log-window", type=int, default=4, help="W pinned in every logging and replay run")
+    parser.add_argument("--quick", action="store_true", help="few iterations, one round")
+    args = parser.parse_args()
+    os.environ.setdefault("MOETION_LOG_LEVEL", "WARNING")
+    if args.quick:
+        args.iterations, args.warmup, args.rounds = 8, 2, 1
+    report: dict = {"settings": vars(args)}
+    if args.only in ("snapshots", "all"):
+        report["rows"] = snapshot_part(args)
+    if args.only in ("logging", "all"):
+        report.update(logging_part(args))
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "bench_overhead.json"
-    out.write_text(json.dumps({"settings": vars(args), "rows": table}, indent=2))
+    out.write_text(json.dumps(report, indent=2))
     print(f"wrote {out}")
 
 
