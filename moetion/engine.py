@@ -145,18 +145,18 @@ class PipelineEngine:
         converter), so training continues bit-identically to a run that never stopped. ``root``
         defaults to ``snapshot.persist_dir/<run_id>``. Returns the iteration training continues at.
         """
-        if self.dist.topology.data_parallel > 1:
-            raise ConfigError("restarting a data-parallel job from sparse windows is not supported yet")
         if root is None:
             if not self.config.snapshot.persist_dir:
                 raise ConfigError("load_checkpoint needs snapshot.persist_dir (or an explicit root)")
             root = Path(self.config.snapshot.persist_dir) / run_id(self.config.snapshot)
         root = Path(root)
-        start = newest_common_window(root, num_stages=self.module.num_stages)
-        window = load_persisted(root, stage=self.stage, replica=0, iteration=start)
-        with persisted_neighbour_logs(root, module=self.module, start_iteration=start) as logs:
+        replicas, replica = self.dist.topology.data_parallel, self.dist.replica
+        start = newest_common_window(root, num_stages=self.module.num_stages, data_parallel=replicas)
+        window = load_persisted(root, stage=self.stage, replica=replica, iteration=start)
+        with persisted_neighbour_logs(root, module=self.module, start_iteration=start, replica=replica) as logs:
             replay_stage(module=self.module, optimizer=self.optimizer, config=self.config, window=window,
-                         logs=logs, data=data, until=window.manifest.end_iteration, precision=self.precision)
+                         logs=logs, data=data, until=window.manifest.end_iteration, precision=self.precision,
+                         replica_group=self.dist.data_group if replicas > 1 else None)
         self.iteration = window.manifest.end_iteration + 1
         log.info("restarted from window %d..%d under %s; continuing at iteration %d",
                  start, window.manifest.end_iteration, root, self.iteration)

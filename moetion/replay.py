@@ -15,9 +15,10 @@ else frozen at its compute weights), then for ``t = t0+1 .. f``:
    their compute weights of step ``t``.
 After ``t0 + W - 1`` every operator is active and the remaining iterations are ordinary steps.
 
-Data parallelism: a replica of a stage is healed by copying a live replica's state; replaying a
-stage whose every replica is lost means replaying the replica group together (not written yet),
-because logging the reduced gradients instead would cost a full gradient per iteration.
+Data parallelism: the replica group replays together. Each replica replays its own micro-batches
+from its own neighbours' logs, and before every step the active gradients are averaged across the
+group exactly as in training (replicas are bit-identical, so any replica's window serves them all).
+Logging the reduced gradients instead would cost a full gradient per iteration.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
+import torch.distributed as dist
 from logging_store import LogStore
 from torch import nn
 
@@ -65,18 +67,23 @@ def replay_stage(
     data: DataSource,
     until: int,
     precision: StagePrecision | None = None,
+    replica_group: dist.ProcessGroup | None = None,
 ) -> ReplayReport:
     """Brings ``module`` and ``optimizer`` (freshly built for the window's stage) to ``S_until``.
 
     ``until`` must lie at or past the window's last iteration. ``precision`` is the stage's compute
-    copy when the caller keeps one (the engine does); otherwise one is made here.
+    copy when the caller keeps one (the engine does); otherwise one is made here. A stage trained
+    with data parallelism replays with every replica at once: call this on each, passing the group
+    of replaying replicas (its size must equal the training's) and each replica's own ``logs``.
     """
     manifest = window.manifest
-    if manifest.extra.get("data_parallel", 1) > 1:
+    replicas = manifest.extra.get("data_parallel", 1)
+    group_size = 1 if replica_group is None else dist.get_world_size(replica_group)
+    if replicas != group_size:
         raise MoetionError(
-            f"stage {manifest.stage} trained with {manifest.extra['data_parallel']} data-parallel replicas: its "
-            "gradients were averaged across replicas, which a lone replay cannot reproduce; copy the state "
-            "of a live replica instead (replaying the whole replica group is not implemented yet)"
+            f"stage {manifest.stage} trained with {replicas} data-parallel replica(s) but {group_size} replay: "
+            "gradients were averaged across the replicas, so they must replay together (pass replica_group), "
+            "or copy the state of a live replica instead"
         )
     if manifest.stage != module.stage_id:
         raise MoetionError(f"window of stage {manifest.stage} cannot rebuild stage {module.stage_id}")
@@ -95,7 +102,7 @@ def replay_stage(
     state = _StageState(module, precision, optimizer, window)
     state.load(0)
     for t in range(manifest.start_iteration + 1, until + 1):
-        _replay_iteration(state, config=config, logs=logs, data=data, iteration=t)
+        _replay_iteration(state, config=config, logs=logs, data=data, iteration=t, replica_group=replica_group)
         j = t - manifest.start_iteration
         if j < manifest.window:
             state.load(j)
@@ -161,11 +168,13 @@ class _StageState:
                     self.computes[name].copy_(self.masters[name])
 
 
-def _replay_iteration(state: _StageState, *, config: Config, logs: LogReader, data: DataSource, iteration: int) -> None:
+def _replay_iteration(state: _StageState, *, config: Config, logs: LogReader, data: DataSource, iteration: int,
+                      replica_group: dist.ProcessGroup | None) -> None:
     module, micro = state.module, config.micro_batches
+    replica = 0 if replica_group is None else dist.get_rank(replica_group)
     state.optimizer.zero_grad(set_to_none=True)
     for m in range(micro):
-        index = m  # the global micro-batch index of replica 0, the only one replay serves
+        index = replica * micro + m  # the global micro-batch index, as in training
         inputs, labels = data.micro_batch(iteration, index) if (module.is_first_stage or module.is_last_stage) else (None, None)
         x = inputs if module.is_first_stage else logs.activation(iteration, m)
         if not module.is_first_stage:
@@ -183,6 +192,8 @@ def _replay_iteration(state: _StageState, *, config: Config, logs: LogReader, da
     active = state.active_params()
     gradients.fill_missing_grads(active)
     _use_logged_tied_grads(state, logs, iteration)
+    if replica_group is not None:
+        _average_across_replicas(active, replica_group)
     scalars = logs.scalars(iteration)
     gradients.scale_grads(active, scalars.clip_coef)
     for group in state.optimizer.param_groups:
@@ -190,6 +201,18 @@ def _replay_iteration(state: _StageState, *, config: Config, logs: LogReader, da
         group["lr"] = group["initial_lr"] * scalars.lr_factor
     state.optimizer.step()
     state.refresh_active_compute()
+
+
+def _average_across_replicas(params: list[nn.Parameter], group: dist.ProcessGroup) -> None:
+    """The training's data-parallel reduction: one flat all-reduce, then division by the replicas."""
+    if not params:
+        return
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat, group=group)
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad)).div_(dist.get_world_size(group))
+        offset += p.numel()
 
 
 def _use_logged_tied_grads(state: _StageState, logs: LogReader, iteration: int) -> None:
@@ -234,33 +257,37 @@ def dense_state_from_persisted(
 
 
 @contextlib.contextmanager
-def persisted_neighbour_logs(root: Path, *, module: PipelineModule, start_iteration: int) -> Iterator[LogReader]:
+def persisted_neighbour_logs(
+    root: Path, *, module: PipelineModule, start_iteration: int, replica: int = 0
+) -> Iterator[LogReader]:
     """A LogReader over the logs persisted with window ``start_iteration`` by every stage the
-    module's stage talks to (its neighbours and the stages sharing its tied weights)."""
+    module's stage talks to in ``replica``'s pipeline (its neighbours and the stages sharing its
+    tied weights)."""
     stage, num_stages = module.stage_id, module.num_stages
     talks_to = {stage - 1, stage + 1} | {s for stages in module.tied_stages().values() if stage in stages for s in stages}
     logs = {}
     try:
         for other in sorted(s for s in talks_to if 0 <= s < num_stages and s != stage):
             logs[other] = LogStore()
-            logs[other].import_(load_window_logs(window_path(root, stage=other, replica=0, start_iteration=start_iteration)))
+            path = window_path(root, stage=other, replica=replica, start_iteration=start_iteration)
+            logs[other].import_(load_window_logs(path))
         yield LogReader(logs, stage=stage)
     finally:
         for store in logs.values():
             store.close()
 
 
-def newest_common_window(root: Path, *, num_stages: int) -> int:
-    """The start of the newest window persisted by every stage (replica 0), for a whole-job restart."""
-    starts: dict[int, set[int]] = {}
+def newest_common_window(root: Path, *, num_stages: int, data_parallel: int = 1) -> int:
+    """The start of the newest window persisted by every stage replica, for a whole-job restart."""
+    starts: dict[int, set[tuple[int, int]]] = {}
     for window in list_persisted(root):
-        if window.replica == 0:
-            starts.setdefault(window.start_iteration, set()).add(window.stage)
-    complete = [start for start, stages in starts.items() if stages == set(range(num_stages))]
+        starts.setdefault(window.start_iteration, set()).add((window.stage, window.replica))
+    everyone = {(s, r) for s in range(num_stages) for r in range(data_parallel)}
+    complete = [start for start, holders in starts.items() if everyone <= holders]
     if not complete:
-        found = {start: sorted(stages) for start, stages in sorted(starts.items())}
+        found = {start: sorted(holders) for start, holders in sorted(starts.items())}
         raise MoetionError(
-            f"no window under {root} was persisted by all {num_stages} stages (windows by start: {found}); "
-            "nothing to restart from"
+            f"no window under {root} was persisted by all {num_stages} stages x {data_parallel} replica(s) "
+            f"(windows by start: (stage, replica) holders {found}); nothing to restart from"
         )
     return max(complete)

@@ -39,13 +39,13 @@ def data():
     return moetion.ByteCorpus(moetion.data.stdlib_corpus(max_bytes=1 << 16), seq_len=8, micro_batch_size=2, seed=4)
 
 
-def train(precision, window, iterations, shm_dir, grab_after=None):
+def train(precision, window, iterations, shm_dir, grab_after=None, stages=STAGES):
     """Trains; returns live state at the end, all logs, and the latest complete window either at
     the end or right after iteration ``grab_after`` (an older window, for a longer replay)."""
-    module = moetion.PipelineModule(build_gpt_moe_layers(MODEL), STAGES, loss_fn=gpt_moe_loss, seed=2)
+    module = moetion.PipelineModule(build_gpt_moe_layers(MODEL), stages, loss_fn=gpt_moe_loss, seed=2)
     engine = moetion.initialize(module, optimizer=optimizer, config=config(precision, window, shm_dir))
     source, clipped, image, logs = data(), 0, None, []
-    tier = SharedMemoryTier(shm_dir, run_id="replay", stage=engine.stage, replica=0)
+    tier = SharedMemoryTier(shm_dir, run_id="replay", stage=engine.stage, replica=engine.dist.replica)
     for t in range(iterations):
         engine.train_batch(source)
         clipped += engine.last_stats.clip_coef < 1.0
@@ -60,7 +60,7 @@ def train(precision, window, iterations, shm_dir, grab_after=None):
     logs = b"".join(logs)
     engine.close()
     image = image or tier.load_complete()
-    return {"stage": engine.stage, "logs": logs, "manifest": image.manifest.to_json(),
+    return {"stage": engine.stage, "replica": engine.dist.replica, "logs": logs, "manifest": image.manifest.to_json(),
             "blob": image.blob[: image.manifest.blob_bytes].clone(), "clipped": clipped,
             "model": module.state_dict(), "optim": engine.optimizer.state_dict()["state"]}
 
@@ -181,10 +181,39 @@ def test_offline_converter_rebuilds_each_stage_from_disk_alone(tmp_path):
                    for i, st in live["optim"].items() for k, v in st.items())
 
 
-def test_replay_refuses_a_data_parallel_window():
+def test_replay_refuses_a_data_parallel_window_without_its_replica_group():
     image, _ = make_image(stage=0)
     image.manifest = dataclasses.replace(image.manifest, extra={"data_parallel": 2})
     module = moetion.PipelineModule(build_gpt_moe_layers(MODEL), STAGES, loss_fn=gpt_moe_loss, stage_id=0)
-    with pytest.raises(moetion.MoetionError, match="copy the state of a live replica"):
+    with pytest.raises(moetion.MoetionError, match="trained with 2 data-parallel replica.s. but 1 replay"):
         replay_stage(module=module, optimizer=optimizer(module.parameters()), config=config("fp32", 3, "/x"),
                      window=image, logs=LogReader({}, stage=0), data=data(), until=10)
+
+
+def replay_replica_group(ranks, stage, until):
+    """One process per replica of ``stage``; they replay together over their own gloo group."""
+    torch.distributed.init_process_group("gloo")
+    replica = torch.distributed.get_rank()
+    mine = next(r for r in ranks if (r["stage"], r["replica"]) == (stage, replica))
+    logs = {}
+    for other in ranks:  # this replica's pipeline only: 2 stages, so the other stage is neighbour and tie
+        if other["replica"] == replica and other["stage"] != stage:
+            logs[other["stage"]] = LogStore()
+            logs[other["stage"]].import_(other["logs"])
+    module = moetion.PipelineModule(build_gpt_moe_layers(MODEL), 2, loss_fn=gpt_moe_loss, seed=2, stage_id=stage)
+    opt = optimizer(module.parameters())
+    replay_stage(module=module, optimizer=opt, config=config("fp32", None, "/unused"),
+                 window=WindowImage(WindowManifest.from_json(mine["manifest"]), mine["blob"]),
+                 logs=LogReader(logs, stage=stage), data=data(), until=until,
+                 replica_group=torch.distributed.group.WORLD)
+    return {"stage": stage, "replica": replica, "model": module.state_dict(), "optim": opt.state_dict()["state"]}
+
+
+def test_data_parallel_stage_is_rebuilt_by_its_replica_group(tmp_path):
+    ranks = run_workers(train, nproc=4, args=("fp32", 3, 8, tmp_path, None, 2), timeout_s=180)
+    for stage in range(2):
+        rebuilt = run_workers(replay_replica_group, nproc=2, args=(ranks, stage, 7), timeout_s=180)
+        for mine in rebuilt:
+            live = next(r for r in ranks if (r["stage"], r["replica"]) == (mine["stage"], mine["replica"]))
+            assert all(torch.equal(mine["model"][k], v) for k, v in live["model"].items()), (stage, mine["replica"])
+            assert all(torch.equal(mine["optim"][i][k], v) for i, st in live["optim"].items() for k, v in st.items())

@@ -10,13 +10,13 @@ import moetion
 from moetion.launcher import run_workers
 from moetion.models import GPTMoEConfig, build_gpt_moe_layers, gpt_moe_loss
 
-STAGES, ITERATIONS = 4, 12
+RANKS, ITERATIONS = 4, 12
 MODEL = GPTMoEConfig(seq_len=8, d_model=16, n_heads=2, n_layers=4, d_hidden=32, num_experts=4,
                      capacity_factor=1.0, dropout=0.1)
 
 
-def job(root, *, resume=False, kill_at=None):
-    module = moetion.PipelineModule(build_gpt_moe_layers(MODEL), STAGES, loss_fn=gpt_moe_loss, seed=1)
+def job(root, stages, *, resume=False, kill_at=None):
+    module = moetion.PipelineModule(build_gpt_moe_layers(MODEL), stages, loss_fn=gpt_moe_loss, seed=1)
     engine = moetion.initialize(module, optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-2), config={
         "seed": 5, "micro_batches": 2, "threads": 1, "grad_clip": 0.5,
         "lr_schedule": {"warmup_iterations": 3, "decay": "linear", "decay_iterations": 20},
@@ -31,16 +31,17 @@ def job(root, *, resume=False, kill_at=None):
             os.kill(os.getpid(), signal.SIGKILL)
         losses[t] = engine.train_batch(data)
     engine.close()
-    return {"stage": engine.stage, "start": start, "losses": losses, "model": module.state_dict(),
+    return {"rank": engine.dist.rank, "start": start, "losses": losses, "model": module.state_dict(),
             "optim": engine.optimizer.state_dict()["state"]}
 
 
-def test_killed_job_resumes_bit_identically(tmp_path):
-    straight = run_workers(job, nproc=STAGES, args=(tmp_path / "a",), timeout_s=180)
+@pytest.mark.parametrize("stages", [4, 2])  # 4 stages, and 2 stages x 2 data-parallel replicas
+def test_killed_job_resumes_bit_identically(tmp_path, stages):
+    straight = run_workers(job, nproc=RANKS, args=(tmp_path / "a", stages), timeout_s=180)
     with pytest.raises(moetion.LaunchError, match="killed by SIGKILL"):
-        run_workers(_killed, nproc=STAGES, args=(tmp_path / "b",), timeout_s=180, grace_s=2)
-    resumed = run_workers(_resumed, nproc=STAGES, args=(tmp_path / "b",), timeout_s=180)
-    for before, after in zip(sorted(straight, key=lambda r: r["stage"]), sorted(resumed, key=lambda r: r["stage"])):
+        run_workers(_killed, nproc=RANKS, args=(tmp_path / "b", stages), timeout_s=180, grace_s=2)
+    resumed = run_workers(_resumed, nproc=RANKS, args=(tmp_path / "b", stages), timeout_s=180)
+    for before, after in zip(straight, resumed):  # both in rank order
         assert 0 < after["start"] < 11, "resumed from a persisted window, not from scratch"
         assert after["losses"] == {t: before["losses"][t] for t in after["losses"]}
         for name, value in before["model"].items():
@@ -52,12 +53,12 @@ def test_killed_job_resumes_bit_identically(tmp_path):
 def test_restart_without_persisted_windows_is_a_clear_error(tmp_path):
     (tmp_path / "disk" / "restart").mkdir(parents=True)
     with pytest.raises(moetion.LaunchError, match="was persisted by all 4 stages"):
-        run_workers(_resumed, nproc=STAGES, args=(tmp_path,), timeout_s=120, grace_s=2)
+        run_workers(_resumed, nproc=RANKS, args=(tmp_path, 4), timeout_s=120, grace_s=2)
 
 
-def _killed(root):
-    return job(root, kill_at=11)
+def _killed(root, stages):
+    return job(root, stages, kill_at=11)
 
 
-def _resumed(root):
-    return job(root, resume=True)
+def _resumed(root, stages):
+    return job(root, stages, resume=True)
