@@ -249,13 +249,10 @@ class PipelineEngine:
             extra.append(self.checkpointer.dp_payload(self.last_token_counts).to(self.dist.device))
         replicas = self.dist.topology.data_parallel
         if replicas > 1:
-            flat = torch.cat([p.grad.reshape(-1) for p in self._params] + extra)
+            flat = gradients.flatten_grads(self._params, extra)
             self._collective(dist.all_reduce, flat, group=self.dist.data_group, what="averaging gradients")
-            offset = 0
-            for p in self._params:
-                p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad)).div_(replicas)
-                offset += p.numel()
-            extra = [flat[offset : offset + 1], flat[offset + 1 :]]
+            rest = gradients.unflatten_mean(self._params, flat, replicas=replicas)
+            extra = [rest[:1], rest[1:]]
         self._mb.loss_sum = extra[0][0]
         if self.checkpointer is not None:
             self.checkpointer.absorb_dp(extra[1].cpu())

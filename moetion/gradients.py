@@ -53,3 +53,20 @@ def scale_grads(params: Iterable[torch.nn.Parameter], factor: float) -> None:
     for p in params:
         if p.grad is not None:
             p.grad.mul_(factor)
+
+
+def flatten_grads(params: Sequence[torch.nn.Parameter], extra: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+    """One flat buffer of ``params``' gradients (then ``extra``), so replicas reduce in one collective."""
+    return torch.cat([p.grad.reshape(-1) for p in params] + [e.reshape(-1) for e in extra])
+
+
+def unflatten_mean(params: Sequence[torch.nn.Parameter], flat: torch.Tensor, *, replicas: int) -> torch.Tensor:
+    """Writes the summed gradients back divided by ``replicas``; returns the rest of ``flat`` (the extras).
+
+    Training and replay both average this way (sum, then divide), so their bits agree.
+    """
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad)).div_(replicas)
+        offset += p.numel()
+    return flat[offset:]

@@ -207,12 +207,9 @@ def _average_across_replicas(params: list[nn.Parameter], group: dist.ProcessGrou
     """The training's data-parallel reduction: one flat all-reduce, then division by the replicas."""
     if not params:
         return
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    flat = gradients.flatten_grads(params)
     dist.all_reduce(flat, group=group)
-    offset = 0
-    for p in params:
-        p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad)).div_(dist.get_world_size(group))
-        offset += p.numel()
+    gradients.unflatten_mean(params, flat, replicas=dist.get_world_size(group))
 
 
 def _use_logged_tied_grads(state: _StageState, logs: LogReader, iteration: int) -> None:
