@@ -1,4 +1,4 @@
-"""The ``moetion`` command line: ``moetion launch``, ``moetion demo`` and ``moetion inspect``."""
+"""The ``moetion`` command line: ``moetion launch``, ``demo``, ``inspect`` and ``export``."""
 from __future__ import annotations
 
 import argparse
@@ -35,6 +35,16 @@ def main(argv: list[str] | None = None) -> int:
     inspect.add_argument("--no-verify", action="store_true", help="skip reading blobs and checking checksums")
     inspect.add_argument("--json", action="store_true", help="print one JSON object per window instead of a table")
 
+    export = commands.add_parser("export", help="write a dense torch.save checkpoint from a run's persisted windows")
+    export.add_argument("run_dir", help="the run's persist directory (persist_dir/<run_id>, holding config.json)")
+    export.add_argument("out", help="the checkpoint file to write (atomically)")
+    export.add_argument("--job", required=True, help="package.module:function returning the run's moetion.export.JobSpec")
+    export.add_argument("--iteration", type=int, default=None,
+                        help="export the window starting at this iteration (default: newest on all stages)")
+    export.add_argument("--optimizer", action="store_true", help="also write each stage's optimizer state")
+    export.add_argument("--verify", action="store_true", help="re-read the output and check every checksum")
+    export.add_argument("--workers", type=int, default=None, help="conversion processes (default: one per core)")
+
     args = parser.parse_args(argv)
     try:
         if args.command == "launch":
@@ -47,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
             from moetion.snapshot.inspect import inspect_command
 
             return inspect_command(Path(args.dir), verify=not args.no_verify, as_json=args.json)
+        elif args.command == "export":
+            from moetion.export import export_command
+
+            export_command(args.run_dir, args.out, job=args.job, iteration=args.iteration,
+                           with_optimizer=args.optimizer, verify=args.verify, workers=args.workers)
         else:
             from moetion.demo import DemoSettings, run_demo
 

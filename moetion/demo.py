@@ -11,6 +11,7 @@ import torch
 
 import moetion
 from moetion.data import ByteCorpus, stdlib_corpus
+from moetion.export import JobSpec
 from moetion.launcher import run_workers
 from moetion.models import GPTMoEConfig, build_gpt_moe_layers, gpt_moe_loss
 
@@ -49,6 +50,18 @@ def demo_engine_config(settings: DemoSettings, *, run_id: str = "demo") -> moeti
                      "shm_dir": SHM_ROOT, "persist_dir": settings.persist_dir},
         "upstream_log": {"enabled": settings.snapshots},
     })
+
+
+def job(settings: DemoSettings | None = None) -> JobSpec:
+    """The demo's model, optimizer and data for ``moetion export --job moetion.demo:job``."""
+    settings = settings or DemoSettings()
+    model = demo_model_config()
+    return JobSpec(
+        layers=build_gpt_moe_layers(model), num_stages=settings.stages, loss_fn=gpt_moe_loss,
+        optimizer=lambda ps: torch.optim.AdamW(ps, lr=settings.lr),
+        data=ByteCorpus(stdlib_corpus(), seq_len=model.seq_len, micro_batch_size=settings.micro_batch_size, seed=settings.seed),
+        module_seed=settings.seed,
+    )
 
 
 def run_demo(settings: DemoSettings) -> dict:
