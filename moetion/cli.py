@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--optimizer", action="store_true", help="also write each stage's optimizer state")
     export.add_argument("--verify", action="store_true", help="re-read the output and check every checksum")
     export.add_argument("--workers", type=int, default=None, help="conversion processes (default: one per core)")
+    export.add_argument("--dcp", default=None, metavar="DIR", help="also write a torch.distributed.checkpoint directory")
 
     args = parser.parse_args(argv)
     try:
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             from moetion.export import export_command
 
             export_command(args.run_dir, args.out, job=args.job, iteration=args.iteration,
-                           with_optimizer=args.optimizer, verify=args.verify, workers=args.workers)
+                           with_optimizer=args.optimizer, verify=args.verify, workers=args.workers, dcp_dir=args.dcp)
         else:
             from moetion.demo import DemoSettings, run_demo
 

@@ -16,11 +16,13 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import torch
+import torch.distributed.checkpoint as dcp
 from logging_store import LogStore
 from logging_store.errors import LogStoreError
 from torch import nn
@@ -89,6 +91,7 @@ def export_run(
     verify: bool = False,
     workers: int | None = None,
     progress: Callable[[str], None] | None = None,
+    dcp_dir: str | Path | None = None,
 ) -> dict:
     """Writes the dense state at the end of one persisted window to ``out``; returns a summary.
 
@@ -96,6 +99,7 @@ def export_run(
     default: the newest such window). ``workers`` processes (default: one per core, at most one per
     stage) convert stages in parallel; ``progress`` gets one line per stage, in those processes
     (default: print to stdout). ``verify`` re-reads ``out`` and checks every tensor's checksum.
+    ``dcp_dir`` also writes the model as a ``torch.distributed.checkpoint`` directory (new; atomic).
     As for :func:`moetion.launcher.run_workers`, the caller must not have run multi-threaded torch
     work (building ``job`` included) before: forked workers would wait on its OpenMP threads.
     """
@@ -106,6 +110,8 @@ def export_run(
     manifests = _check_windows(run_dir, num_stages=job.num_stages, start=start, run_id=config.snapshot.run_id)
     if not out.parent.is_dir():
         raise ExportError(f"{out}: its directory {out.parent} does not exist")
+    if dcp_dir is not None and Path(dcp_dir).exists():
+        raise ExportError(f"{dcp_dir}: already exists; choose a new directory for the DCP checkpoint")
     nproc = max(1, min(workers or os.cpu_count() or 1, job.num_stages))
     stage_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".stages", dir=out.parent))
     try:
@@ -114,6 +120,8 @@ def export_run(
         dense = _merge(sorted(reports, key=lambda r: r["stage"]), run_id=manifests[0].run_id,
                        with_optimizer=with_optimizer)
         _save_atomically(dense, out)
+        if dcp_dir is not None:
+            _save_dcp_atomically(dense["model"], Path(dcp_dir))
     finally:
         shutil.rmtree(stage_dir, ignore_errors=True)
     if verify:
@@ -126,11 +134,11 @@ def export_run(
 
 
 def export_command(run_dir: str, out: str, *, job: str, iteration: int | None, with_optimizer: bool, verify: bool,
-                   workers: int | None) -> dict:
+                   workers: int | None, dcp_dir: str | None = None) -> dict:
     """``moetion export``: the export plus its closing line."""
     torch.set_num_threads(1)  # building the job must not start an OpenMP pool: forked workers would hang on it
     summary = export_run(run_dir, out, job=load_job(job), iteration=iteration, with_optimizer=with_optimizer,
-                         verify=verify, workers=workers)
+                         verify=verify, workers=workers, dcp_dir=dcp_dir)
     print(f"wrote {summary['path']}: iteration {summary['iteration']}, {summary['stages']} stages, "
           f"{summary['tensors']} tensors, {summary['bytes']} bytes in {summary['seconds']:.1f} s"
           + (" (verified)" if verify else ""), flush=True)
@@ -326,6 +334,19 @@ def _save_atomically(obj: dict, out: Path) -> None:
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+
+
+def _save_dcp_atomically(model: dict, directory: Path) -> None:
+    """The model as a ``torch.distributed.checkpoint`` directory, written aside then renamed into place."""
+    tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # DCP warns that no process group is initialised: intended here
+            dcp.save({"model": model}, checkpoint_id=str(tmp))
+        os.rename(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

@@ -6,10 +6,12 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 
 import moetion
 from moetion.export import ExportError, JobSpec, export_run, verify_export
@@ -113,6 +115,20 @@ def test_export_equals_unpipelined_training(trained, tmp_path):
     dense = assert_matches(tmp_path / "dense.pt", refs[6], with_optimizer=True)
     assert dense["iteration"] == 6 and dense["run_id"] == "replay"
     assert sorted(os.listdir(tmp_path)) == ["dense.pt"], "no temporary files left behind"
+
+
+def test_dcp_directory_holds_the_same_model(trained, tmp_path):
+    run_dir, _ = trained
+    export_run(run_dir, tmp_path / "dense.pt", job=job(), dcp_dir=tmp_path / "dcp", progress=lambda _: None)
+    model = torch.load(tmp_path / "dense.pt", weights_only=True)["model"]
+    loaded = {"model": {name: torch.zeros_like(t) for name, t in model.items()}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(loaded, checkpoint_id=str(tmp_path / "dcp"))
+    assert all(torch.equal(loaded["model"][name], t) for name, t in model.items())
+    with pytest.raises(ExportError, match="already exists"):
+        export_run(run_dir, tmp_path / "again.pt", job=job(), dcp_dir=tmp_path / "dcp", progress=lambda _: None)
+    assert not (tmp_path / "again.pt").exists()
 
 
 def test_iteration_picks_an_older_window(trained, tmp_path):
