@@ -27,7 +27,8 @@ from logging_store.errors import (
 from logging_store.filters import BACKEND
 from logging_store.frame import FrameHeader, decode, encode, iter_frames, parse_header, read_frames
 from logging_store.keys import LogKey
-from logging_store.store import EntryInfo, EntryState, LogStore, StoreStats
+from logging_store.entries import EntryInfo, EntryState, StoreStats
+from logging_store.store import LogStore
 
 __all__ = [
     "BACKEND",

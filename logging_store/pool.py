@@ -11,6 +11,7 @@ returns to the free list when the last region carved from it is released.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
 from dataclasses import dataclass
@@ -192,3 +193,37 @@ class BufferPool:
             if lease._refs == 0:
                 for chunk, _, _ in lease._parts:
                     self._unref_locked(chunk)
+
+
+def copy_into(lease: Lease, source: torch.Tensor) -> None:
+    """Copies a tensor's elements, in row-major order, into the lease's regions.
+
+    A contiguous host tensor is copied with one ``memmove`` per region (GIL released): right after
+    the training step's compute, when caches are cold, every torch op costs tens of microseconds of
+    dispatch, and building views plus ``copy_`` measured ~1.7x slower than a plain ``copy_``.
+    Device and strided sources go through torch.
+    """
+    if source.is_cpu and source.is_contiguous():
+        address = source.data_ptr()
+        for target, size in zip(lease.addresses, lease.sizes):
+            ctypes.memmove(target, address, size)
+            address += size
+        return
+    source = source.detach()
+    regions = lease.arrays
+    if len(regions) == 1:  # copy straight from the (possibly strided) source
+        torch.from_numpy(regions[0]).view(source.dtype).view(source.shape).copy_(source)
+        return
+    flat = source.contiguous().reshape(-1).view(torch.uint8)
+    offset = 0
+    for region in regions:
+        torch.from_numpy(region).copy_(flat[offset : offset + region.size])
+        offset += region.size
+
+
+def copy_out(lease: Lease, result: torch.Tensor) -> None:
+    """Copies the lease's regions into a contiguous host tensor of the same byte size."""
+    address = result.data_ptr()
+    for source, size in zip(lease.addresses, lease.sizes):
+        ctypes.memmove(address, source, size)
+        address += size

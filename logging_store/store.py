@@ -14,13 +14,11 @@ lull in puts, so they do not compete with the training thread's copies for the G
 """
 from __future__ import annotations
 
-import ctypes
-import enum
 import io
 import logging
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, BinaryIO, Iterator
 
 import numpy as np
@@ -52,7 +50,8 @@ from logging_store.frame import (
     tensor_bytes,
 )
 from logging_store.keys import LogKey
-from logging_store.pool import BufferPool, Lease
+from logging_store.entries import Entry, EntryInfo, EntryState, StoreStats
+from logging_store.pool import BufferPool, Lease, copy_into, copy_out
 from logging_store.spill import Segment, SpillDirectory
 
 _log = logging.getLogger(__name__)
@@ -62,81 +61,6 @@ _SPILL_HYSTERESIS = 0.8
 # Workers start a job after this long without a put (puts come in bursts), or after the maximum wait.
 _PUT_LULL_SECONDS = 0.002
 _MAX_LULL_WAIT_SECONDS = 0.02
-
-
-class EntryState(enum.Enum):
-    """Where an entry's bytes are: pool memory as put, encoded in memory, or in a spill segment."""
-
-    RAW = "raw"
-    ENCODED = "encoded"
-    SPILLED = "spilled"
-
-
-class _Entry:
-    __slots__ = ("key", "dtype", "shape", "raw_length", "state", "lease", "payload", "stored_length",
-                 "segment", "offset", "version")
-
-    def __init__(self, key: LogKey, dtype: torch.dtype, shape: tuple[int, ...], raw_length: int) -> None:
-        self.key = key
-        self.dtype = dtype
-        self.shape = shape
-        self.raw_length = raw_length
-        self.state = EntryState.RAW
-        self.lease: Lease | None = None
-        self.payload: EncodedPayload | None = None
-        self.stored_length = raw_length
-        self.segment: Segment | None = None
-        self.offset = 0
-        self.version = 0
-
-    def hold_raw(self, lease: Lease) -> None:
-        self.state, self.lease, self.stored_length = EntryState.RAW, lease, self.raw_length
-
-    def hold_encoded(self, payload: EncodedPayload) -> None:
-        self.state, self.payload, self.lease = EntryState.ENCODED, payload, None
-        self.stored_length = sum(len(memoryview(chunk)) for chunk in payload.chunks)
-        self.version += 1
-
-    def hold_spilled(self, segment: Segment, offset: int, length: int) -> None:
-        self.state, self.segment, self.offset, self.stored_length = EntryState.SPILLED, segment, offset, length
-        self.lease = self.payload = None
-        self.version += 1
-
-
-@dataclass(frozen=True)
-class EntryInfo:
-    """Where one entry is and what it costs."""
-
-    key: LogKey
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    state: EntryState
-    raw_bytes: int
-    stored_bytes: int  # raw: raw bytes; encoded: stored chunk bytes; spilled: frame bytes on disk
-
-
-@dataclass(frozen=True)
-class StoreStats:
-    """Exact accounting of a store at one instant (all byte counts are sums over live entries)."""
-
-    entries: int
-    raw_entries: int
-    encoded_entries: int
-    spilled_entries: int
-    pending_entries: int  # raw entries waiting for a compression worker
-    raw_bytes: int  # bytes of the tensors as put
-    stored_bytes: int  # resident_bytes + spilled_bytes
-    resident_bytes: int  # in memory: raw entries at full size, encoded ones at stored size
-    spilled_bytes: int  # on disk, frame headers included
-    compressed_total: int  # entries encoded by workers since the store opened
-    spilled_total: int  # entries spilled since the store opened
-    pool_bytes: int  # pool memory allocated (raw entries live here)
-    pool_free_bytes: int
-
-    @property
-    def ratio(self) -> float:
-        """raw_bytes / stored_bytes (1.0 for an empty store)."""
-        return self.raw_bytes / self.stored_bytes if self.stored_bytes else 1.0
 
 
 class LogStore:
@@ -157,9 +81,9 @@ class LogStore:
         self._wake = threading.Condition(self._lock)
         self._idle = threading.Condition(self._lock)
         self._spill_mutex = threading.Lock()  # one spill at a time, so victims are never chosen twice
-        self._entries: dict[LogKey, _Entry] = {}
-        self._resident: dict[LogKey, _Entry] = {}  # in memory, oldest first: spill victims
-        self._pending: dict[LogKey, _Entry] = {}  # raw, awaiting a worker; newest compressed first
+        self._entries: dict[LogKey, Entry] = {}
+        self._resident: dict[LogKey, Entry] = {}  # in memory, oldest first: spill victims
+        self._pending: dict[LogKey, Entry] = {}  # raw, awaiting a worker; newest compressed first
         self._counts = dict.fromkeys(EntryState, 0)
         self._raw_bytes = self._resident_bytes = self._spilled_bytes = 0
         self._compressed_total = self._spilled_total = 0
@@ -196,8 +120,8 @@ class LogStore:
             self._spill(budget - nbytes)
         lease = self._pool.lease(nbytes)
         try:
-            _copy_into(lease, source)
-            entry = _Entry(key, source.dtype, tuple(source.shape), nbytes)
+            copy_into(lease, source)
+            entry = Entry(key, source.dtype, tuple(source.shape), nbytes)
             entry.hold_raw(lease)
             with self._lock:
                 self._check_open_locked()
@@ -226,7 +150,7 @@ class LogStore:
         try:
             result = output_tensor(entry.dtype, entry.shape, out)
             if state is EntryState.RAW:
-                _copy_out(lease, result)
+                copy_out(lease, result)
             elif state is EntryState.ENCODED:
                 decode_chunks(payload, chunk_views(tensor_bytes(result), payload.chunk_bytes),
                               itemsize=entry.dtype.itemsize)
@@ -344,7 +268,7 @@ class LogStore:
         """
         frames = read_frames(source, max_raw_bytes=self._config.max_raw_bytes) if hasattr(source, "read") \
             else iter_frames(source, max_raw_bytes=self._config.max_raw_bytes)
-        prepared: list[_Entry] = []
+        prepared: list[Entry] = []
         try:
             for frame in frames:
                 prepared.append(self._prepare_import(frame))
@@ -427,7 +351,7 @@ class LogStore:
             tensor = tensor.detach().resolve_conj().resolve_neg()
         return tensor
 
-    def _account_locked(self, entry: _Entry, sign: int) -> None:
+    def _account_locked(self, entry: Entry, sign: int) -> None:
         self._counts[entry.state] += sign
         self._raw_bytes += sign * entry.raw_length
         if entry.state is EntryState.SPILLED:
@@ -435,7 +359,7 @@ class LogStore:
         else:
             self._resident_bytes += sign * entry.stored_length
 
-    def _insert_locked(self, entry: _Entry) -> None:
+    def _insert_locked(self, entry: Entry) -> None:
         self._entries[entry.key] = entry
         self._account_locked(entry, +1)
         if entry.state is not EntryState.SPILLED:
@@ -445,20 +369,20 @@ class LogStore:
         if self._sleeping_workers and (self._pending or self._spill_due_locked()):
             self._wake.notify()
 
-    def _remove_locked(self, entry: _Entry) -> None:
+    def _remove_locked(self, entry: Entry) -> None:
         del self._entries[entry.key]
         self._resident.pop(entry.key, None)
         self._pending.pop(entry.key, None)
         self._account_locked(entry, -1)
         entry.version += 1
 
-    def _release_storage(self, entry: _Entry) -> None:
+    def _release_storage(self, entry: Entry) -> None:
         if entry.lease is not None:
             entry.lease.release()
         if entry.segment is not None:
             self._spill_dir.release(entry.segment)
 
-    def _pin_locked(self, entry: _Entry) -> tuple:
+    def _pin_locked(self, entry: Entry) -> tuple:
         """A snapshot of where an entry's bytes are, kept alive until :meth:`_unpin`."""
         if entry.lease is not None:
             entry.lease.retain()
@@ -472,13 +396,13 @@ class LogStore:
         if segment is not None:
             self._spill_dir.release(segment)
 
-    def _frame_parts(self, entry: _Entry, lease: Lease | None, payload: EncodedPayload | None) -> list[Any]:
+    def _frame_parts(self, entry: Entry, lease: Lease | None, payload: EncodedPayload | None) -> list[Any]:
         """An in-memory entry as frame buffers; raw entries are framed uncompressed, without a copy."""
         if payload is None:
             payload = plain_payload(lease.arrays, chunk_bytes=self._config.chunk_bytes)
         return frame_parts(header_for(entry.dtype, entry.shape, payload, tag=entry.key.to_tag()), payload)
 
-    def _prepare_import(self, frame: Frame) -> _Entry:
+    def _prepare_import(self, frame: Frame) -> Entry:
         header = frame.header
         key = LogKey.from_tag(header.tag)
         if header.filters & Filter.XOR_DELTA:
@@ -486,7 +410,7 @@ class LogStore:
                                         "(they need their reference to decode)")
         decoded = np.empty(header.raw_length, np.uint8)
         decode_chunks(frame.payload, chunk_views(decoded, header.chunk_bytes), itemsize=header.dtype.itemsize)
-        entry = _Entry(key, header.dtype, header.shape, header.raw_length)
+        entry = Entry(key, header.dtype, header.shape, header.raw_length)
         if header.codec is Codec.NONE:  # uncompressed: becomes a raw entry, compressed later like a put
             lease = self._pool.lease(header.raw_length)
             for region, data in zip(lease.arrays, chunk_views(decoded, self._config.chunk_bytes)):
@@ -549,7 +473,7 @@ class LogStore:
                 return
             time.sleep(min(_PUT_LULL_SECONDS - quiet, give_up - now))
 
-    def _compress(self, entry: _Entry, lease: Lease, version: int) -> None:
+    def _compress(self, entry: Entry, lease: Lease, version: int) -> None:
         """Encodes a raw entry from its pinned ``lease`` and swaps it in if the entry did not change."""
         try:
             payload = encode_chunks(
@@ -621,7 +545,7 @@ class LogStore:
     def _spill_new(self, key: LogKey, source: torch.Tensor) -> None:
         """Writes an entry larger than the whole budget straight to disk, without passing through memory."""
         host = source.detach().to("cpu").contiguous()
-        entry = _Entry(key, host.dtype, tuple(host.shape), host.numel() * host.element_size())
+        entry = Entry(key, host.dtype, tuple(host.shape), host.numel() * host.element_size())
         payload = plain_payload(chunk_views(tensor_bytes(host), self._config.chunk_bytes), chunk_bytes=self._config.chunk_bytes)
         segment, [(offset, length)] = self._spill_dir.write(
             [frame_parts(header_for(entry.dtype, entry.shape, payload, tag=key.to_tag()), payload)]
@@ -640,37 +564,3 @@ class LogStore:
 
 def _in_range(key: LogKey, start: int | None, stop: int | None) -> bool:
     return (start is None or key.iteration >= start) and (stop is None or key.iteration < stop)
-
-
-def _copy_into(lease: Lease, source: torch.Tensor) -> None:
-    """Copies a tensor's elements, in row-major order, into the lease's regions.
-
-    A contiguous host tensor is copied with one ``memmove`` per region (GIL released): right after
-    the training step's compute, when caches are cold, every torch op costs tens of microseconds of
-    dispatch, and building views plus ``copy_`` measured ~1.7x slower than a plain ``copy_``.
-    Device and strided sources go through torch.
-    """
-    if source.is_cpu and source.is_contiguous():
-        address = source.data_ptr()
-        for target, size in zip(lease.addresses, lease.sizes):
-            ctypes.memmove(target, address, size)
-            address += size
-        return
-    source = source.detach()
-    regions = lease.arrays
-    if len(regions) == 1:  # copy straight from the (possibly strided) source
-        torch.from_numpy(regions[0]).view(source.dtype).view(source.shape).copy_(source)
-        return
-    flat = source.contiguous().reshape(-1).view(torch.uint8)
-    offset = 0
-    for region in regions:
-        torch.from_numpy(region).copy_(flat[offset : offset + region.size])
-        offset += region.size
-
-
-def _copy_out(lease: Lease, result: torch.Tensor) -> None:
-    """Copies the lease's regions into a contiguous host tensor of the same byte size."""
-    address = result.data_ptr()
-    for source, size in zip(lease.addresses, lease.sizes):
-        ctypes.memmove(address, source, size)
-        address += size

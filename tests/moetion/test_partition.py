@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from moetion import LayerSpec, PartitionError, PipelineModule, TiedLayerSpec
+from moetion import LayerSpec, PartitionError, PipelineModule
 from moetion.models import GPTMoEConfig, build_gpt_moe_layers, gpt_moe_loss
 from moetion.partition import balanced_partition
 

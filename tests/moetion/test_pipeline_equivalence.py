@@ -3,7 +3,6 @@
 Dropout and router noise on, capacity dropping and clipping active, warm-up then cosine LR, and
 an LR of 1e-2 so that one step visibly moves every weight.
 """
-import pytest
 import torch
 
 import moetion

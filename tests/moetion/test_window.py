@@ -1,6 +1,5 @@
 """Algorithm 1 (window size), slot splitting, snapshot order and drift, against hand-computed cases."""
 import pytest
-import torch
 
 from moetion import ConfigError
 from moetion.models import GPTMoEConfig, build_gpt_moe_layers, gpt_moe_loss
