@@ -36,7 +36,8 @@ setup(
         "lz4>=4.3,<5",
         "zstandard>=0.22,<1",
     ],
-    extras_require={"test": ["pytest>=8,<10", "pytest-timeout>=2.2,<3", "hypothesis>=6.100,<7"]},
+    extras_require={"test": ["pytest>=8,<10", "pytest-timeout>=2.2,<3", "hypothesis>=6.100,<7"],
+                    "plot": ["matplotlib>=3.7,<4"]},
     ext_modules=[
         Extension(
             "logging_store._native",

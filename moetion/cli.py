@@ -1,4 +1,4 @@
-"""The ``moetion`` command line: ``moetion launch``, ``demo``, ``inspect`` and ``export``."""
+"""The ``moetion`` command line: ``moetion launch``, ``demo``, ``inspect``, ``export`` and ``plan``."""
 from __future__ import annotations
 
 import argparse
@@ -46,6 +46,15 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--workers", type=int, default=None, help="conversion processes (default: one per core)")
     export.add_argument("--dcp", default=None, metavar="DIR", help="also write a torch.distributed.checkpoint directory")
 
+    plan = commands.add_parser("plan", help="estimate overhead, recovery and ETTR per fault-tolerance approach")
+    plan.add_argument("--preset", default=None, help="a paper model: deepseek-moe-16b, qwen-moe-14b, gpt-moe, moe-llava")
+    plan.add_argument("--json", default=None, metavar="FILE-or-JSON",
+                      help='{"model": {...}, "hardware": {...}}; with --preset, overrides its fields')
+    plan.add_argument("--mtbf", required=True, help="mean time between failures of the job, e.g. 10m, 2h, 90s")
+    plan.add_argument("--runs", type=int, default=30, help="Monte-Carlo runs for the simulated ETTR (0: skip)")
+    plan.add_argument("--seed", type=int, default=0)
+    plan.add_argument("--plot", default=None, metavar="OUT.png", help="draw ETTR vs MTBF (needs matplotlib)")
+
     args = parser.parse_args(argv)
     try:
         if args.command == "launch":
@@ -63,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
 
             export_command(args.run_dir, args.out, job=args.job, iteration=args.iteration,
                            with_optimizer=args.optimizer, verify=args.verify, workers=args.workers, dcp_dir=args.dcp)
+        elif args.command == "plan":
+            from moetion.planner.cli import plan_command
+
+            return plan_command(preset_name=args.preset, spec=args.json, mtbf=args.mtbf, runs=args.runs,
+                                seed=args.seed, plot=args.plot)
         else:
             from moetion.demo import DemoSettings, run_demo
 
