@@ -24,6 +24,7 @@ from moetion.config import Config
 from moetion.data import DataSource
 from moetion.distributed import DistContext
 from moetion.errors import ConfigError, DataError, PeerFailure
+from moetion.faults import fault_point
 from moetion.lr_schedule import apply_lr
 from moetion.module import PipelineModule
 from moetion.moe import MoELayer
@@ -193,6 +194,7 @@ class PipelineEngine:
         self._mb.inputs[m] = x.requires_grad_(x.is_floating_point())
 
     def _forward(self, m: int | None) -> None:
+        self._fault_point("forward")
         context = StepContext(
             seed=self.config.seed,
             iteration=self.iteration,
@@ -217,6 +219,7 @@ class PipelineEngine:
         self._mb.output_grads[m] = self.links.recv_grad(self._mb.outputs[m], what=self._what("gradient", m))
 
     def _backward(self, m: int | None) -> None:
+        self._fault_point("backward")
         out = self._mb.outputs.pop(m)
         if out.requires_grad:
             torch.autograd.backward(out, grad_tensors=self._mb.output_grads.pop(m, None))
@@ -275,6 +278,7 @@ class PipelineEngine:
         if self.checkpointer is not None:
             self.checkpointer.absorb_gather([g[2:].cpu() for g in gathered])
             self.checkpointer.before_step()
+        self._fault_point("step")
         self.optimizer.step()
         self.precision.after_step()
         if self.checkpointer is not None:
@@ -333,6 +337,9 @@ class PipelineEngine:
                 f"stage {self.stage} (rank {self.dist.rank}) lost a peer while {what} in iteration "
                 f"{self.iteration}: {str(error).splitlines()[0]}"
             ) from None
+
+    def _fault_point(self, phase: str) -> None:
+        fault_point(phase, stage=self.stage, replica=self.dist.replica, iteration=self.iteration)
 
     def _what(self, kind: str, m: int | None) -> str:
         return f"{kind} of micro-batch {m}, iteration {self.iteration} (stage {self.stage}, rank {self.dist.rank})"

@@ -66,3 +66,12 @@ def test_last_stage_needs_a_loss():
 
 def _train_with_fault(num_stages, iterations, fault, peer_timeout_s):
     train(num_stages, iterations, peer_timeout_s=peer_timeout_s, fault=fault)
+
+
+@pytest.mark.parametrize("phase", ["forward", "backward", "step"])
+def test_kill_spec_kills_the_named_stage_at_the_named_phase(monkeypatch, phase):
+    monkeypatch.setenv("MOETION_KILL", f"stage=1,iter=2,phase={phase}")
+    with pytest.raises(moetion.LaunchError) as failure:
+        run_workers(train, nproc=3, args=(3, 4), timeout_s=60, grace_s=3)
+    report = str(failure.value)
+    assert report.index("rank 1: killed by SIGKILL") < report.index("PeerFailure")
