@@ -93,6 +93,7 @@ class PipelineEngine:
         self.checkpointer = self._build_checkpointer() if config.snapshot.enabled else None
         self.upstream = self._build_upstream_log() if config.upstream_log.enabled else None
         self.last_token_counts: dict[str, torch.Tensor] = {}
+        self._moe_layers = [(n, m) for n, m in self.precision.compute.named_modules() if isinstance(m, MoELayer)]
         self._params = [p for p in module.parameters() if p.requires_grad]
         self._norm_params = self._params_counted_in_norm()
         self._dispatch: dict[type[schedule.Instruction], Callable[[int | None], None]] = {
@@ -124,7 +125,7 @@ class PipelineEngine:
         self._mb = _MicroBatchBuffers(loss_sum=torch.zeros((), dtype=torch.float32, device=self.dist.device))
         self.optimizer.zero_grad(set_to_none=True)
         if self.checkpointer is not None:
-            self.checkpointer.begin_iteration()
+            self.checkpointer.begin_iteration(self.iteration)
         for instruction in schedule.train_schedule(
             stage=self.stage, num_stages=self.module.num_stages, micro_batches=self.config.micro_batches
         ):
@@ -288,11 +289,7 @@ class PipelineEngine:
 
     # -- helpers -------------------------------------------------------------------------------------
     def _pop_token_counts(self) -> dict[str, torch.Tensor]:
-        return {
-            name: layer.pop_token_counts()
-            for name, layer in self.precision.compute.named_modules()
-            if isinstance(layer, MoELayer)
-        }
+        return {name: layer.pop_token_counts() for name, layer in self._moe_layers}
 
     def _build_upstream_log(self) -> UpstreamLog:
         settings = self.config.upstream_log

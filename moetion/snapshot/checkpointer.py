@@ -1,6 +1,6 @@
 """The sparse checkpointer: the window lifecycle of one stage replica.
 
-Call order per iteration (the engine does this): ``begin_iteration()``; ``dp_payload()`` rides
+Call order per iteration (the engine does this): ``begin_iteration(t)``; ``dp_payload()`` rides
 on the data-parallel gradient all-reduce and ``absorb_dp()`` reads it back; ``stage_payload()``
 rides on the commit all-gather and ``absorb_gather()`` reads every stage's; ``before_step()``
 fences the previous capture; ``after_step(t)`` captures.
@@ -100,6 +100,7 @@ class SparseCheckpointer:
         self._budget_fraction = config.budget_fraction or (1.0 if torch.cuda.is_available() else CPU_BUDGET_FRACTION)
         self._proposal = 1.0
         self._agreed: int | None = None
+        self._iteration = 0
         self.replicator = replicator
         # Set by the engine when upstream logging is on: (start, stop) -> this stage's logs of those
         # iterations, persisted with each window so it can be replayed offline.
@@ -114,8 +115,9 @@ class SparseCheckpointer:
             self.listeners.append(self._persist_every_kth)
 
     # -- piggybacked agreement -----------------------------------------------------------------
-    def begin_iteration(self) -> None:
+    def begin_iteration(self, iteration: int) -> None:
         self._iteration_start = time.perf_counter()
+        self._iteration = iteration
 
     def dp_payload(self, token_counts: dict[str, torch.Tensor]) -> torch.Tensor:
         """[W proposal, tokens per expert operator] to be summed across replicas."""
@@ -123,7 +125,9 @@ class SparseCheckpointer:
         for name in self._experts:
             layer, _, expert = name.rpartition(".experts.")
             counts.append(float(token_counts[layer][int(expert)]) if layer in token_counts else 0.0)
-        return torch.tensor([self._propose(), *counts], dtype=torch.float32)
+        # Algorithm 1 is quadratic in operators: run it only where its answer is used.
+        proposal = self._propose() if self._is_decision_point(self._iteration) else self._proposal
+        return torch.tensor([proposal, *counts], dtype=torch.float32)
 
     def absorb_dp(self, summed: torch.Tensor) -> None:
         replicas = self.identity.data_parallel
