@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 from dataclasses import replace
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 import numpy as np
 import torch
@@ -220,9 +220,16 @@ class LogStore:
 
     def drop_before(self, iteration: int) -> int:
         """Forgets every entry with ``key.iteration < iteration``; returns how many."""
+        return self._drop(lambda key: key.iteration < iteration)
+
+    def drop_from(self, iteration: int) -> int:
+        """Forgets every entry with ``key.iteration >= iteration`` (an abandoned iteration's); returns how many."""
+        return self._drop(lambda key: key.iteration >= iteration)
+
+    def _drop(self, doomed_key: Callable[[LogKey], bool]) -> int:
         with self._lock:
             self._check_open_locked()
-            doomed = [entry for key, entry in self._entries.items() if key.iteration < iteration]
+            doomed = [entry for key, entry in self._entries.items() if doomed_key(key)]
             for entry in doomed:
                 self._remove_locked(entry)
         for entry in doomed:

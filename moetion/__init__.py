@@ -20,7 +20,8 @@ import torch
 from moetion import log as _log
 from moetion.config import Config, LRScheduleConfig
 from moetion.data import ByteCorpus, DataSource, TensorDataSource
-from moetion.distributed import build_context, init_process_group
+from moetion.control import ControlPlane, start_generation, supervised
+from moetion.distributed import build_context, init_process_group, join_job
 from moetion.engine import IterationStats, PipelineEngine
 from moetion.errors import ConfigError, DataError, LaunchError, MoetionError, PartitionError, PeerFailure
 from moetion.module import LayerSpec, PipelineModule, TiedLayerSpec
@@ -66,7 +67,7 @@ def initialize(
     config = _as_config(config)
     if module.loss_fn is None and module.is_last_stage:
         raise ConfigError("the last stage needs a loss: pass PipelineModule(..., loss_fn=...)")
-    init_process_group(timeout_s=config.peer_timeout_s)
+    control, generation = _join(config)
     context = build_context(
         num_stages=module.num_stages,
         tied_stages=module.tied_stages(),
@@ -88,7 +89,22 @@ def initialize(
         module.parts[context.stage], module.parts[context.stage + 1] - 1,
         sum(p.numel() for p in module.parameters()), threads, config.precision,
     )
-    return PipelineEngine(module=module, optimizer=optimizer, config=config, dist_context=context, threads=threads)
+    return PipelineEngine(module=module, optimizer=optimizer, config=config, dist_context=context, threads=threads,
+                          control=control, generation=generation, replacement=start_generation() > 0)
+
+
+def _join(config: Config) -> tuple[ControlPlane | None, int]:
+    """Joins the job: through the control plane under moetion's supervisor (so that failures can be
+    recovered from), else through torchrun's env:// rendezvous."""
+    if not supervised():
+        init_process_group(timeout_s=config.peer_timeout_s)
+        return None, 0
+    control = ControlPlane.from_env(timeout_s=config.peer_timeout_s)
+    generation = start_generation()
+    while not join_job(control, generation, timeout_s=config.peer_timeout_s):
+        generation = control.generation()  # superseded while starting: join the newest
+    control.start_heartbeat(int(os.environ["RANK"]))
+    return control, generation
 
 
 def resume_requested() -> bool:

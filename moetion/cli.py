@@ -1,10 +1,13 @@
-"""The ``moetion`` command line: ``moetion launch``, ``demo``, ``inspect``, ``export`` and ``plan``."""
+"""The ``moetion`` command line: ``launch``, ``demo``, ``faults``, ``inspect``, ``export`` and ``plan``."""
 from __future__ import annotations
 
 import argparse
 import sys
 
 from moetion.errors import MoetionError
+from moetion.faults import PHASES
+
+DEFAULT_KILL = "stage=2,iter=30,phase=backward"  # the demo's one failure (a middle stage, mid-backward)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,16 +22,26 @@ def main(argv: list[str] | None = None) -> int:
     launch.add_argument("script")
     launch.add_argument("script_args", nargs=argparse.REMAINDER)
 
-    demo = commands.add_parser("demo", help="train the built-in MoE model across pipeline-stage processes")
-    demo.add_argument("--iterations", type=int, default=50)
-    demo.add_argument("--stages", type=int, default=4)
-    demo.add_argument("--data-parallel", type=int, default=1)
-    demo.add_argument("--micro-batches", type=int, default=4)
-    demo.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--window", type=int, default=None, help="pin the sparse-checkpoint window W (default: Algorithm 1)")
-    demo.add_argument("--persist-dir", default=None, help="also persist complete windows there (see `moetion inspect`)")
-    demo.add_argument("--no-snapshots", action="store_true", help="train without sparse checkpointing")
+    demo = commands.add_parser("demo", help="train the built-in MoE model across pipeline-stage processes, "
+                                             "kill a stage and recover it")
+    _model_options(demo)
+    demo.add_argument("--kill", action="append", default=None, metavar="SPEC",
+                      help=f"kill spec (repeatable), default {DEFAULT_KILL!r}: stage=,iter=,phase= "
+                           "[,replica=][,memory=lost]; phases: " + ", ".join(PHASES))
+    demo.add_argument("--no-fault", action="store_true", help="train without injecting a failure")
+
+    faults = commands.add_parser("faults", help="run a job fault-free and with SIGKILLs; compare bit for bit")
+    _model_options(faults)
+    faults.add_argument("--kill", action="append", required=True, metavar="SPEC",
+                        help="kill spec (repeatable): stage=,iter=,phase=[,replica=][,memory=lost]; phases: "
+                             + ", ".join(PHASES))
+    faults.add_argument("--script", default=None, help="a training script to run instead of the built-in model")
+    faults.add_argument("--nproc", type=int, default=None, help="ranks of --script")
+    faults.add_argument("--timeout", type=float, default=600.0, help="seconds each run may take")
+    faults.add_argument("--heartbeat-timeout", type=float, default=30.0,
+                        help="seconds without a heartbeat before a rank counts as hung")
+    faults.add_argument("--json", default=None, metavar="OUT", help="also write the report as JSON")
+    faults.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments of --script (after --)")
 
     inspect = commands.add_parser("inspect", help="list persisted snapshot windows per stage and check their integrity")
     inspect.add_argument("dir", help="the directory windows were persisted to")
@@ -77,18 +90,41 @@ def main(argv: list[str] | None = None) -> int:
 
             return plan_command(preset_name=args.preset, spec=args.json, mtbf=args.mtbf, runs=args.runs,
                                 seed=args.seed, plot=args.plot)
-        else:
-            from moetion.demo import DemoSettings, run_demo
+        elif args.command == "faults":
+            from moetion.harness.runner import faults_command
 
-            run_demo(DemoSettings(
-                iterations=args.iterations, stages=args.stages, data_parallel=args.data_parallel,
-                micro_batches=args.micro_batches, precision=args.precision, seed=args.seed,
-                snapshots=not args.no_snapshots, window=args.window, persist_dir=args.persist_dir,
-            ))
+            return faults_command(_demo_settings(args), kills=args.kill, script=args.script, nproc=args.nproc,
+                                  script_args=[a for a in args.script_args if a != "--"], timeout_s=args.timeout,
+                                  heartbeat_timeout_s=args.heartbeat_timeout, json_out=args.json)
+        else:
+            from moetion.demo import run_demo
+
+            run_demo(_demo_settings(args), kills=None if args.no_fault else (args.kill or [DEFAULT_KILL]))
     except MoetionError as error:
         print(f"moetion {args.command}: error: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    """The built-in model's settings, shared by ``demo`` and ``faults``."""
+    parser.add_argument("--iterations", type=int, default=50)
+    parser.add_argument("--stages", type=int, default=4)
+    parser.add_argument("--data-parallel", type=int, default=1)
+    parser.add_argument("--micro-batches", type=int, default=4)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--window", type=int, default=None, help="pin the sparse-checkpoint window W (default: Algorithm 1)")
+    parser.add_argument("--persist-dir", default=None, help="also persist complete windows there (see `moetion inspect`)")
+    parser.add_argument("--no-snapshots", action="store_true", help="train without sparse checkpointing")
+
+
+def _demo_settings(args: argparse.Namespace):
+    from moetion.demo import DemoSettings
+
+    return DemoSettings(iterations=args.iterations, stages=args.stages, data_parallel=args.data_parallel,
+                        micro_batches=args.micro_batches, precision=args.precision, seed=args.seed,
+                        snapshots=not args.no_snapshots, window=args.window, persist_dir=args.persist_dir)
 
 
 if __name__ == "__main__":

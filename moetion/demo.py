@@ -1,9 +1,10 @@
 """``moetion demo``: the built-in GPT-MoE model trained across pipeline-stage processes on CPU."""
 from __future__ import annotations
 
-import time
+import contextlib
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 
 import moetion
 from moetion.data import ByteCorpus, stdlib_corpus
+from moetion.errors import ConfigError
 from moetion.export import JobSpec
 from moetion.launcher import run_workers
 from moetion.models import GPTMoEConfig, build_gpt_moe_layers, gpt_moe_loss
@@ -32,6 +34,7 @@ class DemoSettings:
     snapshots: bool = True
     window: int | None = None
     persist_dir: str | None = None
+    progress: bool = True  # rank 0 prints a line per iteration
 
 
 def demo_model_config() -> GPTMoEConfig:
@@ -64,8 +67,13 @@ def job(settings: DemoSettings | None = None) -> JobSpec:
     )
 
 
-def run_demo(settings: DemoSettings) -> dict:
-    """Trains the demo and returns its summary (also printed by rank 0)."""
+def run_demo(settings: DemoSettings, kills: list[str] | None = None) -> dict:
+    """Trains the demo and returns its summary (also printed by rank 0).
+
+    With ``kills`` (kill specs, see :mod:`moetion.faults`), the demo runs under the fault harness:
+    a fault-free reference first, then the same training with each kill a real SIGKILL, recovered
+    in place; it prints every recovery's timeline and whether the two runs are bit-identical.
+    """
     print(
         f"moetion demo: GPT-MoE ({demo_model_config().n_layers} MoE blocks x {demo_model_config().num_experts} "
         f"experts) on {settings.stages} stages x {settings.data_parallel} replicas, "
@@ -73,15 +81,42 @@ def run_demo(settings: DemoSettings) -> dict:
         flush=True,
     )
     os.environ.setdefault("MOETION_LOG_LEVEL", "WARNING")  # progress lines only; INFO shows every rank's events
+    if kills:
+        return _run_with_faults(settings, kills)
     run_id = f"demo-{os.getpid()}"
     try:
-        results = run_workers(_rank_main, nproc=settings.stages * settings.data_parallel, args=(settings, run_id))
+        results = run_workers(rank_main, nproc=settings.stages * settings.data_parallel, args=(settings, run_id))
     finally:
         shutil.rmtree(Path(SHM_ROOT) / run_id, ignore_errors=True)  # the demo's windows die with it
     return results[0]
 
 
-def _rank_main(settings: DemoSettings, run_id: str) -> dict:
+def _run_with_faults(settings: DemoSettings, kills: list[str]) -> dict:
+    from moetion.harness.runner import FaultHarness, Job
+
+    if not settings.snapshots:
+        raise ConfigError("recovering from a failure needs sparse snapshots: drop --no-snapshots or the kill")
+    print(f"fault-free reference run first (quiet), then the same run with: {'; '.join(kills)}", flush=True)
+    harness = FaultHarness(Job(demo=settings))
+    with _quiet_progress(settings):
+        harness.reference()
+    report = harness.run(kills)
+    print("\n".join(["", "recovery:"] + ["  " + line for line in report.lines()]), flush=True)
+    shutil.rmtree(harness.work_dir, ignore_errors=True)
+    return report.to_dict()
+
+
+@contextlib.contextmanager
+def _quiet_progress(settings: DemoSettings):
+    settings.progress = False
+    try:
+        yield
+    finally:
+        settings.progress = True
+
+
+def rank_main(settings: DemoSettings, run_id: str) -> dict:
+    """One rank of the demo (also the fault harness's built-in job)."""
     model = demo_model_config()
     module = moetion.PipelineModule(build_gpt_moe_layers(model), settings.stages, loss_fn=gpt_moe_loss, seed=settings.seed)
     engine = moetion.initialize(
@@ -90,10 +125,10 @@ def _rank_main(settings: DemoSettings, run_id: str) -> dict:
     )
     data = ByteCorpus(stdlib_corpus(), seq_len=model.seq_len, micro_batch_size=settings.micro_batch_size, seed=settings.seed)
     tokens_per_iteration = settings.micro_batches * settings.data_parallel * settings.micro_batch_size * model.seq_len
-    speaker = engine.dist.rank == 0
+    speaker = engine.dist.rank == 0 and settings.progress
     start = time.perf_counter()
     seconds = []
-    for _ in range(settings.iterations):
+    while engine.iteration < settings.iterations:  # a replacement joins mid-run: count from the engine
         loss = engine.train_batch(data)
         stats = engine.last_stats
         seconds.append(stats.seconds)

@@ -12,6 +12,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from moetion.control import ControlPlane
 from moetion.errors import ConfigError
 from moetion.topology import PipeTopology
 
@@ -58,8 +59,27 @@ def init_process_group(*, timeout_s: float) -> None:
             f"environment variables {missing} are not set: start training with `moetion launch` "
             "or `torchrun`, or call torch.distributed.init_process_group yourself first"
         )
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend, init_method="env://", timeout=timedelta(seconds=timeout_s))
+    dist.init_process_group(_backend(), init_method="env://", timeout=timedelta(seconds=timeout_s))
+
+
+def join_job(control: ControlPlane, generation: int, *, timeout_s: float) -> bool:
+    """Joins the job's process group of ``generation`` (under a supervisor); False when a newer
+    generation was published before every rank arrived (a rank of this one died first)."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if not control.arrive(generation, rank, world, timeout_s=timeout_s):
+        return False
+    dist.init_process_group(_backend(), store=control.group_store(generation), rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout_s))
+    return True
+
+
+def leave_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
 
 
 def build_context(*, num_stages: int, tied_stages: dict[str, list[int]], replication: bool = False) -> DistContext:

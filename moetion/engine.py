@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -22,7 +22,8 @@ from logging_store import LogStoreConfig
 from moetion import gradients, schedule
 from moetion.config import Config
 from moetion.data import DataSource
-from moetion.distributed import DistContext
+from moetion.control import ControlPlane
+from moetion.distributed import DistContext, build_context, join_job, leave_process_group
 from moetion.errors import ConfigError, DataError, PeerFailure
 from moetion.faults import fault_point
 from moetion.lr_schedule import apply_lr
@@ -31,6 +32,8 @@ from moetion.moe import MoELayer
 from moetion.p2p import StageLinks
 from moetion.precision import StagePrecision
 from moetion.random import StepContext, step_context
+from moetion.recovery import Recovery
+from moetion.harness.final_state import record_final_state
 from moetion.replay import newest_common_window, persisted_neighbour_logs, replay_stage
 from moetion.snapshot.persist import load_persisted
 from moetion.snapshot.checkpointer import SparseCheckpointer, StageIdentity, run_id
@@ -75,23 +78,28 @@ class PipelineEngine:
         config: Config,
         dist_context: DistContext,
         threads: int,
+        control: ControlPlane | None = None,
+        generation: int = 0,
+        replacement: bool = False,
     ) -> None:
         self.module = module
         self.optimizer = optimizer
         self.config = config
-        self.dist = dist_context
         self.threads = threads
         self.iteration = 0
         self.last_stats: IterationStats | None = None
+        self.losses: dict[int, float] = {}  # every iteration's loss this process saw commit
         self.precision = StagePrecision(module, config.precision)
-        self.links = StageLinks(
-            prev_rank=dist_context.neighbour(-1),
-            next_rank=dist_context.neighbour(+1),
-            timeout_s=config.peer_timeout_s,
-            device=dist_context.device,
-        )
+        self.dist = dist_context
         self.checkpointer = self._build_checkpointer() if config.snapshot.enabled else None
+        if self.checkpointer is not None and not replacement:
+            self.checkpointer.shm.clear()  # a replacement restores from these; anyone else starts afresh
         self.upstream = self._build_upstream_log() if config.upstream_log.enabled else None
+        self._connect(dist_context)
+        # Under a supervisor a lost peer is recovered from; a process started into a later
+        # generation is a replacement and restores its stage before its first iteration.
+        self.recovery = None if control is None else Recovery(
+            self, control, generation=generation, needs_restore=replacement)
         self.last_token_counts: dict[str, torch.Tensor] = {}
         self._moe_layers = [(n, m) for n, m in self.precision.compute.named_modules() if isinstance(m, MoELayer)]
         self._params = [p for p in module.parameters() if p.requires_grad]
@@ -120,6 +128,19 @@ class PipelineEngine:
         same value on every rank. The optimizer step is the commit point: when this returns,
         every rank of the job has applied the same iteration.
         """
+        if self.recovery is not None and self.recovery.needs_restore:
+            self.recovery.restore(data)
+        while True:
+            try:
+                return self._run_iteration(data)
+            except PeerFailure as failure:
+                if self.recovery is None:
+                    raise
+                cause = str(failure)
+            # Outside the except block: a live traceback would keep the broken group's sockets open.
+            self.recovery.after_failure(cause, data)
+
+    def _run_iteration(self, data: DataSource) -> float:
         start = time.perf_counter()
         self._data = data
         self._mb = _MicroBatchBuffers(loss_sum=torch.zeros((), dtype=torch.float32, device=self.dist.device))
@@ -131,6 +152,7 @@ class PipelineEngine:
         ):
             self._dispatch[type(instruction)](instruction.micro_batch)
         self.last_stats.seconds = time.perf_counter() - start
+        self.losses[self.iteration] = self.last_stats.loss
         self.iteration += 1
         return self.last_stats.loss
 
@@ -165,11 +187,48 @@ class PipelineEngine:
         return self.iteration
 
     def close(self) -> None:
-        """Waits for background snapshot work and stops its threads."""
+        """Waits for background snapshot work and stops its threads (and, under the fault harness,
+        leaves this rank's final state for it to compare)."""
         if self.checkpointer is not None:
             self.checkpointer.close()
         if self.upstream is not None:
             self.upstream.close()
+        record_final_state(self)
+
+    # -- membership (recovery) ---------------------------------------------------------------------
+    def abandon_iteration(self) -> None:
+        """Forgets the in-flight iteration; the committed state (weights, optimizer) is untouched."""
+        self._mb = None
+        self.optimizer.zero_grad(set_to_none=True)
+        self.precision.discard_grads()
+        self._pop_token_counts()
+        if self.upstream is not None:
+            self.upstream.drop_from(self.iteration)
+        if self.checkpointer is not None:
+            self.checkpointer.abandon_iteration()
+
+    def leave_group(self) -> None:
+        """Tears down this rank's process groups (threads blocked in them fail and exit)."""
+        if self.checkpointer is not None:
+            self.checkpointer.replace_replicator(None)
+        self.links = None  # its pending sends hold the group's sockets open; neighbours must see them close
+        self.dist = replace(self.dist, pipeline_group=None, data_group=None, tied_groups={}, replication_group=None)
+        leave_process_group()
+
+    def join_group(self, control: ControlPlane, generation: int) -> bool:
+        """Joins the job's process group of ``generation``; False if a newer one superseded it first."""
+        if not join_job(control, generation, timeout_s=self.config.peer_timeout_s):
+            return False
+        self._connect(build_context(num_stages=self.module.num_stages, tied_stages=self.module.tied_stages(),
+                                    replication=self.config.snapshot.enabled and self.config.snapshot.replicate))
+        return True
+
+    def _connect(self, context: DistContext) -> None:
+        self.dist = context
+        self.links = StageLinks(prev_rank=context.neighbour(-1), next_rank=context.neighbour(+1),
+                                timeout_s=self.config.peer_timeout_s, device=context.device)
+        if self.checkpointer is not None:
+            self.checkpointer.replace_replicator(self._build_replicator())
 
     # -- micro-batch instructions ------------------------------------------------------------------
     def _global_index(self, m: int) -> int:
@@ -284,6 +343,9 @@ class PipelineEngine:
         self.precision.after_step()
         if self.checkpointer is not None:
             self.checkpointer.after_step(self.iteration)
+            if self.upstream is not None and self.checkpointer.job_restorable_start >= 0:
+                # Every stage's restore starts at or after this: older logs are dead.
+                self.upstream.drop_before(self.checkpointer.job_restorable_start)
         loss = float(gathered[-1][1]) / (self.config.micro_batches * self.dist.topology.data_parallel)
         self.last_stats = IterationStats(self.iteration, loss, float(norm), coef, factor, 0.0)
 
@@ -296,8 +358,6 @@ class PipelineEngine:
         store = LogStoreConfig(codec=settings.codec, level=settings.level, shuffle=settings.shuffle,
                                budget_bytes=settings.budget_bytes, spill_dir=settings.spill_dir)
         log_ = UpstreamLog(stage=self.stage, store_config=store)
-        # Retention: once a newer window is complete, replay starts there; older logs are dead.
-        self.checkpointer.listeners.append(lambda image: log_.drop_before(image.manifest.start_iteration))
         self.checkpointer.log_exporter = log_.export
         return log_
 
@@ -306,15 +366,17 @@ class PipelineEngine:
             run_id=run_id(self.config.snapshot), stage=self.stage, replica=self.dist.replica,
             data_parallel=self.dist.topology.data_parallel, threads=self.threads, precision=self.config.precision,
         )
-        replicator = None
-        peers = replication_peers(self.dist.topology, self.dist.rank)
-        if self.dist.replication_group is not None and peers is not None:
-            replicator = PeerReplicator(group=self.dist.replication_group, send_to=peers[0], receive_from=peers[1],
-                                        stage=self.stage, replica=self.dist.replica)
         if self.config.snapshot.persist_dir and self.dist.rank == 0:
             _write_run_config(Path(self.config.snapshot.persist_dir) / identity.run_id, self.config)
         return SparseCheckpointer(master=self.module, compute=self.precision.compute, optimizer=self.optimizer,
-                                  config=self.config.snapshot, identity=identity, replicator=replicator)
+                                  config=self.config.snapshot, identity=identity)
+
+    def _build_replicator(self) -> PeerReplicator | None:
+        peers = replication_peers(self.dist.topology, self.dist.rank)
+        if self.dist.replication_group is None or peers is None:
+            return None
+        return PeerReplicator(group=self.dist.replication_group, send_to=peers[0], receive_from=peers[1],
+                              stage=self.stage, replica=self.dist.replica)
 
     def _params_counted_in_norm(self) -> list[torch.nn.Parameter]:
         """This stage's parameters, minus tied copies whose norm another stage counts."""

@@ -1,15 +1,17 @@
-"""Starting the ranks of a job on this host and watching them.
+"""Starting the ranks of a job on this host under a :class:`~moetion.supervisor.Supervisor`.
 
-The launcher hosts the job's ``TCPStore`` itself (so it outlives any rank) and gives every rank
-torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT,
-TORCHELASTIC_USE_AGENT_STORE), so a script runs unchanged under ``torchrun`` or ``moetion launch``.
+The job's control store runs in a process of its own, started first (so it outlives any rank and
+the supervisor can fork replacements later). Every rank gets torchrun's environment (RANK,
+WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT, TORCHELASTIC_USE_AGENT_STORE),
+so a script runs unchanged under ``torchrun`` or ``moetion launch``.
 
-Two ways to start ranks, one supervision loop:
+Two ways to start ranks, one supervisor:
 - :func:`launch_script` runs a Python script per rank in a fresh interpreter;
 - :func:`run_workers` forks the current process per rank and calls a function (0.1 s instead of
   seconds of ``import torch`` per rank; the parent must not have run multi-threaded torch work).
-When a rank fails, the others get a grace period to notice and exit, then are killed; the error
-names every rank that failed and how.
+With ``recover=True`` a rank killed by a signal is replaced and the survivors rebuild the job
+around it (:mod:`moetion.recovery`); otherwise the first failure ends the job, naming every rank
+that failed and how.
 """
 from __future__ import annotations
 
@@ -19,61 +21,23 @@ import os
 import signal
 import subprocess
 import sys
-import time
+import tempfile
 import traceback
-from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
 
+from moetion.control import GENERATION_ENV, SUPERVISED_ENV, ControlPlane, serve_store
 from moetion.errors import LaunchError
-
-GRACE_S = 10.0  # how long survivors get to exit on their own after a rank fails
-POLL_S = 0.05
-
-
-@dataclass
-class _Worker:
-    rank: int
-    handle: subprocess.Popen | mp.process.BaseProcess
-    result_pipe: Connection | None = None
-    result: Any = None
-    error: str | None = None
-    exited_at: float = float("inf")
-
-    def exit_code(self) -> int | None:
-        if isinstance(self.handle, subprocess.Popen):
-            return self.handle.poll()
-        return self.handle.exitcode
-
-    def kill(self) -> None:
-        if self.exit_code() is None:
-            self.handle.kill()
-
-    def collect(self) -> None:
-        """Reads the function result or formatted exception a forked worker sent, if any."""
-        if self.result_pipe is None or not self.result_pipe.poll():
-            return
-        try:
-            status, payload = torch.load(io.BytesIO(self.result_pipe.recv_bytes()), weights_only=True)
-        except EOFError:  # the worker died without reporting; its exit code tells how
-            self.result_pipe = None
-            return
-        if status == "ok":
-            self.result = payload
-        else:
-            self.error = payload
+from moetion.faults import FAULT_LOG_ENV
+from moetion.supervisor import GRACE_S, JobReport, Spawn, Supervisor, Worker
 
 
-def host_store(world_size: int) -> dist.TCPStore:
-    """A TCPStore served by this process on a free loopback port."""
-    return dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False)
-
-
-def rank_env(*, rank: int, world_size: int, port: int) -> dict[str, str]:
-    return {
+def rank_env(*, rank: int, world_size: int, port: int, generation: int = 0, supervised: bool = False) -> dict[str, str]:
+    env = {
         "RANK": str(rank),
         "WORLD_SIZE": str(world_size),
         "LOCAL_RANK": str(rank),
@@ -82,7 +46,11 @@ def rank_env(*, rank: int, world_size: int, port: int) -> dict[str, str]:
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(port),
         "TORCHELASTIC_USE_AGENT_STORE": "True",
+        GENERATION_ENV: str(generation),
     }
+    if supervised:
+        env[SUPERVISED_ENV] = "1"
+    return env
 
 
 RESUME_ENV = "MOETION_RESUME"
@@ -96,69 +64,114 @@ def launch_script(
     timeout_s: float | None = None,
     grace_s: float = GRACE_S,
     resume: bool = False,
-) -> None:
-    """Runs ``python script *script_args`` as ``nproc`` ranks; raises LaunchError if any fails.
+    recover: bool = True,
+    max_restarts: int = 8,
+    heartbeat_timeout_s: float = 30.0,
+    env: dict[str, str] | None = None,
+) -> JobReport:
+    """Runs ``python script *script_args`` as ``nproc`` ranks; raises LaunchError if the job fails.
 
     ``resume`` sets ``MOETION_RESUME=1`` for the ranks: see :func:`moetion.resume_requested`.
+    ``recover`` replaces ranks killed by a signal (at most ``max_restarts`` times). ``env`` is
+    added to the ranks' environment.
     """
     if nproc < 1:
         raise LaunchError(f"--nproc must be >= 1, got {nproc}")
     if not os.path.isfile(script):
         raise LaunchError(f"training script {script!r} does not exist")
-    store = host_store(nproc)
-    workers = []
-    for rank in range(nproc):
-        env = {**os.environ, **rank_env(rank=rank, world_size=nproc, port=store.port)}
+
+    extra = dict(env or {})
+    fault_log = _fault_log(extra)
+
+    def spawn(rank: int, generation: int, port: int) -> Worker:
+        rank_vars = rank_env(rank=rank, world_size=nproc, port=port, generation=generation, supervised=recover)
+        full = {**os.environ, **extra, FAULT_LOG_ENV: fault_log, **rank_vars}
         if resume:
-            env[RESUME_ENV] = "1"
-        workers.append(_Worker(rank, subprocess.Popen([sys.executable, script, *script_args], env=env)))
-    try:
-        _supervise(workers, timeout_s=timeout_s, grace_s=grace_s)
-    finally:
-        del store  # stops its server thread even when a traceback outlives this frame
+            full[RESUME_ENV] = "1"
+        return Worker(rank, subprocess.Popen([sys.executable, script, *script_args], env=full))
+
+    return _supervise(spawn, nproc=nproc, recover=recover, max_restarts=max_restarts, fault_log=fault_log,
+                      heartbeat_timeout_s=heartbeat_timeout_s, timeout_s=timeout_s, grace_s=grace_s)
 
 
 def run_workers(
-    fn: Callable[..., Any], *, nproc: int, args: tuple = (), timeout_s: float | None = None, grace_s: float = GRACE_S
+    fn: Callable[..., Any],
+    *,
+    nproc: int,
+    args: tuple = (),
+    timeout_s: float | None = None,
+    grace_s: float = GRACE_S,
+    recover: bool = False,
+    max_restarts: int = 8,
+    heartbeat_timeout_s: float = 30.0,
+    env: dict[str, str] | None = None,
 ) -> list[Any]:
     """Forks ``nproc`` ranks, each calling ``fn(*args)`` with torchrun's environment set.
 
-    Returns the ranks' return values in rank order; raises LaunchError with each failed rank's
-    traceback if any rank raises, dies, or the whole group exceeds ``timeout_s``.
+    Returns the ranks' return values in rank order (a replacement's, for a replaced rank); raises
+    LaunchError with each failed rank's traceback if the job fails or exceeds ``timeout_s``.
+    ``env`` is added to the ranks' environment. :func:`supervise_workers` also returns the recoveries.
     """
+    return supervise_workers(fn, nproc=nproc, args=args, timeout_s=timeout_s, grace_s=grace_s, recover=recover,
+                             max_restarts=max_restarts, heartbeat_timeout_s=heartbeat_timeout_s, env=env).results
+
+
+def supervise_workers(
+    fn: Callable[..., Any],
+    *,
+    nproc: int,
+    args: tuple = (),
+    timeout_s: float | None = None,
+    grace_s: float = GRACE_S,
+    recover: bool = False,
+    max_restarts: int = 8,
+    heartbeat_timeout_s: float = 30.0,
+    env: dict[str, str] | None = None,
+) -> JobReport:
+    """:func:`run_workers`, returning the whole :class:`~moetion.supervisor.JobReport`."""
     if nproc < 1:
         raise LaunchError(f"nproc must be >= 1, got {nproc}")
     context = mp.get_context("fork")
-    workers, port_pipes = [], []
-    # Fork before starting the store: its server thread must not exist while the parent forks.
-    for rank in range(nproc):
+    extra = dict(env or {})
+    extra[FAULT_LOG_ENV] = _fault_log(extra)
+
+    def spawn(rank: int, generation: int, port: int) -> Worker:
         receiver, sender = context.Pipe(duplex=False)
-        port_receiver, port_sender = context.Pipe(duplex=False)
-        process = context.Process(
-            target=_forked_main, args=(fn, args, rank, nproc, port_receiver, sender), name=f"moetion-rank{rank}"
-        )
+        rank_vars = {**extra, **rank_env(rank=rank, world_size=nproc, port=port, generation=generation, supervised=recover)}
+        process = context.Process(target=_forked_main, args=(fn, args, rank_vars, sender), name=f"moetion-rank{rank}")
         process.start()
         sender.close()
-        port_receiver.close()
-        workers.append(_Worker(rank, process, receiver))
-        port_pipes.append(port_sender)
-    store = host_store(nproc)
-    for pipe in port_pipes:
-        pipe.send(store.port)
-        pipe.close()
+        return Worker(rank, process, receiver)
+
+    return _supervise(spawn, nproc=nproc, recover=recover, max_restarts=max_restarts,
+                      heartbeat_timeout_s=heartbeat_timeout_s, timeout_s=timeout_s, grace_s=grace_s,
+                      fault_log=extra[FAULT_LOG_ENV])
+
+
+def _fault_log(env: dict[str, str]) -> str:
+    """Where kills are recorded: the caller's choice, else a fresh file (kills fire once per job)."""
+    path = env.get(FAULT_LOG_ENV) or os.environ.get(FAULT_LOG_ENV)
+    if path:
+        return path
+    handle, path = tempfile.mkstemp(prefix="moetion-faults-", suffix=".jsonl")
+    os.close(handle)
+    return path
+
+
+def _supervise(spawn: Spawn, *, nproc: int, fault_log: str, **options: Any) -> JobReport:
+    store_process, port = serve_store()
     try:
-        _supervise(workers, timeout_s=timeout_s, grace_s=grace_s)
+        control = ControlPlane("127.0.0.1", port)
+        control.store.set("generation", "0")
+        supervisor = Supervisor(spawn, world_size=nproc, control=control, fault_log=Path(fault_log), **options)
+        return supervisor.run()
     finally:
-        del store  # a live server thread would make the next fork unsafe
-    return [w.result for w in workers]
+        store_process.terminate()
+        store_process.join()
 
 
-def _forked_main(
-    fn: Callable[..., Any], args: tuple, rank: int, world_size: int, port_pipe: Connection, result_pipe: Connection
-) -> None:
-    port = port_pipe.recv()
-    port_pipe.close()
-    os.environ.update(rank_env(rank=rank, world_size=world_size, port=port))
+def _forked_main(fn: Callable[..., Any], args: tuple, rank_vars: dict[str, str], result_pipe: Connection) -> None:
+    os.environ.update(rank_vars)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     try:
         result = fn(*args)
@@ -177,54 +190,3 @@ def _forked_main(
             dist.destroy_process_group()
     if status == "error":
         sys.exit(1)
-
-
-def _supervise(workers: list[_Worker], *, timeout_s: float | None, grace_s: float) -> None:
-    """Waits for all workers; on the first failure gives the rest ``grace_s``, then kills them."""
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    kill_at = None
-    timed_out = False
-    while True:
-        for w in workers:
-            w.collect()
-        now = time.monotonic()
-        codes = [w.exit_code() for w in workers]
-        for w, code in zip(workers, codes):
-            if code is not None and w.exited_at == float("inf"):
-                w.exited_at = now
-        if all(c is not None for c in codes):
-            break
-        failed = any(c not in (None, 0) for c in codes)
-        if failed and kill_at is None:
-            kill_at = now + grace_s
-        if deadline is not None and now > deadline and kill_at is None:
-            timed_out, kill_at = True, now
-        if kill_at is not None and now >= kill_at:
-            for w in workers:
-                w.kill()
-        time.sleep(POLL_S)
-    for w in workers:
-        w.collect()
-        if isinstance(w.handle, mp.process.BaseProcess):
-            w.handle.join()
-    # Root causes first: a rank that failed on its own, before those that lost it as a peer.
-    failures = sorted(
-        (w for w in workers if w.exit_code() != 0),
-        key=lambda w: (w.error is not None and "PeerFailure" in w.error, w.exited_at),
-    )
-    if not failures and not timed_out:
-        return
-    lines = [f"timed out after {timeout_s} s" if timed_out else f"{len(failures)} of {len(workers)} ranks failed"]
-    for w in failures:
-        lines.append(f"rank {w.rank}: {_describe_exit(w.exit_code())}")
-        if w.error:
-            lines.append("  " + w.error.strip().replace("\n", "\n  "))
-    raise LaunchError("\n".join(lines))
-
-
-def _describe_exit(code: int | None) -> str:
-    if code is None:
-        return "still running"
-    if code < 0:
-        return f"killed by {signal.Signals(-code).name}"
-    return f"exited with code {code}"

@@ -48,6 +48,12 @@ class StagePrecision:
                 master.grad.add_(grad)
             compute.grad = None
 
+    def discard_grads(self) -> None:
+        """Drops the compute copy's gradients of an abandoned iteration."""
+        if self.compute is not self.master:
+            for _, compute in self._pairs:
+                compute.grad = None
+
     def after_step(self) -> None:
         """Refreshes the compute weights from the freshly stepped masters."""
         if self.compute is self.master:

@@ -38,13 +38,14 @@ from moetion import gradients
 from moetion.config import Config
 from moetion.data import DataSource
 from moetion.errors import MoetionError
+from moetion.faults import fault_point
 from moetion.module import LayerSpec, PipelineModule
 from moetion.operators import discover_operators
 from moetion.precision import StagePrecision
 from moetion.random import StepContext, step_context
 from moetion.snapshot.image import WindowImage
 from moetion.snapshot.persist import list_persisted, load_persisted, load_window_logs, window_path
-from moetion.upstream_log import LogReader
+from moetion.upstream_log import LogReader, UpstreamLog
 
 log = logging.getLogger(__name__)
 
@@ -62,20 +63,27 @@ def replay_stage(
     module: PipelineModule,
     optimizer: torch.optim.Optimizer,
     config: Config,
-    window: WindowImage,
+    window: WindowImage | None,
     logs: LogReader,
     data: DataSource,
     until: int,
     precision: StagePrecision | None = None,
     replica_group: dist.ProcessGroup | None = None,
+    record: UpstreamLog | None = None,
 ) -> ReplayReport:
     """Brings ``module`` and ``optimizer`` (freshly built for the window's stage) to ``S_until``.
 
-    ``until`` must lie at or past the window's last iteration. ``precision`` is the stage's compute
-    copy when the caller keeps one (the engine does); otherwise one is made here. A stage trained
-    with data parallelism replays with every replica at once: call this on each, passing the group
-    of replaying replicas (its size must equal the training's) and each replica's own ``logs``.
+    ``until`` must lie at or past the window's last iteration. ``window=None`` replays from the
+    freshly initialised module, iterations ``0..until`` (a failure before any window completed).
+    ``precision`` is the stage's compute copy when the caller keeps one (the engine does);
+    otherwise one is made here. A stage trained with data parallelism replays with every replica at
+    once: call this on each, passing the group of replaying replicas (its size must equal the
+    training's) and each replica's own ``logs``. ``record`` receives what the stage would have sent
+    and the iteration's decisions, so a replacement can serve its own neighbours' replays later.
     """
+    precision = precision or StagePrecision(module, config.precision)
+    if window is None:
+        return _replay_from_initial(module, optimizer, config, logs, data, until, precision, record)
     manifest = window.manifest
     replicas = manifest.extra.get("data_parallel", 1)
     group_size = 1 if replica_group is None else dist.get_world_size(replica_group)
@@ -98,11 +106,12 @@ def replay_stage(
         log.info("replay uses %d intra-op threads as the original run did (was %d)", manifest.threads, torch.get_num_threads())
         torch.set_num_threads(manifest.threads)
     start = time.perf_counter()
-    precision = precision or StagePrecision(module, config.precision)
     state = _StageState(module, precision, optimizer, window)
     state.load(0)
     for t in range(manifest.start_iteration + 1, until + 1):
-        _replay_iteration(state, config=config, logs=logs, data=data, iteration=t, replica_group=replica_group)
+        fault_point("replay", stage=manifest.stage, replica=manifest.replica, iteration=t)
+        _replay_iteration(state, config=config, logs=logs, data=data, iteration=t, replica_group=replica_group,
+                          record=record)
         j = t - manifest.start_iteration
         if j < manifest.window:
             state.load(j)
@@ -112,14 +121,31 @@ def replay_stage(
     return ReplayReport(manifest.start_iteration, until, until - manifest.start_iteration, seconds)
 
 
+def _replay_from_initial(module: PipelineModule, optimizer: torch.optim.Optimizer, config: Config, logs: LogReader,
+                         data: DataSource, until: int, precision: StagePrecision,
+                         record: UpstreamLog | None) -> ReplayReport:
+    """Ordinary steps ``0..until`` from the module as built: its weights depend only on the seed."""
+    start = time.perf_counter()
+    state = _StageState(module, precision, optimizer, None)
+    for t in range(0, until + 1):
+        fault_point("replay", stage=module.stage_id, replica=0, iteration=t)
+        _replay_iteration(state, config=config, logs=logs, data=data, iteration=t, replica_group=None, record=record)
+    seconds = time.perf_counter() - start
+    return ReplayReport(-1, until, until + 1, seconds)
+
+
 class _StageState:
     """The stage's parameters by operator, and loading a capture's snapshots into them."""
 
     def __init__(self, module: PipelineModule, precision: StagePrecision, optimizer: torch.optim.Optimizer,
-                 window: WindowImage) -> None:
+                 window: WindowImage | None) -> None:
         self.module, self.precision, self.optimizer, self.window = module, precision, optimizer, window
         self.masters = dict(module.named_parameters())
         self.computes = dict(precision.compute.named_parameters())
+        self.active_slots = 1
+        if window is None:  # the initial state: one slot, every operator active
+            self.slot_params = [[n for n, p in module.named_parameters() if p.requires_grad]]
+            return
         operators = {op.name: op for op in discover_operators(module)}
         slotted = {op for slot in window.manifest.slots for op in slot}
         if slotted != set(operators):
@@ -128,7 +154,6 @@ class _StageState:
                 f"only in the model {sorted(set(operators) - slotted)}"
             )
         self.slot_params = [[n for op in slot for n in operators[op].param_names] for slot in window.manifest.slots]
-        self.active_slots = 1
 
     def load(self, j: int) -> None:
         """After step t0+j: slot j becomes active from its full snapshot; later slots get compute weights."""
@@ -169,7 +194,7 @@ class _StageState:
 
 
 def _replay_iteration(state: _StageState, *, config: Config, logs: LogReader, data: DataSource, iteration: int,
-                      replica_group: dist.ProcessGroup | None) -> None:
+                      replica_group: dist.ProcessGroup | None, record: UpstreamLog | None = None) -> None:
     module, micro = state.module, config.micro_batches
     replica = 0 if replica_group is None else dist.get_rank(replica_group)
     state.optimizer.zero_grad(set_to_none=True)
@@ -186,15 +211,21 @@ def _replay_iteration(state: _StageState, *, config: Config, logs: LogReader, da
             grad = None
         else:
             grad = logs.gradient(iteration, m)
+            if record is not None:
+                record.log_activation(iteration, m, out.detach())
         if out.requires_grad:
             torch.autograd.backward(out, grad_tensors=grad)
         state.precision.after_backward()
+        if record is not None and not module.is_first_stage:
+            record.log_gradient(iteration, m, x.grad if x.grad is not None else torch.zeros_like(x))
     active = state.active_params()
     gradients.fill_missing_grads(active)
-    _use_logged_tied_grads(state, logs, iteration)
+    _use_logged_tied_grads(state, logs, iteration, record)
     if replica_group is not None:
         _average_across_replicas(active, replica_group)
     scalars = logs.scalars(iteration)
+    if record is not None:
+        record.log_scalars(iteration, scalars)
     gradients.scale_grads(active, scalars.clip_coef)
     for group in state.optimizer.param_groups:
         group.setdefault("initial_lr", group["lr"])
@@ -212,14 +243,18 @@ def _average_across_replicas(params: list[nn.Parameter], group: dist.ProcessGrou
     gradients.unflatten_mean(params, flat, replicas=dist.get_world_size(group))
 
 
-def _use_logged_tied_grads(state: _StageState, logs: LogReader, iteration: int) -> None:
+def _use_logged_tied_grads(state: _StageState, logs: LogReader, iteration: int, record: UpstreamLog | None) -> None:
     """A tied weight's gradient is the sum over the stages sharing it: take it as it was reduced."""
     for key in state.module.tied_stages():
         if key not in state.module.tied:
             continue
-        for index, param in enumerate(state.module.tied[key].parameters()):
+        params = list(state.module.tied[key].parameters())
+        reduced = [logs.tied_grad(iteration, key, index) for index in range(len(params))]
+        for param, grad in zip(params, reduced):
             if param.requires_grad:
-                param.grad = logs.tied_grad(iteration, key, index).to(param.grad.dtype)
+                param.grad = grad.to(param.grad.dtype)
+        if record is not None:
+            record.log_tied_grads(iteration, key, reduced)
 
 
 def dense_state_from_persisted(

@@ -49,9 +49,11 @@ class IterationScalars:
 class UpstreamLog:
     """This stage's log store and the keys it writes."""
 
-    def __init__(self, *, stage: int, store_config: LogStoreConfig | None = None) -> None:
+    def __init__(self, *, stage: int, store_config: LogStoreConfig | None = None, kept_from: int = 0) -> None:
         self.stage = stage
         self.store = LogStore(store_config or LogStoreConfig())
+        # Every iteration from here on is logged completely: what a replaying neighbour may ask for.
+        self.kept_from = kept_from
 
     def log_activation(self, iteration: int, micro_batch: int, tensor: torch.Tensor) -> None:
         """Call right after sending ``tensor`` to the next stage."""
@@ -71,7 +73,13 @@ class UpstreamLog:
         self.store.put(LogKey(iteration, 0, SCALARS, self.stage), scalars.to_tensor())
 
     def drop_before(self, iteration: int) -> None:
-        self.store.drop_before(iteration)
+        if iteration > self.kept_from:
+            self.store.drop_before(iteration)
+            self.kept_from = iteration
+
+    def drop_from(self, iteration: int) -> None:
+        """Forgets an abandoned iteration's partial logs, so that its retry logs them afresh."""
+        self.store.drop_from(iteration)
 
     def bytes_per_iteration(self) -> tuple[float, float]:
         """(raw, stored) bytes logged per iteration, averaged over the iterations held now."""

@@ -13,7 +13,12 @@ iteration of every window) is the W of the window starting at ``d + 1``, identic
 
 States: ``WAITING`` (before the first window) -> ``CAPTURING`` (window t0..t0+W-1; capture ``i``
 after step ``t0+i``) -> the last capture publishes the window to shared memory, and the next
-window starts at once.
+window starts at once. A replacement joins mid-window in ``SKIPPING``: it follows the job's window
+schedule without capturing (its predecessor's earlier captures died with it) until the next window.
+
+Log retention is job-wide too: each stage reports the oldest window it could restore from (its
+newest window in shared memory, or on disk when persisting) on the commit all-gather, and logs are
+kept from the minimum over the stages, so every stage's restore finds its neighbours' logs.
 """
 from __future__ import annotations
 
@@ -31,10 +36,10 @@ from torch import nn
 
 from moetion.config import SnapshotConfig
 from moetion.errors import ConfigError
-from moetion.faults import fault_point
+from moetion.faults import fault_point, register_memory
 from moetion.operators import Operator, discover_operators
 from moetion.snapshot.capture import CaptureWorker
-from moetion.snapshot.image import Capture, Entry, WindowImage, WindowManifest, checksum
+from moetion.snapshot.image import Capture, Entry, SnapshotError, WindowImage, WindowManifest, checksum
 from moetion.snapshot.layout import WindowLayout, plan_layout
 from moetion.snapshot.persist import AsyncPersister
 from moetion.snapshot.replica import PeerReplicator
@@ -50,6 +55,7 @@ CPU_BUDGET_FRACTION = 0.02  # on CPU, captures compete with training for cores: 
 class WindowState(enum.Enum):
     WAITING = "waiting"
     CAPTURING = "capturing"
+    SKIPPING = "skipping"
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,7 @@ class SparseCheckpointer:
         self.full_bytes = {n: op.full_bytes() for n, op in self.operators.items()}
         self.compute_bytes = {n: op.compute_bytes(precision=identity.precision) for n, op in self.operators.items()}
         self.shm = SharedMemoryTier(config.shm_dir, run_id=identity.run_id, stage=identity.stage, replica=identity.replica)
+        register_memory(self.shm.directory)
         self.worker = CaptureWorker(name=f"moetion-capture-s{identity.stage}")
         self.state = WindowState.WAITING
         self.order = snapshot_order(list(self.operators.values()), {})
@@ -100,6 +107,9 @@ class SparseCheckpointer:
         self._budget_fraction = config.budget_fraction or (1.0 if torch.cuda.is_available() else CPU_BUDGET_FRACTION)
         self._proposal = 1.0
         self._agreed: int | None = None
+        self._counts_pending: list[float] = []
+        self._restored_start: int | None = None  # a replacement's restored window, until it completes its own
+        self.job_restorable_start = -1  # logs from here on may be needed by some stage's restore
         self._iteration = 0
         self.replicator = replicator
         # Set by the engine when upstream logging is on: (start, stop) -> this stage's logs of those
@@ -132,14 +142,23 @@ class SparseCheckpointer:
     def absorb_dp(self, summed: torch.Tensor) -> None:
         replicas = self.identity.data_parallel
         self._proposal = math.ceil(float(summed[0]) / replicas)
-        for name, count in zip(self._experts, summed[1:].tolist()):
-            self._popularity_now[name] += count
+        self._counts_pending = summed[1:].tolist()  # counted only once the step commits
 
     def stage_payload(self) -> torch.Tensor:
-        return torch.tensor([float(self._proposal)], dtype=torch.float32)
+        return torch.tensor([float(self._proposal), float(self.restorable_start())], dtype=torch.float32)
 
     def absorb_gather(self, per_stage: list[torch.Tensor]) -> None:
         self._agreed = int(max(float(v[0]) for v in per_stage))
+        self.job_restorable_start = int(min(float(v[1]) for v in per_stage))
+
+    def restorable_start(self) -> int:
+        """Start of the oldest window a restore of this stage could begin at (-1: the initial state)."""
+        if self.persister is not None:
+            persisted = self.persister.last_persisted
+            return persisted.start_iteration if persisted is not None else -1
+        if self.last_complete is not None:
+            return self.last_complete.start_iteration
+        return -1 if self._restored_start is None else self._restored_start
 
     # -- capture ---------------------------------------------------------------------------------
     def before_step(self) -> None:
@@ -149,10 +168,58 @@ class SparseCheckpointer:
     def after_step(self, iteration: int) -> None:
         """Call right after the optimizer step of ``iteration``."""
         self._observe_iteration_time()
+        for name, count in zip(self._experts, self._counts_pending):
+            self._popularity_now[name] += count
+        self._counts_pending = []
         if self.state is WindowState.CAPTURING:
             self._capture(iteration)
         if self._is_decision_point(iteration):
             self._start_window(iteration + 1)
+
+    def schedule(self) -> tuple[int, int]:
+        """(start, W) of the window in progress, or (-1, 0) before the first."""
+        if self.state is WindowState.WAITING:
+            return -1, 0
+        return self.window_start, self.plan.window
+
+    def adopt_schedule(self, *, start: int, window: int, resume: int, restored_start: int) -> None:
+        """A replacement at iteration ``resume`` follows the job's window (``start``, ``window``): it
+        captures it if it has not begun yet, else skips to the next. ``restored_start`` is the window
+        it was restored from (-1: the initial state), its fallback until it completes one of its own."""
+        self._restored_start = restored_start
+        if start < 0:
+            return
+        self.plan = split_into_slots(self.order, window)
+        self.window_start = start
+        self.state = WindowState.CAPTURING if start >= resume else WindowState.SKIPPING
+        log.info("joined window %d..%d (W=%d) %s", start, start + window - 1, window,
+                 "from its start" if start >= resume else "mid-way: capturing from the next window")
+
+    def abandon_iteration(self) -> None:
+        """The in-flight iteration will be re-run: forget what it proposed and counted."""
+        self._counts_pending = []
+
+    def replace_replicator(self, replicator: PeerReplicator | None) -> None:
+        """After the job's groups were rebuilt: the old replicator's threads die with the old group;
+        the window replica it held is kept."""
+        old = self.replicator
+        if old is not None:
+            old.abandon()
+            self.listeners.remove(old.offer)
+        if replicator is not None:
+            if old is not None:
+                replicator.adopt_held(old.held())
+            self.listeners.insert(0, replicator.offer)
+        self.replicator = replicator
+
+    def newest_image(self) -> WindowImage | None:
+        """The newest complete window of this stage replica, from shared memory (None if none)."""
+        if self.last_complete is None:
+            return None
+        try:
+            return self.shm.load_complete(verify=False)
+        except SnapshotError:
+            return None
 
     def close(self) -> None:
         """Finishes the capture in flight and the tiers' background work, then stops the threads."""

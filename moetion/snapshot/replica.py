@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -51,6 +52,7 @@ class PeerReplicator:
         self._held: WindowImage | None = None
         self._pending: WindowImage | None = None
         self._closing = False
+        self._abandoned = False
         self._wake = threading.Condition()
         self.error: str | None = None
         self.windows_sent = 0
@@ -69,6 +71,18 @@ class PeerReplicator:
         """The last complete, verified window received from ``receive_from``."""
         return self._held
 
+    def adopt_held(self, image: WindowImage | None) -> None:
+        """Takes over the replica a previous replicator (of an older process group) held."""
+        if self._held is None:
+            self._held = image
+
+    def abandon(self) -> None:
+        """The group is being torn down: stop without the close handshake. Threads blocked in the
+        group fail when it closes and exit (they keep only a message, no live exception)."""
+        with self._wake:
+            self._abandoned = True
+            self._wake.notify()
+
     def bytes_held(self) -> int:
         held = self._held
         return 0 if held is None else held.manifest.blob_bytes
@@ -85,45 +99,67 @@ class PeerReplicator:
         try:
             while True:
                 with self._wake:
-                    self._wake.wait_for(lambda: self._pending is not None or self._closing)
+                    self._wake.wait_for(lambda: self._pending is not None or self._closing or self._abandoned)
+                    if self._abandoned:
+                        return
                     image, self._pending = self._pending, None
                 if image is None:
-                    dist.send(torch.tensor([MAGIC, _CLOSE, 0]), self.send_to, group=self.group)
+                    send_image(None, self.send_to, group=self.group)
                     return
                 self._send(image)
-        except RuntimeError as error:
+        except Exception as error:  # noqa: BLE001 - a torn-down group raises RuntimeError or ValueError
             self.error = f"replication to rank {self.send_to} failed: {str(error).splitlines()[0]}"
-            log.warning(self.error)
+            log.info(self.error)
 
     def _send(self, image: WindowImage) -> None:
-        manifest = torch.frombuffer(bytearray(image.manifest.to_json()), dtype=torch.uint8)
-        blob = image.blob[: image.manifest.blob_bytes]
-        dist.send(torch.tensor([MAGIC, manifest.numel(), blob.numel()]), self.send_to, group=self.group)
-        dist.send(manifest, self.send_to, group=self.group)
-        fault_point("replication", stage=self.stage, replica=self.replica, iteration=image.manifest.end_iteration)
-        if blob.numel():
-            dist.send(blob, self.send_to, group=self.group)
+        point = lambda: fault_point("replication", stage=self.stage, replica=self.replica,  # noqa: E731
+                                    iteration=image.manifest.end_iteration)
+        send_image(image, self.send_to, group=self.group, before_blob=point)
         self.windows_sent += 1
 
     def _receive_loop(self) -> None:
         try:
             while True:
-                header = torch.empty(3, dtype=torch.int64)
-                dist.recv(header, self.receive_from, group=self.group)
-                magic, manifest_bytes, blob_bytes = header.tolist()
-                if magic != MAGIC or manifest_bytes > MAX_MANIFEST_BYTES or blob_bytes < 0:
-                    raise SnapshotError(f"bad replication header {header.tolist()} from rank {self.receive_from}")
-                if manifest_bytes == _CLOSE:
+                image = recv_image(self.receive_from, group=self.group)
+                if image is None:
                     return
-                manifest_raw = torch.empty(manifest_bytes, dtype=torch.uint8)
-                dist.recv(manifest_raw, self.receive_from, group=self.group)
-                blob = torch.empty(blob_bytes, dtype=torch.uint8)
-                if blob_bytes:
-                    dist.recv(blob, self.receive_from, group=self.group)
-                source = f"replica from rank {self.receive_from}"
-                image = WindowImage(WindowManifest.from_json(manifest_raw.numpy().tobytes(), source=source), blob)
-                image.verify(source=source)
                 self._held = image  # only now does the previous replica go
-        except (RuntimeError, SnapshotError) as error:
+        except Exception as error:  # noqa: BLE001 - a torn-down group raises RuntimeError or ValueError
             self.error = f"replication from rank {self.receive_from} failed: {str(error).splitlines()[0]}"
-            log.warning(self.error)
+            (log.warning if isinstance(error, SnapshotError) else log.info)(self.error)
+
+
+def send_image(image: WindowImage | None, dst: int, *, group: dist.ProcessGroup | None = None,
+               before_blob: Callable[[], None] | None = None) -> None:
+    """Sends a window (or, for None, the header that says there is none / the stream ends)."""
+    if image is None:
+        dist.send(torch.tensor([MAGIC, _CLOSE, 0]), dst, group=group)
+        return
+    manifest = torch.frombuffer(bytearray(image.manifest.to_json()), dtype=torch.uint8)
+    blob = image.blob[: image.manifest.blob_bytes]
+    dist.send(torch.tensor([MAGIC, manifest.numel(), blob.numel()]), dst, group=group)
+    dist.send(manifest, dst, group=group)
+    if before_blob is not None:
+        before_blob()
+    if blob.numel():
+        dist.send(blob, dst, group=group)
+
+
+def recv_image(src: int, *, group: dist.ProcessGroup | None = None) -> WindowImage | None:
+    """Receives what :func:`send_image` sent, verified by checksum; None for the empty header."""
+    header = torch.empty(3, dtype=torch.int64)
+    dist.recv(header, src, group=group)
+    magic, manifest_bytes, blob_bytes = header.tolist()
+    if magic != MAGIC or manifest_bytes > MAX_MANIFEST_BYTES or blob_bytes < 0:
+        raise SnapshotError(f"bad window header {header.tolist()} from rank {src}")
+    if manifest_bytes == _CLOSE:
+        return None
+    manifest_raw = torch.empty(manifest_bytes, dtype=torch.uint8)
+    dist.recv(manifest_raw, src, group=group)
+    blob = torch.empty(blob_bytes, dtype=torch.uint8)
+    if blob_bytes:
+        dist.recv(blob, src, group=group)
+    source = f"window from rank {src}"
+    image = WindowImage(WindowManifest.from_json(manifest_raw.numpy().tobytes(), source=source), blob)
+    image.verify(source=source)
+    return image

@@ -30,6 +30,11 @@ class SharedMemoryTier:
         self.directory = Path(root) / run_id / f"stage-{stage:03d}-replica-{replica:03d}"
         self.directory.mkdir(parents=True, exist_ok=True)
 
+    def clear(self) -> None:
+        """Forgets windows left by an earlier job under the same run id (a fresh job starts empty)."""
+        for path in self.directory.iterdir():
+            path.unlink(missing_ok=True)
+
     def new_blob(self, start_iteration: int, nbytes: int) -> torch.Tensor:
         """A zeroed uint8 tensor mapped from a fresh file for the window starting at ``start_iteration``."""
         path = self._blob_path(start_iteration)

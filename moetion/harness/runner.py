@@ -1,0 +1,138 @@
+"""Runs a job fault-free and with kill specs, under the recovering supervisor, and compares them.
+
+Usable from pytest (:class:`FaultHarness`) and as ``moetion faults``. The job is the built-in
+GPT-MoE demo (:class:`~moetion.demo.DemoSettings`) or any training script that drives a moetion
+engine and closes it; each rank leaves its final state (``MOETION_HARNESS_OUT``) for the bitwise
+comparison. Each run gets a run id of its own, so no run reads another's shared-memory windows.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from moetion.demo import SHM_ROOT, DemoSettings, rank_main
+from moetion.errors import ConfigError
+from moetion.faults import ENV as KILL_ENV
+from moetion.faults import FAULT_LOG_ENV, KillSpec
+from moetion.harness.final_state import OUT_ENV, Verdict, compare_runs, load_final_states
+from moetion.harness.timeline import Timeline, timeline
+from moetion.launcher import launch_script, supervise_workers
+from moetion.supervisor import JobReport
+
+
+@dataclass
+class Job:
+    """The built-in model (``demo``) or ``script`` run as ``nproc`` ranks."""
+
+    demo: DemoSettings | None = None
+    script: str | None = None
+    script_args: Sequence[str] = ()
+    nproc: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.demo is None) == (self.script is None):
+            raise ConfigError("a harness job is either the built-in model (demo=...) or a script (script=...)")
+        if self.script is not None and not self.nproc:
+            raise ConfigError("a script job needs --nproc")
+
+    @property
+    def world_size(self) -> int:
+        return self.demo.stages * self.demo.data_parallel if self.demo is not None else self.nproc
+
+
+@dataclass
+class HarnessReport:
+    kills: list[KillSpec]
+    verdict: Verdict
+    timelines: list[Timeline]
+    reference_s: float
+    faulty_s: float
+    recoveries: list[dict[str, Any]] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        out = [f"kills: {'; '.join(k.to_text() for k in self.kills) or 'none'}"]
+        for t in self.timelines:
+            out += t.lines()
+        out.append(f"fault-free run {self.reference_s:.1f} s, faulty run {self.faulty_s:.1f} s")
+        out.append(self.verdict.summary())
+        out += [f"  {m}" for m in self.verdict.mismatches[:20]]
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kills": [k.to_text() for k in self.kills], "identical": self.verdict.identical,
+                "mismatches": self.verdict.mismatches, "timelines": [t.to_dict() for t in self.timelines],
+                "reference_s": self.reference_s, "faulty_s": self.faulty_s, "recoveries": self.recoveries}
+
+
+class FaultHarness:
+    """Runs ``job``'s fault-free reference once and any number of faulty runs against it."""
+
+    def __init__(self, job: Job, *, work_dir: Path | None = None, timeout_s: float = 600.0,
+                 heartbeat_timeout_s: float = 30.0) -> None:
+        self.job, self.timeout_s, self.heartbeat_timeout_s = job, timeout_s, heartbeat_timeout_s
+        self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="moetion-faults-"))
+        self._reference: tuple[dict, float] | None = None
+        self._runs = 0
+
+    def reference(self) -> tuple[dict[int, dict[str, Any]], float]:
+        if self._reference is None:
+            states, _, seconds = self._run([])
+            self._reference = (states, seconds)
+        return self._reference
+
+    def run(self, kills: Sequence[KillSpec | str]) -> HarnessReport:
+        specs = [k if isinstance(k, KillSpec) else KillSpec.parse(k) for k in kills]
+        reference, reference_s = self.reference()
+        states, report, seconds = self._run(specs)
+        return HarnessReport(
+            kills=specs, verdict=compare_runs(reference, states),
+            timelines=[timeline(r) for r in report.recoveries], reference_s=reference_s, faulty_s=seconds,
+            recoveries=[r.to_dict() for r in report.recoveries],
+        )
+
+    def _run(self, kills: list[KillSpec]) -> tuple[dict[int, dict[str, Any]], JobReport, float]:
+        self._runs += 1
+        run = self.work_dir / f"run-{self._runs}"
+        out = run / "final"
+        out.mkdir(parents=True)
+        run_id = f"faults-{os.getpid()}-{self._runs}"
+        env = {OUT_ENV: str(out), FAULT_LOG_ENV: str(run / "kills.jsonl"), "MOETION_RUN_ID": run_id}
+        if kills:
+            env[KILL_ENV] = ";".join(k.to_text() for k in kills)
+        start = time.perf_counter()
+        try:
+            if self.job.demo is not None:
+                report = supervise_workers(rank_main, nproc=self.job.world_size, args=(self.job.demo, run_id),
+                                           recover=True, env=env, timeout_s=self.timeout_s,
+                                           heartbeat_timeout_s=self.heartbeat_timeout_s)
+            else:
+                report = launch_script(self.job.script, list(self.job.script_args), nproc=self.job.world_size,
+                                       recover=True, env=env, timeout_s=self.timeout_s,
+                                       heartbeat_timeout_s=self.heartbeat_timeout_s)
+        finally:
+            shutil.rmtree(Path(SHM_ROOT) / run_id, ignore_errors=True)
+        return load_final_states(out), report, time.perf_counter() - start
+
+
+def faults_command(settings: DemoSettings, *, kills: list[str], script: str | None, nproc: int | None,
+                   script_args: list[str], timeout_s: float, heartbeat_timeout_s: float,
+                   json_out: str | None) -> int:
+    """``moetion faults``: prints the report; exit status 0 only when the runs are bit-identical."""
+    import json
+
+    job = Job(script=script, script_args=script_args, nproc=nproc) if script else Job(demo=settings)
+    if job.demo is not None:
+        job.demo.progress = False
+    specs = [KillSpec.parse(k) for k in kills]
+    harness = FaultHarness(job, timeout_s=timeout_s, heartbeat_timeout_s=heartbeat_timeout_s)
+    print(f"moetion faults: fault-free reference run, then {len(specs)} kill(s) ({harness.work_dir})", flush=True)
+    report = harness.run(specs)
+    print("\n".join(report.lines()), flush=True)
+    if json_out:
+        Path(json_out).write_text(json.dumps(report.to_dict(), indent=2))
+    return 0 if report.verdict.identical else 2

@@ -1,0 +1,256 @@
+"""The supervisor: watches a host's ranks, replaces the ones that die, and ends the job when it must.
+
+One supervisor per host (they share the job's control store; see :mod:`moetion.control`). Policy:
+
+- a rank killed by a signal (SIGKILL, a crash, an OOM kill) is an infrastructure fault: with
+  ``recover`` on, the supervisor starts a replacement with the same rank and publishes a new
+  generation, which the survivors join (they keep their state; see :mod:`moetion.recovery`);
+- a rank whose heartbeat stops for ``heartbeat_timeout_s`` while its process lives is hung: it
+  is SIGKILLed, and then replaced like any other dead rank;
+- a rank that exits with an error (an exception: a bug, bad input) is not retried: the others get
+  ``grace_s`` to exit, then are killed, and the job fails naming every rank's error, root causes
+  first. So does a ``fatal`` message in the control store (nothing can recover exactly), and so
+  does exceeding ``max_restarts``.
+"""
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing as mp
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from moetion.control import ControlPlane
+from moetion.errors import LaunchError
+
+GRACE_S = 10.0  # how long survivors get to exit on their own after a rank fails for good
+POLL_S = 0.02
+SETTLE_S = 0.05  # after a death, wait this long for others dying with it: one generation for all
+
+
+@dataclass
+class Worker:
+    """One rank's process, and what it reported."""
+
+    rank: int
+    handle: subprocess.Popen | mp.process.BaseProcess
+    result_pipe: Connection | None = None
+    result: Any = None
+    error: str | None = None
+    exited_at: float = float("inf")
+
+    def exit_code(self) -> int | None:
+        if isinstance(self.handle, subprocess.Popen):
+            return self.handle.poll()
+        return self.handle.exitcode
+
+    def kill(self) -> None:
+        if self.exit_code() is None:
+            self.handle.kill()
+
+    def collect(self) -> None:
+        """Reads the function result or formatted exception a forked worker sent, if any."""
+        if self.result_pipe is None or not self.result_pipe.poll():
+            return
+        try:
+            status, payload = torch.load(io.BytesIO(self.result_pipe.recv_bytes()), weights_only=True)
+        except EOFError:  # the worker died without reporting; its exit code tells how
+            self.result_pipe = None
+            return
+        if status == "ok":
+            self.result = payload
+        else:
+            self.error = payload
+
+    def reap(self) -> None:
+        self.collect()
+        if isinstance(self.handle, mp.process.BaseProcess):
+            self.handle.join()
+
+
+Spawn = Callable[[int, int, int], Worker]  # (rank, generation, control store port) -> a started worker
+
+
+@dataclass
+class Recovery:
+    """One failure and the generation that replaced it, as the supervisor saw it (wall-clock times)."""
+
+    generation: int
+    ranks: list[int]
+    causes: dict[int, str]
+    detected_at: float
+    respawned_at: float
+    killed_at: float | None = None
+    rank_events: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"generation": self.generation, "ranks": self.ranks, "causes": self.causes,
+                "killed_at": self.killed_at, "detected_at": self.detected_at, "respawned_at": self.respawned_at,
+                "rank_events": self.rank_events}
+
+
+@dataclass
+class JobReport:
+    """What a supervised job returned: each rank's result (forked workers) and every recovery."""
+
+    results: list[Any]
+    recoveries: list[Recovery]
+
+
+class Supervisor:
+    """Runs ``world_size`` ranks made by ``spawn`` until they all exit."""
+
+    def __init__(
+        self,
+        spawn: Spawn,
+        *,
+        world_size: int,
+        control: ControlPlane,
+        recover: bool = False,
+        max_restarts: int = 8,
+        heartbeat_timeout_s: float = 30.0,
+        timeout_s: float | None = None,
+        grace_s: float = GRACE_S,
+        fault_log: Path | None = None,
+    ) -> None:
+        self.spawn, self.world_size, self.control = spawn, world_size, control
+        self.recover, self.max_restarts = recover, max_restarts
+        self.heartbeat_timeout_s, self.timeout_s, self.grace_s = heartbeat_timeout_s, timeout_s, grace_s
+        self.fault_log = fault_log
+        self.generation = 0
+        self.recoveries: list[Recovery] = []
+
+    def run(self) -> JobReport:
+        workers = [self.spawn(rank, 0, self.control.port) for rank in range(self.world_size)]
+        self._watch(workers)
+        for recovery in self.recoveries:
+            recovery.rank_events = self.control.records(recovery.generation, range(self.world_size))
+        self._attach_kill_times()
+        return JobReport([w.result for w in workers], self.recoveries)
+
+    def _watch(self, workers: list[Worker]) -> None:
+        deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
+        beats = _Heartbeats(self.control, self.world_size, self.heartbeat_timeout_s)
+        kill_at, reason = None, None
+        while True:
+            for w in workers:
+                w.collect()
+            now = time.monotonic()
+            codes = [w.exit_code() for w in workers]
+            for w, code in zip(workers, codes):
+                if code is not None and w.exited_at == float("inf"):
+                    w.exited_at = now
+            if all(c is not None for c in codes):
+                break
+            if kill_at is None:
+                dead = [w.rank for w, c in zip(workers, codes) if c is not None and c < 0]
+                failed = [w.rank for w, c in zip(workers, codes) if c is not None and c > 0]
+                for rank in beats.hung(codes):
+                    workers[rank].kill()
+                fatal = self.control.fatal()
+                if fatal is not None:
+                    kill_at, reason = now + self.grace_s, fatal
+                elif failed or (dead and not self._may_replace()):
+                    kill_at = now + self.grace_s
+                elif dead:
+                    self._replace(workers, dead)
+                    beats.reset(dead)
+                elif deadline is not None and now > deadline:
+                    kill_at, reason = now, f"timed out after {self.timeout_s} s"
+            elif now >= kill_at:
+                for w in workers:
+                    w.kill()
+            time.sleep(POLL_S)
+        for w in workers:
+            w.reap()
+        _raise_on_failure(workers, reason)
+
+    def _may_replace(self) -> bool:
+        return self.recover and len(self.recoveries) < self.max_restarts
+
+    def _replace(self, workers: list[Worker], dead: list[int]) -> None:
+        detected = time.time()
+        time.sleep(SETTLE_S)  # ranks dying together (a host) recover in one generation
+        dead = [w.rank for w in workers if w.exit_code() is not None and w.exit_code() < 0]
+        causes = {r: _describe_exit(workers[r].exit_code()) for r in dead}
+        self.generation += 1
+        for rank in dead:
+            workers[rank].reap()
+            workers[rank] = self.spawn(rank, self.generation, self.control.port)
+        self.control.publish_generation(self.generation, dead)
+        self.recoveries.append(Recovery(self.generation, dead, causes, detected_at=detected, respawned_at=time.time()))
+        print(f"moetion supervisor: rank(s) {dead} {', '.join(sorted(set(causes.values())))}; "
+              f"replaced, generation {self.generation}", flush=True)
+
+    def _attach_kill_times(self) -> None:
+        """Matches fault-injection records (``MOETION_FAULT_LOG``) to the recoveries they caused."""
+        if self.fault_log is None or not self.fault_log.exists():
+            return
+        kills = [json.loads(line) for line in self.fault_log.read_text().splitlines() if line.strip()]
+        for recovery in self.recoveries:
+            times = [k["time"] for k in kills if k["rank"] in recovery.ranks and k["time"] <= recovery.detected_at]
+            if times:
+                recovery.killed_at = max(times)
+
+
+class _Heartbeats:
+    """Notices a rank whose heartbeat counter stopped moving while its process lives."""
+
+    def __init__(self, control: ControlPlane, world_size: int, timeout_s: float) -> None:
+        self.control, self.world_size, self.timeout_s = control, world_size, timeout_s
+        self.last = [0] * world_size
+        self.moved_at = [time.monotonic()] * world_size
+        self.checked_at = 0.0
+
+    def reset(self, ranks: list[int]) -> None:
+        for rank in ranks:
+            self.last[rank], self.moved_at[rank] = -1, time.monotonic()
+
+    def hung(self, codes: list[int | None]) -> list[int]:
+        now = time.monotonic()
+        if now - self.checked_at < 1.0:
+            return []
+        self.checked_at = now
+        counts = self.control.heartbeats(self.world_size)
+        stuck = []
+        for rank, count in enumerate(counts):
+            if count != self.last[rank]:
+                self.last[rank], self.moved_at[rank] = count, now
+            elif count > 0 and codes[rank] is None and now - self.moved_at[rank] > self.timeout_s:
+                print(f"moetion supervisor: rank {rank} sent no heartbeat for {self.timeout_s:g} s; killing it",
+                      flush=True)
+                stuck.append(rank)
+                self.moved_at[rank] = now
+        return stuck
+
+
+def _raise_on_failure(workers: list[Worker], reason: str | None) -> None:
+    failures = sorted(
+        (w for w in workers if w.exit_code() != 0),
+        key=lambda w: (w.error is not None and "PeerFailure" in w.error, w.exited_at),
+    )
+    if not failures and reason is None:
+        return
+    lines = [reason] if reason else []
+    if failures:
+        lines.append(f"{len(failures)} of {len(workers)} ranks failed")
+    for w in failures:
+        lines.append(f"rank {w.rank}: {_describe_exit(w.exit_code())}")
+        if w.error:
+            lines.append("  " + w.error.strip().replace("\n", "\n  "))
+    raise LaunchError("\n".join(lines))
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exited with code {code}"
