@@ -34,6 +34,7 @@ class DemoSettings:
     snapshots: bool = True
     window: int | None = None
     persist_dir: str | None = None
+    replicate: bool = True
     progress: bool = True  # rank 0 prints a line per iteration
 
 
@@ -50,7 +51,8 @@ def demo_engine_config(settings: DemoSettings, *, run_id: str = "demo") -> moeti
         "lr_schedule": {"warmup_iterations": 5, "decay": "cosine",
                         "decay_iterations": max(1, settings.iterations - 5), "min_ratio": 0.1},
         "snapshot": {"enabled": settings.snapshots, "window": settings.window, "run_id": run_id,
-                     "shm_dir": SHM_ROOT, "persist_dir": settings.persist_dir},
+                     "shm_dir": SHM_ROOT, "persist_dir": settings.persist_dir,
+                     "replicate": settings.replicate},
         "upstream_log": {"enabled": settings.snapshots},
     })
 

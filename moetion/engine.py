@@ -89,6 +89,7 @@ class PipelineEngine:
         self.iteration = 0
         self.last_stats: IterationStats | None = None
         self.losses: dict[int, float] = {}  # every iteration's loss this process saw commit
+        self.iteration_started_at = time.time()
         self.precision = StagePrecision(module, config.precision)
         self.dist = dist_context
         self.checkpointer = self._build_checkpointer() if config.snapshot.enabled else None
@@ -141,6 +142,7 @@ class PipelineEngine:
             self.recovery.after_failure(cause, data)
 
     def _run_iteration(self, data: DataSource) -> float:
+        self.iteration_started_at = time.time()
         start = time.perf_counter()
         self._data = data
         self._mb = _MicroBatchBuffers(loss_sum=torch.zeros((), dtype=torch.float32, device=self.dist.device))

@@ -3,7 +3,8 @@
 Kill specs come from the ``MOETION_KILL`` environment variable, e.g.
 ``stage=1,iter=5,phase=capture;stage=3,iter=9,phase=backward``, so a test or the fault harness
 can aim a real SIGKILL at an exact point without touching the training code. ``memory=lost``
-also wipes the stage's shared-memory windows first, as if its whole host had gone.
+also wipes the stage's shared-memory windows first, as if its whole host had gone;
+``signal=stop`` hangs the process (SIGSTOP) instead, which only a heartbeat can tell from slowness.
 
 Each kill is fired once per job: a replacement passing the same point again lives. When
 ``MOETION_FAULT_LOG`` names a file, every kill appends a JSON line (rank, spec, wall-clock time)
@@ -35,6 +36,7 @@ class KillSpec:
     phase: str
     replica: int = 0
     memory_lost: bool = False
+    hang: bool = False  # SIGSTOP instead of SIGKILL: only the supervisor's heartbeat notices
 
     @classmethod
     def parse(cls, text: str) -> "KillSpec":
@@ -44,23 +46,25 @@ class KillSpec:
             if not sep:
                 raise ConfigError(f"kill spec {text!r}: expected key=value pairs, got {part!r}")
             fields[key.strip()] = value.strip()
-        unknown = set(fields) - {"stage", "iter", "phase", "replica", "memory"}
+        unknown = set(fields) - {"stage", "iter", "phase", "replica", "memory", "signal"}
         if unknown or not {"stage", "iter", "phase"} <= set(fields):
             raise ConfigError(
-                f"kill spec {text!r}: needs stage=, iter=, phase= (and optionally replica=, memory=lost)")
+                f"kill spec {text!r}: needs stage=, iter=, phase= (optionally replica=, memory=lost, signal=stop)")
+        if fields.get("signal", "kill") not in ("kill", "stop"):
+            raise ConfigError(f"kill spec {text!r}: signal must be 'kill' or 'stop'")
         if fields["phase"] not in PHASES:
             raise ConfigError(f"kill spec {text!r}: phase must be one of {PHASES}")
         if fields.get("memory", "kept") not in ("kept", "lost"):
             raise ConfigError(f"kill spec {text!r}: memory must be 'kept' or 'lost'")
         try:
             return cls(int(fields["stage"]), int(fields["iter"]), fields["phase"], int(fields.get("replica", 0)),
-                       fields.get("memory") == "lost")
+                       fields.get("memory") == "lost", fields.get("signal") == "stop")
         except ValueError:
             raise ConfigError(f"kill spec {text!r}: stage, iter and replica must be integers") from None
 
     def to_text(self) -> str:
         text = f"stage={self.stage},iter={self.iteration},phase={self.phase},replica={self.replica}"
-        return text + (",memory=lost" if self.memory_lost else "")
+        return text + (",memory=lost" if self.memory_lost else "") + (",signal=stop" if self.hang else "")
 
 
 @lru_cache(maxsize=1)
@@ -86,7 +90,7 @@ def fault_point(phase: str, *, stage: int, replica: int, iteration: int) -> None
             if spec.memory_lost:
                 for directory in _memory:
                     shutil.rmtree(directory, ignore_errors=True)
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), signal.SIGSTOP if spec.hang else signal.SIGKILL)
 
 
 def _record(spec: KillSpec) -> None:

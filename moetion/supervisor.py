@@ -201,17 +201,22 @@ class Supervisor:
 
 
 class _Heartbeats:
-    """Notices a rank whose heartbeat counter stopped moving while its process lives."""
+    """Notices a rank whose heartbeat counter stopped moving while its process lives.
+
+    A rank is watched only once it has beaten (a replacement's start-up, however slow, is not a hang).
+    """
 
     def __init__(self, control: ControlPlane, world_size: int, timeout_s: float) -> None:
         self.control, self.world_size, self.timeout_s = control, world_size, timeout_s
+        self.baseline = [0] * world_size  # the counter before this process of the rank started beating
         self.last = [0] * world_size
         self.moved_at = [time.monotonic()] * world_size
         self.checked_at = 0.0
 
     def reset(self, ranks: list[int]) -> None:
+        counts = self.control.heartbeats(self.world_size)
         for rank in ranks:
-            self.last[rank], self.moved_at[rank] = -1, time.monotonic()
+            self.baseline[rank] = self.last[rank] = counts[rank]
 
     def hung(self, codes: list[int | None]) -> list[int]:
         now = time.monotonic()
@@ -223,7 +228,7 @@ class _Heartbeats:
         for rank, count in enumerate(counts):
             if count != self.last[rank]:
                 self.last[rank], self.moved_at[rank] = count, now
-            elif count > 0 and codes[rank] is None and now - self.moved_at[rank] > self.timeout_s:
+            elif count > self.baseline[rank] and codes[rank] is None and now - self.moved_at[rank] > self.timeout_s:
                 print(f"moetion supervisor: rank {rank} sent no heartbeat for {self.timeout_s:g} s; killing it",
                       flush=True)
                 stuck.append(rank)

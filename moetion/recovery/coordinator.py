@@ -54,8 +54,10 @@ class Recovery:
     # -- entry points ----------------------------------------------------------------------------
     def after_failure(self, cause: str, data: DataSource) -> None:
         """A survivor lost a peer in the middle of an iteration: pause in place, rebuild, go on."""
-        events: dict[str, Any] = {"role": "survivor", "detected_at": time.time(), "cause": cause,
-                                  "iteration": self.engine.iteration}
+        now = time.time()
+        events: dict[str, Any] = {"role": "survivor", "detected_at": now, "cause": cause,
+                                  "iteration": self.engine.iteration,
+                                  "inflight_s": now - self.engine.iteration_started_at}  # work now discarded
         log.warning("%s; pausing in place until the job is rebuilt", cause.split(": [")[0])
         self.engine.abandon_iteration()
         self.engine.leave_group()

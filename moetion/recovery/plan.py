@@ -138,7 +138,8 @@ def _restore_for(rank: int, statuses: list[RankStatus], survivors: list[int], re
         short = [r for r in talks_to if statuses[r].log_kept_from > needed.start]
         if needed and (not talks_to or short):
             kept = {r: statuses[r].log_kept_from for r in talks_to}
-            tried.append(f"{source}: window {start} needs logs of iterations {needed.start}..{resume - 1}, "
+            what_needs = "the initial state" if source == "initial" else f"window {start}"
+            tried.append(f"{source}: {what_needs} needs logs of iterations {needed.start}..{resume - 1}, "
                          f"neighbours log from {kept or 'nowhere'}")
             continue
         return Restore(rank, source, start, donor, tuple(talks_to))

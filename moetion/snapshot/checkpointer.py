@@ -112,6 +112,7 @@ class SparseCheckpointer:
         self.job_restorable_start = -1  # logs from here on may be needed by some stage's restore
         self._iteration = 0
         self.replicator = replicator
+        self._held_over: WindowImage | None = None  # a peer's window replica, kept while groups are rebuilt
         # Set by the engine when upstream logging is on: (start, stop) -> this stage's logs of those
         # iterations, persisted with each window so it can be replayed offline.
         self.log_exporter: Callable[[int, int], bytes] | None = None
@@ -206,9 +207,10 @@ class SparseCheckpointer:
         if old is not None:
             old.abandon()
             self.listeners.remove(old.offer)
+            self._held_over = old.held() or self._held_over
         if replicator is not None:
-            if old is not None:
-                replicator.adopt_held(old.held())
+            replicator.adopt_held(self._held_over)
+            self._held_over = None
             self.listeners.insert(0, replicator.offer)
         self.replicator = replicator
 

@@ -1,0 +1,93 @@
+"""The recovery plan: which tier restores a lost rank, and the clear errors when none can."""
+import pytest
+
+from moetion.recovery.plan import NOT_LOGGING, RankStatus, RecoveryImpossible, plan_recovery
+from moetion.topology import PipeTopology
+
+PIPE4 = PipeTopology.from_world(world_size=4, num_stages=4)
+
+
+def survivor(iteration=20, *, held=-1, kept=10, window=(16, 4)):
+    return RankStatus(iteration, False, held_start=held, window_start=window[0], window=window[1], log_kept_from=kept)
+
+
+def lost(*, shm=-1, disk=-1):
+    return RankStatus(-1, True, shm_start=shm, disk_start=disk)
+
+
+def test_status_round_trips_through_a_tensor():
+    status = RankStatus(7, True, shm_start=3, held_start=-1, window_start=4, window=2, log_kept_from=1, disk_start=0)
+    assert RankStatus.from_tensor(status.to_tensor()) == status
+    assert status.to_tensor().numel() == RankStatus.width()
+
+
+def test_own_shared_memory_first_with_logs_from_both_neighbours():
+    plan = plan_recovery([survivor(), lost(shm=12), survivor(held=12), survivor()], topology=PIPE4, tied_stages={})
+    assert (plan.resume, plan.window_start, plan.window) == (20, 16, 4)
+    (restore,) = plan.restores
+    assert (restore.rank, restore.source, restore.start, restore.log_sources) == (1, "shm", 12, (0, 2))
+    assert restore.replay_from == 13
+
+
+def test_peer_replica_when_shared_memory_is_gone():
+    # Rank 2 receives rank 1's windows (replication goes to the next stage).
+    plan = plan_recovery([survivor(), lost(), survivor(held=12), survivor()], topology=PIPE4, tied_stages={})
+    assert (plan.restores[0].source, plan.restores[0].donor, plan.restores[0].start) == ("peer", 2, 12)
+
+
+def test_disk_when_memory_and_replica_are_gone():
+    plan = plan_recovery([survivor(kept=8), lost(disk=8), survivor(kept=8), survivor()], topology=PIPE4, tied_stages={})
+    assert plan.restores[0].source == "disk"
+
+
+def test_initial_state_before_any_window_completed():
+    statuses = [survivor(3, kept=0, window=(1, 4)), survivor(3, kept=0, window=(1, 4)), lost(),
+                survivor(3, kept=0, window=(1, 4))]
+    (restore,) = plan_recovery(statuses, topology=PIPE4, tied_stages={}).restores
+    assert (restore.source, restore.replay_from, restore.log_sources) == ("initial", 0, (1, 3))
+
+
+def test_tied_weights_bring_the_sharing_stage_into_the_log_sources():
+    statuses = [survivor(), survivor(), survivor(), lost(shm=12)]
+    (restore,) = plan_recovery(statuses, topology=PIPE4, tied_stages={"embed": [0, 3]}).restores
+    assert restore.log_sources == (0, 2)
+
+
+def test_a_live_data_parallel_replica_is_copied_instead_of_replaying():
+    topology = PipeTopology.from_world(world_size=4, num_stages=2)  # rank = stage * 2 + replica
+    statuses = [survivor(), survivor(), survivor(), lost(shm=12)]
+    (restore,) = plan_recovery(statuses, topology=topology, tied_stages={}).restores
+    assert (restore.source, restore.donor, restore.log_sources) == ("replica", 2, ())
+
+
+def test_logs_dropped_past_the_window_rule_it_out_and_the_error_names_what_is_missing():
+    statuses = [survivor(kept=16), lost(shm=12), survivor(kept=16), survivor()]
+    with pytest.raises(RecoveryImpossible, match=r"shm: window 12 needs logs of iterations 13\.\.19.*no window of it was persisted"):
+        plan_recovery(statuses, topology=PIPE4, tied_stages={})
+
+
+def test_nothing_anywhere_names_the_newest_persisted_window():
+    statuses = [survivor(kept=16), lost(disk=4), survivor(kept=16), survivor()]
+    with pytest.raises(RecoveryImpossible, match="starts at iteration 4"):
+        plan_recovery(statuses, topology=PIPE4, tied_stages={})
+
+
+def test_adjacent_stages_lost_together_is_refused_with_the_restart_advice():
+    with pytest.raises(RecoveryImpossible, match=r"neighbour\(s\) \[2\] were lost together.*--resume"):
+        plan_recovery([survivor(), lost(shm=12), lost(shm=12), survivor()], topology=PIPE4, tied_stages={})
+
+
+def test_survivors_at_different_iterations_are_refused():
+    with pytest.raises(RecoveryImpossible, match="disagree on the committed iteration"):
+        plan_recovery([survivor(20), lost(shm=12), survivor(21), survivor(20)], topology=PIPE4, tied_stages={})
+
+
+def test_no_logging_means_no_window_replay():
+    statuses = [survivor(kept=NOT_LOGGING), lost(shm=12), survivor(kept=NOT_LOGGING), survivor()]
+    with pytest.raises(RecoveryImpossible):
+        plan_recovery(statuses, topology=PIPE4, tied_stages={})
+
+
+def test_everyone_lost():
+    with pytest.raises(RecoveryImpossible, match="every rank was lost"):
+        plan_recovery([lost()] * 4, topology=PIPE4, tied_stages={})
