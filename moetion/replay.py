@@ -27,7 +27,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 import torch
 import torch.distributed as dist
@@ -45,9 +45,18 @@ from moetion.precision import StagePrecision
 from moetion.random import StepContext, step_context
 from moetion.snapshot.image import WindowImage
 from moetion.snapshot.persist import list_persisted, load_persisted, load_window_logs, window_path
-from moetion.upstream_log import LogReader, UpstreamLog
+from moetion.upstream_log import IterationScalars, LogReader
 
 log = logging.getLogger(__name__)
+
+
+class Recorder(Protocol):
+    """Receives what a replaying stage would have sent and decided (an :class:`UpstreamLog` does)."""
+
+    def log_activation(self, iteration: int, micro_batch: int, tensor: torch.Tensor) -> None: ...
+    def log_gradient(self, iteration: int, micro_batch: int, tensor: torch.Tensor) -> None: ...
+    def log_tied_grads(self, iteration: int, key: str, grads: Iterable[torch.Tensor]) -> None: ...
+    def log_scalars(self, iteration: int, scalars: IterationScalars) -> None: ...
 
 
 @dataclass
@@ -69,7 +78,7 @@ def replay_stage(
     until: int,
     precision: StagePrecision | None = None,
     replica_group: dist.ProcessGroup | None = None,
-    record: UpstreamLog | None = None,
+    record: Recorder | None = None,
 ) -> ReplayReport:
     """Brings ``module`` and ``optimizer`` (freshly built for the window's stage) to ``S_until``.
 
@@ -123,7 +132,7 @@ def replay_stage(
 
 def _replay_from_initial(module: PipelineModule, optimizer: torch.optim.Optimizer, config: Config, logs: LogReader,
                          data: DataSource, until: int, precision: StagePrecision,
-                         record: UpstreamLog | None) -> ReplayReport:
+                         record: Recorder | None) -> ReplayReport:
     """Ordinary steps ``0..until`` from the module as built: its weights depend only on the seed."""
     start = time.perf_counter()
     state = _StageState(module, precision, optimizer, None)
@@ -194,7 +203,7 @@ class _StageState:
 
 
 def _replay_iteration(state: _StageState, *, config: Config, logs: LogReader, data: DataSource, iteration: int,
-                      replica_group: dist.ProcessGroup | None, record: UpstreamLog | None = None) -> None:
+                      replica_group: dist.ProcessGroup | None, record: Recorder | None = None) -> None:
     module, micro = state.module, config.micro_batches
     replica = 0 if replica_group is None else dist.get_rank(replica_group)
     state.optimizer.zero_grad(set_to_none=True)
@@ -210,9 +219,9 @@ def _replay_iteration(state: _StageState, *, config: Config, logs: LogReader, da
             out = module.loss_fn(out, labels) / micro
             grad = None
         else:
-            grad = logs.gradient(iteration, m)
-            if record is not None:
+            if record is not None:  # first: a stage replaying beside this one waits for it
                 record.log_activation(iteration, m, out.detach())
+            grad = logs.gradient(iteration, m, like=out)
         if out.requires_grad:
             torch.autograd.backward(out, grad_tensors=grad)
         state.precision.after_backward()
@@ -243,7 +252,7 @@ def _average_across_replicas(params: list[nn.Parameter], group: dist.ProcessGrou
     gradients.unflatten_mean(params, flat, replicas=dist.get_world_size(group))
 
 
-def _use_logged_tied_grads(state: _StageState, logs: LogReader, iteration: int, record: UpstreamLog | None) -> None:
+def _use_logged_tied_grads(state: _StageState, logs: LogReader, iteration: int, record: Recorder | None) -> None:
     """A tied weight's gradient is the sum over the stages sharing it: take it as it was reduced."""
     for key in state.module.tied_stages():
         if key not in state.module.tied:

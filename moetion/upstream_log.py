@@ -106,7 +106,8 @@ class LogReader:
     def activation(self, iteration: int, micro_batch: int) -> torch.Tensor:
         return self._get(self.stage - 1, LogKey(iteration, micro_batch, ACTIVATION, self.stage))
 
-    def gradient(self, iteration: int, micro_batch: int) -> torch.Tensor:
+    def gradient(self, iteration: int, micro_batch: int, like: torch.Tensor | None = None) -> torch.Tensor:
+        """The gradient of the stage's output (``like``: that output, for readers that need its shape)."""
         return self._get(self.stage + 1, LogKey(iteration, micro_batch, GRADIENT, self.stage))
 
     def scalars(self, iteration: int) -> IterationScalars:

@@ -27,7 +27,9 @@ from logging_store import LogStore
 from moetion.control import ControlPlane, JobAborted
 from moetion.data import DataSource
 from moetion.errors import PeerFailure
+from moetion.p2p import StageLinks
 from moetion.recovery import transfer
+from moetion.recovery.chain import ChainReader, ChainRecorder
 from moetion.recovery.plan import NOT_LOGGING, RankStatus, RecoveryImpossible, RecoveryPlan, Restore, plan_recovery
 from moetion.replay import replay_stage
 from moetion.snapshot.image import SnapshotError, WindowImage
@@ -179,10 +181,10 @@ class Recovery:
             stores, received = self._receive_logs(restore)
             events.update(logs_received_at=time.time(), bytes_received=received)
             try:
-                with_logs = LogReader(stores, stage=engine.stage)
+                reader, recorder = self._replay_io(restore, stores)
                 report = replay_stage(module=engine.module, optimizer=engine.optimizer, config=engine.config,
-                                      window=image, logs=with_logs, data=data, until=plan.resume - 1,
-                                      precision=engine.precision, record=engine.upstream) if plan.resume > 0 else None
+                                      window=image, logs=reader, data=data, until=plan.resume - 1,
+                                      precision=engine.precision, record=recorder) if plan.resume > 0 else None
             finally:
                 for store in stores.values():
                     store.close()
@@ -195,6 +197,16 @@ class Recovery:
                                                restored_start=restore.start)
         log.warning("restored stage %d from %s (window %d) to iteration %d", engine.stage, restore.source,
                     restore.start, plan.resume)
+
+    def _replay_io(self, restore: Restore, stores: dict[int, LogStore]) -> tuple[LogReader, Any]:
+        """Where replay reads what the neighbours sent and where what it computes goes: logs and this
+        stage's own log, or, inside a chain of lost stages, live links to the chain's other members."""
+        engine = self.engine
+        if restore.chain_prev is None and restore.chain_next is None:
+            return LogReader(stores, stage=engine.stage), engine.upstream
+        links = StageLinks(prev_rank=restore.chain_prev, next_rank=restore.chain_next,
+                           timeout_s=self.timeout_s, device=engine.dist.device)
+        return ChainReader(stores, stage=engine.stage, links=links), ChainRecorder(engine.upstream, links)
 
     def _load_window(self, restore: Restore) -> WindowImage | None:
         ckpt = self.engine.checkpointer

@@ -6,6 +6,10 @@ extra round is needed. The tiers, fastest first (DESIGN.md §4): a live data-par
 lost stage (copy its state), the replacement's own shared memory, the peer that holds its window
 replica, disk; before any window completed, the initial state. A window tier is usable only when
 every neighbour still logs what replay needs from it.
+
+Adjacent stages lost together (their logs of each other died with them) replay as a chain from a
+window start that every member holds in some tier: the chain's ends read the surviving
+neighbours' logs, and inside the chain each member sends what it computes to the next one live.
 """
 from __future__ import annotations
 
@@ -61,6 +65,10 @@ class Restore:
     start: int  # the window's first iteration (-1: the initial state, or a replica's state)
     donor: int | None  # the rank sending its state ("replica") or the window replica ("peer")
     log_sources: tuple[int, ...]  # ranks that send their logs, in this order
+    # Adjacent stages lost together replay as a chain: what a neighbour in the chain would have
+    # logged, it computes and sends live during the replay.
+    chain_prev: int | None = None
+    chain_next: int | None = None
 
     @property
     def replay_from(self) -> int:
@@ -101,59 +109,100 @@ def plan_recovery(statuses: list[RankStatus], *, topology: PipeTopology,
         raise RecoveryImpossible(f"survivors disagree on the snapshot window in progress: {sorted(schedules)}")
     resume = iterations.pop()
     window_start, window = schedules.pop()
-    restores = tuple(_restore_for(rank, statuses, survivors, resume, topology, tied_stages) for rank in restoring)
-    return RecoveryPlan(resume, window_start, window, restores)
+    restores: list[Restore] = []
+    for chain in _chains(restoring, topology):
+        restores += _restore_chain(chain, statuses, survivors, resume, topology, tied_stages)
+    return RecoveryPlan(resume, window_start, window, tuple(sorted(restores, key=lambda r: r.rank)))
 
 
-def _restore_for(rank: int, statuses: list[RankStatus], survivors: list[int], resume: int,
-                 topology: PipeTopology, tied_stages: dict[str, list[int]]) -> Restore:
-    stage, replica = topology.stage_of(rank), topology.replica_of(rank)
-    live_replicas = [r for r in topology.replica_ranks(stage) if r in survivors]
-    if live_replicas:
-        return Restore(rank, "replica", -1, live_replicas[0], ())
-    what = f"rank {rank} (stage {stage}, replica {replica})"
+def _chains(restoring: list[int], topology: PipeTopology) -> list[list[int]]:
+    """Restoring ranks grouped into runs of adjacent stages of one pipeline, in stage order."""
+    chains: list[list[int]] = []
+    for rank in sorted(restoring, key=lambda r: (topology.replica_of(r), topology.stage_of(r))):
+        last = chains[-1][-1] if chains else None
+        if (last is not None and topology.replica_of(last) == topology.replica_of(rank)
+                and topology.stage_of(last) + 1 == topology.stage_of(rank)):
+            chains[-1].append(rank)
+        else:
+            chains.append([rank])
+    return chains
+
+
+def _restore_chain(chain: list[int], statuses: list[RankStatus], survivors: list[int], resume: int,
+                   topology: PipeTopology, tied_stages: dict[str, list[int]]) -> list[Restore]:
+    healed = [_copy_of_live_replica(rank, topology, survivors) for rank in chain]
+    if all(healed):
+        return healed
+    first = chain[0]
+    stage, replica = topology.stage_of(first), topology.replica_of(first)
+    what = (f"rank {first} (stage {stage}, replica {replica})" if len(chain) == 1 else
+            f"ranks {chain} (stages {topology.stage_of(first)}..{topology.stage_of(chain[-1])}, replica {replica})")
     if topology.data_parallel > 1:
         raise RecoveryImpossible(
-            f"{what}: every data-parallel replica of stage {stage} was lost at once; replicas replay only "
-            f"together, so restart the job from its persisted windows (`moetion launch --resume`){_newest(statuses[rank])}")
-    talks_to = _talks_to(stage, replica, topology, tied_stages)
+            f"{what}: every data-parallel replica of the stage was lost at once; replicas replay only "
+            f"together, so restart the job from its persisted windows (`moetion launch --resume`){_newest(statuses, chain)}")
+    members = set(chain)
+    talks_to = sorted({r for rank in chain for r in _talks_to(rank, topology, tied_stages)} - members)
     lost = [r for r in talks_to if r not in survivors]
     if lost:
         raise RecoveryImpossible(
-            f"{what} and its neighbour(s) {lost} were lost together: the upstream logs each needs died with the "
-            f"other; restart the job from its persisted windows (`moetion launch --resume`){_newest(statuses[rank])}")
-    mine = statuses[rank]
-    holder = next((r for r in survivors if replication_peers(topology, r) and replication_peers(topology, r)[1] == rank
-                   and statuses[r].held_start >= 0), None)
-    candidates = [("shm", mine.shm_start, None)]
-    if holder is not None:
-        candidates.append(("peer", statuses[holder].held_start, holder))
-    candidates += [("disk", mine.disk_start, None), ("initial", -1, None)]
+            f"{what}: rank(s) {lost}, whose logs its replay reads (tied weights), were lost with it; restart the "
+            f"job from its persisted windows (`moetion launch --resume`){_newest(statuses, chain)}")
+    tiers = {rank: _tiers(rank, statuses, survivors, topology) for rank in chain}
+    common = sorted(set.intersection(*(set(t) for t in tiers.values())), reverse=True)
     tried = []
-    for source, start, donor in candidates:
-        if source != "initial" and start < 0:
-            tried.append(f"{source}: none")
-            continue
+    for start in common:
         needed = range(start + 1, resume)
-        short = [r for r in talks_to if statuses[r].log_kept_from > needed.start]
-        if needed and (not talks_to or short):
-            kept = {r: statuses[r].log_kept_from for r in talks_to}
-            what_needs = "the initial state" if source == "initial" else f"window {start}"
-            tried.append(f"{source}: {what_needs} needs logs of iterations {needed.start}..{resume - 1}, "
-                         f"neighbours log from {kept or 'nowhere'}")
+        kept = {r: statuses[r].log_kept_from for r in talks_to}
+        if needed and (not talks_to or any(k > needed.start for k in kept.values())):
+            name = "the initial state" if start < 0 else f"window {start}"
+            tried.append(f"{name} needs logs of iterations {needed.start}..{resume - 1}, "
+                         f"surviving neighbours log from {kept or 'nowhere'}")
             continue
-        return Restore(rank, source, start, donor, tuple(talks_to))
-    raise RecoveryImpossible(f"{what} cannot be restored exactly: {'; '.join(tried)}{_newest(mine)}")
+        restores = []
+        for i, rank in enumerate(chain):
+            source, donor = tiers[rank][start]
+            restores.append(Restore(rank, source, start, donor, tuple(talks_to),
+                                    chain_prev=chain[i - 1] if i > 0 else None,
+                                    chain_next=chain[i + 1] if i + 1 < len(chain) else None))
+        return restores
+    held = "; ".join(f"rank {rank} holds " + ", ".join(
+        "the initial state" if start < 0 else f"window {start} ({source})"
+        for start, (source, _) in sorted(tiers[rank].items(), reverse=True)) for rank in chain)
+    raise RecoveryImpossible(f"{what} cannot be restored exactly: {held}; "
+                             f"{'; '.join(tried) or 'no window start common to all'}{_newest(statuses, chain)}")
 
 
-def _talks_to(stage: int, replica: int, topology: PipeTopology, tied_stages: dict[str, list[int]]) -> list[int]:
-    """Ranks whose logs a replay of this stage reads: its neighbours, and stages sharing its tied weights."""
+def _copy_of_live_replica(rank: int, topology: PipeTopology, survivors: list[int]) -> Restore | None:
+    live = [r for r in topology.replica_ranks(topology.stage_of(rank)) if r in survivors]
+    return Restore(rank, "replica", -1, live[0], ()) if live else None
+
+
+def _tiers(rank: int, statuses: list[RankStatus], survivors: list[int], topology: PipeTopology) -> dict[int, tuple[str, int | None]]:
+    """Window start -> (tier, donor) this rank can restore from, the fastest tier for each start."""
+    found: dict[int, tuple[str, int | None]] = {-1: ("initial", None)}
+    mine = statuses[rank]
+    if mine.disk_start >= 0:
+        found[mine.disk_start] = ("disk", None)
+    holder = next((r for r in survivors if statuses[r].held_start >= 0
+                   and (replication_peers(topology, r) or (None, None))[1] == rank), None)
+    if holder is not None:
+        found[statuses[holder].held_start] = ("peer", holder)
+    if mine.shm_start >= 0:
+        found[mine.shm_start] = ("shm", None)
+    return found
+
+
+def _talks_to(rank: int, topology: PipeTopology, tied_stages: dict[str, list[int]]) -> list[int]:
+    """Ranks whose logs a replay of this rank's stage reads: its neighbours, and stages sharing its tied weights."""
+    stage, replica = topology.stage_of(rank), topology.replica_of(rank)
     stages = {stage - 1, stage + 1} | {s for shared in tied_stages.values() if stage in shared for s in shared}
     return sorted(topology.rank(stage=s, replica=replica) for s in stages
                   if 0 <= s < topology.num_stages and s != stage)
 
 
-def _newest(status: RankStatus) -> str:
-    if status.disk_start >= 0:
-        return f"; the newest window persisted for it starts at iteration {status.disk_start}"
+def _newest(statuses: list[RankStatus], ranks: list[int]) -> str:
+    persisted = [statuses[r].disk_start for r in ranks]
+    if all(p >= 0 for p in persisted):
+        return f"; the newest window persisted for it starts at iteration {min(persisted)}"
     return "; no window of it was persisted (set snapshot.persist_dir to allow a restart)"

@@ -62,7 +62,8 @@ def test_a_live_data_parallel_replica_is_copied_instead_of_replaying():
 
 def test_logs_dropped_past_the_window_rule_it_out_and_the_error_names_what_is_missing():
     statuses = [survivor(kept=16), lost(shm=12), survivor(kept=16), survivor()]
-    with pytest.raises(RecoveryImpossible, match=r"shm: window 12 needs logs of iterations 13\.\.19.*no window of it was persisted"):
+    with pytest.raises(RecoveryImpossible, match=r"rank 1 holds window 12 \(shm\), the initial state; window 12 needs "
+                                                 r"logs of iterations 13\.\.19.*no window of it was persisted"):
         plan_recovery(statuses, topology=PIPE4, tied_stages={})
 
 
@@ -72,9 +73,26 @@ def test_nothing_anywhere_names_the_newest_persisted_window():
         plan_recovery(statuses, topology=PIPE4, tied_stages={})
 
 
-def test_adjacent_stages_lost_together_is_refused_with_the_restart_advice():
-    with pytest.raises(RecoveryImpossible, match=r"neighbour\(s\) \[2\] were lost together.*--resume"):
-        plan_recovery([survivor(), lost(shm=12), lost(shm=12), survivor()], topology=PIPE4, tied_stages={})
+def test_adjacent_stages_lost_together_replay_as_a_chain_from_a_common_window():
+    statuses = [survivor(kept=4), lost(shm=12, disk=4), lost(shm=8, disk=4), survivor(kept=4)]
+    first, second = plan_recovery(statuses, topology=PIPE4, tied_stages={}).restores
+    # Rank 1's replica lived in rank 2, lost too; the newest start both hold is on disk.
+    assert (first.source, first.start, first.chain_prev, first.chain_next) == ("disk", 4, None, 2)
+    assert (second.source, second.start, second.chain_prev, second.chain_next) == ("disk", 4, 1, None)
+    assert first.log_sources == second.log_sources == (0, 3)
+
+
+def test_a_chain_prefers_the_fastest_tier_of_each_member_for_the_common_start():
+    statuses = [survivor(kept=4), lost(shm=12), lost(), survivor(held=12, kept=4)]
+    first, second = plan_recovery(statuses, topology=PIPE4, tied_stages={}).restores
+    assert (first.source, second.source, second.donor, first.start) == ("shm", "peer", 3, 12)
+
+
+def test_a_chain_without_a_common_window_or_logs_is_refused_naming_what_each_holds():
+    statuses = [survivor(kept=10), lost(shm=12), lost(shm=8), survivor(kept=10)]
+    with pytest.raises(RecoveryImpossible, match=r"rank 1 holds window 12 \(shm\), the initial state; "
+                                                 r"rank 2 holds window 8 \(shm\), the initial state"):
+        plan_recovery(statuses, topology=PIPE4, tied_stages={})
 
 
 def test_survivors_at_different_iterations_are_refused():
