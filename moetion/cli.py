@@ -19,6 +19,11 @@ def main(argv: list[str] | None = None) -> int:
     launch.add_argument("--timeout", type=float, default=None, help="kill the job after this many seconds")
     launch.add_argument("--resume", action="store_true",
                         help="ask the script to restart from its persisted windows (sets MOETION_RESUME=1)")
+    launch.add_argument("--no-recover", action="store_true",
+                        help="end the job when a rank dies instead of replacing it")
+    launch.add_argument("--max-restarts", type=int, default=8, help="replacements before the job gives up")
+    launch.add_argument("--heartbeat-timeout", type=float, default=30.0,
+                        help="seconds without a heartbeat before a live rank counts as hung and is replaced")
     launch.add_argument("script")
     launch.add_argument("script_args", nargs=argparse.REMAINDER)
 
@@ -73,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "launch":
             from moetion.launcher import launch_script
 
-            launch_script(args.script, args.script_args, nproc=args.nproc, timeout_s=args.timeout, resume=args.resume)
+            launch_script(args.script, args.script_args, nproc=args.nproc, timeout_s=args.timeout, resume=args.resume,
+                          recover=not args.no_recover, max_restarts=args.max_restarts,
+                          heartbeat_timeout_s=args.heartbeat_timeout)
         elif args.command == "inspect":
             from pathlib import Path
 

@@ -149,13 +149,17 @@ def supervise_workers(
 
 
 def _fault_log(env: dict[str, str]) -> str:
-    """Where kills are recorded: the caller's choice, else a fresh file (kills fire once per job)."""
+    """Where kills are recorded: the caller's choice, else a fresh file that lives as long as the
+    job (kills fire once per job: a replacement must not die again at its predecessor's point)."""
     path = env.get(FAULT_LOG_ENV) or os.environ.get(FAULT_LOG_ENV)
     if path:
         return path
-    handle, path = tempfile.mkstemp(prefix="moetion-faults-", suffix=".jsonl")
+    handle, path = tempfile.mkstemp(prefix=_OWN_FAULT_LOG, suffix=".jsonl")
     os.close(handle)
     return path
+
+
+_OWN_FAULT_LOG = "moetion-kills-"
 
 
 def _supervise(spawn: Spawn, *, nproc: int, fault_log: str, **options: Any) -> JobReport:
@@ -168,6 +172,8 @@ def _supervise(spawn: Spawn, *, nproc: int, fault_log: str, **options: Any) -> J
     finally:
         store_process.terminate()
         store_process.join()
+        if Path(fault_log).name.startswith(_OWN_FAULT_LOG):
+            Path(fault_log).unlink(missing_ok=True)
 
 
 def _forked_main(fn: Callable[..., Any], args: tuple, rank_vars: dict[str, str], result_pipe: Connection) -> None:

@@ -130,8 +130,11 @@ def faults_command(settings: DemoSettings, *, kills: list[str], script: str | No
         job.demo.progress = False
     specs = [KillSpec.parse(k) for k in kills]
     harness = FaultHarness(job, timeout_s=timeout_s, heartbeat_timeout_s=heartbeat_timeout_s)
-    print(f"moetion faults: fault-free reference run, then {len(specs)} kill(s) ({harness.work_dir})", flush=True)
-    report = harness.run(specs)
+    print(f"moetion faults: fault-free reference run, then the same run with {len(specs)} kill(s)", flush=True)
+    try:
+        report = harness.run(specs)
+    finally:
+        shutil.rmtree(harness.work_dir, ignore_errors=True)
     print("\n".join(report.lines()), flush=True)
     if json_out:
         Path(json_out).write_text(json.dumps(report.to_dict(), indent=2))
