@@ -132,6 +132,7 @@ def supervise_workers(
     if nproc < 1:
         raise LaunchError(f"nproc must be >= 1, got {nproc}")
     context = mp.get_context("fork")
+    _preload_for_forks()
     extra = dict(env or {})
     extra[FAULT_LOG_ENV] = _fault_log(extra)
 
@@ -146,6 +147,14 @@ def supervise_workers(
     return _supervise(spawn, nproc=nproc, recover=recover, max_restarts=max_restarts,
                       heartbeat_timeout_s=heartbeat_timeout_s, timeout_s=timeout_s, grace_s=grace_s,
                       fault_log=extra[FAULT_LOG_ENV])
+
+
+def _preload_for_forks() -> None:
+    """Forked ranks (and replacements) inherit the parent's imports. The first meta-device op
+    imports torch's reference kernels lazily (~0.9 s here; PipelineModule counts parameters on the
+    meta device): pay that once in the parent instead of in every rank, and in every replacement."""
+    with torch.device("meta"):
+        torch.empty(1).mul(2)
 
 
 def _fault_log(env: dict[str, str]) -> str:
