@@ -64,7 +64,7 @@ def _one_run(cost: ApproachCost, mtbf_s: float, horizon_s: float, rng: random.Ra
         now = next_failure
         failures += 1
         # progress that was lost is counted useful once (when first done), its redo as recovery
-        recovery = cost.fixed_recovery_s + base_s + math.fmod(progress, cycle_s)
+        recovery = cost.fixed_recovery_s + (base_s + math.fmod(progress, cycle_s)) / cost.replay_speedup
         while True:
             next_failure = now + rng.expovariate(1.0 / mtbf_s)
             if next_failure >= now + recovery:

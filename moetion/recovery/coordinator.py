@@ -173,6 +173,8 @@ class Recovery:
             engine.module.load_state_dict(state["model"])
             engine.optimizer.load_state_dict(state["optimizer"])
             engine.precision.after_step()
+            if engine.upstream is not None:
+                engine.upstream.kept_from = plan.resume  # it logs from now on; the replica's logs are its own
             events["state_loaded_at"] = events["logs_received_at"] = time.time()
             events.update(replayed=0, replay_s=0.0, bytes_received=0)
         else:
