@@ -3,13 +3,11 @@
 It outlives every rank (a process of its own, started before any rank), so a replacement and the
 survivors of a failure can meet there. What lives in it:
 
-- ``generation``: how many times the job's process group was rebuilt. Generation ``g`` forms its
-  gloo/NCCL group through ``PrefixStore("gen{g}/")``: a fresh prefix per group, because reusing one
-  fails to connect;
-- ``gen{g}/replaced``: the ranks that generation ``g`` replaced (JSON list), written by the
-  supervisor before it publishes ``g``;
-- ``gen{g}/arrived/{rank}`` and ``gen{g}/ready/{rank}``: a rank joined generation ``g``; a
-  replacement finished restoring its state;
+- ``generation``: how many times the job's process group was rebuilt (bumped atomically by the
+  supervisor that replaces a rank). Generation ``g`` forms its gloo/NCCL group through
+  ``PrefixStore("gen{g}/")``: a fresh prefix per group, because reusing one fails to connect;
+- ``gen{g}/arrived/{rank}``, ``gen{g}/ready/{rank}``, ``gen{g}/done/{rank}``: a rank joined
+  generation ``g``; a replacement finished restoring its state; a rank finished training;
 - ``heartbeat/{rank}``: a counter each rank's heartbeat thread bumps every second, so the
   supervisor notices a hung rank (no exit, no progress);
 - ``fatal``: a message that ends the job: nothing can recover exactly;
@@ -67,14 +65,10 @@ class ControlPlane:
     def generation(self) -> int:
         return int(self.store.get("generation")) if self.store.check(["generation"]) else 0
 
-    def publish_generation(self, generation: int, replaced: list[int]) -> None:
-        """Supervisor: generation ``generation`` replaces ``replaced``; survivors may now join it."""
-        self.store.set(f"gen{generation}/replaced", json.dumps(sorted(replaced)))
-        self.store.set("generation", str(generation))
-
-    def replaced(self, generation: int) -> list[int]:
-        key = f"gen{generation}/replaced"
-        return json.loads(self.store.get(key)) if self.store.check([key]) else []
+    def new_generation(self) -> int:
+        """Supervisor: the next generation's number, atomically (several supervisors may bump at
+        once; each gets its own). Survivors join it as soon as it appears."""
+        return self.store.add("generation", 1)
 
     def group_store(self, generation: int) -> dist.Store:
         return dist.PrefixStore(f"gen{generation}/", self.store)
@@ -108,6 +102,14 @@ class ControlPlane:
         """Waits until every replacement in ``ranks`` restored its state; False if the generation moved on."""
         keys = [f"gen{generation}/ready/{r}" for r in ranks]
         return self._wait_keys(keys, generation, timeout_s=timeout_s, what=f"replacement(s) {ranks} to restore")
+
+    def mark_done(self, generation: int, rank: int) -> None:
+        self.store.set(f"gen{generation}/done/{rank}", "1")
+
+    def wait_done(self, generation: int, world_size: int, *, timeout_s: float) -> bool:
+        """Waits until every rank finished training; False if a newer generation was published."""
+        keys = [f"gen{generation}/done/{r}" for r in range(world_size)]
+        return self._wait_keys(keys, generation, timeout_s=timeout_s, what="every rank to finish")
 
     def _wait_keys(self, keys: list[str], generation: int, *, timeout_s: float, what: str) -> bool:
         deadline = time.monotonic() + timeout_s

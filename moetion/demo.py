@@ -133,6 +133,8 @@ def rank_main(settings: DemoSettings, run_id: str) -> dict:
     while engine.iteration < settings.iterations:  # a replacement joins mid-run: count from the engine
         loss = engine.train_batch(data)
         stats = engine.last_stats
+        if not stats.seconds:
+            continue  # a replacement's first call restored the stage instead of training
         seconds.append(stats.seconds)
         if speaker:
             print(
@@ -144,7 +146,8 @@ def rank_main(settings: DemoSettings, run_id: str) -> dict:
     log_bytes = engine.upstream.bytes_per_iteration() if engine.upstream is not None else None
     engine.close()
     total = time.perf_counter() - start
-    steady = sorted(seconds[1:] or seconds)[len(seconds[1:] or seconds) // 2]
+    timed = sorted(seconds[1:] or seconds) or [float("nan")]  # a replacement may join after the last iteration
+    steady = timed[len(timed) // 2]
     summary = {
         "iterations": settings.iterations,
         "final_loss": loss,

@@ -127,10 +127,14 @@ class PipelineEngine:
 
         Returns the iteration's mean loss (over micro-batches and data-parallel replicas), the
         same value on every rank. The optimizer step is the commit point: when this returns,
-        every rank of the job has applied the same iteration.
+        every rank of the job has applied the same iteration. In a replacement (under the
+        supervisor) the first call instead restores the stage to the job's iteration and returns
+        the loss of the last committed one: drive the loop with ``engine.iteration``.
         """
         if self.recovery is not None and self.recovery.needs_restore:
             self.recovery.restore(data)
+            if self.last_stats is not None:
+                return self.last_stats.loss  # the job's last committed iteration: the caller re-checks its loop
         while True:
             try:
                 return self._run_iteration(data)
@@ -190,7 +194,10 @@ class PipelineEngine:
 
     def close(self) -> None:
         """Waits for background snapshot work and stops its threads (and, under the fault harness,
-        leaves this rank's final state for it to compare)."""
+        leaves this rank's final state for it to compare). Under the supervisor it first waits for
+        every rank to finish, serving the restore of one lost after the last commit."""
+        if self.recovery is not None:
+            self.recovery.finish()
         if self.checkpointer is not None:
             self.checkpointer.close()
         if self.upstream is not None:
@@ -198,6 +205,25 @@ class PipelineEngine:
         record_final_state(self)
 
     # -- membership (recovery) ---------------------------------------------------------------------
+    def history(self) -> dict[int, IterationScalars]:
+        """The committed iterations this process saw: their losses, and the last one's decisions."""
+        nan = float("nan")
+        scalars = {t: IterationScalars(nan, nan, nan, loss) for t, loss in self.losses.items()}
+        if self.last_stats is not None:
+            s = self.last_stats
+            scalars[s.iteration] = IterationScalars(s.lr_factor, s.grad_norm, s.clip_coef, s.loss)
+        return scalars
+
+    def adopt_history(self, scalars: dict[int, IterationScalars]) -> None:
+        """A restored stage takes over the losses and last statistics of iterations it did not run."""
+        if not scalars:
+            return
+        for t, s in scalars.items():
+            self.losses[t] = s.loss
+        t = max(scalars)
+        s = scalars[t]
+        self.last_stats = IterationStats(t, s.loss, s.grad_norm, s.clip_coef, s.lr_factor, 0.0)
+
     def abandon_iteration(self) -> None:
         """Forgets the in-flight iteration; the committed state (weights, optimizer) is untouched."""
         self._mb = None
@@ -334,8 +360,9 @@ class PipelineEngine:
         coef = gradients.clip_coefficient(norm, self.config.grad_clip)
         gradients.scale_grads(self._params, coef)
         factor = apply_lr(self.optimizer, self.config.lr_schedule, self.iteration)
+        loss = float(gathered[-1][1]) / (self.config.micro_batches * self.dist.topology.data_parallel)
         if self.upstream is not None:
-            scalars = IterationScalars(lr_factor=factor, grad_norm=float(norm), clip_coef=coef)
+            scalars = IterationScalars(lr_factor=factor, grad_norm=float(norm), clip_coef=coef, loss=loss)
             self.upstream.log_scalars(self.iteration, scalars)
         if self.checkpointer is not None:
             self.checkpointer.absorb_gather([g[2:].cpu() for g in gathered])
@@ -348,7 +375,6 @@ class PipelineEngine:
             if self.upstream is not None and self.checkpointer.job_restorable_start >= 0:
                 # Every stage's restore starts at or after this: older logs are dead.
                 self.upstream.drop_before(self.checkpointer.job_restorable_start)
-        loss = float(gathered[-1][1]) / (self.config.micro_batches * self.dist.topology.data_parallel)
         self.last_stats = IterationStats(self.iteration, loss, float(norm), coef, factor, 0.0)
 
     # -- helpers -------------------------------------------------------------------------------------

@@ -94,26 +94,14 @@ def launch_script(
                       heartbeat_timeout_s=heartbeat_timeout_s, timeout_s=timeout_s, grace_s=grace_s)
 
 
-def run_workers(
-    fn: Callable[..., Any],
-    *,
-    nproc: int,
-    args: tuple = (),
-    timeout_s: float | None = None,
-    grace_s: float = GRACE_S,
-    recover: bool = False,
-    max_restarts: int = 8,
-    heartbeat_timeout_s: float = 30.0,
-    env: dict[str, str] | None = None,
-) -> list[Any]:
+def run_workers(fn: Callable[..., Any], *, nproc: int, args: tuple = (), **options: Any) -> list[Any]:
     """Forks ``nproc`` ranks, each calling ``fn(*args)`` with torchrun's environment set.
 
     Returns the ranks' return values in rank order (a replacement's, for a replaced rank); raises
-    LaunchError with each failed rank's traceback if the job fails or exceeds ``timeout_s``.
-    ``env`` is added to the ranks' environment. :func:`supervise_workers` also returns the recoveries.
+    LaunchError with each failed rank's traceback if the job fails. ``options`` are those of
+    :func:`supervise_workers`, which also returns the recoveries.
     """
-    return supervise_workers(fn, nproc=nproc, args=args, timeout_s=timeout_s, grace_s=grace_s, recover=recover,
-                             max_restarts=max_restarts, heartbeat_timeout_s=heartbeat_timeout_s, env=env).results
+    return supervise_workers(fn, nproc=nproc, args=args, **options).results
 
 
 def supervise_workers(
@@ -128,7 +116,12 @@ def supervise_workers(
     heartbeat_timeout_s: float = 30.0,
     env: dict[str, str] | None = None,
 ) -> JobReport:
-    """:func:`run_workers`, returning the whole :class:`~moetion.supervisor.JobReport`."""
+    """:func:`run_workers`, returning the whole :class:`~moetion.supervisor.JobReport`.
+
+    ``timeout_s`` bounds the whole job; ``recover`` replaces ranks killed by a signal (at most
+    ``max_restarts`` times) or silent for ``heartbeat_timeout_s``; ``env`` is added to the ranks'
+    environment. The parent must not have run multi-threaded torch work (it forks).
+    """
     if nproc < 1:
         raise LaunchError(f"nproc must be >= 1, got {nproc}")
     context = mp.get_context("fork")

@@ -79,7 +79,7 @@ Spawn = Callable[[int, int, int], Worker]  # (rank, generation, control store po
 
 
 @dataclass
-class Recovery:
+class RecoveryRecord:
     """One failure and the generation that replaced it, as the supervisor saw it (wall-clock times)."""
 
     generation: int
@@ -101,7 +101,7 @@ class JobReport:
     """What a supervised job returned: each rank's result (forked workers) and every recovery."""
 
     results: list[Any]
-    recoveries: list[Recovery]
+    recoveries: list[RecoveryRecord]
 
 
 class Supervisor:
@@ -125,7 +125,7 @@ class Supervisor:
         self.heartbeat_timeout_s, self.timeout_s, self.grace_s = heartbeat_timeout_s, timeout_s, grace_s
         self.fault_log = fault_log
         self.generation = 0
-        self.recoveries: list[Recovery] = []
+        self.recoveries: list[RecoveryRecord] = []
 
     def run(self) -> JobReport:
         workers = [self.spawn(rank, 0, self.control.port) for rank in range(self.world_size)]
@@ -180,12 +180,11 @@ class Supervisor:
         time.sleep(SETTLE_S)  # ranks dying together (a host) recover in one generation
         dead = [w.rank for w in workers if w.exit_code() is not None and w.exit_code() < 0]
         causes = {r: _describe_exit(workers[r].exit_code()) for r in dead}
-        self.generation += 1
+        self.generation = self.control.new_generation()
         for rank in dead:
             workers[rank].reap()
             workers[rank] = self.spawn(rank, self.generation, self.control.port)
-        self.control.publish_generation(self.generation, dead)
-        self.recoveries.append(Recovery(self.generation, dead, causes, detected_at=detected, respawned_at=time.time()))
+        self.recoveries.append(RecoveryRecord(self.generation, dead, causes, detected_at=detected, respawned_at=time.time()))
         print(f"moetion supervisor: rank(s) {dead} {', '.join(sorted(set(causes.values())))}; "
               f"replaced, generation {self.generation}", flush=True)
 

@@ -31,19 +31,20 @@ def tied_kind(key: str, index: int) -> str:
 
 @dataclass(frozen=True)
 class IterationScalars:
-    """The global decisions of one iteration, as every stage applied them."""
+    """The global decisions of one iteration, as every stage applied them, and its loss (so that a
+    restored stage knows the losses of the iterations it replayed)."""
 
     lr_factor: float
     grad_norm: float
     clip_coef: float
+    loss: float = float("nan")
 
     def to_tensor(self) -> torch.Tensor:
-        return torch.tensor([self.lr_factor, self.grad_norm, self.clip_coef], dtype=torch.float64)
+        return torch.tensor([self.lr_factor, self.grad_norm, self.clip_coef, self.loss], dtype=torch.float64)
 
     @classmethod
     def from_tensor(cls, values: torch.Tensor) -> "IterationScalars":
-        lr_factor, grad_norm, clip_coef = values.tolist()
-        return cls(lr_factor, grad_norm, clip_coef)
+        return cls(*values.tolist())
 
 
 class UpstreamLog:

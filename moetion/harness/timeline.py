@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from moetion.supervisor import Recovery
+from moetion.supervisor import RecoveryRecord
 
 
 @dataclass
@@ -49,7 +49,7 @@ class Timeline:
         return out
 
 
-def timeline(recovery: Recovery) -> Timeline:
+def timeline(recovery: RecoveryRecord) -> Timeline:
     events = recovery.rank_events
     replacements = {r: e for r, e in events.items() if e.get("role") == "replacement"}
     survivors = {r: e for r, e in events.items() if e.get("role") == "survivor"}

@@ -26,7 +26,7 @@ from logging_store import LogStore
 
 from moetion.control import ControlPlane, JobAborted
 from moetion.data import DataSource
-from moetion.errors import PeerFailure
+from moetion.errors import MoetionError, PeerFailure
 from moetion.p2p import StageLinks
 from moetion.recovery import transfer
 from moetion.recovery.chain import ChainReader, ChainRecorder
@@ -35,7 +35,7 @@ from moetion.replay import replay_stage
 from moetion.snapshot.image import SnapshotError, WindowImage
 from moetion.snapshot.persist import list_persisted, load_persisted
 from moetion.snapshot.checkpointer import run_id
-from moetion.upstream_log import LogReader
+from moetion.upstream_log import IterationScalars, LogReader
 
 if TYPE_CHECKING:
     from moetion.engine import PipelineEngine
@@ -70,8 +70,21 @@ class Recovery:
         events: dict[str, Any] = {"role": "replacement", "joined_at": self.started_at, "restore_at": time.time()}
         self._rebuild(data, events, joined=True)
 
+    def finish(self) -> None:
+        """Before closing: wait until every rank has finished. A rank lost after the last commit is
+        still replaced and restored (its final state is part of the result), with the finished
+        survivors serving its restore."""
+        rank, world = self.engine.dist.rank, self.engine.dist.topology.world_size
+        self.control.mark_done(self.generation, rank)
+        while not self.control.wait_done(self.generation, world, timeout_s=self.timeout_s):
+            events: dict[str, Any] = {"role": "survivor", "detected_at": time.time(), "cause": "finished; a rank was lost",
+                                      "iteration": self.engine.iteration, "inflight_s": 0.0}
+            self.engine.leave_group()
+            self._rebuild(None, events, joined=False)
+            self.control.mark_done(self.generation, rank)
+
     # -- the generation loop ---------------------------------------------------------------------
-    def _rebuild(self, data: DataSource, events: dict[str, Any], *, joined: bool) -> None:
+    def _rebuild(self, data: DataSource | None, events: dict[str, Any], *, joined: bool) -> None:
         while True:
             if not joined:
                 self.generation = self.control.wait_for_generation_after(self.generation, timeout_s=self.timeout_s)
@@ -93,7 +106,7 @@ class Recovery:
             events.setdefault("retries", []).append(failure)
             self.engine.leave_group()
 
-    def _handoff(self, data: DataSource, events: dict[str, Any]) -> None:
+    def _handoff(self, data: DataSource | None, events: dict[str, Any]) -> None:
         plan = self._agree()
         events["plan"] = {"resume": plan.resume, "restores": [vars(r) for r in plan.restores]}
         rank = self.engine.dist.rank
@@ -143,7 +156,8 @@ class Recovery:
         engine, rank, sent = self.engine, self.engine.dist.rank, 0
         for restore in plan.restores:
             if restore.donor == rank and restore.source == "replica":
-                transfer.send_state(engine.module, engine.optimizer, restore.rank)
+                history = {t: s.to_tensor() for t, s in engine.history().items()}
+                transfer.send_state(engine.module, engine.optimizer, history, restore.rank)
             elif restore.donor == rank and restore.source == "peer":
                 held = engine.checkpointer.replicator.held()
                 transfer.send_window(held, restore.rank)
@@ -173,6 +187,7 @@ class Recovery:
             engine.module.load_state_dict(state["model"])
             engine.optimizer.load_state_dict(state["optimizer"])
             engine.precision.after_step()
+            engine.adopt_history({t: IterationScalars.from_tensor(v) for t, v in state["history"].items()})
             if engine.upstream is not None:
                 engine.upstream.kept_from = plan.resume  # it logs from now on; the replica's logs are its own
             events["state_loaded_at"] = events["logs_received_at"] = time.time()
@@ -187,6 +202,7 @@ class Recovery:
                 report = replay_stage(module=engine.module, optimizer=engine.optimizer, config=engine.config,
                                       window=image, logs=reader, data=data, until=plan.resume - 1,
                                       precision=engine.precision, record=recorder) if plan.resume > 0 else None
+                engine.adopt_history(_logged_scalars(reader, range(max(0, restore.replay_from), plan.resume)))
             finally:
                 for store in stores.values():
                     store.close()
@@ -259,3 +275,14 @@ class Recovery:
     def _persist_root(self) -> Path | None:
         settings = self.engine.config.snapshot
         return Path(settings.persist_dir) / run_id(settings) if settings.persist_dir else None
+
+
+def _logged_scalars(reader: LogReader, iterations: range) -> dict[int, IterationScalars]:
+    """The replayed iterations' logged decisions and losses (replay has read each of them already)."""
+    found = {}
+    for t in iterations:
+        try:
+            found[t] = reader.scalars(t)
+        except MoetionError:
+            continue
+    return found

@@ -41,10 +41,12 @@ def recv_window(src: int) -> WindowImage | None:
     return _guard(lambda: recv_image(src), what=f"receiving a window replica from rank {src}")
 
 
-def send_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer, dst: int) -> None:
-    """A live data-parallel replica's exact state (torch.save keeps every bit, Adam's step included)."""
+def send_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer, history: dict[int, torch.Tensor],
+               dst: int) -> None:
+    """A live data-parallel replica's exact state (torch.save keeps every bit, Adam's step included)
+    and its history (iteration -> logged scalars)."""
     buffer = io.BytesIO()
-    torch.save({"model": module.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+    torch.save({"model": module.state_dict(), "optimizer": optimizer.state_dict(), "history": history}, buffer)
     send_bytes(buffer.getvalue(), dst, what="replica state")
 
 

@@ -52,6 +52,11 @@ def test_middle_stage_at_backward_with_host_memory_lost_then_another_at_replicat
     assert_identical(report, sources=["peer", "shm"])
 
 
+def test_a_stage_lost_after_the_last_commit_is_restored_while_the_others_finish(pipeline):
+    report = pipeline.run([f"stage=3,iter={ITERATIONS - 1},phase=step"])
+    assert_identical(report, sources=["shm"])
+
+
 def test_replacement_killed_during_its_replay_restarts_the_recovery(pipeline):
     report = pipeline.run(["stage=1,iter=10,phase=backward", "stage=1,iter=8,phase=replay"])
     assert report.verdict.identical, "\n".join(report.lines())
@@ -82,7 +87,9 @@ def test_adjacent_stages_lost_together_replay_as_a_chain(pipeline):
 
 def test_memory_lost_without_any_other_copy_names_what_is_missing(tmp_path):
     harness = FaultHarness(Job(demo=settings(replicate=False)), work_dir=tmp_path, timeout_s=240)
-    with pytest.raises(LaunchError, match=r"cannot be restored exactly: shm: none; disk: none; initial: .*no window of it was persisted"):
+    with pytest.raises(LaunchError, match=r"rank 2 \(stage 2, replica 0\) cannot be restored exactly: rank 2 holds "
+                                          r"the initial state; the initial state needs logs of iterations 0\.\.9.*"
+                                          r"no window of it was persisted"):
         harness.run(["stage=2,iter=10,phase=backward,memory=lost"])
 
 
