@@ -156,8 +156,9 @@ def _restore_chain(chain: list[int], statuses: list[RankStatus], survivors: list
         kept = {r: statuses[r].log_kept_from for r in talks_to}
         if needed and (not talks_to or any(k > needed.start for k in kept.values())):
             name = "the initial state" if start < 0 else f"window {start}"
+            shown = {r: ("nothing (upstream_log is off)" if k >= NOT_LOGGING else k) for r, k in kept.items()}
             tried.append(f"{name} needs logs of iterations {needed.start}..{resume - 1}, "
-                         f"surviving neighbours log from {kept or 'nowhere'}")
+                         f"surviving neighbours log from {shown or 'nowhere'}")
             continue
         restores = []
         for i, rank in enumerate(chain):

@@ -102,7 +102,7 @@ def test_survivors_at_different_iterations_are_refused():
 
 def test_no_logging_means_no_window_replay():
     statuses = [survivor(kept=NOT_LOGGING), lost(shm=12), survivor(kept=NOT_LOGGING), survivor()]
-    with pytest.raises(RecoveryImpossible):
+    with pytest.raises(RecoveryImpossible, match=r"log from \{0: 'nothing \(upstream_log is off\)'"):
         plan_recovery(statuses, topology=PIPE4, tied_stages={})
 
 
