@@ -15,7 +15,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
 
     launch = commands.add_parser("launch", help="run a training script as N local ranks (torchrun-style env)")
-    launch.add_argument("--nproc", type=int, required=True, help="number of ranks (stages x data-parallel replicas)")
+    launch.add_argument("--nproc", type=int, required=True,
+                        help="ranks on this host (the job has nproc x nnodes: stages x data-parallel replicas)")
     launch.add_argument("--timeout", type=float, default=None, help="kill the job after this many seconds")
     launch.add_argument("--resume", action="store_true",
                         help="ask the script to restart from its persisted windows (sets MOETION_RESUME=1)")
@@ -24,6 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     launch.add_argument("--max-restarts", type=int, default=8, help="replacements before the job gives up")
     launch.add_argument("--heartbeat-timeout", type=float, default=30.0,
                         help="seconds without a heartbeat before a live rank counts as hung and is replaced")
+    launch.add_argument("--nnodes", type=int, default=1, help="hosts in the job (run this command on each)")
+    launch.add_argument("--node-rank", type=int, default=0, help="this host's index; node 0 serves the control store")
+    launch.add_argument("--master-addr", default="127.0.0.1", help="node 0's address, reachable from every host")
+    launch.add_argument("--master-port", type=int, default=0,
+                        help="the control store's port on node 0 (required with --nnodes > 1)")
     launch.add_argument("script")
     launch.add_argument("script_args", nargs=argparse.REMAINDER)
 
@@ -76,11 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "launch":
-            from moetion.launcher import launch_script
+            from moetion.launcher import Nodes, launch_script
 
+            nodes = Nodes(nnodes=args.nnodes, node_rank=args.node_rank, master_addr=args.master_addr,
+                          master_port=args.master_port)
             launch_script(args.script, args.script_args, nproc=args.nproc, timeout_s=args.timeout, resume=args.resume,
                           recover=not args.no_recover, max_restarts=args.max_restarts,
-                          heartbeat_timeout_s=args.heartbeat_timeout)
+                          heartbeat_timeout_s=args.heartbeat_timeout, nodes=nodes)
         elif args.command == "inspect":
             from pathlib import Path
 

@@ -12,7 +12,8 @@ survivors of a failure can meet there. What lives in it:
   supervisor notices a hung rank (no exit, no progress);
 - ``fatal``: a message that ends the job: nothing can recover exactly;
 - ``events/{g}/{rank}``: what a rank did during the recovery that formed generation ``g`` (JSON),
-  read back by the supervisor for the recovery timeline.
+  read back by the supervisor for the recovery timeline;
+- ``host/{n}/finished``: host ``n``'s supervisor is done (node 0 serves the store until all are).
 
 Nothing here runs per iteration: ranks touch the store only while joining and recovering, and the
 heartbeat thread once a second.
@@ -111,6 +112,13 @@ class ControlPlane:
         keys = [f"gen{generation}/done/{r}" for r in range(world_size)]
         return self._wait_keys(keys, generation, timeout_s=timeout_s, what="every rank to finish")
 
+    def host_finished(self, node_rank: int) -> None:
+        """A host's supervisor is done with the store (its ranks exited, its records read)."""
+        self.store.set(f"host/{node_rank}/finished", "1")
+
+    def hosts_finished(self, nnodes: int) -> bool:
+        return self.store.check([f"host/{n}/finished" for n in range(nnodes)])
+
     def _wait_keys(self, keys: list[str], generation: int, *, timeout_s: float, what: str) -> bool:
         deadline = time.monotonic() + timeout_s
         while not self.store.check(keys):
@@ -147,8 +155,8 @@ class ControlPlane:
         return found
 
     # -- liveness -------------------------------------------------------------------------------------
-    def heartbeats(self, world_size: int) -> list[int]:
-        return [self.store.add(f"heartbeat/{r}", 0) for r in range(world_size)]
+    def heartbeats(self, ranks: list[int]) -> dict[int, int]:
+        return {r: self.store.add(f"heartbeat/{r}", 0) for r in ranks}
 
     def start_heartbeat(self, rank: int) -> None:
         """Bumps ``heartbeat/{rank}`` every second from a daemon thread with its own connection."""
@@ -165,15 +173,16 @@ class ControlPlane:
         threading.Thread(target=beat, name="moetion-heartbeat", daemon=True).start()
 
 
-def serve_store() -> tuple[mp.process.BaseProcess, int]:
-    """Starts the control store in a forked process of its own; returns (process, port).
+def serve_store(port: int = 0) -> tuple[mp.process.BaseProcess, int]:
+    """Starts the control store in a forked process of its own, on ``port`` (0: any free one) of
+    every interface; returns (process, port).
 
     A process of its own, not a thread of the supervisor: the supervisor forks replacements later,
     and forking while a store's server thread runs crashes the child.
     """
     context = mp.get_context("fork")
     receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(target=_store_main, args=(sender,), name="moetion-control-store", daemon=True)
+    process = context.Process(target=_store_main, args=(port, sender), name="moetion-control-store", daemon=True)
     process.start()
     sender.close()
     port = receiver.recv()
@@ -181,8 +190,8 @@ def serve_store() -> tuple[mp.process.BaseProcess, int]:
     return process, port
 
 
-def _store_main(port_pipe: Any) -> None:
-    store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, wait_for_workers=False)
+def _store_main(port: int, port_pipe: Any) -> None:
+    store = dist.TCPStore("0.0.0.0", port, 1, is_master=True, wait_for_workers=False)
     port_pipe.send(store.port)
     port_pipe.close()
     parent = os.getppid()

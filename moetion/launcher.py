@@ -22,7 +22,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -36,14 +38,36 @@ from moetion.faults import FAULT_LOG_ENV
 from moetion.supervisor import GRACE_S, JobReport, Spawn, Supervisor, Worker
 
 
-def rank_env(*, rank: int, world_size: int, port: int, generation: int = 0, supervised: bool = False) -> dict[str, str]:
+@dataclass(frozen=True)
+class Nodes:
+    """Where this launcher sits in a multi-host job: ``nnodes`` launchers, one per host, each
+    running ``nproc`` ranks; node 0 serves the control store on ``master_addr:master_port``."""
+
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 0
+
+    def __post_init__(self) -> None:
+        if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:
+            raise LaunchError(f"--node-rank must lie in [0, --nnodes={self.nnodes}), got {self.node_rank}")
+        if self.nnodes > 1 and not self.master_port:
+            raise LaunchError("a multi-host job needs --master-port (node 0 serves the control store there)")
+
+    def ranks(self, nproc: int) -> range:
+        return range(self.node_rank * nproc, (self.node_rank + 1) * nproc)
+
+
+def rank_env(*, rank: int, world_size: int, port: int, generation: int = 0, supervised: bool = False,
+             nproc: int | None = None, nodes: Nodes = Nodes()) -> dict[str, str]:
+    local_world = world_size if nproc is None else nproc
     env = {
         "RANK": str(rank),
         "WORLD_SIZE": str(world_size),
-        "LOCAL_RANK": str(rank),
-        "LOCAL_WORLD_SIZE": str(world_size),
-        "GROUP_RANK": "0",
-        "MASTER_ADDR": "127.0.0.1",
+        "LOCAL_RANK": str(rank % local_world),
+        "LOCAL_WORLD_SIZE": str(local_world),
+        "GROUP_RANK": str(nodes.node_rank),
+        "MASTER_ADDR": nodes.master_addr,
         "MASTER_PORT": str(port),
         "TORCHELASTIC_USE_AGENT_STORE": "True",
         GENERATION_ENV: str(generation),
@@ -68,12 +92,15 @@ def launch_script(
     max_restarts: int = 8,
     heartbeat_timeout_s: float = 30.0,
     env: dict[str, str] | None = None,
+    nodes: Nodes = Nodes(),
 ) -> JobReport:
-    """Runs ``python script *script_args`` as ``nproc`` ranks; raises LaunchError if the job fails.
+    """Runs ``python script *script_args`` as ``nproc`` ranks on this host; raises LaunchError if
+    the job fails.
 
     ``resume`` sets ``MOETION_RESUME=1`` for the ranks: see :func:`moetion.resume_requested`.
     ``recover`` replaces ranks killed by a signal (at most ``max_restarts`` times). ``env`` is
-    added to the ranks' environment.
+    added to the ranks' environment. With ``nodes``, this is one host of a multi-host job (run
+    the same command on every host with its ``node_rank``).
     """
     if nproc < 1:
         raise LaunchError(f"--nproc must be >= 1, got {nproc}")
@@ -84,14 +111,16 @@ def launch_script(
     fault_log = _fault_log(extra)
 
     def spawn(rank: int, generation: int, port: int) -> Worker:
-        rank_vars = rank_env(rank=rank, world_size=nproc, port=port, generation=generation, supervised=recover)
+        rank_vars = rank_env(rank=rank, world_size=nproc * nodes.nnodes, port=port, generation=generation,
+                             supervised=recover, nproc=nproc, nodes=nodes)
         full = {**os.environ, **extra, FAULT_LOG_ENV: fault_log, **rank_vars}
         if resume:
             full[RESUME_ENV] = "1"
         return Worker(rank, subprocess.Popen([sys.executable, script, *script_args], env=full))
 
-    return _supervise(spawn, nproc=nproc, recover=recover, max_restarts=max_restarts, fault_log=fault_log,
-                      heartbeat_timeout_s=heartbeat_timeout_s, timeout_s=timeout_s, grace_s=grace_s)
+    return _supervise(spawn, nproc=nproc, nodes=nodes, recover=recover, max_restarts=max_restarts,
+                      fault_log=fault_log, heartbeat_timeout_s=heartbeat_timeout_s, timeout_s=timeout_s,
+                      grace_s=grace_s)
 
 
 def run_workers(fn: Callable[..., Any], *, nproc: int, args: tuple = (), **options: Any) -> list[Any]:
@@ -164,18 +193,31 @@ def _fault_log(env: dict[str, str]) -> str:
 _OWN_FAULT_LOG = "moetion-kills-"
 
 
-def _supervise(spawn: Spawn, *, nproc: int, fault_log: str, **options: Any) -> JobReport:
-    store_process, port = serve_store()
+def _supervise(spawn: Spawn, *, nproc: int, fault_log: str, nodes: Nodes = Nodes(), **options: Any) -> JobReport:
+    store_process, port = serve_store(nodes.master_port) if nodes.node_rank == 0 else (None, nodes.master_port)
     try:
-        control = ControlPlane("127.0.0.1", port)
-        control.store.set("generation", "0")
-        supervisor = Supervisor(spawn, world_size=nproc, control=control, fault_log=Path(fault_log), **options)
-        return supervisor.run()
+        control = ControlPlane(nodes.master_addr if store_process is None else "127.0.0.1", port)
+        supervisor = Supervisor(spawn, world_size=nproc * nodes.nnodes, ranks=nodes.ranks(nproc), control=control,
+                                fault_log=Path(fault_log), **options)
+        try:
+            return supervisor.run()
+        finally:
+            control.host_finished(nodes.node_rank)
+            if store_process is not None:
+                _wait_for_other_hosts(control, nodes.nnodes)
     finally:
-        store_process.terminate()
-        store_process.join()
+        if store_process is not None:
+            store_process.terminate()
+            store_process.join()
         if Path(fault_log).name.startswith(_OWN_FAULT_LOG):
             Path(fault_log).unlink(missing_ok=True)
+
+
+def _wait_for_other_hosts(control: ControlPlane, nnodes: int, timeout_s: float = 120.0) -> None:
+    """Node 0 serves the control store: it stays up until every host's supervisor is done with it."""
+    deadline = time.monotonic() + timeout_s
+    while not control.hosts_finished(nnodes) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _forked_main(fn: Callable[..., Any], args: tuple, rank_vars: dict[str, str], result_pipe: Connection) -> None:

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -105,7 +105,9 @@ class JobReport:
 
 
 class Supervisor:
-    """Runs ``world_size`` ranks made by ``spawn`` until they all exit."""
+    """Runs this host's ranks (``ranks``, global numbers; all of them by default) made by ``spawn``
+    until they all exit. Supervisors of other hosts share ``control``: a generation one of them
+    publishes is joined by every rank, and a job failure on one host ends the others' too."""
 
     def __init__(
         self,
@@ -113,6 +115,7 @@ class Supervisor:
         *,
         world_size: int,
         control: ControlPlane,
+        ranks: Sequence[int] | None = None,
         recover: bool = False,
         max_restarts: int = 8,
         heartbeat_timeout_s: float = 30.0,
@@ -121,6 +124,7 @@ class Supervisor:
         fault_log: Path | None = None,
     ) -> None:
         self.spawn, self.world_size, self.control = spawn, world_size, control
+        self.ranks = list(range(world_size) if ranks is None else ranks)
         self.recover, self.max_restarts = recover, max_restarts
         self.heartbeat_timeout_s, self.timeout_s, self.grace_s = heartbeat_timeout_s, timeout_s, grace_s
         self.fault_log = fault_log
@@ -128,30 +132,30 @@ class Supervisor:
         self.recoveries: list[RecoveryRecord] = []
 
     def run(self) -> JobReport:
-        workers = [self.spawn(rank, 0, self.control.port) for rank in range(self.world_size)]
+        workers = {rank: self.spawn(rank, 0, self.control.port) for rank in self.ranks}
         self._watch(workers)
         for recovery in self.recoveries:
             recovery.rank_events = self.control.records(recovery.generation, range(self.world_size))
         self._attach_kill_times()
-        return JobReport([w.result for w in workers], self.recoveries)
+        return JobReport([workers[r].result for r in self.ranks], self.recoveries)
 
-    def _watch(self, workers: list[Worker]) -> None:
+    def _watch(self, workers: dict[int, Worker]) -> None:
         deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
-        beats = _Heartbeats(self.control, self.world_size, self.heartbeat_timeout_s)
+        beats = _Heartbeats(self.control, self.ranks, self.heartbeat_timeout_s)
         kill_at, reason = None, None
         while True:
-            for w in workers:
+            for w in workers.values():
                 w.collect()
             now = time.monotonic()
-            codes = [w.exit_code() for w in workers]
-            for w, code in zip(workers, codes):
-                if code is not None and w.exited_at == float("inf"):
-                    w.exited_at = now
-            if all(c is not None for c in codes):
+            codes = {r: w.exit_code() for r, w in workers.items()}
+            for r, code in codes.items():
+                if code is not None and workers[r].exited_at == float("inf"):
+                    workers[r].exited_at = now
+            if all(c is not None for c in codes.values()):
                 break
             if kill_at is None:
-                dead = [w.rank for w, c in zip(workers, codes) if c is not None and c < 0]
-                failed = [w.rank for w, c in zip(workers, codes) if c is not None and c > 0]
+                dead = [r for r, c in codes.items() if c is not None and c < 0]
+                failed = [r for r, c in codes.items() if c is not None and c > 0]
                 for rank in beats.hung(codes):
                     workers[rank].kill()
                 fatal = self.control.fatal()
@@ -159,26 +163,28 @@ class Supervisor:
                     kill_at, reason = now + self.grace_s, fatal
                 elif failed or (dead and not self._may_replace()):
                     kill_at = now + self.grace_s
+                    self.control.declare_fatal(f"rank(s) {failed or dead} failed: "
+                                               + ", ".join(_describe_exit(codes[r]) for r in failed or dead))
                 elif dead:
                     self._replace(workers, dead)
                     beats.reset(dead)
                 elif deadline is not None and now > deadline:
                     kill_at, reason = now, f"timed out after {self.timeout_s} s"
             elif now >= kill_at:
-                for w in workers:
+                for w in workers.values():
                     w.kill()
             time.sleep(POLL_S)
-        for w in workers:
+        for w in workers.values():
             w.reap()
-        _raise_on_failure(workers, reason)
+        _raise_on_failure(list(workers.values()), reason)
 
     def _may_replace(self) -> bool:
         return self.recover and len(self.recoveries) < self.max_restarts
 
-    def _replace(self, workers: list[Worker], dead: list[int]) -> None:
+    def _replace(self, workers: dict[int, Worker], dead: list[int]) -> None:
         detected = time.time()
         time.sleep(SETTLE_S)  # ranks dying together (a host) recover in one generation
-        dead = [w.rank for w in workers if w.exit_code() is not None and w.exit_code() < 0]
+        dead = [r for r, w in workers.items() if w.exit_code() is not None and w.exit_code() < 0]
         causes = {r: _describe_exit(workers[r].exit_code()) for r in dead}
         self.generation = self.control.new_generation()
         for rank in dead:
@@ -205,26 +211,25 @@ class _Heartbeats:
     A rank is watched only once it has beaten (a replacement's start-up, however slow, is not a hang).
     """
 
-    def __init__(self, control: ControlPlane, world_size: int, timeout_s: float) -> None:
-        self.control, self.world_size, self.timeout_s = control, world_size, timeout_s
-        self.baseline = [0] * world_size  # the counter before this process of the rank started beating
-        self.last = [0] * world_size
-        self.moved_at = [time.monotonic()] * world_size
+    def __init__(self, control: ControlPlane, ranks: list[int], timeout_s: float) -> None:
+        self.control, self.ranks, self.timeout_s = control, ranks, timeout_s
+        self.baseline = dict.fromkeys(ranks, 0)  # the counter before this process of the rank started beating
+        self.last = dict.fromkeys(ranks, 0)
+        self.moved_at = dict.fromkeys(ranks, time.monotonic())
         self.checked_at = 0.0
 
     def reset(self, ranks: list[int]) -> None:
-        counts = self.control.heartbeats(self.world_size)
+        counts = self.control.heartbeats(ranks)
         for rank in ranks:
             self.baseline[rank] = self.last[rank] = counts[rank]
 
-    def hung(self, codes: list[int | None]) -> list[int]:
+    def hung(self, codes: dict[int, int | None]) -> list[int]:
         now = time.monotonic()
         if now - self.checked_at < 1.0:
             return []
         self.checked_at = now
-        counts = self.control.heartbeats(self.world_size)
         stuck = []
-        for rank, count in enumerate(counts):
+        for rank, count in self.control.heartbeats(self.ranks).items():
             if count != self.last[rank]:
                 self.last[rank], self.moved_at[rank] = count, now
             elif count > self.baseline[rank] and codes[rank] is None and now - self.moved_at[rank] > self.timeout_s:

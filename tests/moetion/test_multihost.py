@@ -1,0 +1,73 @@
+"""Two launchers sharing one control store, as on two hosts: a rank of the second "host" is
+SIGKILLed, its own supervisor replaces it, every rank of both hosts rebuilds around it, and the job
+ends with the same losses and weights as a fault-free single-launcher run."""
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import textwrap
+
+SCRIPT = textwrap.dedent('''
+    import hashlib, json, sys, torch, moetion
+    from moetion.models import GPTMoEConfig, build_gpt_moe_layers, gpt_moe_loss
+    model = GPTMoEConfig(seq_len=8, d_model=16, n_heads=2, n_layers=4, d_hidden=16, num_experts=2)
+    module = moetion.PipelineModule(build_gpt_moe_layers(model), 4, loss_fn=gpt_moe_loss)
+    engine = moetion.initialize(module, optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-2), config={
+        "micro_batches": 2, "snapshot": {"enabled": True, "window": 2, "shm_dir": sys.argv[1]},
+        "upstream_log": {"enabled": True}})
+    data = moetion.ByteCorpus(bytes(range(256)) * 8, seq_len=8, micro_batch_size=2)
+    while engine.iteration < 9:
+        engine.train_batch(data)
+    engine.close()
+    digest = hashlib.sha256(b"".join(t.numpy().tobytes() for t in module.state_dict().values())).hexdigest()
+    print(f"rank {engine.dist.rank} result " + json.dumps({"losses": engine.losses, "weights": digest}), flush=True)
+''')
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def results(*outputs: str) -> dict[str, dict]:
+    found = {}
+    for out in outputs:
+        for rank, payload in re.findall(r"rank (\d+) result (\{.*\})", out):
+            found[rank] = json.loads(payload)
+    return found
+
+
+def launch(script, shm, *extra, env=None):
+    command = [sys.executable, "-m", "moetion.cli", "launch", "--timeout", "180", *extra, str(script), str(shm)]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+
+
+def test_a_rank_of_the_second_host_is_replaced_and_the_job_stays_exact(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    reference = launch(script, tmp_path / "shm-ref", "--nproc", "4")
+    out, err = reference.communicate(timeout=200)
+    assert reference.returncode == 0, err
+    expected = results(out)
+
+    port = free_port()
+    hosts = [launch(script, tmp_path / "shm", "--nproc", "2", "--nnodes", "2", "--node-rank", str(node),
+                    "--master-port", str(port), env={"MOETION_KILL": "stage=2,iter=5,phase=backward"})
+             for node in (0, 1)]
+    outputs = [host.communicate(timeout=200) for host in hosts]
+    for host, (out, err) in zip(hosts, outputs):
+        assert host.returncode == 0, out + err
+    assert "rank(s) [2] killed by SIGKILL; replaced" in outputs[1][0]  # the second host's supervisor
+    got = results(*(out for out, _ in outputs))
+    assert sorted(got) == sorted(expected) == ["0", "1", "2", "3"]
+    for rank in expected:
+        assert got[rank]["weights"] == expected[rank]["weights"], f"rank {rank} weights differ"
+        if rank != "2":
+            assert got[rank]["losses"] == expected[rank]["losses"]
+    # The replacement knows the losses of the iterations it replayed (from the logs) and trained.
+    replaced = got["2"]["losses"]
+    assert "4" in replaced and replaced == {t: expected["2"]["losses"][t] for t in replaced}
