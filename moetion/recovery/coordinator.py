@@ -51,6 +51,7 @@ class Recovery:
         self.generation = generation
         self.needs_restore = needs_restore
         self.timeout_s = engine.config.peer_timeout_s
+        self._held: WindowImage | None = None
         self.started_at = time.time()  # the engine was made right after joining the group
 
     # -- entry points ----------------------------------------------------------------------------
@@ -90,8 +91,9 @@ class Recovery:
                 self.generation = self.control.wait_for_generation_after(self.generation, timeout_s=self.timeout_s)
                 if not self.engine.join_group(self.control, self.generation):
                     continue
-            if not joined:
-                events["joined_at"] = events["restore_at"] = time.time()
+                events["joined_at"] = time.time()
+                if self.needs_restore:
+                    events["restore_at"] = events["joined_at"]
             joined = False
             failure = None
             try:
@@ -142,6 +144,7 @@ class Recovery:
         if self.needs_restore:
             return RankStatus(-1, True, shm_start=self._shm_start(), disk_start=self._disk_start())
         held = ckpt.replicator.held() if ckpt is not None and ckpt.replicator is not None else None
+        self._held = held  # the replica this rank announced; a newer one may arrive before it is sent
         start, window = ckpt.schedule() if ckpt is not None else (-1, 0)
         return RankStatus(
             engine.iteration, False,
@@ -159,9 +162,8 @@ class Recovery:
                 history = {t: s.to_tensor() for t, s in engine.history().items()}
                 transfer.send_state(engine.module, engine.optimizer, history, restore.rank)
             elif restore.donor == rank and restore.source == "peer":
-                held = engine.checkpointer.replicator.held()
-                transfer.send_window(held, restore.rank)
-                sent += held.manifest.blob_bytes
+                transfer.send_window(self._held, restore.rank)
+                sent += self._held.manifest.blob_bytes
             if rank in restore.log_sources:
                 logs = engine.upstream.export(restore.replay_from, plan.resume) if engine.upstream else b""
                 transfer.send_bytes(logs, restore.rank, what="upstream logs")
