@@ -3,21 +3,10 @@ supervisor (as under `moetion launch`), and the verdict is the process's exit st
 import json
 import subprocess
 import sys
-import textwrap
 
-SCRIPT = textwrap.dedent('''
-    import sys, torch, moetion
-    from moetion.models import GPTMoEConfig, build_gpt_moe_layers, gpt_moe_loss
-    model = GPTMoEConfig(seq_len=8, d_model=16, n_heads=2, n_layers=3, d_hidden=16, num_experts=2)
-    module = moetion.PipelineModule(build_gpt_moe_layers(model), 3, loss_fn=gpt_moe_loss)
-    engine = moetion.initialize(module, optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-2), config={
-        "micro_batches": 2, "snapshot": {"enabled": True, "window": 2, "shm_dir": sys.argv[1]},
-        "upstream_log": {"enabled": True}})
-    data = moetion.ByteCorpus(bytes(range(256)) * 8, seq_len=8, micro_batch_size=2)
-    while engine.iteration < 9:  # a replacement starts mid-run: count from the engine
-        engine.train_batch(data)
-    engine.close()
-''')
+from recovering_script import recovering_script
+
+SCRIPT = recovering_script(stages=3, iterations=9)
 
 
 def faults(tmp_path, *kills):

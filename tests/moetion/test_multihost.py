@@ -7,20 +7,10 @@ import re
 import socket
 import subprocess
 import sys
-import textwrap
 
-SCRIPT = textwrap.dedent('''
-    import hashlib, json, sys, torch, moetion
-    from moetion.models import GPTMoEConfig, build_gpt_moe_layers, gpt_moe_loss
-    model = GPTMoEConfig(seq_len=8, d_model=16, n_heads=2, n_layers=4, d_hidden=16, num_experts=2)
-    module = moetion.PipelineModule(build_gpt_moe_layers(model), 4, loss_fn=gpt_moe_loss)
-    engine = moetion.initialize(module, optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-2), config={
-        "micro_batches": 2, "snapshot": {"enabled": True, "window": 2, "shm_dir": sys.argv[1]},
-        "upstream_log": {"enabled": True}})
-    data = moetion.ByteCorpus(bytes(range(256)) * 8, seq_len=8, micro_batch_size=2)
-    while engine.iteration < 9:
-        engine.train_batch(data)
-    engine.close()
+from recovering_script import recovering_script
+
+SCRIPT = recovering_script(stages=4, iterations=9, tail='''
     digest = hashlib.sha256(b"".join(t.numpy().tobytes() for t in module.state_dict().values())).hexdigest()
     print(f"rank {engine.dist.rank} result " + json.dumps({"losses": engine.losses, "weights": digest}), flush=True)
 ''')
