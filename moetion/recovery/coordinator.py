@@ -52,6 +52,7 @@ class Recovery:
         self.needs_restore = needs_restore
         self.timeout_s = engine.config.peer_timeout_s
         self._held: WindowImage | None = None
+        self._shm_image: WindowImage | None = None
         self.started_at = time.time()  # the engine was made right after joining the group
 
     # -- entry points ----------------------------------------------------------------------------
@@ -229,9 +230,8 @@ class Recovery:
         return ChainReader(stores, stage=engine.stage, links=links), ChainRecorder(engine.upstream, links)
 
     def _load_window(self, restore: Restore) -> WindowImage | None:
-        ckpt = self.engine.checkpointer
         if restore.source == "shm":
-            return ckpt.shm.load_complete()
+            return self._shm_image  # the window this rank announced, already verified
         if restore.source == "peer":
             image = transfer.recv_window(restore.donor)
             if image is None or image.manifest.start_iteration != restore.start:
@@ -261,10 +261,11 @@ class Recovery:
         if ckpt is None:
             return -1
         try:
-            return ckpt.shm.load_complete().manifest.start_iteration
+            self._shm_image = ckpt.shm.load_complete()
         except SnapshotError as error:
             log.info("no usable window in shared memory: %s", error)
             return -1
+        return self._shm_image.manifest.start_iteration
 
     def _disk_start(self) -> int:
         root = self._persist_root()
