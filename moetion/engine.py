@@ -13,7 +13,7 @@ import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ContextManager
 
 import torch
 import torch.distributed as dist
@@ -31,7 +31,8 @@ from moetion.module import PipelineModule
 from moetion.moe import MoELayer
 from moetion.p2p import StageLinks
 from moetion.precision import StagePrecision
-from moetion.random import StepContext, step_context
+from moetion.determinism import Pass, unit_of_work
+from moetion.random import StepContext
 from moetion.recovery import Recovery
 from moetion.harness.final_state import record_final_state
 from moetion.replay import newest_common_window, persisted_neighbour_logs, replay_stage
@@ -283,18 +284,12 @@ class PipelineEngine:
 
     def _forward(self, m: int | None) -> None:
         self._fault_point("forward")
-        context = StepContext(
-            seed=self.config.seed,
-            iteration=self.iteration,
-            micro_batch=self._global_index(m),
-            loss_scale=1.0 / self.config.micro_batches,
-        )
-        with step_context(context):
+        with self._unit_of_work(m, Pass.FORWARD):
             out = self.precision.compute(self._mb.inputs[m])
-        if self.module.is_last_stage:
-            loss = self.module.loss_fn(out, self._mb.labels.pop(m))
-            self._mb.loss_sum += loss.detach().float()
-            out = loss / self.config.micro_batches
+            if self.module.is_last_stage:
+                loss = self.module.loss_fn(out, self._mb.labels.pop(m))
+                self._mb.loss_sum += loss.detach().float()
+                out = loss / self.config.micro_batches
         self._mb.outputs[m] = out
 
     def _send_activation(self, m: int | None) -> None:
@@ -310,7 +305,8 @@ class PipelineEngine:
         self._fault_point("backward")
         out = self._mb.outputs.pop(m)
         if out.requires_grad:
-            torch.autograd.backward(out, grad_tensors=self._mb.output_grads.pop(m, None))
+            with self._unit_of_work(m, Pass.BACKWARD):
+                torch.autograd.backward(out, grad_tensors=self._mb.output_grads.pop(m, None))
         self.precision.after_backward()
         x = self._mb.inputs.pop(m)
         if not self.module.is_first_stage:
@@ -424,6 +420,10 @@ class PipelineEngine:
                 f"stage {self.stage} (rank {self.dist.rank}) lost a peer while {what} in iteration "
                 f"{self.iteration}: {str(error).splitlines()[0]}"
             ) from None
+
+    def _unit_of_work(self, m: int, pass_: Pass) -> ContextManager[StepContext]:
+        return unit_of_work(self.config, stage=self.stage, iteration=self.iteration,
+                            micro_batch=self._global_index(m), pass_=pass_, device=self.dist.device)
 
     def _fault_point(self, phase: str) -> None:
         fault_point(phase, stage=self.stage, replica=self.dist.replica, iteration=self.iteration)

@@ -42,7 +42,7 @@ from moetion.faults import fault_point
 from moetion.module import LayerSpec, PipelineModule
 from moetion.operators import discover_operators
 from moetion.precision import StagePrecision
-from moetion.random import StepContext, step_context
+from moetion.determinism import Pass, unit_of_work
 from moetion.snapshot.image import WindowImage
 from moetion.snapshot.persist import list_persisted, load_persisted, load_window_logs, window_path
 from moetion.upstream_log import IterationScalars, LogReader
@@ -213,17 +213,19 @@ def _replay_iteration(state: _StageState, *, config: Config, logs: LogReader, da
         x = inputs if module.is_first_stage else logs.activation(iteration, m)
         if not module.is_first_stage:
             x.requires_grad_(x.is_floating_point())
-        with step_context(StepContext(config.seed, iteration, index, 1.0 / micro)):
+        unit = dict(stage=module.stage_id, iteration=iteration, micro_batch=index, device=x.device)
+        with unit_of_work(config, pass_=Pass.FORWARD, **unit):
             out = state.precision.compute(x)
-        if module.is_last_stage:
-            out = module.loss_fn(out, labels) / micro
-            grad = None
-        else:
+            if module.is_last_stage:
+                out = module.loss_fn(out, labels) / micro
+        grad = None
+        if not module.is_last_stage:
             if record is not None:  # first: a stage replaying beside this one waits for it
                 record.log_activation(iteration, m, out.detach())
             grad = logs.gradient(iteration, m, like=out)
         if out.requires_grad:
-            torch.autograd.backward(out, grad_tensors=grad)
+            with unit_of_work(config, pass_=Pass.BACKWARD, **unit):
+                torch.autograd.backward(out, grad_tensors=grad)
         state.precision.after_backward()
         if record is not None and not module.is_first_stage:
             record.log_gradient(iteration, m, x.grad if x.grad is not None else torch.zeros_like(x))
