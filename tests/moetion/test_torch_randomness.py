@@ -5,8 +5,6 @@ noise, a router with ``torch.rand`` jitter and moetion's Dropout, each block opt
 ``torch.utils.checkpoint`` (non-reentrant, reentrant, selective). The "mixed" model puts every
 checkpoint mode on every stage, so one run covers each mode at each stage.
 """
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -153,13 +151,15 @@ def test_strict_mode_stops_the_first_iteration_naming_the_op():
 
 
 # -- SIGKILLs under the supervisor, replacements in fresh interpreters ------------------------------
+# peer_timeout_s=60: a survivor that posts a receive after its paused neighbour already closed the
+# connection is not told by gloo and waits out this bound (seen with a kill at stage 0, iteration 1).
 SCRIPT = textwrap.dedent(f'''
     import os, sys
     sys.path.insert(0, {str(HERE)!r})
     import moetion
     from moetion.control import start_generation
     from torch_random_models import build_module, data, optimizer
-    config = {{"seed": 7, "micro_batches": 2,
+    config = {{"seed": 7, "micro_batches": 2, "peer_timeout_s": 60,
               "snapshot": {{"enabled": True, "window": 2, "shm_dir": sys.argv[1]}}, "upstream_log": {{"enabled": True}}}}
     if os.environ.get({BREAK_ENV!r}) and start_generation() > 0:  # the negative control's replacement
         config["determinism"] = {{"torch_generators": False}}
@@ -182,16 +182,14 @@ def script(tmp_path_factory) -> Path:
 def harness(script, tmp_path_factory):
     shm = tmp_path_factory.mktemp("shm")
     return FaultHarness(Job(script=str(script), script_args=[str(shm)], nproc=3),
-                        work_dir=tmp_path_factory.mktemp("faults"), timeout_s=240)
+                        work_dir=tmp_path_factory.mktemp("faults"), timeout_s=420, heartbeat_timeout_s=120)
 
 
 @pytest.mark.slow
-def test_first_step_for_a_new_model_two_fault_free_runs_are_bit_identical(script, tmp_path):
-    """The documented command: `moetion faults` without a kill."""
-    result = subprocess.run([sys.executable, "-m", "moetion.cli", "faults", "--script", str(script), "--nproc", "3",
-                             "--", str(tmp_path)], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "kills: none" in result.stdout and "BIT-IDENTICAL to the fault-free run" in result.stdout
+def test_first_step_for_a_new_model_two_fault_free_runs_are_bit_identical(harness):
+    """What `moetion faults` without a kill runs: a second fault-free run against the first."""
+    report = harness.run([])
+    assert report.verdict.identical and report.verdict.iterations == 8, "\n".join(report.lines())
 
 
 @pytest.mark.slow
