@@ -21,6 +21,7 @@ from moetion import log as _log
 from moetion.config import Config, LRScheduleConfig
 from moetion.data import ByteCorpus, DataSource, TensorDataSource
 from moetion.control import ControlPlane, start_generation, supervised
+from moetion.determinism import enable_strict_mode
 from moetion.distributed import build_context, init_process_group, join_job
 from moetion.engine import IterationStats, PipelineEngine
 from moetion.errors import ConfigError, DataError, LaunchError, MoetionError, PartitionError, PeerFailure
@@ -65,6 +66,7 @@ def initialize(
         config: a :class:`Config`, a dict of its keys, or the path of a JSON file.
     """
     config = _as_config(config)
+    enable_strict_mode(config.determinism)
     if module.loss_fn is None and module.is_last_stage:
         raise ConfigError("the last stage needs a loss: pass PipelineModule(..., loss_fn=...)")
     control, generation = _join(config)

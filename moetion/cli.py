@@ -43,9 +43,9 @@ def main(argv: list[str] | None = None) -> int:
 
     faults = commands.add_parser("faults", help="run a job fault-free and with SIGKILLs; compare bit for bit")
     _model_options(faults)
-    faults.add_argument("--kill", action="append", required=True, metavar="SPEC",
+    faults.add_argument("--kill", action="append", default=[], metavar="SPEC",
                         help="kill spec (repeatable): stage=,iter=,phase=[,replica=][,memory=lost]; phases: "
-                             + ", ".join(PHASES))
+                             + ", ".join(PHASES) + ". Without any: two fault-free runs, the first check of a new model")
     faults.add_argument("--script", default=None, help="a training script to run instead of the built-in model")
     faults.add_argument("--nproc", type=int, default=None, help="ranks of --script")
     faults.add_argument("--timeout", type=float, default=600.0, help="seconds each run may take")

@@ -114,6 +114,28 @@ class UpstreamLogConfig:
 
 
 @dataclass
+class DeterminismConfig:
+    """What moetion does so that any model code replays bit for bit (docs/randomness.md).
+
+    Attributes:
+        torch_generators: set torch's default generators (CPU, and the stage's CUDA device) to a
+            state derived from the seed and the coordinates of each unit of work, and restore
+            them after it. Turning it off leaves torch's generators (and so moetion's own draws)
+            to process history: a replacement then does not replay exactly. It exists to show that.
+        strict: ``torch.use_deterministic_algorithms(True)``; an op without a deterministic
+            implementation on the device stops the first iteration with its name.
+    """
+
+    torch_generators: bool = True
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("torch_generators", "strict"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"determinism.{name} must be true or false, got {getattr(self, name)!r}")
+
+
+@dataclass
 class Config:
     """Everything the pipeline engine needs besides the model, the optimizer and the data.
 
@@ -129,6 +151,8 @@ class Config:
             :class:`~moetion.errors.PeerFailure` naming the rank instead of a hang.
         snapshot: sparse checkpointing, see :class:`SnapshotConfig`.
         upstream_log: logging of boundary tensors for replay, see :class:`UpstreamLogConfig`.
+        determinism: torch's generators per unit of work and the strict mode, see
+            :class:`DeterminismConfig`.
     """
 
     seed: int = 0
@@ -140,6 +164,7 @@ class Config:
     peer_timeout_s: float = 300.0
     snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
     upstream_log: UpstreamLogConfig = field(default_factory=UpstreamLogConfig)
+    determinism: DeterminismConfig = field(default_factory=DeterminismConfig)
 
     def __post_init__(self) -> None:
         if self.micro_batches < 1:

@@ -293,8 +293,7 @@ class PipelineEngine:
                            timeout_s=self.config.peer_timeout_s, device=context.device)
         replicas = context.topology.data_parallel
         self._body = StageIteration(
-            module=self.module, precision=self.precision, optimizer=self.optimizer, seed=self.config.seed,
-            micro_batches=self.config.micro_batches,
+            module=self.module, precision=self.precision, optimizer=self.optimizer, config=self.config,
             placement=Placement(context.replica, replicas, context.data_group if replicas > 1 else None,
                                 context.device),
             inputs=BoundaryInputs(links, where=where),

@@ -23,3 +23,7 @@ class PeerFailure(MoetionError):
 
 class LaunchError(MoetionError):
     """One or more launched worker processes failed."""
+
+
+class NondeterministicOpError(MoetionError):
+    """Under ``determinism.strict``, the model ran an op that has no deterministic implementation."""

@@ -2,7 +2,7 @@
 
 Bitwise recovery rests on replay doing exactly what training did, so the arithmetic of an
 iteration lives here once: the 1F1B instruction stream in schedule order, the global micro-batch
-index, the step context of every forward, loss scaling by ``1/M``, the gradient fill, the tied and
+index, the unit of work (step context and forked torch generators) of every forward and backward, loss scaling by ``1/M``, the gradient fill, the tied and
 data-parallel reductions, clipping, the learning rate and the optimizer step.
 
 The body talks to the world only through small ports:
@@ -22,20 +22,22 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable, ContextManager, Protocol
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from moetion import gradients, schedule
+from moetion.config import Config
 from moetion.data import DataSource
+from moetion.determinism import Pass, unit_of_work
 from moetion.errors import DataError, PeerFailure
 from moetion.lr_schedule import set_lr_factor
 from moetion.module import PipelineModule
 from moetion.moe import MoELayer
 from moetion.precision import StagePrecision
-from moetion.random import StepContext, step_context
+from moetion.random import StepContext
 from moetion.upstream_log import IterationScalars
 
 
@@ -135,8 +137,7 @@ class StageIteration:
         module: PipelineModule,
         precision: StagePrecision,
         optimizer: torch.optim.Optimizer,
-        seed: int,
-        micro_batches: int,
+        config: Config,
         placement: Placement,
         inputs: InputPort,
         outputs: OutputPort,
@@ -145,7 +146,7 @@ class StageIteration:
         faults: Callable[[str, int], None] = no_fault,
     ) -> None:
         self.module, self.precision, self.optimizer = module, precision, optimizer
-        self.seed, self.micro_batches, self.placement = seed, micro_batches, placement
+        self.config, self.micro_batches, self.placement = config, config.micro_batches, placement
         self.inputs, self.outputs, self.decisions = inputs, outputs, decisions
         self.hooks = hooks or StepHooks()
         self.faults = faults
@@ -208,14 +209,12 @@ class StageIteration:
 
     def _forward(self, m: int | None) -> None:
         self.faults("forward", self._iteration)
-        context = StepContext(seed=self.seed, iteration=self._iteration, micro_batch=self.global_index(m),
-                              loss_scale=1.0 / self.micro_batches)
-        with step_context(context):
+        with self._unit_of_work(m, Pass.FORWARD):
             out = self.precision.compute(self._mb.inputs[m])
-        if self.module.is_last_stage:
-            loss = self.module.loss_fn(out, self._mb.labels.pop(m))
-            self._mb.loss_sum += loss.detach().float()
-            out = loss / self.micro_batches
+            if self.module.is_last_stage:
+                loss = self.module.loss_fn(out, self._mb.labels.pop(m))
+                self._mb.loss_sum += loss.detach().float()
+                out = loss / self.micro_batches
         self._mb.outputs[m] = out
 
     def _send_activation(self, m: int | None) -> None:
@@ -228,7 +227,8 @@ class StageIteration:
         self.faults("backward", self._iteration)
         out = self._mb.outputs.pop(m)
         if out.requires_grad:  # a stage whose every operator is frozen has nothing to differentiate
-            torch.autograd.backward(out, grad_tensors=self._mb.output_grads.pop(m, None))
+            with self._unit_of_work(m, Pass.BACKWARD):
+                torch.autograd.backward(out, grad_tensors=self._mb.output_grads.pop(m, None))
         self.precision.after_backward()
         x = self._mb.inputs.pop(m)
         if not self.module.is_first_stage:
@@ -279,6 +279,10 @@ class StageIteration:
         self.hooks.after_step(self._iteration)
         self._stats = IterationStats(self._iteration, scalars.loss, scalars.grad_norm, scalars.clip_coef,
                                      scalars.lr_factor, 0.0)
+
+    def _unit_of_work(self, m: int, pass_: Pass) -> ContextManager[StepContext]:
+        return unit_of_work(self.config, stage=self.module.stage_id, iteration=self._iteration,
+                            micro_batch=self.global_index(m), pass_=pass_, device=self.placement.device)
 
     def _pop_token_counts(self) -> dict[str, torch.Tensor]:
         return {name: layer.pop_token_counts() for name, layer in self._moe_layers}

@@ -1,17 +1,21 @@
-"""Randomness that replays: every draw comes from a generator keyed by where it happens.
+"""Randomness that replays: every draw comes from a generator state keyed by where it happens.
 
-During training the engine opens a :func:`step_context` for each (iteration, micro-batch); the
-pipeline module narrows it to each layer. A layer that needs randomness (dropout, router noise)
-calls :func:`generator`, which returns a ``torch.Generator`` seeded from
-``(seed, iteration, micro-batch, layer)``. Ambient global RNG state is never read, so a replay in a
-fresh process, or the same layer on a differently partitioned pipeline, draws the same numbers.
+The engine runs each unit of work (a micro-batch's forward or backward on a stage) inside
+:func:`moetion.determinism.unit_of_work`, which opens a :func:`step_context` and sets torch's
+default generators to a state derived from the job seed and the unit's coordinates. The pipeline
+module narrows the context to each layer, and entering a layer seeds those generators again from
+``(seed, iteration, micro-batch, layer)`` (and restores them when the layer ends). So moetion's own
+layers (which draw through :func:`generator`) and torch's (``nn.Dropout``, ``torch.rand``) draw the
+same bits in training, in a replay in a fresh process, in the single-process reference, and on a
+differently partitioned pipeline; and ``torch.utils.checkpoint``, which stashes and restores the
+default generators around its recomputation, repeats the forward's draws exactly.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator
 
 import torch
@@ -25,6 +29,7 @@ _MASK64 = (1 << 64) - 1
 DOMAIN_INIT = 1
 DOMAIN_DROPOUT = 2
 DOMAIN_DATA = 3
+DOMAIN_UNIT = 4
 
 
 def derive_seed(*parts: int | str) -> int:
@@ -50,7 +55,8 @@ class StepContext:
 
     ``micro_batch`` is the global micro-batch index (unique across data-parallel replicas), and
     ``loss_scale`` the factor applied to each micro-batch's loss (1/M): auxiliary losses injected
-    inside the model use it so they are scaled exactly like the main loss.
+    inside the model use it so they are scaled exactly like the main loss. ``generators`` are
+    torch's default generators that entering a layer seeds (empty: leave them alone).
     """
 
     seed: int
@@ -58,10 +64,10 @@ class StepContext:
     micro_batch: int
     loss_scale: float
     layer: int | None = None
-    _generator: torch.Generator | None = field(default=None, repr=False)
+    generators: tuple[torch.Generator, ...] = field(default_factory=lambda: (torch.default_generator,), repr=False)
 
     def for_layer(self, layer: int) -> "StepContext":
-        return StepContext(self.seed, self.iteration, self.micro_batch, self.loss_scale, layer)
+        return replace(self, layer=layer)
 
 
 _current: contextvars.ContextVar[StepContext | None] = contextvars.ContextVar("moetion_step", default=None)
@@ -69,12 +75,45 @@ _current: contextvars.ContextVar[StepContext | None] = contextvars.ContextVar("m
 
 @contextlib.contextmanager
 def step_context(context: StepContext) -> Iterator[StepContext]:
-    """Makes ``context`` current for the code inside the ``with`` block."""
+    """Makes ``context`` current for the code inside the ``with`` block.
+
+    With a layer set, it also seeds ``context.generators`` from (seed, iteration, micro-batch,
+    layer) for the block and restores their previous states after it.
+    """
     token = _current.set(context)
     try:
-        yield context
+        if context.layer is None:
+            yield context
+        else:
+            seed = derive_seed(DOMAIN_DROPOUT, context.seed, context.iteration, context.micro_batch, context.layer)
+            with seeded(context.generators, seed):
+                yield context
     finally:
         _current.reset(token)
+
+
+@contextlib.contextmanager
+def seeded(generators: tuple[torch.Generator, ...], seed: int) -> Iterator[None]:
+    """Seeds ``generators`` for the block and gives them back their previous states after it."""
+    saved = [g.get_state() for g in generators]
+    for g in generators:
+        g.manual_seed(seed)
+    try:
+        yield
+    finally:
+        for g, state in zip(generators, saved):
+            g.set_state(state)
+
+
+def default_generator(device: torch.device | str) -> torch.Generator:
+    """torch's default generator of ``device``: what ``torch.rand`` and ``nn.Dropout`` draw from."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return torch.default_generator
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.cuda.default_generators[index]
+    raise MoetionError(f"moetion manages the generators of cpu and cuda devices; this draw is on {device}")
 
 
 def current() -> StepContext:
@@ -89,20 +128,20 @@ def current() -> StepContext:
 
 
 def generator(device: torch.device | str = "cpu") -> torch.Generator:
-    """The generator for the current (seed, iteration, micro-batch, layer); created on first use.
+    """The generator a moetion layer draws from: torch's default generator of ``device``.
 
-    Draws within one layer consume one stream in program order, which is deterministic.
+    Inside a layer it was seeded from (seed, iteration, micro-batch, layer); draws within one layer
+    consume one stream in program order, shared with torch's own ops, which is deterministic. In
+    a checkpoint's recomputation torch has restored the state the forward saw.
     """
     context = current()
-    if context.layer is None:
-        raise MoetionError("random draws must happen inside a layer run by PipelineModule")
-    if context._generator is None:
-        gen = torch.Generator(device=device)
-        gen.manual_seed(
-            derive_seed(DOMAIN_DROPOUT, context.seed, context.iteration, context.micro_batch, context.layer)
+    gen = default_generator(device)
+    if context.generators and gen not in context.generators:
+        raise MoetionError(
+            f"a moetion layer draws on {torch.device(device)} but the step seeds only the generators of "
+            f"{[g.device.type for g in context.generators]}: pass the stage's device to unit_of_work"
         )
-        context._generator = gen
-    return context._generator
+    return gen
 
 
 class Dropout(nn.Module):

@@ -1,10 +1,12 @@
 """Single-process training of a PipelineModule's layers: the ground truth a pipeline must equal.
 
 It builds every stage's module in one process, runs each micro-batch end to end through all of
-them with one autograd graph, and reproduces the pipeline's reduction *structure* (gradients
-accumulated per replica in micro-batch order, tied copies summed in stage order, replicas summed in
-rank order, per-stage squared norms added in stage order), because floating-point sums are only
-bitwise equal when they are associated the same way.
+them, and reproduces the pipeline's reduction *structure* (gradients accumulated per replica in
+micro-batch order, tied copies summed in stage order, replicas summed in rank order, per-stage
+squared norms added in stage order), because floating-point sums are only bitwise equal when they
+are associated the same way. Each stage's forward and backward of a micro-batch is a unit of work
+of its own (:func:`~moetion.determinism.unit_of_work`), as on a pipeline stage, so the autograd
+graph is cut at stage boundaries and the backward runs stage by stage, last to first.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from moetion.data import DataSource
 from moetion.lr_schedule import lr_factor, set_lr_factor
 from moetion.module import LayerSpec, PipelineModule
 from moetion.precision import StagePrecision
-from moetion.random import StepContext, step_context
+from moetion.determinism import Pass, enable_strict_mode, unit_of_work
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
@@ -50,6 +52,7 @@ def train_reference(
         PipelineModule(layers, num_stages, loss_fn=loss_fn, partition_method=partition_method, stage_id=s, seed=module_seed)
         for s in range(num_stages)
     ]
+    enable_strict_mode(config.determinism)
     optimizers = [optimizer(stage.parameters()) for stage in stages]
     precisions = [StagePrecision(stage, config.precision) for stage in stages]
     params = [[p for p in stage.parameters() if p.requires_grad] for stage in stages]
@@ -66,13 +69,24 @@ def train_reference(
             for m in range(micro):
                 index = replica * micro + m
                 inputs, labels = data.micro_batch(iteration, index)
-                with step_context(StepContext(config.seed, iteration, index, 1.0 / micro)):
-                    x = inputs
-                    for precision in precisions:
-                        x = precision.compute(x)
-                loss = loss_fn(x, labels)
+                unit = dict(iteration=iteration, micro_batch=index)
+                x, boundaries = inputs, []  # each stage's (input, output), cut from the previous stage
+                for s, precision in enumerate(precisions):
+                    with unit_of_work(config, stage=s, pass_=Pass.FORWARD, **unit):
+                        out = precision.compute(x)
+                        if s == num_stages - 1:
+                            loss = loss_fn(out, labels)
+                            out = loss / micro
+                    boundaries.append((x, out))
+                    x = out.detach().requires_grad_(out.is_floating_point())
                 replica_loss += loss.detach().float()
-                (loss / micro).backward()
+                grad = None
+                for s in reversed(range(num_stages)):
+                    x, out = boundaries[s]
+                    if out.requires_grad:
+                        with unit_of_work(config, stage=s, pass_=Pass.BACKWARD, **unit):
+                            torch.autograd.backward(out, grad_tensors=grad)
+                    grad = x.grad if x.grad is not None else torch.zeros_like(x)
                 for precision in precisions:
                     precision.after_backward()
             for stage_params in params:

@@ -126,8 +126,7 @@ def replay_stage(
     for adapt in _port_adapters:
         ports = adapt(ports)
     body = StageIteration(
-        module=module, precision=precision, optimizer=optimizer, seed=config.seed,
-        micro_batches=config.micro_batches,
+        module=module, precision=precision, optimizer=optimizer, config=config,
         placement=Placement(replica=replica, replicas=replicas, data_group=replica_group),
         inputs=ports.inputs, outputs=ports.outputs, decisions=ports.decisions, hooks=ports.hooks,
         faults=_replay_fault_point(module.stage_id, replica),

@@ -130,7 +130,8 @@ def faults_command(settings: DemoSettings, *, kills: list[str], script: str | No
         job.demo.progress = False
     specs = [KillSpec.parse(k) for k in kills]
     harness = FaultHarness(job, timeout_s=timeout_s, heartbeat_timeout_s=heartbeat_timeout_s)
-    print(f"moetion faults: fault-free reference run, then the same run with {len(specs)} kill(s)", flush=True)
+    second = f"the same run with {len(specs)} kill(s)" if specs else "a second fault-free run (is the job deterministic at all?)"
+    print(f"moetion faults: fault-free reference run, then {second}", flush=True)
     try:
         report = harness.run(specs)
     finally:
