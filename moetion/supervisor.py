@@ -15,7 +15,6 @@ One supervisor per host (they share the job's control store; see :mod:`moetion.c
 from __future__ import annotations
 
 import io
-import json
 import multiprocessing as mp
 import signal
 import subprocess
@@ -29,6 +28,7 @@ import torch
 
 from moetion.control import ControlPlane
 from moetion.errors import LaunchError
+from moetion.faults import read_fault_log
 
 GRACE_S = 10.0  # how long survivors get to exit on their own after a rank fails for good
 POLL_S = 0.02
@@ -196,11 +196,11 @@ class Supervisor:
 
     def _attach_kill_times(self) -> None:
         """Matches fault-injection records (``MOETION_FAULT_LOG``) to the recoveries they caused."""
-        if self.fault_log is None or not self.fault_log.exists():
+        if self.fault_log is None:
             return
-        kills = [json.loads(line) for line in self.fault_log.read_text().splitlines() if line.strip()]
+        kills = read_fault_log(self.fault_log)
         for recovery in self.recoveries:
-            times = [k["time"] for k in kills if k["rank"] in recovery.ranks and k["time"] <= recovery.detected_at]
+            times = [k.time for k in kills if k.rank in recovery.ranks and k.time <= recovery.detected_at]
             if times:
                 recovery.killed_at = max(times)
 
