@@ -17,7 +17,6 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-from logging_store import LogStoreConfig
 
 from moetion import gradients, schedule
 from moetion.config import Config
@@ -38,7 +37,7 @@ from moetion.replay import newest_common_window, persisted_neighbour_logs, repla
 from moetion.snapshot.persist import load_persisted
 from moetion.snapshot.checkpointer import SparseCheckpointer, StageIdentity, run_id
 from moetion.snapshot.replica import PeerReplicator, replication_peers
-from moetion.upstream_log import IterationScalars, UpstreamLog
+from moetion.upstream_log import IterationScalars, UpstreamLog, store_config
 
 log = logging.getLogger(__name__)
 
@@ -383,9 +382,7 @@ class PipelineEngine:
 
     def _build_upstream_log(self) -> UpstreamLog:
         settings = self.config.upstream_log
-        store = LogStoreConfig(codec=settings.codec, level=settings.level, shuffle=settings.shuffle,
-                               budget_bytes=settings.budget_bytes, spill_dir=settings.spill_dir)
-        log_ = UpstreamLog(stage=self.stage, store_config=store)
+        log_ = UpstreamLog(stage=self.stage, store_config=store_config(settings, local_ranks=self.dist.local_world_size))
         self.checkpointer.log_exporter = log_.export
         return log_
 
