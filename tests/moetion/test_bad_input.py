@@ -363,3 +363,61 @@ def test_upstream_logs_have_a_host_memory_budget_by_default_and_spill_privately(
         store.put(ls.LogKey(0, 0, "activation", 1), torch.ones(1000))
         (spill,) = tmp_path.iterdir()
         assert spill.stat().st_mode & 0o777 == 0o700
+
+
+# --------------------------------------------------------------------------------- no pickle
+
+def test_replica_state_travels_as_a_tensor_tree_bit_exact_and_pickle_is_refused():
+    import pickle
+
+    from moetion.tensor_tree import TreeFormatError, decode, encode
+
+    model = torch.nn.Linear(3, 4)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 3)).sum().backward()
+    optimizer.step()
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "history": {7: torch.tensor([1.0, math.nan], dtype=torch.float64)}}
+    data = encode(state)
+    back = decode(bytearray(data), source="state")
+    for name, tensor in state["model"].items():
+        assert torch.equal(back["model"][name], tensor)
+    for index, entries in state["optimizer"]["state"].items():
+        for key, tensor in entries.items():
+            assert torch.equal(back["optimizer"]["state"][index][key], tensor), key
+    assert back["optimizer"]["param_groups"] == state["optimizer"]["param_groups"]
+    assert torch.equal(back["history"][7].view(torch.int64), state["history"][7].view(torch.int64))
+    flipped = bytearray(data)
+    flipped[-5] ^= 1
+    for bad, message in ((pickle.dumps(state["history"]), "not a tensor tree"), (data[: len(data) - 8], "outside a blob"),
+                         (data[: len(data) // 2], "manifest of"),
+                         (bytes(flipped), "checksum mismatch"), (data[:12], "shorter than")):
+        with pytest.raises(TreeFormatError, match=message):
+            decode(bad, source="state")
+
+
+@pytest.mark.parametrize("cut", [0.0, 0.3, 0.8, 1.0])
+def test_a_truncated_export_is_an_export_error_never_a_struct_error(tmp_path, cut):
+    """The file cut short (``cut`` 0), or its pickled index ``data.pkl`` cut short inside an intact
+    zip: before, the latter leaked ``struct.error`` and ``EOFError`` from the unpickler."""
+    import zipfile
+
+    from moetion.export import ExportError, tensor_checksum, verify_export
+
+    model = {"w": torch.arange(64, dtype=torch.float32)}
+    path = tmp_path / "dense.pt"
+    torch.save({"model": model, "checksums": {"w": tensor_checksum(model["w"])}, "iteration": 3}, path)
+    assert verify_export(path) == 1
+    if cut == 0.0:
+        path.write_bytes(path.read_bytes()[:100])
+    else:
+        with zipfile.ZipFile(path) as archive:
+            records = {name: archive.read(name) for name in archive.namelist()}
+        with zipfile.ZipFile(path, "w") as archive:
+            for name, data in records.items():
+                archive.writestr(name, data[: int(len(data) * cut)] if name.endswith("data.pkl") else data)
+    if cut == 1.0:
+        assert verify_export(path) == 1  # the rewritten zip itself is readable: the cut is what fails
+        return
+    with pytest.raises(ExportError, match="not a readable moetion export"):
+        verify_export(path)
