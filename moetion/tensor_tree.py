@@ -7,7 +7,7 @@ bytes, a checksum per tensor, every offset and size checked before anything is r
 
 Layout: ``MAGIC`` (8 bytes), the manifest's length (8 bytes, little-endian), the manifest JSON,
 padding to :data:`~moetion.snapshot.image.ALIGN`, the blob. The manifest holds the tree, where a
-tensor is ``{"tensor": i}``, a list ``{"list": [...]}``, a tuple ``{"tuple": [...]}``, a dict
+tensor is ``{"tensor": i}``, bytes ``{"bytes": i}`` (a uint8 tensor), a list ``{"list": [...]}``, a tuple ``{"tuple": [...]}``, a dict
 ``{"dict": [[key, value], ...]}`` (keys are trees too, so int and tuple keys survive), and
 ``None``, bools, ints, floats and strings are themselves.
 """
@@ -92,13 +92,16 @@ def _node(value: Any, tensors: list[torch.Tensor], *, path: str) -> Any:
         return {"tensor": len(tensors) - 1}
     if type(value) in _SCALARS:
         return value
+    if isinstance(value, (bytes, bytearray)):
+        tensors.append(torch.frombuffer(bytearray(value), dtype=torch.uint8) if value else torch.empty(0, dtype=torch.uint8))
+        return {"bytes": len(tensors) - 1}
     if isinstance(value, (list, tuple)):
         kind = "tuple" if isinstance(value, tuple) else "list"
         return {kind: [_node(item, tensors, path=f"{path}[{i}]") for i, item in enumerate(value)]}
     if isinstance(value, dict):
         return {"dict": [[_node(k, tensors, path=path), _node(v, tensors, path=f"{path}[{k!r}]")] for k, v in value.items()]}
     raise TypeError(f"value at {path or '<root>'} is a {type(value).__name__}; a tensor tree holds only tensors, "
-                    "None, bools, numbers, strings, lists, tuples and dicts")
+                    "None, bools, numbers, strings, bytes, lists, tuples and dicts")
 
 
 def _tree(node: Any, tensors: list[torch.Tensor]) -> Any:
@@ -109,6 +112,8 @@ def _tree(node: Any, tensors: list[torch.Tensor]) -> Any:
     ((kind, body),) = node.items()
     if kind == "tensor" and type(body) is int:
         return tensors[body]
+    if kind == "bytes" and type(body) is int and tensors[body].dtype == torch.uint8:
+        return tensors[body].numpy().tobytes()
     if kind in ("list", "tuple") and isinstance(body, list):
         items = [_tree(item, tensors) for item in body]
         return items if kind == "list" else tuple(items)
