@@ -270,32 +270,40 @@ class LogStore:
     def import_(self, source: bytes | bytearray | memoryview | BinaryIO) -> list[LogKey]:
         """Adds every entry of an export stream (a buffer or a binary file object); returns their keys.
 
-        All or nothing: every frame is fully verified (checksums, key tag) and no key may already
-        be present before any entry is added.
+        All or nothing: every frame is verified (checksums, key tag) and no key may already be
+        present before any entry is added. Verification decodes one chunk at a time into a scratch
+        buffer, so a frame's claimed raw size is never allocated on trust (a small frame may claim
+        gigabytes). Entries keep their stored chunks as views of ``source`` (no second copy of a
+        transfer: do not modify a buffer after importing it; its memory is freed once its last
+        entry is spilled or dropped), and are added one at a time, spilling whenever the budget is
+        exceeded.
         """
-        frames = read_frames(source, max_raw_bytes=self._config.max_raw_bytes) if hasattr(source, "read") \
-            else iter_frames(source, max_raw_bytes=self._config.max_raw_bytes)
-        prepared: list[Entry] = []
-        try:
-            for frame in frames:
-                prepared.append(self._prepare_import(frame))
-            keys = [entry.key for entry in prepared]
-            if len(set(keys)) != len(keys):
-                raise DuplicateKeyError("the stream holds the same key twice; it was not produced by export()")
-            with self._lock:
-                self._check_open_locked()
-                for key in keys:
-                    self._check_new_locked(key)
-                for entry in prepared:
-                    self._insert_locked(entry)
-        except BaseException:
-            for entry in prepared:
-                if entry.lease is not None:
-                    entry.lease.release()
-            raise
+        frames = list(read_frames(source, max_raw_bytes=self._config.max_raw_bytes) if hasattr(source, "read")
+                      else iter_frames(source, max_raw_bytes=self._config.max_raw_bytes))
+        keys = [_verify_import(frame) for frame in frames]
+        if len(set(keys)) != len(keys):
+            raise DuplicateKeyError("the stream holds the same key twice; it was not produced by export()")
+        with self._lock:
+            self._check_open_locked()
+            for key in keys:
+                self._check_new_locked(key)
         budget = self._config.budget_bytes
-        if budget is not None and self._resident_bytes > budget:
-            self._spill(budget)
+        added: set[LogKey] = set()
+        try:
+            for key, frame in zip(keys, frames):
+                entry = Entry(key, frame.header.dtype, frame.header.shape, frame.header.raw_length)
+                entry.hold_encoded(frame.payload)
+                with self._lock:
+                    self._check_open_locked()
+                    self._check_new_locked(key)  # a concurrent put of the same key
+                    self._insert_locked(entry)
+                added.add(key)
+                if budget is not None and self._resident_bytes > budget:
+                    self._spill(budget)
+        except BaseException:
+            if added and not self._closed:
+                self._drop(added.__contains__)
+            raise
         return keys
 
     # --------------------------------------------------------------------------------- lifecycle
@@ -408,24 +416,6 @@ class LogStore:
         if payload is None:
             payload = plain_payload(lease.arrays, chunk_bytes=self._config.chunk_bytes)
         return frame_parts(header_for(entry.dtype, entry.shape, payload, tag=entry.key.to_tag()), payload)
-
-    def _prepare_import(self, frame: Frame) -> Entry:
-        header = frame.header
-        key = LogKey.from_tag(header.tag)
-        if header.filters & Filter.XOR_DELTA:
-            raise UnsupportedFrameError(f"frame for {key} is an XOR-delta frame; a LogStore cannot hold those "
-                                        "(they need their reference to decode)")
-        decoded = np.empty(header.raw_length, np.uint8)
-        decode_chunks(frame.payload, chunk_views(decoded, header.chunk_bytes), itemsize=header.dtype.itemsize)
-        entry = Entry(key, header.dtype, header.shape, header.raw_length)
-        if header.codec is Codec.NONE:  # uncompressed: becomes a raw entry, compressed later like a put
-            lease = self._pool.lease(header.raw_length)
-            for region, data in zip(lease.arrays, chunk_views(decoded, self._config.chunk_bytes)):
-                region[:] = data
-            entry.hold_raw(lease)
-        else:  # already compressed: keep the stored chunks as they are
-            entry.hold_encoded(replace(frame.payload, chunks=tuple(bytes(chunk) for chunk in frame.payload.chunks)))
-        return entry
 
     # ------------------------------------------------------------------------- background work
 
@@ -571,3 +561,16 @@ class LogStore:
 
 def _in_range(key: LogKey, start: int | None, stop: int | None) -> bool:
     return (start is None or key.iteration >= start) and (stop is None or key.iteration < stop)
+
+
+def _verify_import(frame: Frame) -> LogKey:
+    """The frame's key, once its raw bytes decoded, one chunk at a time, to the raw checksum."""
+    header = frame.header
+    key = LogKey.from_tag(header.tag)
+    if header.filters & Filter.XOR_DELTA:
+        raise UnsupportedFrameError(f"frame for {key} is an XOR-delta frame; a LogStore cannot hold those "
+                                    "(they need their reference to decode)")
+    scratch = np.empty(min(header.chunk_bytes, header.raw_length), np.uint8)
+    outputs = [scratch[: header.raw_chunk_length(i)] for i in range(header.chunk_count)]
+    decode_chunks(frame.payload, outputs, itemsize=header.dtype.itemsize)  # each chunk checksummed as decoded
+    return key

@@ -4,31 +4,65 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moetion.errors import MoetionError
-from moetion.faults import PHASES
+from moetion.errors import ConfigError, MoetionError
+from moetion.faults import PHASE_RULES
 
 DEFAULT_KILL = "stage=2,iter=30,phase=backward"  # the demo's one failure (a middle stage, mid-backward)
+KILL_HELP = ("kill spec (repeatable): stage=S,iter=T,phase=P[,replica=R][,memory=lost][,signal=stop]; "
+             "S, T, R count from 0. Phase P fires: "
+             + "; ".join(f"{phase}: {rule}" for phase, rule in PHASE_RULES.items())
+             + ". A kill that never fires fails the run, naming it.")
+USAGE_ERROR, RUNTIME_ERROR = 2, 1
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block), so every CLI error reads the same."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    return parse
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="moetion", description="Fault-tolerant pipeline-parallel MoE training")
+    parser = _Parser(prog="moetion", description="Fault-tolerant pipeline-parallel MoE training")
     commands = parser.add_subparsers(dest="command", required=True)
 
     launch = commands.add_parser("launch", help="run a training script as N local ranks (torchrun-style env)")
-    launch.add_argument("--nproc", type=int, required=True,
+    launch.add_argument("--nproc", type=_int_at_least(1), required=True,
                         help="ranks on this host (the job has nproc x nnodes: stages x data-parallel replicas)")
-    launch.add_argument("--timeout", type=float, default=None, help="kill the job after this many seconds")
+    launch.add_argument("--timeout", type=_positive_seconds, default=None, help="kill the job after this many seconds")
     launch.add_argument("--resume", action="store_true",
                         help="ask the script to restart from its persisted windows (sets MOETION_RESUME=1)")
     launch.add_argument("--no-recover", action="store_true",
                         help="end the job when a rank dies instead of replacing it")
-    launch.add_argument("--max-restarts", type=int, default=8, help="replacements before the job gives up")
-    launch.add_argument("--heartbeat-timeout", type=float, default=30.0,
+    launch.add_argument("--max-restarts", type=_int_at_least(0), default=8, help="replacements before the job gives up")
+    launch.add_argument("--heartbeat-timeout", type=_positive_seconds, default=30.0,
                         help="seconds without a heartbeat before a live rank counts as hung and is replaced")
-    launch.add_argument("--nnodes", type=int, default=1, help="hosts in the job (run this command on each)")
-    launch.add_argument("--node-rank", type=int, default=0, help="this host's index; node 0 serves the control store")
+    launch.add_argument("--nnodes", type=_int_at_least(1), default=1, help="hosts in the job (run this command on each)")
+    launch.add_argument("--node-rank", type=_int_at_least(0), default=0, help="this host's index; node 0 serves the control store")
     launch.add_argument("--master-addr", default="127.0.0.1", help="node 0's address, reachable from every host")
-    launch.add_argument("--master-port", type=int, default=0,
+    launch.add_argument("--master-port", type=_int_at_least(0), default=0,
                         help="the control store's port on node 0 (required with --nnodes > 1)")
     launch.add_argument("script")
     launch.add_argument("script_args", nargs=argparse.REMAINDER)
@@ -37,19 +71,17 @@ def main(argv: list[str] | None = None) -> int:
                                              "kill a stage and recover it")
     _model_options(demo)
     demo.add_argument("--kill", action="append", default=None, metavar="SPEC",
-                      help=f"kill spec (repeatable), default {DEFAULT_KILL!r}: stage=,iter=,phase= "
-                           "[,replica=][,memory=lost]; phases: " + ", ".join(PHASES))
+                      help=f"default {DEFAULT_KILL!r}; " + KILL_HELP)
     demo.add_argument("--no-fault", action="store_true", help="train without injecting a failure")
 
     faults = commands.add_parser("faults", help="run a job fault-free and with SIGKILLs; compare bit for bit")
     _model_options(faults)
     faults.add_argument("--kill", action="append", default=[], metavar="SPEC",
-                        help="kill spec (repeatable): stage=,iter=,phase=[,replica=][,memory=lost]; phases: "
-                             + ", ".join(PHASES) + ". Without any: two fault-free runs, the first check of a new model")
+                        help=KILL_HELP + " Without any: two fault-free runs, the first check of a new model.")
     faults.add_argument("--script", default=None, help="a training script to run instead of the built-in model")
-    faults.add_argument("--nproc", type=int, default=None, help="ranks of --script")
-    faults.add_argument("--timeout", type=float, default=600.0, help="seconds each run may take")
-    faults.add_argument("--heartbeat-timeout", type=float, default=30.0,
+    faults.add_argument("--nproc", type=_int_at_least(1), default=None, help="ranks of --script")
+    faults.add_argument("--timeout", type=_positive_seconds, default=600.0, help="seconds each run may take")
+    faults.add_argument("--heartbeat-timeout", type=_positive_seconds, default=30.0,
                         help="seconds without a heartbeat before a rank counts as hung")
     faults.add_argument("--json", default=None, metavar="OUT", help="also write the report as JSON")
     faults.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments of --script (after --)")
@@ -63,11 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("run_dir", help="the run's persist directory (persist_dir/<run_id>, holding config.json)")
     export.add_argument("out", help="the checkpoint file to write (atomically)")
     export.add_argument("--job", required=True, help="package.module:function returning the run's moetion.export.JobSpec")
-    export.add_argument("--iteration", type=int, default=None,
+    export.add_argument("--iteration", type=_int_at_least(0), default=None,
                         help="export the window starting at this iteration (default: newest on all stages)")
     export.add_argument("--optimizer", action="store_true", help="also write each stage's optimizer state")
     export.add_argument("--verify", action="store_true", help="re-read the output and check every checksum")
-    export.add_argument("--workers", type=int, default=None, help="conversion processes (default: one per core)")
+    export.add_argument("--workers", type=_int_at_least(1), default=None, help="conversion processes (default: one per core)")
     export.add_argument("--dcp", default=None, metavar="DIR", help="also write a torch.distributed.checkpoint directory")
 
     plan = commands.add_parser("plan", help="estimate overhead, recovery and ETTR per fault-tolerance approach")
@@ -75,11 +107,16 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--json", default=None, metavar="FILE-or-JSON",
                       help='{"model": {...}, "hardware": {...}}; with --preset, overrides its fields')
     plan.add_argument("--mtbf", required=True, help="mean time between failures of the job, e.g. 10m, 2h, 90s")
-    plan.add_argument("--runs", type=int, default=30, help="Monte-Carlo runs for the simulated ETTR (0: skip)")
+    plan.add_argument("--runs", type=_int_at_least(0), default=30, help="Monte-Carlo runs for the simulated ETTR (0: skip)")
     plan.add_argument("--seed", type=int, default=0)
     plan.add_argument("--plot", default=None, metavar="OUT.png", help="draw ETTR vs MTBF (needs matplotlib)")
 
     args = parser.parse_args(argv)
+    try:
+        _check_before_start(args)
+    except ConfigError as error:  # the command line itself is wrong: nothing has started
+        print(f"moetion {args.command}: error: {error}", file=sys.stderr)
+        return USAGE_ERROR
     try:
         if args.command == "launch":
             from moetion.launcher import Nodes, launch_script
@@ -114,22 +151,48 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from moetion.demo import run_demo
 
-            run_demo(_demo_settings(args), kills=None if args.no_fault else (args.kill or [DEFAULT_KILL]))
-    except MoetionError as error:
+            summary = run_demo(_demo_settings(args), kills=_demo_kills(args))
+            if summary.get("identical") is False:
+                return 2  # as `moetion faults`: the faulty run differs from the fault-free one
+    except (MoetionError, OSError) as error:
         print(f"moetion {args.command}: error: {error}", file=sys.stderr)
-        return 1
+        return RUNTIME_ERROR
     return 0
+
+
+def _check_before_start(args: argparse.Namespace) -> None:
+    """Checks what can be checked against the job before any process starts (ConfigError if wrong)."""
+    if args.command not in ("demo", "faults"):
+        return
+    from moetion.faults import KillSpec
+    from moetion.harness.runner import Job
+
+    if args.command == "faults" and args.script:
+        job = Job(script=args.script, script_args=args.script_args, nproc=args.nproc)
+    else:
+        settings = _demo_settings(args)
+        settings.check()
+        job = Job(demo=settings)
+    kills = (_demo_kills(args) or []) if args.command == "demo" else args.kill
+    try:
+        job.check_kills([KillSpec.parse(k) for k in kills])
+    except ConfigError as error:
+        raise ConfigError(f"--kill: {error}") from None
+
+
+def _demo_kills(args: argparse.Namespace) -> list[str] | None:
+    return None if args.no_fault else (args.kill or [DEFAULT_KILL])
 
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
     """The built-in model's settings, shared by ``demo`` and ``faults``."""
-    parser.add_argument("--iterations", type=int, default=50)
-    parser.add_argument("--stages", type=int, default=4)
-    parser.add_argument("--data-parallel", type=int, default=1)
-    parser.add_argument("--micro-batches", type=int, default=4)
+    parser.add_argument("--iterations", type=_int_at_least(1), default=50)
+    parser.add_argument("--stages", type=_int_at_least(1), default=4)
+    parser.add_argument("--data-parallel", type=_int_at_least(1), default=1)
+    parser.add_argument("--micro-batches", type=_int_at_least(1), default=4)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--window", type=int, default=None, help="pin the sparse-checkpoint window W (default: Algorithm 1)")
+    parser.add_argument("--window", type=_int_at_least(1), default=None, help="pin the sparse-checkpoint window W (default: Algorithm 1)")
     parser.add_argument("--persist-dir", default=None, help="also persist complete windows there (see `moetion inspect`)")
     parser.add_argument("--no-snapshots", action="store_true", help="train without sparse checkpointing")
 

@@ -12,10 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from logging_store.codecs import check_level, parse_codec
+from logging_store.errors import InvalidArgumentError
+from moetion.config_types import check_field_types
 from moetion.errors import ConfigError
 
 PRECISIONS = ("fp32", "bf16")
 LR_DECAYS = ("constant", "linear", "cosine")
+CODECS = ("none", "lz4", "zstd")
 
 
 @dataclass
@@ -32,6 +36,7 @@ class LRScheduleConfig:
     min_ratio: float = 0.0
 
     def __post_init__(self) -> None:
+        check_field_types(self, prefix="lr_schedule.")
         if self.warmup_iterations < 0:
             raise ConfigError(f"lr_schedule.warmup_iterations must be >= 0, got {self.warmup_iterations}")
         if self.decay not in LR_DECAYS:
@@ -82,6 +87,7 @@ class SnapshotConfig:
     reorder_fraction: float = 0.25
 
     def __post_init__(self) -> None:
+        check_field_types(self, prefix="snapshot.")
         if self.window is not None and self.window < 1:
             raise ConfigError(f"snapshot.window must be >= 1 or null (automatic), got {self.window}")
         if self.bandwidth_gbps is not None and self.bandwidth_gbps <= 0:
@@ -102,7 +108,10 @@ class UpstreamLogConfig:
         enabled: log boundary tensors and per-iteration decisions; needs ``snapshot.enabled``,
             because logs are kept exactly from the start of the latest complete window on.
         codec / level / shuffle: how ``logging_store`` compresses entries in the background.
-        budget_bytes / spill_dir: beyond this much host memory, the oldest entries spill to disk.
+        budget_bytes / spill_dir: beyond this much host memory, the oldest entries spill to disk,
+            into a private (0700) directory made under ``spill_dir`` (default: the system temp
+            directory). ``None`` sizes the budget from the machine when the engine starts (see
+            :func:`moetion.memory_budget.default_log_budget`), so logs can never fill the host.
     """
 
     enabled: bool = False
@@ -111,6 +120,18 @@ class UpstreamLogConfig:
     shuffle: bool = True
     budget_bytes: int | None = None
     spill_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        check_field_types(self, prefix="upstream_log.")
+        if self.codec not in CODECS:
+            raise ConfigError(f"upstream_log.codec must be one of {CODECS}, got {self.codec!r}")
+        try:
+            check_level(parse_codec(self.codec), self.level)
+        except InvalidArgumentError as error:
+            raise ConfigError(f"upstream_log.level: {error}") from None
+        if self.budget_bytes is not None and self.budget_bytes < 0:
+            raise ConfigError(
+                f"upstream_log.budget_bytes must be >= 0 or null (sized from the machine), got {self.budget_bytes}")
 
 
 @dataclass
@@ -167,6 +188,7 @@ class Config:
     determinism: DeterminismConfig = field(default_factory=DeterminismConfig)
 
     def __post_init__(self) -> None:
+        check_field_types(self, prefix="")
         if self.micro_batches < 1:
             raise ConfigError(f"micro_batches must be >= 1, got {self.micro_batches}")
         if self.precision not in PRECISIONS:
@@ -203,7 +225,7 @@ class Config:
 
 def _from_mapping(cls: type, values: Mapping[str, Any], *, path: str) -> Any:
     if not isinstance(values, Mapping):
-        raise ConfigError(f"config section {path or '<root>'} must be a mapping, got {type(values).__name__}")
+        raise ConfigError(f"config section {path.rstrip('.') or '<root>'} must be a mapping, got {values!r}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)

@@ -37,6 +37,20 @@ class DemoSettings:
     replicate: bool = True
     progress: bool = True  # rank 0 prints a line per iteration
 
+    def check(self) -> None:
+        """Raises ConfigError (naming the command-line flag) for settings no run can start with;
+        called before any process is forked."""
+        for flag, value in (("--iterations", self.iterations), ("--stages", self.stages),
+                            ("--data-parallel", self.data_parallel), ("--micro-batches", self.micro_batches)):
+            if type(value) is not int or value < 1:
+                raise ConfigError(f"{flag} must be an integer >= 1, got {value!r}")
+        if self.window is not None and (type(self.window) is not int or self.window < 1):
+            raise ConfigError(f"--window must be an integer >= 1, got {self.window!r}")
+        layers = len(build_gpt_moe_layers(demo_model_config()))
+        if self.stages > layers:
+            raise ConfigError(f"--stages {self.stages}: the demo model has {layers} layers and every stage needs "
+                              f"at least one; use --stages 1..{layers}")
+
 
 def demo_model_config() -> GPTMoEConfig:
     return GPTMoEConfig(seq_len=64, d_model=64, n_heads=4, n_layers=6, d_hidden=128, num_experts=4, top_k=2)
@@ -76,6 +90,7 @@ def run_demo(settings: DemoSettings, kills: list[str] | None = None) -> dict:
     a fault-free reference first, then the same training with each kill a real SIGKILL, recovered
     in place; it prints every recovery's timeline and whether the two runs are bit-identical.
     """
+    settings.check()
     print(
         f"moetion demo: GPT-MoE ({demo_model_config().n_layers} MoE blocks x {demo_model_config().num_experts} "
         f"experts) on {settings.stages} stages x {settings.data_parallel} replicas, "
@@ -94,17 +109,18 @@ def run_demo(settings: DemoSettings, kills: list[str] | None = None) -> dict:
 
 
 def _run_with_faults(settings: DemoSettings, kills: list[str]) -> dict:
+    from moetion.faults import KillSpec
     from moetion.harness.runner import FaultHarness, Job
 
-    if not settings.snapshots:
-        raise ConfigError("recovering from a failure needs sparse snapshots: drop --no-snapshots or the kill")
+    job = Job(demo=settings)
+    specs = [KillSpec.parse(k) for k in kills]
+    job.check_kills(specs)
     print(f"fault-free reference run first (quiet), then the same run with: {'; '.join(kills)}", flush=True)
-    harness = FaultHarness(Job(demo=settings))
-    with _quiet_progress(settings):
-        harness.reference()
-    report = harness.run(kills)
+    with FaultHarness(job) as harness:
+        with _quiet_progress(settings):
+            harness.reference()
+        report = harness.run(specs)
     print("\n".join(["", "recovery:"] + ["  " + line for line in report.lines()]), flush=True)
-    shutil.rmtree(harness.work_dir, ignore_errors=True)
     return report.to_dict()
 
 

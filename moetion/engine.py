@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from logging_store import LogStoreConfig
 
 from moetion.boundary import BoundaryInputs, BoundaryOutputs
 from moetion.config import Config
@@ -38,7 +37,7 @@ from moetion.snapshot.hooks import SnapshotHooks
 from moetion.snapshot.image import SnapshotError, WindowImage
 from moetion.snapshot.persist import load_persisted
 from moetion.snapshot.replica import PeerReplicator, replication_peers
-from moetion.upstream_log import IterationScalars, LogReader, UpstreamLog
+from moetion.upstream_log import IterationScalars, LogReader, UpstreamLog, store_config
 
 log = logging.getLogger(__name__)
 
@@ -311,9 +310,7 @@ class PipelineEngine:
 
     def _build_upstream_log(self) -> UpstreamLog:
         settings = self.config.upstream_log
-        store = LogStoreConfig(codec=settings.codec, level=settings.level, shuffle=settings.shuffle,
-                               budget_bytes=settings.budget_bytes, spill_dir=settings.spill_dir)
-        log_ = UpstreamLog(stage=self.stage, store_config=store)
+        log_ = UpstreamLog(stage=self.stage, store_config=store_config(settings, local_ranks=self.dist.local_world_size))
         if self.checkpointer is not None:
             self.checkpointer.log_exporter = log_.export
         return log_

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import mmap
 import os
 import shutil
 import tempfile
@@ -29,6 +30,7 @@ from torch import nn
 
 from moetion.config import Config
 from moetion.data import DataSource
+from moetion import tensor_tree
 from moetion.run_layout import RUN_CONFIG
 from moetion.errors import MoetionError
 from moetion.launcher import run_workers
@@ -152,7 +154,9 @@ def verify_export(path: str | Path) -> int:
     try:
         dense = torch.load(path, mmap=True, weights_only=True)
         model, sums = dense["model"], dense["checksums"]
-    except (OSError, RuntimeError, KeyError, TypeError, ValueError) as error:
+        if not isinstance(model, dict) or not isinstance(sums, dict):
+            raise TypeError(f"model and checksums must be dicts, got {type(model).__name__} and {type(sums).__name__}")
+    except Exception as error:  # noqa: BLE001 - a damaged zip or pickle fails in many ways (struct.error, EOFError...)
         raise ExportError(f"{path}: not a readable moetion export ({type(error).__name__}: {error}); export again") from None
     if set(model) != set(sums):
         raise ExportError(f"{path}: tensors and checksums differ: without checksum {sorted(set(model) - set(sums))}, "
@@ -276,10 +280,11 @@ def _convert_stage(run_dir: Path, *, job: JobSpec, config: Config, stage: int, s
     except RuntimeError as error:  # e.g. a snapshot tensor whose shape the model's parameter lacks
         raise ExportError(f"stage {stage} ({where}): the window does not fit the model definition: {error}") from None
     model = dense["model"]
-    path = stage_dir / f"stage-{stage:03d}.pt"
-    torch.save({"iteration": dense["iteration"], "model": model,
-                "checksums": {name: tensor_checksum(t) for name, t in model.items()},
-                "optimizer": dense["optimizer"] if with_optimizer else None}, path)
+    path = stage_dir / f"stage-{stage:03d}.tree"
+    path.write_bytes(tensor_tree.encode({
+        "iteration": dense["iteration"], "model": model,
+        "checksums": {name: tensor_checksum(t) for name, t in model.items()},
+        "optimizer": dense["optimizer"] if with_optimizer else None}))
     return {"stage": stage, "path": str(path), "until": dense["iteration"], "replayed": dense["iteration"] - start,
             "seconds": time.perf_counter() - began}
 
@@ -309,7 +314,7 @@ def _merge(reports: list[dict], *, run_id: str, with_optimizer: bool) -> dict:
         dense["optimizer"] = {}
     owner: dict[str, int] = {}
     for report in reports:
-        part = torch.load(report["path"], mmap=True, weights_only=True)
+        part = _read_stage_part(Path(report["path"]))
         for name, tensor in part["model"].items():
             if name in dense["model"]:
                 if not torch.equal(dense["model"][name], tensor):
@@ -321,6 +326,16 @@ def _merge(reports: list[dict], *, run_id: str, with_optimizer: bool) -> dict:
         if with_optimizer:
             dense["optimizer"][report["stage"]] = part["optimizer"]
     return dense
+
+
+def _read_stage_part(path: Path) -> dict:
+    """A stage's converted state, mapped copy-on-write (its tensors are views of the mapping)."""
+    try:
+        with open(path, "rb") as file:
+            mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY) if os.fstat(file.fileno()).st_size else b""
+        return tensor_tree.decode(memoryview(mapped), source=str(path))
+    except (OSError, ValueError, MoetionError) as error:
+        raise ExportError(f"{path}: a converted stage cannot be read back ({error}); export again") from None
 
 
 def _save_atomically(obj: dict, out: Path) -> None:

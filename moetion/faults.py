@@ -13,6 +13,7 @@ there first, which the supervisor turns into the recovery timeline's first event
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -26,6 +27,20 @@ from moetion.errors import ConfigError
 ENV = "MOETION_KILL"
 FAULT_LOG_ENV = "MOETION_FAULT_LOG"
 PHASES = ("forward", "backward", "step", "capture", "replication", "persistence", "replay")
+# When a spec's ``iter`` matches: several phases happen only at some iterations, so a spec naming
+# another iteration never fires (the harness then fails the run naming it).
+PHASE_RULES = {
+    "forward": "during iteration iter's forward passes",
+    "backward": "during iteration iter's backward passes",
+    "step": "after iteration iter's commit all-gather, before its optimizer step",
+    "capture": "only if iter is the LAST iteration of a snapshot window (when the window is published)",
+    "replication": "only if iter is the last iteration of a window, while that window is sent to the peer "
+                   "(needs replication and a peer)",
+    "persistence": "only if iter is the last iteration of a persisted window (needs a persist dir; "
+                   "every persist_every-th window)",
+    "replay": "only while a replacement replays iteration iter (so only after an earlier kill of a neighbour)",
+}
+_log = logging.getLogger(__name__)
 _memory: list[Path] = []  # this process's shared-memory directories, wiped by memory=lost
 
 
@@ -61,6 +76,16 @@ class KillSpec:
                        fields.get("memory") == "lost", fields.get("signal") == "stop")
         except ValueError:
             raise ConfigError(f"kill spec {text!r}: stage, iter and replica must be integers") from None
+
+    def check_against(self, *, stages: int | None, replicas: int | None, iterations: int | None) -> None:
+        """Raises ConfigError if this spec cannot match the job (``None``: that bound is unknown)."""
+        for name, value, bound, what in (("stage", self.stage, stages, "stages"),
+                                         ("replica", self.replica, replicas, "data-parallel replicas"),
+                                         ("iter", self.iteration, iterations, "iterations")):
+            if value < 0 or (bound is not None and value >= bound):
+                limit = f"0..{bound - 1}" if bound is not None else ">= 0"
+                raise ConfigError(
+                    f"kill spec {self.to_text()!r}: {name}={value} is outside this job's {what} ({limit})")
 
     def to_text(self) -> str:
         text = f"stage={self.stage},iter={self.iteration},phase={self.phase},replica={self.replica}"
@@ -110,6 +135,48 @@ def _fired_before(spec: KillSpec) -> bool:
     """A replacement re-runs the iteration its predecessor died in: a spec that killed the
     predecessor must not kill it again (the launcher always gives a job with kills a fault log)."""
     path = os.environ.get(FAULT_LOG_ENV)
-    if not path or not os.path.exists(path):
+    if not path:
         return False
-    return any(json.loads(line)["spec"] == spec.to_text() for line in open(path) if line.strip())
+    return any(record.spec == spec.to_text() for record in read_fault_log(Path(path)))
+
+
+@dataclass(frozen=True)
+class FaultRecord:
+    """One line of the fault log: a kill that fired."""
+
+    rank: int
+    spec: str
+    time: float
+
+
+def read_fault_log(path: Path) -> list[FaultRecord]:
+    """The kills recorded in ``path`` (none if it does not exist).
+
+    A line that is not a well-formed record is skipped, with a warning: a SIGKILL may tear the
+    last line, and the file may have been written by something else; neither may crash the reader.
+    """
+    try:
+        lines = path.read_bytes().splitlines()
+    except FileNotFoundError:
+        return []
+    records = []
+    for number, line in enumerate(lines, 1):
+        record = _parse_record(line)
+        if record is None and line.strip():
+            _log.warning("fault log %s line %d is not a kill record; ignored: %.80r", path, number, line)
+        elif record is not None:
+            records.append(record)
+    return records
+
+
+def _parse_record(line: bytes) -> FaultRecord | None:
+    try:
+        raw = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(raw, dict):
+        return None
+    rank, spec, when = raw.get("rank"), raw.get("spec"), raw.get("time")
+    if type(rank) is not int or not isinstance(spec, str) or type(when) not in (int, float):
+        return None
+    return FaultRecord(rank, spec, float(when))

@@ -15,7 +15,6 @@ that failed and how.
 """
 from __future__ import annotations
 
-import io
 import multiprocessing as mp
 import os
 import signal
@@ -33,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from moetion.control import GENERATION_ENV, SUPERVISED_ENV, ControlPlane, serve_store
+from moetion import tensor_tree
 from moetion.errors import LaunchError
 from moetion.faults import FAULT_LOG_ENV
 from moetion.rank_entry import install_hooks
@@ -232,11 +232,13 @@ def _forked_main(fn: Callable[..., Any], args: tuple, rank_vars: dict[str, str],
     except BaseException:  # noqa: BLE001 - report everything, including SystemExit, to the parent
         status, payload = "error", traceback.format_exc()
     try:
-        # torch.save, not the pipe's pickling: that shares tensors through handles that vanish
-        # when this process exits, before the parent has read them.
-        buffer = io.BytesIO()
-        torch.save((status, payload), buffer)
-        result_pipe.send_bytes(buffer.getvalue())
+        # A tensor tree, not the pipe's pickling: that shares tensors through handles that vanish
+        # when this process exits, and the parent must not unpickle what a worker wrote.
+        try:
+            data = tensor_tree.encode((status, payload))
+        except TypeError as error:
+            status, data = "error", tensor_tree.encode(("error", f"the result cannot be sent to the parent: {error}"))
+        result_pipe.send_bytes(data)
     finally:
         result_pipe.close()
         if dist.is_initialized():

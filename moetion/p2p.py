@@ -7,12 +7,14 @@ activation it belongs to, so it needs no exchange at all.
 """
 from __future__ import annotations
 
+import math
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from moetion.errors import PeerFailure
+from moetion.memory_budget import check_wire_size, transfer_limit
 
 _META_LEN = 10  # dtype code, ndim, up to 8 dims
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32]
@@ -30,9 +32,15 @@ def _encode_meta(tensor: torch.Tensor) -> torch.Tensor:
     return meta
 
 
-def _decode_meta(meta: torch.Tensor) -> tuple[torch.dtype, tuple[int, ...]]:
-    ndim = int(meta[1])
-    return _DTYPES[int(meta[0])], tuple(int(d) for d in meta[2 : 2 + ndim])
+def _decode_meta(meta: torch.Tensor, *, peer: int, what: str) -> tuple[torch.dtype, tuple[int, ...]]:
+    """The dtype and shape a peer announced, checked before anything is allocated for them."""
+    code, ndim, *dims = (int(v) for v in meta.tolist())
+    if not (0 <= code < len(_DTYPES) and 0 <= ndim <= _META_LEN - 2 and all(d >= 0 for d in dims[:ndim])):
+        raise PeerFailure(_lost(peer, f"receiving {what}", f"it announced an impossible dtype/shape {meta.tolist()}"))
+    dtype, shape = _DTYPES[code], tuple(dims[:ndim])
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    check_wire_size(nbytes, limit=transfer_limit(), peer=peer, what=f"{what} ({dtype}, shape {list(shape)})")
+    return dtype, shape
 
 
 class StageLinks:
@@ -70,7 +78,7 @@ class StageLinks:
         if self._recv_meta is None:
             meta = torch.empty(_META_LEN, dtype=torch.int64, device=self.device)
             self._recv(meta, self.prev_rank, what=f"shape of {what}")
-            self._recv_meta = _decode_meta(meta.cpu())
+            self._recv_meta = _decode_meta(meta.cpu(), peer=self.prev_rank, what=what)
         dtype, shape = self._recv_meta
         return self._recv(torch.empty(shape, dtype=dtype, device=self.device), self.prev_rank, what=what)
 

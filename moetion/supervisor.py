@@ -14,8 +14,6 @@ One supervisor per host (they share the job's control store; see :mod:`moetion.c
 """
 from __future__ import annotations
 
-import io
-import json
 import multiprocessing as mp
 import signal
 import subprocess
@@ -25,10 +23,11 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import torch
 
 from moetion.control import ControlPlane
-from moetion.errors import LaunchError
+from moetion import tensor_tree
+from moetion.errors import LaunchError, MoetionError
+from moetion.faults import read_fault_log
 from moetion.recovery.records import RecoveryEvents
 
 GRACE_S = 10.0  # how long survivors get to exit on their own after a rank fails for good
@@ -61,10 +60,14 @@ class Worker:
         if self.result_pipe is None or not self.result_pipe.poll():
             return
         try:
-            status, payload = torch.load(io.BytesIO(self.result_pipe.recv_bytes()), weights_only=True)
+            data = self.result_pipe.recv_bytes()
         except EOFError:  # the worker died without reporting; its exit code tells how
             self.result_pipe = None
             return
+        try:
+            status, payload = tensor_tree.decode(bytearray(data), source=f"the result of worker {self.rank}")
+        except (MoetionError, ValueError) as error:  # a torn or foreign message: report it as the worker's error
+            status, payload = "error", str(error)
         if status == "ok":
             self.result = payload
         else:
@@ -197,11 +200,11 @@ class Supervisor:
 
     def _attach_kill_times(self) -> None:
         """Matches fault-injection records (``MOETION_FAULT_LOG``) to the recoveries they caused."""
-        if self.fault_log is None or not self.fault_log.exists():
+        if self.fault_log is None:
             return
-        kills = [json.loads(line) for line in self.fault_log.read_text().splitlines() if line.strip()]
+        kills = read_fault_log(self.fault_log)
         for recovery in self.recoveries:
-            times = [k["time"] for k in kills if k["rank"] in recovery.ranks and k["time"] <= recovery.detected_at]
+            times = [k.time for k in kills if k.rank in recovery.ranks and k.time <= recovery.detected_at]
             if times:
                 recovery.killed_at = max(times)
 

@@ -20,7 +20,9 @@ from typing import Iterable, Mapping
 import torch
 
 from logging_store import LogKey, LogStore, LogStoreConfig
+from moetion.config import UpstreamLogConfig
 from moetion.errors import MoetionError
+from moetion.memory_budget import default_log_budget
 
 ACTIVATION = "activation"
 GRADIENT = "gradient"
@@ -47,6 +49,15 @@ class IterationScalars:
     @classmethod
     def from_tensor(cls, values: torch.Tensor) -> "IterationScalars":
         return cls(*values.tolist())
+
+
+def store_config(settings: UpstreamLogConfig, *, local_ranks: int) -> LogStoreConfig:
+    """The log store of a rank sharing its host with ``local_ranks - 1`` others: with
+    ``budget_bytes`` null, its in-memory share of the host is sized from the machine now, and the
+    oldest entries beyond it spill to a private directory (never dropped)."""
+    budget = settings.budget_bytes if settings.budget_bytes is not None else default_log_budget(local_ranks=local_ranks)
+    return LogStoreConfig(codec=settings.codec, level=settings.level, shuffle=settings.shuffle,
+                          budget_bytes=budget, spill_dir=settings.spill_dir)
 
 
 class UpstreamLog:

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from moetion.demo import SHM_ROOT, DemoSettings, rank_main
-from moetion.errors import ConfigError
+from moetion.errors import ConfigError, MoetionError
 from moetion.faults import ENV as KILL_ENV
-from moetion.faults import FAULT_LOG_ENV, KillSpec
+from moetion.faults import FAULT_LOG_ENV, PHASE_RULES, KillSpec, read_fault_log
 from moetion.harness.final_state import OUT_ENV, Verdict, compare_runs, load_final_states
 from moetion.harness.timeline import Timeline, timeline
 from moetion.launcher import launch_script, supervise_workers
@@ -43,6 +43,30 @@ class Job:
     @property
     def world_size(self) -> int:
         return self.demo.stages * self.demo.data_parallel if self.demo is not None else self.nproc
+
+    def check_kills(self, kills: Sequence[KillSpec]) -> None:
+        """Raises ConfigError for a kill that cannot match this job, before any process starts.
+
+        A script's stages and iterations are unknown here; its kills are checked after the run
+        (every kill must have fired).
+        """
+        demo = self.demo
+        for kill in kills:
+            if demo is None:
+                kill.check_against(stages=None, replicas=None, iterations=None)
+                continue
+            kill.check_against(stages=demo.stages, replicas=demo.data_parallel, iterations=demo.iterations)
+            if not demo.snapshots:
+                raise ConfigError(f"kill spec {kill.to_text()!r}: recovering from a failure needs sparse "
+                                  "snapshots; drop --no-snapshots or the kill")
+            if kill.phase == "persistence" and not demo.persist_dir:
+                raise ConfigError(f"kill spec {kill.to_text()!r}: phase=persistence never fires without --persist-dir")
+            if kill.phase == "replication" and demo.stages * demo.data_parallel < 2:
+                raise ConfigError(f"kill spec {kill.to_text()!r}: phase=replication needs a peer (2 or more ranks)")
+
+
+class KillNeverFired(MoetionError):
+    """A kill spec of a harness run never matched: the run tested nothing for it."""
 
 
 @dataclass
@@ -85,10 +109,28 @@ class FaultHarness:
             self._reference = (states, seconds)
         return self._reference
 
+    def __enter__(self) -> "FaultHarness":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Removes the harness's work directory (final states, fault logs)."""
+        shutil.rmtree(self.work_dir, ignore_errors=True)
+
     def run(self, kills: Sequence[KillSpec | str]) -> HarnessReport:
+        """Runs the job with ``kills``; raises :class:`KillNeverFired` if any of them never matched."""
         specs = [k if isinstance(k, KillSpec) else KillSpec.parse(k) for k in kills]
+        self.job.check_kills(specs)
         reference, reference_s = self.reference()
         states, report, seconds = self._run(specs)
+        fired = {record.spec for record in read_fault_log(self.work_dir / f"run-{self._runs}" / "kills.jsonl")}
+        missed = [k for k in specs if k.to_text() not in fired]
+        if missed:
+            raise KillNeverFired(
+                "; ".join(f"kill {k.to_text()!r} never fired ({k.phase} fires {PHASE_RULES[k.phase]})" for k in missed)
+                + "; the run tested nothing for it: aim it at an iteration where its phase happens")
         return HarnessReport(
             kills=specs, verdict=compare_runs(reference, states),
             timelines=[timeline(r) for r in report.recoveries], reference_s=reference_s, faulty_s=seconds,
@@ -129,13 +171,11 @@ def faults_command(settings: DemoSettings, *, kills: list[str], script: str | No
     if job.demo is not None:
         job.demo.progress = False
     specs = [KillSpec.parse(k) for k in kills]
-    harness = FaultHarness(job, timeout_s=timeout_s, heartbeat_timeout_s=heartbeat_timeout_s)
+    job.check_kills(specs)
     second = f"the same run with {len(specs)} kill(s)" if specs else "a second fault-free run (is the job deterministic at all?)"
     print(f"moetion faults: fault-free reference run, then {second}", flush=True)
-    try:
+    with FaultHarness(job, timeout_s=timeout_s, heartbeat_timeout_s=heartbeat_timeout_s) as harness:
         report = harness.run(specs)
-    finally:
-        shutil.rmtree(harness.work_dir, ignore_errors=True)
     print("\n".join(report.lines()), flush=True)
     if json_out:
         Path(json_out).write_text(json.dumps(report.to_dict(), indent=2))

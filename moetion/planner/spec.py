@@ -35,7 +35,11 @@ def load_spec(source: str | None, *, preset_name: str | None) -> tuple[ModelSpec
     base_model, base_hw = preset(preset_name) if preset_name else (None, None)
     if source is None:
         return base_model, base_hw
-    text = Path(source).read_text() if not source.lstrip().startswith("{") else source
+    try:
+        text = Path(source).read_text() if not source.lstrip().startswith("{") else source
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        raise ConfigError(f"--json {source}: cannot read it ({reason}); give a file or inline JSON text") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:

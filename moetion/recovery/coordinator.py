@@ -233,7 +233,7 @@ class Recovery:
             for source in restore.log_sources:
                 data = transfer.recv_bytes(source, timeout_s=self.timeout_s, what="upstream logs")
                 received += len(data)
-                store = stores[topology.stage_of(source)] = LogStore()
+                store = stores[topology.stage_of(source)] = LogStore(self.engine.upstream.store.config)  # its budget
                 store.import_(data)
         except BaseException:
             for store in stores.values():

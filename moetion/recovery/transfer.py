@@ -6,13 +6,14 @@ becomes a :class:`~moetion.errors.PeerFailure` and the recovery starts over in a
 """
 from __future__ import annotations
 
-import io
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from moetion.errors import PeerFailure
+from moetion import tensor_tree
+from moetion.errors import MoetionError, PeerFailure
+from moetion.memory_budget import check_wire_size, transfer_limit
 from moetion.recovery.stage import StageState
 from moetion.snapshot.image import WindowImage
 from moetion.snapshot.replica import recv_image, send_image
@@ -26,13 +27,19 @@ def send_bytes(data: bytes, dst: int, *, what: str) -> None:
         _guard(lambda: dist.send(payload, dst), what=f"sending {what} to rank {dst}")
 
 
-def recv_bytes(src: int, *, timeout_s: float, what: str) -> bytes:
+def recv_bytes(src: int, *, timeout_s: float, what: str, limit: int | None = None) -> memoryview:
+    """What :func:`send_bytes` sent, as a view of the one buffer it was received into (no copy).
+
+    The announced size is checked against ``limit`` (default: :func:`transfer_limit`) before
+    anything is allocated; a negative or larger size is a PeerFailure naming ``src``.
+    """
     size = torch.empty(1, dtype=torch.int64)
     _wait(dist.irecv(size, src), timeout_s, what=f"receiving {what} from rank {src}")
-    payload = torch.empty(int(size), dtype=torch.uint8)
-    if payload.numel():
+    nbytes = check_wire_size(int(size), limit=transfer_limit() if limit is None else limit, peer=src, what=what)
+    payload = torch.empty(nbytes, dtype=torch.uint8)
+    if nbytes:
         _wait(dist.irecv(payload, src), timeout_s, what=f"receiving {what} from rank {src}")
-    return payload.numpy().tobytes()
+    return memoryview(payload.numpy())
 
 
 def send_window(image: WindowImage | None, dst: int) -> None:
@@ -44,19 +51,24 @@ def recv_window(src: int) -> WindowImage | None:
 
 
 def send_state(state: StageState, dst: int) -> None:
-    """A live data-parallel replica's exact state (torch.save keeps every bit, Adam's step included)
-    and its history (iteration -> logged scalars)."""
-    buffer = io.BytesIO()
+    """A live data-parallel replica's exact state (every bit, Adam's step included) and its history
+    (iteration -> logged scalars), as a tensor tree: no pickle crosses the wire."""
     history = {t: scalars.to_tensor() for t, scalars in state.history.items()}
-    torch.save({"model": state.model, "optimizer": state.optimizer, "history": history}, buffer)
-    send_bytes(buffer.getvalue(), dst, what="replica state")
+    tree = {"model": state.model, "optimizer": state.optimizer, "history": history}
+    send_bytes(tensor_tree.encode(tree), dst, what="replica state")
 
 
 def recv_state(src: int, *, timeout_s: float) -> StageState:
+    """What :func:`send_state` sent; a stream that is not an intact tensor tree is a PeerFailure."""
     data = recv_bytes(src, timeout_s=timeout_s, what="replica state")
-    raw = torch.load(io.BytesIO(data), weights_only=True)
-    history = {t: IterationScalars.from_tensor(v) for t, v in raw["history"].items()}
-    return StageState(raw["model"], raw["optimizer"], history)
+    try:
+        tree = tensor_tree.decode(data, source=f"replica state from rank {src}")
+    except MoetionError as error:
+        raise PeerFailure(str(error)) from None
+    if not isinstance(tree, dict) or not {"model", "optimizer", "history"} <= set(tree):
+        raise PeerFailure(f"replica state from rank {src} lacks model, optimizer or history")
+    history = {t: IterationScalars.from_tensor(v) for t, v in tree["history"].items()}
+    return StageState(tree["model"], tree["optimizer"], history)
 
 
 def send_losses(losses: dict[int, float], dst: int) -> None:

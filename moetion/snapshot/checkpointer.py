@@ -166,7 +166,9 @@ class SparseCheckpointer:
         self.worker.fence()
 
     def after_step(self, iteration: int) -> None:
-        """Call right after the optimizer step of ``iteration``."""
+        """Call right after the optimizer step of ``iteration``; raises a persist error of an earlier window."""
+        if self.persister is not None:
+            self.persister.raise_error()
         self._observe_iteration_time()
         for name, count in zip(self._experts, self._counts_pending):
             self._popularity_now[name] += count

@@ -151,6 +151,13 @@ def dtype_name(dtype: torch.dtype) -> str:
     return name
 
 
+def tensor_dtype(name: str, *, source: str = "window") -> torch.dtype:
+    """The dtype a manifest names, if it is one of the few a snapshot may hold."""
+    if name not in _DTYPES:
+        raise SnapshotError(f"{source}: unsupported dtype {name!r}; expected one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
 def aligned(offset: int) -> int:
     return (offset + ALIGN - 1) // ALIGN * ALIGN
 

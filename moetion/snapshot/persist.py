@@ -264,6 +264,20 @@ class AsyncPersister:
         if error is not None:
             raise error
 
+    def raise_error(self) -> None:
+        """Re-raises (once) a write error the background thread hit, without waiting for anything.
+
+        The training thread calls it every iteration, so a full disk or a lost directory stops the
+        job at the next iteration instead of surfacing only at ``close()``; the check is one
+        attribute read while nothing failed.
+        """
+        if self._error is None:
+            return
+        with self._cond:
+            error, self._error = self._error, None
+        if error is not None:
+            raise error
+
     def close(self) -> None:
         """Finishes the writes already submitted, stops the thread, and re-raises any write error."""
         with self._cond:

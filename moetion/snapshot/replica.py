@@ -17,7 +17,9 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from moetion.errors import PeerFailure
 from moetion.faults import fault_point
+from moetion.memory_budget import check_wire_size, transfer_limit
 from moetion.snapshot.image import SnapshotError, WindowImage, WindowManifest
 from moetion.topology import PipeTopology
 
@@ -150,10 +152,13 @@ def recv_image(src: int, *, group: dist.ProcessGroup | None = None) -> WindowIma
     header = torch.empty(3, dtype=torch.int64)
     dist.recv(header, src, group=group)
     magic, manifest_bytes, blob_bytes = header.tolist()
-    if magic != MAGIC or manifest_bytes > MAX_MANIFEST_BYTES or blob_bytes < 0:
-        raise SnapshotError(f"bad window header {header.tolist()} from rank {src}")
+    if magic != MAGIC:
+        raise PeerFailure(f"rank {src} sent a window header {header.tolist()} without the magic {MAGIC:#x}; "
+                          "a corrupted or forged stream: treating the sender as failed")
     if manifest_bytes == _CLOSE:
         return None
+    check_wire_size(manifest_bytes, limit=MAX_MANIFEST_BYTES, peer=src, what="a window manifest")
+    check_wire_size(blob_bytes, limit=transfer_limit(), peer=src, what="a window blob")
     manifest_raw = torch.empty(manifest_bytes, dtype=torch.uint8)
     dist.recv(manifest_raw, src, group=group)
     blob = torch.empty(blob_bytes, dtype=torch.uint8)

@@ -35,4 +35,4 @@ def test_a_script_killed_mid_backward_recovers_bit_identically(tmp_path):
 
 def test_a_bad_kill_spec_is_a_clear_error(tmp_path):
     result = faults(tmp_path, "stage=1,iter=5,phase=lunch")
-    assert result.returncode == 1 and "phase must be one of" in result.stderr
+    assert result.returncode == 2 and "phase must be one of" in result.stderr
