@@ -103,7 +103,7 @@ def _join(config: Config) -> tuple[ControlPlane | None, int]:
     generation = start_generation()
     while not join_job(control, generation, timeout_s=config.peer_timeout_s):
         generation = control.generation()  # superseded while starting: join the newest
-    control.start_heartbeat(int(os.environ["RANK"]))
+    control.start_heartbeat(int(os.environ["RANK"]), start_generation())
     return control, generation
 
 
