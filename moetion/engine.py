@@ -7,9 +7,7 @@ replicas, and take the optimizer step behind the global grad-norm exchange (the 
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -36,7 +34,9 @@ from moetion.recovery import Recovery
 from moetion.harness.final_state import record_final_state
 from moetion.replay import newest_common_window, persisted_neighbour_logs, replay_stage
 from moetion.snapshot.persist import load_persisted
+from moetion.run_identity import fresh_job_nonce, resume_requested
 from moetion.snapshot.checkpointer import SparseCheckpointer, StageIdentity, run_id
+from moetion.snapshot.run_dir import check_resumable, claim_run_dir
 from moetion.snapshot.replica import PeerReplicator, replication_peers
 from moetion.upstream_log import IterationScalars, UpstreamLog
 
@@ -181,6 +181,7 @@ class PipelineEngine:
             root = Path(self.config.snapshot.persist_dir) / run_id(self.config.snapshot)
         root = Path(root)
         replicas, replica = self.dist.topology.data_parallel, self.dist.replica
+        check_resumable(root, num_stages=self.module.num_stages, data_parallel=replicas)
         start = newest_common_window(root, num_stages=self.module.num_stages, data_parallel=replicas)
         window = load_persisted(root, stage=self.stage, replica=replica, iteration=start)
         with persisted_neighbour_logs(root, module=self.module, start_iteration=start, replica=replica) as logs:
@@ -390,12 +391,14 @@ class PipelineEngine:
         return log_
 
     def _build_checkpointer(self) -> SparseCheckpointer:
+        run, nonce = run_id(self.config.snapshot), fresh_job_nonce()
+        if self.config.snapshot.persist_dir:  # a fresh job never adopts another job's run directory
+            nonce = claim_run_dir(Path(self.config.snapshot.persist_dir) / run, self.config, fresh_nonce=nonce,
+                                  resume=resume_requested(), writer=self.dist.rank == 0)
         identity = StageIdentity(
-            run_id=run_id(self.config.snapshot), stage=self.stage, replica=self.dist.replica,
+            run_id=run, job_nonce=nonce, stage=self.stage, replica=self.dist.replica,
             data_parallel=self.dist.topology.data_parallel, threads=self.threads, precision=self.config.precision,
         )
-        if self.config.snapshot.persist_dir and self.dist.rank == 0:
-            _write_run_config(Path(self.config.snapshot.persist_dir) / identity.run_id, self.config)
         return SparseCheckpointer(master=self.module, compute=self.precision.compute, optimizer=self.optimizer,
                                   config=self.config.snapshot, identity=identity)
 
@@ -431,13 +434,3 @@ class PipelineEngine:
     def _what(self, kind: str, m: int | None) -> str:
         return f"{kind} of micro-batch {m}, iteration {self.iteration} (stage {self.stage}, rank {self.dist.rank})"
 
-
-RUN_CONFIG = "config.json"
-
-
-def _write_run_config(root: Path, config: Config) -> None:
-    """The job's config beside its persisted windows: offline replay must use exactly these settings."""
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{RUN_CONFIG}.tmp"
-    tmp.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True))
-    os.replace(tmp, root / RUN_CONFIG)

@@ -35,6 +35,7 @@ import torch.distributed as dist
 from moetion.control import GENERATION_ENV, SUPERVISED_ENV, ControlPlane, serve_store
 from moetion.errors import LaunchError
 from moetion.job_secret import SECRET_ENV, new_secret, secret_from_env
+from moetion.run_identity import RESUME_ENV
 from moetion.faults import FAULT_LOG_ENV
 from moetion.supervisor import GRACE_S, JobReport, Spawn, Supervisor, Worker
 
@@ -90,8 +91,6 @@ def rank_env(*, rank: int, world_size: int, port: int, secret: str, generation: 
         env[SUPERVISED_ENV] = "1"
     return env
 
-
-RESUME_ENV = "MOETION_RESUME"
 
 
 def launch_script(

@@ -38,6 +38,7 @@ from moetion.config import SnapshotConfig
 from moetion.errors import ConfigError
 from moetion.faults import fault_point, register_memory
 from moetion.operators import Operator, discover_operators
+from moetion.run_identity import RUN_ID_ENV, check_run_id, default_run_id
 from moetion.snapshot.capture import CaptureWorker
 from moetion.snapshot.image import Capture, Entry, SnapshotError, WindowImage, WindowManifest, checksum
 from moetion.snapshot.layout import WindowLayout, plan_layout
@@ -61,6 +62,7 @@ class WindowState(enum.Enum):
 @dataclass(frozen=True)
 class StageIdentity:
     run_id: str
+    job_nonce: str
     stage: int
     replica: int
     data_parallel: int
@@ -88,7 +90,8 @@ class SparseCheckpointer:
         self._experts = [op.name for op in self.operators.values() if op.kind == "expert"]
         self.full_bytes = {n: op.full_bytes() for n, op in self.operators.items()}
         self.compute_bytes = {n: op.compute_bytes(precision=identity.precision) for n, op in self.operators.items()}
-        self.shm = SharedMemoryTier(config.shm_dir, run_id=identity.run_id, stage=identity.stage, replica=identity.replica)
+        self.shm = SharedMemoryTier(config.shm_dir, run_id=identity.run_id, job_nonce=identity.job_nonce,
+                                    stage=identity.stage, replica=identity.replica)
         register_memory(self.shm.directory)
         self.worker = CaptureWorker(name=f"moetion-capture-s{identity.stage}")
         self.state = WindowState.WAITING
@@ -151,6 +154,8 @@ class SparseCheckpointer:
     def absorb_gather(self, per_stage: list[torch.Tensor]) -> None:
         self._agreed = int(max(float(v[0]) for v in per_stage))
         self.job_restorable_start = int(min(float(v[1]) for v in per_stage))
+        if self.persister is not None:
+            self.persister.limit_pruning(restorable_start=self.job_restorable_start, num_stages=len(per_stage))
 
     def restorable_start(self) -> int:
         """Start of the oldest window a restore of this stage could begin at (-1: the initial state)."""
@@ -282,7 +287,8 @@ class SparseCheckpointer:
                 for i, entries in enumerate(layout.entries)
             )
             manifest = WindowManifest(
-                run_id=identity.run_id, stage=identity.stage, replica=identity.replica, start_iteration=start,
+                run_id=identity.run_id, job_nonce=identity.job_nonce, stage=identity.stage, replica=identity.replica,
+                start_iteration=start,
                 slots=plan.slots, precision=identity.precision, threads=identity.threads,
                 captures=captures, blob_bytes=layout.blob_bytes,
                 extra={"data_parallel": identity.data_parallel},
@@ -331,12 +337,13 @@ class SparseCheckpointer:
 
 
 def run_id(config: SnapshotConfig) -> str:
-    """The job's name in shared memory and on disk; identical on every rank and on replacements."""
+    """The job's name in shared memory and on disk; identical on every rank and on replacements
+    (a plain directory name: see :func:`moetion.run_identity.check_run_id`)."""
     if config.run_id:
-        return config.run_id
-    if os.environ.get("MOETION_RUN_ID"):
-        return os.environ["MOETION_RUN_ID"]
-    return f"job-{os.environ.get('MASTER_ADDR', 'local')}-{os.environ.get('MASTER_PORT', '0')}"
+        return check_run_id(config.run_id)
+    if os.environ.get(RUN_ID_ENV):
+        return check_run_id(os.environ[RUN_ID_ENV], what=RUN_ID_ENV)
+    return default_run_id()
 
 
 def _with_checksum(entry: Entry, blob: torch.Tensor) -> Entry:
