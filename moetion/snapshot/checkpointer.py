@@ -330,15 +330,6 @@ class SparseCheckpointer:
             self.persister.submit(image, logs=logs)
 
 
-def run_id(config: SnapshotConfig) -> str:
-    """The job's name in shared memory and on disk; identical on every rank and on replacements."""
-    if config.run_id:
-        return config.run_id
-    if os.environ.get("MOETION_RUN_ID"):
-        return os.environ["MOETION_RUN_ID"]
-    return f"job-{os.environ.get('MASTER_ADDR', 'local')}-{os.environ.get('MASTER_PORT', '0')}"
-
-
 def _with_checksum(entry: Entry, blob: torch.Tensor) -> Entry:
     return replace(entry, checksum=checksum(blob[entry.offset : entry.offset + entry.nbytes]))
 
