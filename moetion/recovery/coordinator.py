@@ -34,7 +34,7 @@ from moetion.recovery.plan import NOT_LOGGING, RankStatus, RecoveryImpossible, R
 from moetion.replay import replay_stage
 from moetion.snapshot.image import SnapshotError, WindowImage
 from moetion.snapshot.persist import list_persisted, load_persisted
-from moetion.snapshot.checkpointer import run_id
+from moetion.run_layout import run_id
 from moetion.upstream_log import IterationScalars, LogReader
 
 if TYPE_CHECKING:
