@@ -60,7 +60,8 @@ class SpillDirectory:
         placements = []
         offset = 0
         try:
-            with open(path, "wb") as file:
+            # 0600 and never through a planted name: segments hold data-derived tensors
+            with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600), "wb") as file:
                 for parts in frames:
                     length = sum(memoryview(part).nbytes for part in parts)
                     file.writelines(parts)

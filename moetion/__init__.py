@@ -26,6 +26,7 @@ from moetion.distributed import build_context, init_process_group, join_job
 from moetion.engine import IterationStats, PipelineEngine
 from moetion.errors import ConfigError, DataError, LaunchError, MoetionError, PartitionError, PeerFailure
 from moetion.module import LayerSpec, PipelineModule, TiedLayerSpec
+from moetion.run_identity import resume_requested
 from moetion.threads import pin_threads
 
 __all__ = [
@@ -105,14 +106,8 @@ def _join(config: Config) -> tuple[ControlPlane | None, int]:
     generation = start_generation()
     while not join_job(control, generation, timeout_s=config.peer_timeout_s):
         generation = control.generation()  # superseded while starting: join the newest
-    control.start_heartbeat(int(os.environ["RANK"]))
+    control.start_heartbeat(int(os.environ["RANK"]), start_generation())
     return control, generation
-
-
-def resume_requested() -> bool:
-    """True when the job was started to resume (``moetion launch --resume``, or ``MOETION_RESUME=1``
-    under torchrun): the script should then call ``engine.load_checkpoint(data)`` before training."""
-    return os.environ.get("MOETION_RESUME") == "1"
 
 
 def _as_config(config: Config | Mapping[str, Any] | str | Path | None) -> Config:

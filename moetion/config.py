@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,9 @@ from moetion.errors import ConfigError
 PRECISIONS = ("fp32", "bf16")
 LR_DECAYS = ("constant", "linear", "cosine")
 CODECS = ("none", "lz4", "zstd")
+
+
+DEFAULT_SHM_DIR = f"/dev/shm/moetion-{os.geteuid()}"  # per user: other users cannot reach it
 
 
 @dataclass
@@ -63,9 +67,11 @@ class SnapshotConfig:
             ``fraction x iteration time x bandwidth``. ``None``: 1.0 with CUDA, where copies run on
             the DMA engine behind compute (the paper's assumption), and 0.02 on CPU, where they take
             cores from training, so that snapshots cost at most ~2% of the iteration.
-        shm_dir: node-local shared-memory root; windows there survive the capturing process.
-        run_id: names this job's directory under ``shm_dir`` and ``persist_dir``; ``None`` means
-            ``MOETION_RUN_ID`` from the environment, else derived from MASTER_ADDR/MASTER_PORT.
+        shm_dir: node-local shared-memory root; windows there survive the capturing process. Must be
+            a 0700 directory of this user (created so if missing): the default is per user.
+        run_id: names this job's directory under ``shm_dir`` and ``persist_dir`` ([A-Za-z0-9._-]);
+            ``None`` means ``MOETION_RUN_ID`` from the environment, else an unpredictable id derived
+            from the job secret (set one to resume a run later).
         replicate: send each complete window to a peer stage's host over a gloo group of its own.
         persist_dir: also write every ``persist_every``-th complete window there (asynchronously).
         keep_persisted: persisted windows kept per stage replica (older ones are pruned).
@@ -77,7 +83,7 @@ class SnapshotConfig:
     window: int | None = None
     bandwidth_gbps: float | None = None
     budget_fraction: float | None = None
-    shm_dir: str = "/dev/shm/moetion"
+    shm_dir: str = DEFAULT_SHM_DIR
     run_id: str | None = None
     replicate: bool = True
     persist_dir: str | None = None

@@ -15,13 +15,22 @@ survivors of a failure can meet there. What lives in it:
   read back by the supervisor for the recovery timeline;
 - ``host/{n}/finished``: host ``n``'s supervisor is done (node 0 serves the store until all are).
 
+Trust: every value is signed with the job secret (:mod:`moetion.signed_store`) and read
+defensively: a value a stranger wrote, or a torn one, is a warning and is ignored, never a traceback
+and never an action (a forged ``fatal`` does not end the job, a forged ``generation`` is not
+joined, a forged heartbeat does not keep a hung rank alive). The store listens on one address (the
+job's ``MASTER_ADDR``: loopback for a one-host job), not on every interface.
+
 Nothing here runs per iteration: ranks touch the store only while joining and recovering, and the
 heartbeat thread once a second.
 """
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import os
+import secrets
+import socket
 import threading
 import time
 from datetime import timedelta
@@ -29,13 +38,17 @@ from typing import Any
 
 import torch.distributed as dist
 
-from moetion.errors import MoetionError
+from moetion.errors import ConfigError, MoetionError
+from moetion.job_secret import SECRET_ENV, derive, secret_from_env
 from moetion.recovery.records import RecoveryEvents
+from moetion.signed_store import ForgedValue, SignedStore
 
 GENERATION_ENV = "MOETION_GENERATION"  # the generation a process was started into
 SUPERVISED_ENV = "MOETION_SUPERVISED"  # "1": a supervisor will replace dead ranks
 HEARTBEAT_S = 1.0
 POLL_S = 0.02
+MAX_BUMP_ATTEMPTS = 100  # compare-and-set races lost in a row before publishing a generation gives up
+log = logging.getLogger(__name__)
 
 
 class JobAborted(MoetionError):
@@ -53,23 +66,45 @@ def start_generation() -> int:
 class ControlPlane:
     """A client of the job's control store (a rank's or a supervisor's view)."""
 
-    def __init__(self, host: str, port: int, *, timeout_s: float = 300.0) -> None:
+    def __init__(self, host: str, port: int, *, secret: str, timeout_s: float = 300.0) -> None:
         self.host, self.port = host, port
-        self.store = dist.TCPStore(host, port, is_master=False, wait_for_workers=False,
-                                   timeout=timedelta(seconds=timeout_s))
+        self._key = derive(secret, "control-store")
+        self.raw = dist.TCPStore(host, port, is_master=False, wait_for_workers=False,
+                                 timeout=timedelta(seconds=timeout_s))
+        self.store = SignedStore(self.raw, self._key)
+        self._generation_seen = 0
+        self._warned: set[str] = set()
 
     @classmethod
     def from_env(cls, *, timeout_s: float = 300.0) -> "ControlPlane":
-        return cls(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), timeout_s=timeout_s)
+        secret = secret_from_env()
+        if secret is None:
+            raise ConfigError(f"{SECRET_ENV} is not set: a supervised rank gets the job secret from `moetion launch` "
+                              "(on every host of a multi-host job, export the same value before launching)")
+        return cls(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), secret=secret, timeout_s=timeout_s)
 
     # -- generations ------------------------------------------------------------------------------
     def generation(self) -> int:
-        return int(self.store.get("generation")) if self.store.check(["generation"]) else 0
+        """The newest generation a supervisor published (never less than one seen before: an old
+        value written back by a stranger does not move the job backwards)."""
+        current = self._signed_int("generation")
+        if current is not None:
+            self._generation_seen = max(self._generation_seen, current)
+        return self._generation_seen
 
     def new_generation(self) -> int:
         """Supervisor: the next generation's number, atomically (several supervisors may bump at
         once; each gets its own). Survivors join it as soon as it appears."""
-        return self.store.add("generation", 1)
+        for _ in range(MAX_BUMP_ATTEMPTS):
+            raw = self.raw.get("generation") if self.raw.check(["generation"]) else b""
+            current = self.generation()
+            value = f"{current + 1}:{secrets.token_hex(8)}".encode()  # unique: two bumps never write the same bytes
+            desired = self.store.sign("generation", value)
+            if self.raw.compare_set("generation", raw, desired) == desired:
+                self._generation_seen = current + 1
+                return current + 1
+        raise JobAborted(f"the control store's generation changed under {MAX_BUMP_ATTEMPTS} attempts to publish the "
+                         "next one: is a client without the job secret writing it? Firewall the control-store port")
 
     def group_store(self, generation: int) -> dist.Store:
         return dist.PrefixStore(f"gen{generation}/", self.store)
@@ -117,11 +152,11 @@ class ControlPlane:
         self.store.set(f"host/{node_rank}/finished", "1")
 
     def hosts_finished(self, nnodes: int) -> bool:
-        return self.store.check([f"host/{n}/finished" for n in range(nnodes)])
+        return self._all_signed([f"host/{n}/finished" for n in range(nnodes)])
 
     def _wait_keys(self, keys: list[str], generation: int, *, timeout_s: float, what: str) -> bool:
         deadline = time.monotonic() + timeout_s
-        while not self.store.check(keys):
+        while not self._all_signed(keys):
             self.raise_if_fatal()
             if self.generation() > generation:
                 return False
@@ -135,7 +170,9 @@ class ControlPlane:
         self.store.set("fatal", message)
 
     def fatal(self) -> str | None:
-        return self.store.get("fatal").decode() if self.store.check(["fatal"]) else None
+        """The job-ending message, if a holder of the secret wrote one."""
+        value = self._signed("fatal")
+        return None if value is None else value.decode(errors="replace")
 
     def raise_if_fatal(self) -> None:
         message = self.fatal()
@@ -147,56 +184,129 @@ class ControlPlane:
         self.store.set(f"events/{generation}/{rank}", events.to_json())
 
     def records(self, generation: int, ranks: range) -> dict[int, RecoveryEvents]:
-        """Every rank's recovery events of ``generation``; a malformed record is skipped with a warning."""
+        """The ranks' recovery events of ``generation``; a forged, torn or malformed record is a warning."""
         found = {}
         for rank in ranks:
-            key = f"events/{generation}/{rank}"
-            if self.store.check([key]):
-                events = RecoveryEvents.from_json(self.store.get(key))
-                if events is not None:
-                    found[rank] = events
+            value = self._signed(f"events/{generation}/{rank}")
+            events = None if value is None else RecoveryEvents.from_json(value)
+            if events is not None:
+                found[rank] = events
         return found
 
     # -- liveness -------------------------------------------------------------------------------------
-    def heartbeats(self, ranks: list[int]) -> dict[int, int]:
-        return {r: self.store.add(f"heartbeat/{r}", 0) for r in ranks}
+    def heartbeats(self, ranks: list[int]) -> dict[int, tuple[int, int] | None]:
+        """Each rank's newest heartbeat as (generation its process started in, beats): a replacement's
+        beats sort after its predecessor's. None for a rank with no valid heartbeat (none yet, or
+        overwritten by a stranger: that is no progress either)."""
+        beats = {}
+        for rank in ranks:
+            value = self._signed(f"heartbeat/{rank}")
+            beats[rank] = None if value is None else _parse_beat(value)
+            if value is not None and beats[rank] is None:
+                self._warn(f"heartbeat/{rank}", f"control-store heartbeat of rank {rank} is malformed; ignoring it")
+        return beats
 
-    def start_heartbeat(self, rank: int) -> None:
-        """Bumps ``heartbeat/{rank}`` every second from a daemon thread with its own connection."""
-        store = dist.TCPStore(self.host, self.port, is_master=False, wait_for_workers=False)
+    def start_heartbeat(self, rank: int, generation: int) -> None:
+        """Writes ``heartbeat/{rank}`` = (``generation``, beats so far) every second from a daemon
+        thread with its own connection."""
+        store = SignedStore(dist.TCPStore(self.host, self.port, is_master=False, wait_for_workers=False), self._key)
 
         def beat() -> None:
+            count = 0
             while True:
+                count += 1
                 try:
-                    store.add(f"heartbeat/{rank}", 1)
+                    store.set(f"heartbeat/{rank}", f"{generation}:{count}")
                 except RuntimeError:
                     return  # the store is gone: the job is over
                 time.sleep(HEARTBEAT_S)
 
         threading.Thread(target=beat, name="moetion-heartbeat", daemon=True).start()
 
+    # -- reading signed values ------------------------------------------------------------------------
+    def _signed(self, key: str) -> bytes | None:
+        """The value of ``key`` if present and signed with the job secret; a forged one is a warning."""
+        try:
+            if not self.raw.check([key]):
+                return None
+            return self.store.get(key)
+        except ForgedValue as error:
+            self._warn(key, str(error) + "; ignoring it")
+            return None
 
-def serve_store(port: int = 0) -> tuple[mp.process.BaseProcess, int]:
-    """Starts the control store in a forked process of its own, on ``port`` (0: any free one) of
-    every interface; returns (process, port).
+    def _signed_int(self, key: str) -> int | None:
+        value = self._signed(key)
+        if value is None:
+            return None
+        head = value.split(b":", 1)[0]
+        if not head.isdigit():
+            self._warn(key, f"control-store key {key!r} does not start with a number; ignoring it")
+            return None
+        return int(head)
+
+    def _all_signed(self, keys: list[str]) -> bool:
+        return self.raw.check(keys) and all(self._signed(k) is not None for k in keys)
+
+    def _warn(self, key: str, message: str) -> None:
+        if key not in self._warned:  # once per key: a stranger must not flood the log either
+            self._warned.add(key)
+            log.warning("%s", message)
+
+
+def _parse_beat(value: bytes) -> tuple[int, int] | None:
+    generation, sep, count = value.partition(b":")
+    if not (sep and generation.isdigit() and count.isdigit()):
+        return None
+    return int(generation), int(count)
+
+
+def serve_store(port: int = 0, *, bind: str = "127.0.0.1") -> tuple[mp.process.BaseProcess, int]:
+    """Starts the control store in a forked process of its own, listening on ``bind`` only (the
+    job's MASTER_ADDR; loopback for a one-host job), port ``port`` (0: any free one); returns
+    (process, port).
 
     A process of its own, not a thread of the supervisor: the supervisor forks replacements later,
     and forking while a store's server thread runs crashes the child.
     """
     context = mp.get_context("fork")
     receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(target=_store_main, args=(port, sender), name="moetion-control-store", daemon=True)
+    process = context.Process(target=_store_main, args=(bind, port, sender), name="moetion-control-store", daemon=True)
     process.start()
     sender.close()
-    port = receiver.recv()
+    try:
+        status, value = receiver.recv()
+    except EOFError:
+        status, value = "error", "the control-store process died while starting"
     receiver.close()
-    return process, port
+    if status != "ok":
+        process.join()
+        raise ConfigError(f"cannot serve the control store on {bind}:{port}: {value}; pass a --master-addr "
+                          "that is one of this host's addresses and a free --master-port")
+    return process, value
 
 
-def _store_main(port: int, port_pipe: Any) -> None:
-    store = dist.TCPStore("0.0.0.0", port, 1, is_master=True, wait_for_workers=False)
-    port_pipe.send(store.port)
+def _store_main(bind: str, port: int, port_pipe: Any) -> None:
+    # TCPStore's own server listens on every interface whatever host it is given: hand it a
+    # socket already bound to the one address the job needs.
+    try:
+        listener = _listen(bind, port)
+        store = dist.TCPStore(bind, listener.getsockname()[1], 1, is_master=True, wait_for_workers=False,
+                              master_listen_fd=listener.fileno())
+    except (OSError, RuntimeError) as error:
+        port_pipe.send(("error", str(error).splitlines()[0] if str(error) else type(error).__name__))
+        port_pipe.close()
+        return
+    port_pipe.send(("ok", store.port))
     port_pipe.close()
     parent = os.getppid()
     while os.getppid() == parent:  # serve until the supervisor exits or terminates this process
         time.sleep(0.2)
+
+
+def _listen(address: str, port: int) -> socket.socket:
+    family, kind, proto, _, sockaddr = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)[0]
+    listener = socket.socket(family, kind, proto)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(sockaddr)
+    listener.listen(socket.SOMAXCONN)
+    return listener

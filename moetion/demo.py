@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import time
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from pathlib import Path
 import torch
 
 import moetion
+from moetion.config import DEFAULT_SHM_DIR
 from moetion.data import ByteCorpus, stdlib_corpus
 from moetion.errors import ConfigError
 from moetion.export import JobSpec
@@ -18,7 +20,7 @@ from moetion.launcher import run_workers
 from moetion.models import GPTMoEConfig, build_gpt_moe_layers, gpt_moe_loss
 
 
-SHM_ROOT = "/dev/shm/moetion"
+SHM_ROOT = DEFAULT_SHM_DIR
 
 
 @dataclass
@@ -100,7 +102,7 @@ def run_demo(settings: DemoSettings, kills: list[str] | None = None) -> dict:
     os.environ.setdefault("MOETION_LOG_LEVEL", "WARNING")  # progress lines only; INFO shows every rank's events
     if kills:
         return _run_with_faults(settings, kills)
-    run_id = f"demo-{os.getpid()}"
+    run_id = f"demo-{os.getpid()}-{secrets.token_hex(4)}"
     try:
         results = run_workers(rank_main, nproc=settings.stages * settings.data_parallel, args=(settings, run_id))
     finally:

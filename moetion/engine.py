@@ -31,11 +31,13 @@ from moetion.precision import StagePrecision
 from moetion.recovery.coordinator import Recovery
 from moetion.recovery.stage import Seat, StageState
 from moetion.replay import ReplayReport, newest_common_window, persisted_neighbour_logs, replay_stage
-from moetion.run_layout import persist_root, run_id, write_run_config
+from moetion.run_identity import fresh_job_nonce, resume_requested
+from moetion.run_layout import persist_root, run_id
 from moetion.snapshot.checkpointer import SparseCheckpointer, StageIdentity
 from moetion.snapshot.hooks import SnapshotHooks
 from moetion.snapshot.image import SnapshotError, WindowImage
 from moetion.snapshot.persist import load_persisted
+from moetion.snapshot.run_dir import check_resumable, claim_run_dir
 from moetion.snapshot.replica import PeerReplicator, replication_peers
 from moetion.upstream_log import IterationScalars, LogReader, UpstreamLog, store_config
 
@@ -140,6 +142,7 @@ class PipelineEngine:
         if root is None:
             raise ConfigError("load_checkpoint needs snapshot.persist_dir (or an explicit root)")
         replicas, replica = self.dist.topology.data_parallel, self.dist.replica
+        check_resumable(root, num_stages=self.module.num_stages, data_parallel=replicas)
         start = newest_common_window(root, num_stages=self.module.num_stages, data_parallel=replicas)
         window = load_persisted(root, stage=self.stage, replica=replica, iteration=start)
         with persisted_neighbour_logs(root, module=self.module, start_iteration=start, replica=replica) as logs:
@@ -316,13 +319,14 @@ class PipelineEngine:
         return log_
 
     def _build_checkpointer(self) -> SparseCheckpointer:
+        nonce, root = fresh_job_nonce(), persist_root(self.config.snapshot)
+        if root is not None:  # a fresh job never adopts another job's run directory
+            nonce = claim_run_dir(root, self.config, fresh_nonce=nonce, resume=resume_requested(),
+                                  writer=self.dist.rank == 0)
         identity = StageIdentity(
-            run_id=run_id(self.config.snapshot), stage=self.stage, replica=self.dist.replica,
+            run_id=run_id(self.config.snapshot), job_nonce=nonce, stage=self.stage, replica=self.dist.replica,
             data_parallel=self.dist.topology.data_parallel, threads=self.threads, precision=self.config.precision,
         )
-        root = persist_root(self.config.snapshot)
-        if root is not None and self.dist.rank == 0:
-            write_run_config(root, self.config)
         return SparseCheckpointer(master=self.module, compute=self.precision.compute, optimizer=self.optimizer,
                                   config=self.config.snapshot, identity=identity)
 

@@ -10,7 +10,6 @@ a temporary name and renamed onto OUT: on any error nothing appears at OUT.
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import mmap
 import os
@@ -31,12 +30,13 @@ from torch import nn
 from moetion.config import Config
 from moetion.data import DataSource
 from moetion import tensor_tree
-from moetion.run_layout import RUN_CONFIG
 from moetion.errors import MoetionError
 from moetion.launcher import run_workers
 from moetion.module import LayerSpec
 from moetion.replay import dense_state_from_persisted
+from moetion.private_files import DIR_MODE, FILE_MODE, create_exclusive, fsync_dir, private_dir, temp_name
 from moetion.snapshot.image import SnapshotError, WindowManifest, checksum
+from moetion.snapshot.run_dir import RUN_CONFIG, read_run_record
 from moetion.snapshot.persist import LOGS, MANIFEST, iter_window_dirs, load_window_logs, read_manifest, window_path
 
 log = logging.getLogger(__name__)
@@ -107,9 +107,10 @@ def export_run(
     """
     started = time.perf_counter()
     run_dir, out = Path(run_dir), Path(out)
-    config = read_run_config(run_dir)
+    config, nonce = read_run_config(run_dir)
     start = _pick_window(run_dir, num_stages=job.num_stages, iteration=iteration)
-    manifests = _check_windows(run_dir, num_stages=job.num_stages, start=start, run_id=config.snapshot.run_id)
+    manifests = _check_windows(run_dir, num_stages=job.num_stages, start=start, run_id=config.snapshot.run_id,
+                               job_nonce=nonce)
     if not out.parent.is_dir():
         raise ExportError(f"{out}: its directory {out.parent} does not exist")
     if dcp_dir is not None and Path(dcp_dir).exists():
@@ -172,11 +173,11 @@ def tensor_checksum(tensor: torch.Tensor) -> int:
     return checksum(tensor.detach().contiguous().view(-1).view(torch.uint8))
 
 
-def read_run_config(run_dir: Path) -> Config:
-    """The config the run was trained with, which replay must reuse exactly."""
+def read_run_config(run_dir: Path) -> tuple[Config, str]:
+    """The config the run was trained with, which replay must reuse exactly, and its job nonce."""
     path = run_dir / RUN_CONFIG
     try:
-        return Config.from_dict(json.loads(path.read_text()))
+        return read_run_record(run_dir)
     except OSError as error:
         raise ExportError(f"{path}: missing or unreadable ({error.strerror}); RUN_DIR must be a run's persist "
                           "directory (persist_dir/<run_id>), written by a job with snapshot.persist_dir set") from None
@@ -209,7 +210,8 @@ def _pick_window(run_dir: Path, *, num_stages: int, iteration: int | None) -> in
     return max(common)
 
 
-def _check_windows(run_dir: Path, *, num_stages: int, start: int, run_id: str | None) -> list[WindowManifest]:
+def _check_windows(run_dir: Path, *, num_stages: int, start: int, run_id: str | None,
+                   job_nonce: str) -> list[WindowManifest]:
     """Every stage's window at ``start`` exists, is readable, and belongs to the same run and window."""
     manifests = []
     for stage in range(num_stages):
@@ -227,6 +229,9 @@ def _check_windows(run_dir: Path, *, num_stages: int, start: int, run_id: str | 
         if m.run_id != expected:
             raise ExportError(f"{path / MANIFEST}: window of run {m.run_id!r} in run {expected!r} ({run_dir}): "
                               "windows from different runs are mixed")
+        if m.job_nonce != job_nonce:
+            raise ExportError(f"{path / MANIFEST}: window of job {m.job_nonce}, but {run_dir / RUN_CONFIG} records job "
+                              f"{job_nonce}: windows from different jobs are mixed")
         if manifests and m.window != manifests[0].window:
             raise ExportError(f"{path / MANIFEST}: window of {m.window} iterations, stage 0's has "
                               f"{manifests[0].window}: windows from different runs are mixed")
@@ -339,10 +344,11 @@ def _read_stage_part(path: Path) -> dict:
 
 
 def _save_atomically(obj: dict, out: Path) -> None:
-    """``torch.save`` under a temporary name in OUT's directory, fsync, then rename onto OUT."""
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    """``torch.save`` under an unpredictable temporary name (created 0600, O_EXCL) in OUT's
+    directory, fsync, rename onto OUT, fsync the directory."""
+    tmp = temp_name(out)
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(create_exclusive(tmp), "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
@@ -350,19 +356,29 @@ def _save_atomically(obj: dict, out: Path) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    fsync_dir(out.parent)
 
 
 def _save_dcp_atomically(model: dict, directory: Path) -> None:
-    """The model as a ``torch.distributed.checkpoint`` directory, written aside then renamed into place."""
-    tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
+    """The model as a ``torch.distributed.checkpoint`` directory (0700, files 0600), written aside
+    then renamed into place."""
+    tmp = temp_name(directory)
     try:
+        private_dir(tmp)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # DCP warns that no process group is initialised: intended here
             dcp.save({"model": model}, checkpoint_id=str(tmp))
+        for path in tmp.rglob("*"):
+            os.chmod(path, DIR_MODE if path.is_dir() else FILE_MODE, follow_symlinks=False)
+            if path.is_file():
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
+        fsync_dir(tmp)
         os.rename(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    fsync_dir(directory.parent)
 
 
 def _print_line(line: str) -> None:

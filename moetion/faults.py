@@ -127,7 +127,8 @@ def _record(spec: KillSpec) -> None:
     path = os.environ.get(FAULT_LOG_ENV)
     if path:
         line = json.dumps({"rank": int(os.environ.get("RANK", -1)), "spec": spec.to_text(), "time": time.time()})
-        with open(path, "a") as log:
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        with os.fdopen(os.open(path, flags, 0o600), "a") as log:  # 0600, never through a planted link
             log.write(line + "\n")
 
 

@@ -34,6 +34,8 @@ import torch.distributed as dist
 from moetion.control import GENERATION_ENV, SUPERVISED_ENV, ControlPlane, serve_store
 from moetion import tensor_tree
 from moetion.errors import LaunchError
+from moetion.job_secret import SECRET_ENV, new_secret, secret_from_env
+from moetion.run_identity import RESUME_ENV
 from moetion.faults import FAULT_LOG_ENV
 from moetion.rank_entry import install_hooks
 from moetion.supervisor import GRACE_S, JobReport, Spawn, Supervisor, Worker
@@ -59,7 +61,19 @@ class Nodes:
         return range(self.node_rank * nproc, (self.node_rank + 1) * nproc)
 
 
-def rank_env(*, rank: int, world_size: int, port: int, generation: int = 0, supervised: bool = False,
+def job_secret(nodes: Nodes) -> str:
+    """The job's secret: the operator's ``MOETION_JOB_SECRET`` if set (a multi-host job needs the
+    same value on every host, so there it must be set), else a fresh one for this one-host job."""
+    secret = secret_from_env()
+    if secret is not None:
+        return secret
+    if nodes.nnodes > 1:
+        raise LaunchError(f"a multi-host job needs the same secret on every host: export {SECRET_ENV} (e.g. "
+                          "`python -c 'import secrets; print(secrets.token_hex(32))'`) on each host before launching")
+    return new_secret()
+
+
+def rank_env(*, rank: int, world_size: int, port: int, secret: str, generation: int = 0, supervised: bool = False,
              nproc: int | None = None, nodes: Nodes = Nodes()) -> dict[str, str]:
     local_world = world_size if nproc is None else nproc
     env = {
@@ -72,13 +86,12 @@ def rank_env(*, rank: int, world_size: int, port: int, generation: int = 0, supe
         "MASTER_PORT": str(port),
         "TORCHELASTIC_USE_AGENT_STORE": "True",
         GENERATION_ENV: str(generation),
+        SECRET_ENV: secret,  # the environment only: never argv, never a log line
     }
     if supervised:
         env[SUPERVISED_ENV] = "1"
     return env
 
-
-RESUME_ENV = "MOETION_RESUME"
 
 
 def launch_script(
@@ -110,17 +123,18 @@ def launch_script(
 
     extra = dict(env or {})
     fault_log = _fault_log(extra)
+    secret = job_secret(nodes)
 
     def spawn(rank: int, generation: int, port: int) -> Worker:
-        rank_vars = rank_env(rank=rank, world_size=nproc * nodes.nnodes, port=port, generation=generation,
-                             supervised=recover, nproc=nproc, nodes=nodes)
+        rank_vars = rank_env(rank=rank, world_size=nproc * nodes.nnodes, port=port, secret=secret,
+                             generation=generation, supervised=recover, nproc=nproc, nodes=nodes)
         full = {**os.environ, **extra, FAULT_LOG_ENV: fault_log, **rank_vars}
         if resume:
             full[RESUME_ENV] = "1"
         return Worker(rank, subprocess.Popen([sys.executable, "-m", "moetion.rank_entry", script, *script_args],
                                              env=full))
 
-    return _supervise(spawn, nproc=nproc, nodes=nodes, recover=recover, max_restarts=max_restarts,
+    return _supervise(spawn, nproc=nproc, nodes=nodes, secret=secret, recover=recover, max_restarts=max_restarts,
                       fault_log=fault_log, heartbeat_timeout_s=heartbeat_timeout_s, timeout_s=timeout_s,
                       grace_s=grace_s)
 
@@ -159,16 +173,18 @@ def supervise_workers(
     _preload_for_forks()
     extra = dict(env or {})
     extra[FAULT_LOG_ENV] = _fault_log(extra)
+    secret = job_secret(Nodes())
 
     def spawn(rank: int, generation: int, port: int) -> Worker:
         receiver, sender = context.Pipe(duplex=False)
-        rank_vars = {**extra, **rank_env(rank=rank, world_size=nproc, port=port, generation=generation, supervised=recover)}
+        rank_vars = {**extra, **rank_env(rank=rank, world_size=nproc, port=port, secret=secret, generation=generation,
+                                         supervised=recover)}
         process = context.Process(target=_forked_main, args=(fn, args, rank_vars, sender), name=f"moetion-rank{rank}")
         process.start()
         sender.close()
         return Worker(rank, process, receiver)
 
-    return _supervise(spawn, nproc=nproc, recover=recover, max_restarts=max_restarts,
+    return _supervise(spawn, nproc=nproc, secret=secret, recover=recover, max_restarts=max_restarts,
                       heartbeat_timeout_s=heartbeat_timeout_s, timeout_s=timeout_s, grace_s=grace_s,
                       fault_log=extra[FAULT_LOG_ENV])
 
@@ -195,10 +211,12 @@ def _fault_log(env: dict[str, str]) -> str:
 _OWN_FAULT_LOG = "moetion-kills-"
 
 
-def _supervise(spawn: Spawn, *, nproc: int, fault_log: str, nodes: Nodes = Nodes(), **options: Any) -> JobReport:
-    store_process, port = serve_store(nodes.master_port) if nodes.node_rank == 0 else (None, nodes.master_port)
+def _supervise(spawn: Spawn, *, nproc: int, fault_log: str, secret: str, nodes: Nodes = Nodes(),
+               **options: Any) -> JobReport:
+    serves = nodes.node_rank == 0
+    store_process, port = serve_store(nodes.master_port, bind=nodes.master_addr) if serves else (None, nodes.master_port)
     try:
-        control = ControlPlane(nodes.master_addr if store_process is None else "127.0.0.1", port)
+        control = ControlPlane(nodes.master_addr, port, secret=secret)
         supervisor = Supervisor(spawn, world_size=nproc * nodes.nnodes, ranks=nodes.ranks(nproc), control=control,
                                 fault_log=Path(fault_log), **options)
         try:

@@ -217,15 +217,17 @@ class _Heartbeats:
 
     def __init__(self, control: ControlPlane, ranks: list[int], timeout_s: float) -> None:
         self.control, self.ranks, self.timeout_s = control, ranks, timeout_s
-        self.baseline = dict.fromkeys(ranks, 0)  # the counter before this process of the rank started beating
-        self.last = dict.fromkeys(ranks, 0)
+        # Beats are (generation the process started in, count): they only ever grow, so an old
+        # signed value written back by a stranger never looks like progress.
+        self.baseline = dict.fromkeys(ranks, (-1, 0))  # the beat before this process of the rank started beating
+        self.last = dict.fromkeys(ranks, (-1, 0))
         self.moved_at = dict.fromkeys(ranks, time.monotonic())
         self.checked_at = 0.0
 
     def reset(self, ranks: list[int]) -> None:
         counts = self.control.heartbeats(ranks)
         for rank in ranks:
-            self.baseline[rank] = self.last[rank] = counts[rank]
+            self.baseline[rank] = self.last[rank] = max(counts[rank] or self.last[rank], self.last[rank])
 
     def hung(self, codes: dict[int, int | None]) -> list[int]:
         now = time.monotonic()
@@ -234,9 +236,9 @@ class _Heartbeats:
         self.checked_at = now
         stuck = []
         for rank, count in self.control.heartbeats(self.ranks).items():
-            if count != self.last[rank]:
+            if count is not None and count > self.last[rank]:
                 self.last[rank], self.moved_at[rank] = count, now
-            elif count > self.baseline[rank] and codes[rank] is None and now - self.moved_at[rank] > self.timeout_s:
+            elif self.last[rank] > self.baseline[rank] and codes[rank] is None and now - self.moved_at[rank] > self.timeout_s:
                 print(f"moetion supervisor: rank {rank} sent no heartbeat for {self.timeout_s:g} s; killing it",
                       flush=True)
                 stuck.append(rank)

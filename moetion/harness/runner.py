@@ -8,6 +8,7 @@ comparison. Each run gets a run id of its own, so no run reads another's shared-
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import tempfile
 import time
@@ -142,7 +143,7 @@ class FaultHarness:
         run = self.work_dir / f"run-{self._runs}"
         out = run / "final"
         out.mkdir(parents=True)
-        run_id = f"faults-{os.getpid()}-{self._runs}"
+        run_id = f"faults-{os.getpid()}-{self._runs}-{secrets.token_hex(4)}"
         env = {OUT_ENV: str(out), FAULT_LOG_ENV: str(run / "kills.jsonl"), "MOETION_RUN_ID": run_id}
         if kills:
             env[KILL_ENV] = ";".join(k.to_text() for k in kills)

@@ -60,6 +60,7 @@ class WindowState(enum.Enum):
 @dataclass(frozen=True)
 class StageIdentity:
     run_id: str
+    job_nonce: str
     stage: int
     replica: int
     data_parallel: int
@@ -87,7 +88,8 @@ class SparseCheckpointer:
         self._experts = [op.name for op in self.operators.values() if op.kind == "expert"]
         self.full_bytes = {n: op.full_bytes() for n, op in self.operators.items()}
         self.compute_bytes = {n: op.compute_bytes(precision=identity.precision) for n, op in self.operators.items()}
-        self.shm = SharedMemoryTier(config.shm_dir, run_id=identity.run_id, stage=identity.stage, replica=identity.replica)
+        self.shm = SharedMemoryTier(config.shm_dir, run_id=identity.run_id, job_nonce=identity.job_nonce,
+                                    stage=identity.stage, replica=identity.replica)
         register_memory(self.shm.directory)
         self.worker = CaptureWorker(name=f"moetion-capture-s{identity.stage}")
         self.state = WindowState.WAITING
@@ -150,6 +152,8 @@ class SparseCheckpointer:
     def absorb_gather(self, per_stage: list[torch.Tensor]) -> None:
         self._agreed = int(max(float(v[0]) for v in per_stage))
         self.job_restorable_start = int(min(float(v[1]) for v in per_stage))
+        if self.persister is not None:
+            self.persister.limit_pruning(restorable_start=self.job_restorable_start, num_stages=len(per_stage))
 
     def restorable_start(self) -> int:
         """Start of the oldest window a restore of this stage could begin at (-1: the initial state)."""
@@ -283,7 +287,8 @@ class SparseCheckpointer:
                 for i, entries in enumerate(layout.entries)
             )
             manifest = WindowManifest(
-                run_id=identity.run_id, stage=identity.stage, replica=identity.replica, start_iteration=start,
+                run_id=identity.run_id, job_nonce=identity.job_nonce, stage=identity.stage, replica=identity.replica,
+                start_iteration=start,
                 slots=plan.slots, precision=identity.precision, threads=identity.threads,
                 captures=captures, blob_bytes=layout.blob_bytes,
                 extra={"data_parallel": identity.data_parallel},

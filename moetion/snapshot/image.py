@@ -2,7 +2,10 @@
 
 An image is a JSON manifest plus one contiguous blob of raw tensor bytes. Every tier (shared
 memory, a peer's memory, disk) stores and moves exactly this pair, so there is one format to
-validate: no pickle, a checksum per tensor, and bounds checked before anything is read.
+validate: no pickle, a checksum per tensor, and bounds checked before anything is read. The
+manifest carries its own checksum (SHA-256 of its canonical JSON) and whose window it is (run id,
+job nonce, stage, replica); every field is type-checked on read (a bool is not an int, a string
+is not a number), so a damaged or edited manifest is a one-line error, never a traceback.
 
 Capture ``i`` of a window starting at ``t0`` holds, as of after step ``t0 + i``, the full
 snapshot (fp32 weight plus every optimizer tensor) of slot ``i``'s operators and the compute
@@ -10,6 +13,7 @@ snapshot of every operator in a later slot.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -19,7 +23,8 @@ import torch
 from logging_store import filters
 from moetion.errors import MoetionError
 
-FORMAT = "moetion-window/1"
+FORMAT = "moetion-window/2"
+CHECKSUM_FIELD = "manifest_sha256"
 ALIGN = 64
 _DTYPES = {str(d): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32, torch.uint8, torch.bool)}
 
@@ -51,6 +56,7 @@ class Capture:
 @dataclass(frozen=True)
 class WindowManifest:
     run_id: str
+    job_nonce: str  # the job that captured it: a fresh job never adopts another job's window
     stage: int
     replica: int
     start_iteration: int
@@ -71,33 +77,61 @@ class WindowManifest:
         return self.start_iteration + self.window - 1
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True).encode()
+        body = asdict(self)
+        return json.dumps({**body, CHECKSUM_FIELD: manifest_digest(body)}, sort_keys=True).encode()
 
     @classmethod
     def from_json(cls, data: bytes, *, source: str = "manifest") -> "WindowManifest":
+        """Parses, checksums, type-checks and validates a manifest; SnapshotError naming the problem."""
         try:
             raw = json.loads(data)
-            if raw.get("format") != FORMAT:
-                raise SnapshotError(f"{source}: format {raw.get('format')!r}, expected {FORMAT!r}")
-            captures = tuple(
-                Capture(int(c["iteration"]), tuple(Entry(**{**e, "shape": tuple(e["shape"])}) for e in c["entries"]))
-                for c in raw["captures"]
-            )
-            manifest = cls(
-                run_id=str(raw["run_id"]), stage=int(raw["stage"]), replica=int(raw["replica"]),
-                start_iteration=int(raw["start_iteration"]), slots=tuple(tuple(s) for s in raw["slots"]),
-                precision=str(raw["precision"]), threads=int(raw["threads"]), captures=captures,
-                blob_bytes=int(raw["blob_bytes"]), extra=dict(raw.get("extra", {})),
-            )
-        except SnapshotError:
-            raise
-        except (ValueError, KeyError, TypeError, AttributeError) as error:
-            raise SnapshotError(f"{source}: not a valid window manifest ({type(error).__name__}: {error})") from None
+        except (ValueError, UnicodeDecodeError) as error:
+            raise SnapshotError(f"{source}: not JSON ({error}); the manifest is damaged") from None
+        fields = _Fields(raw, source, "manifest")
+        if raw.get("format") != FORMAT:
+            raise SnapshotError(f"{source}: format {raw.get('format')!r}, expected {FORMAT!r}")
+        stored = fields.get(CHECKSUM_FIELD, str)
+        body = {k: v for k, v in raw.items() if k != CHECKSUM_FIELD}
+        if manifest_digest(body) != stored:
+            raise SnapshotError(f"{source}: manifest checksum mismatch (stored {stored[:16]}..., computed "
+                                f"{manifest_digest(body)[:16]}...): the manifest was changed or damaged; use another copy")
+        captures = []
+        for i, c in enumerate(fields.get("captures", list)):
+            capture = _Fields(c, source, f"captures[{i}]")
+            entries = []
+            for j, e in enumerate(capture.get("entries", list)):
+                entry = _Fields(e, source, f"captures[{i}].entries[{j}]")
+                entries.append(Entry(
+                    operator=entry.get("operator", str), param=entry.get("param", str), role=entry.get("role", str),
+                    dtype=entry.get("dtype", str), shape=tuple(entry.items("shape", int)),
+                    offset=entry.get("offset", int), nbytes=entry.get("nbytes", int),
+                    checksum=entry.get("checksum", int)))
+            captures.append(Capture(capture.get("iteration", int), tuple(entries)))
+        slots = tuple(tuple(_Fields({"slot": s}, source, f"slots[{i}]").items("slot", str))
+                      for i, s in enumerate(fields.get("slots", list)))
+        manifest = cls(
+            run_id=fields.get("run_id", str), job_nonce=fields.get("job_nonce", str), stage=fields.get("stage", int),
+            replica=fields.get("replica", int), start_iteration=fields.get("start_iteration", int), slots=slots,
+            precision=fields.get("precision", str), threads=fields.get("threads", int), captures=tuple(captures),
+            blob_bytes=fields.get("blob_bytes", int), extra=fields.get("extra", dict),
+        )
         manifest.validate(source=source)
         return manifest
 
+    def check_owner(self, *, run_id: str, job_nonce: str, stage: int, replica: int, source: str) -> None:
+        """SnapshotError unless this window was captured by (run, job, stage, replica)."""
+        expected = (run_id, job_nonce, stage, replica)
+        found = (self.run_id, self.job_nonce, self.stage, self.replica)
+        if found != expected:
+            raise SnapshotError(f"{source}: window of run {self.run_id!r} (job {self.job_nonce}) stage {self.stage} "
+                                f"replica {self.replica}, expected run {run_id!r} (job {job_nonce}) stage {stage} "
+                                f"replica {replica}; it is not this job's window, refusing it")
+
     def validate(self, *, source: str = "manifest") -> None:
         """Checks internal consistency, so reading entries can never leave the blob."""
+        if min(self.stage, self.replica, self.threads, self.blob_bytes) < 0 or self.threads < 1:
+            raise SnapshotError(f"{source}: stage {self.stage}, replica {self.replica}, threads {self.threads} and "
+                                f"blob_bytes {self.blob_bytes} must be non-negative (threads at least 1)")
         if len(self.captures) != self.window:
             raise SnapshotError(f"{source}: {len(self.captures)} captures for a window of {self.window}")
         for i, capture in enumerate(self.captures):
@@ -138,6 +172,35 @@ class WindowImage:
                         f"{source}: checksum mismatch in iteration {capture.iteration}, {e.param} ({e.role}): "
                         f"stored {e.checksum:#x}, computed {got:#x}; the copy is corrupted, use another tier"
                     )
+
+
+class _Fields:
+    """Typed access to one JSON object of a manifest: a missing or wrongly typed field is a
+    SnapshotError naming it (``bool`` is not accepted as ``int``)."""
+
+    def __init__(self, raw: Any, source: str, where: str) -> None:
+        if not isinstance(raw, dict):
+            raise SnapshotError(f"{source}: {where} is a {type(raw).__name__}, expected an object")
+        self.raw, self.source, self.where = raw, source, where
+
+    def get(self, name: str, kind: type) -> Any:
+        if name not in self.raw:
+            raise SnapshotError(f"{self.source}: {self.where} has no field {name!r}; the manifest is incomplete")
+        return self._typed(self.raw[name], kind, name)
+
+    def items(self, name: str, kind: type) -> list:
+        return [self._typed(v, kind, f"{name}[{i}]") for i, v in enumerate(self.get(name, list))]
+
+    def _typed(self, value: Any, kind: type, name: str) -> Any:
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise SnapshotError(f"{self.source}: {self.where}.{name} is {type(value).__name__} {value!r:.40}, "
+                                f"expected {kind.__name__}; the manifest is damaged")
+        return value
+
+
+def manifest_digest(body: dict[str, Any]) -> str:
+    """SHA-256 of a manifest's canonical JSON (every field but the checksum itself)."""
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def checksum(raw: torch.Tensor) -> int:

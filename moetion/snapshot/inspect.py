@@ -7,8 +7,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from logging_store.errors import LogStoreError
+from logging_store.frame import read_frames
 from moetion.snapshot.image import SnapshotError, WindowManifest
-from moetion.snapshot.persist import MANIFEST, iter_window_dirs, load_window, read_manifest
+from moetion.snapshot.persist import LOGS, MANIFEST, iter_window_dirs, load_window, read_manifest
 
 _COLUMNS = (("stage", "stage"), ("replica", "replica"), ("iterations", "iterations"), ("W", "window"),
             ("ops/slot", "operators_per_slot"), ("ops", "operators"), ("bytes", "bytes"), ("run", "run_id"),
@@ -18,8 +20,8 @@ _COLUMNS = (("stage", "stage"), ("replica", "replica"), ("iterations", "iteratio
 def inspect_dir(root: Path, *, verify: bool = True) -> list[dict[str, Any]]:
     """One row per window directory under ``root``, unreadable ones included (their integrity says why).
 
-    With ``verify`` every blob is read (one window at a time) and every checksum checked; without,
-    only manifests and file sizes are checked.
+    With ``verify`` every blob and every upstream-log file is read (one window, one frame at a
+    time) and every checksum checked; without, only manifests and file sizes are checked.
     """
     root = Path(root)
     if not root.is_dir():
@@ -40,6 +42,7 @@ def inspect_dir(root: Path, *, verify: bool = True) -> list[dict[str, Any]]:
         try:
             if verify:
                 load_window(path, verify=True)  # reads the blob and checks every checksum
+                verify_logs(path)
             else:
                 read_manifest(path)  # manifest, location and blob size only
             row.update(ok=True, integrity="ok" if verify else "ok (not verified)")
@@ -47,6 +50,23 @@ def inspect_dir(root: Path, *, verify: bool = True) -> list[dict[str, Any]]:
             row.update(ok=False, integrity=str(error))
         rows.append(row)
     return rows
+
+
+def verify_logs(window_dir: Path) -> int:
+    """Checks every frame of the window's ``logs.bin`` (if any) without decoding it; returns the
+    number of frames. SnapshotError naming the file and the first bad frame."""
+    path = Path(window_dir) / LOGS
+    frames = 0
+    try:
+        with open(path, "rb") as f:
+            for _ in read_frames(f):
+                frames += 1
+    except FileNotFoundError:
+        return 0
+    except (OSError, LogStoreError) as error:
+        raise SnapshotError(f"{path}: upstream logs damaged at frame {frames} ({error}); this window cannot be "
+                            "replayed offline: delete it and use an older window") from None
+    return frames
 
 
 def format_inspection(rows: list[dict[str, Any]]) -> str:

@@ -4,10 +4,19 @@ Layout: ``root/stage-SSS/replica-RRR/window-TTTTTTTTTT/{manifest.json,blob.bin}`
 start iteration). A window directory appears only by ``os.rename`` of a fully written, fsynced
 sibling ``.tmp-*`` directory; readers ignore ``.tmp-*`` leftovers of crashed writers (delete them
 by hand at leisure). No pickle: a JSON manifest, raw bytes, and a checksum per tensor.
+
+Directories are 0700 and files 0600 (:mod:`moetion.private_files`): windows hold weights and logs
+derived from training data. Replacing a window swaps the two directories atomically
+(``renameat2(RENAME_EXCHANGE)``), so a crash leaves the old window or the new one; where the file
+system cannot swap, the old one is renamed aside first and put back by the next reader if the
+writer died in between. Pruning deletes only this job's windows (by job nonce), only below the
+newest window every stage holds and the job-wide restorable start.
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import logging
 import os
 import re
@@ -21,6 +30,7 @@ import torch
 
 from moetion.errors import ConfigError
 from moetion.faults import fault_point
+from moetion.private_files import UnsafePathError, create_exclusive, fsync_dir, private_dir
 from moetion.snapshot.image import SnapshotError, WindowImage, WindowManifest
 
 MANIFEST = "manifest.json"
@@ -43,10 +53,12 @@ class PersistedWindow:
     run_id: str
     path: Path
     blob_bytes: int
+    job_nonce: str
 
     @classmethod
     def of(cls, m: WindowManifest, path: Path) -> PersistedWindow:
-        return cls(m.stage, m.replica, m.start_iteration, m.window, m.end_iteration, m.run_id, path, m.blob_bytes)
+        return cls(m.stage, m.replica, m.start_iteration, m.window, m.end_iteration, m.run_id, path, m.blob_bytes,
+                   m.job_nonce)
 
 
 def window_path(root: Path, *, stage: int, replica: int, start_iteration: int) -> Path:
@@ -56,7 +68,8 @@ def window_path(root: Path, *, stage: int, replica: int, start_iteration: int) -
 def iter_window_dirs(root: Path) -> list[tuple[int, int, int, Path]]:
     """Every window directory as (stage, replica, start_iteration, path), readable or not, sorted."""
     return [(stage, replica, t0, path) for stage, stage_dir in _numbered(Path(root), "stage")
-            for replica, replica_dir in _numbered(stage_dir, "replica") for t0, path in _numbered(replica_dir, "window")]
+            for replica, replica_dir in _numbered(stage_dir, "replica")
+            for t0, path in _numbered(_put_back_replaced(replica_dir), "window")]
 
 
 def persist_window(image: WindowImage, root: Path, *, verify: bool = True, logs: bytes | None = None) -> Path:
@@ -76,37 +89,77 @@ def persist_window(image: WindowImage, root: Path, *, verify: bool = True, logs:
     if blob.numel() < m.blob_bytes or verify:
         image.verify(source=f"window {m.start_iteration} of stage {m.stage} replica {m.replica} (in memory)")
     manifest_bytes = m.to_json()
-    with contextlib.suppress(OSError):
-        if (
-            (dest / MANIFEST).read_bytes() == manifest_bytes
-            and (dest / BLOB).stat().st_size == m.blob_bytes
-            and (logs is None or (dest / LOGS).read_bytes() == logs)
-        ):
-            _log.debug("%s already holds this window; not rewriting it", dest)
-            return dest
+    if _already_on_disk(dest, manifest_bytes, logs):
+        _log.debug("%s already holds this window, intact; not rewriting it", dest)
+        return dest
     tmp = dest.parent / f"{TMP_PREFIX}{dest.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
+        private_dir(dest.parent)
+        private_dir(tmp)
         _write_file(tmp / MANIFEST, memoryview(manifest_bytes))
         _write_file(tmp / BLOB, memoryview(blob[: m.blob_bytes].contiguous().numpy()))  # no copy of the blob
         if logs is not None:
             _write_file(tmp / LOGS, memoryview(logs))
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         fault_point("persistence", stage=m.stage, replica=m.replica, iteration=m.end_iteration)
-        old = dest.parent / f"{TMP_PREFIX}replaced-{dest.name}-{uuid.uuid4().hex[:8]}"
-        if dest.exists():
-            os.rename(dest, old)
-        os.rename(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
+        if os.path.lexists(dest) and _exchange(tmp, dest):
+            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the window it replaced
+        else:
+            old = dest.parent / f"{TMP_PREFIX}replaced-{dest.name}-{uuid.uuid4().hex[:8]}"
+            if os.path.lexists(dest):
+                os.rename(dest, old)  # a crash from here to the next rename: readers put `old` back
+            os.rename(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
         for directory in (dest.parent, dest.parent.parent, dest.parent.parent.parent):
-            _fsync_dir(directory)  # make the new names (window, and replica/stage if new) durable
-    except OSError as error:
+            fsync_dir(directory)  # make the new names (window, and replica/stage if new) durable
+    except (OSError, UnsafePathError) as error:
         shutil.rmtree(tmp, ignore_errors=True)
         raise SnapshotError(f"cannot persist window to {dest}: {error}; check that {root} is a writable directory with free space") from error
     _log.info("persisted window %d..%d of stage %d replica %d to %s (%d bytes)",
               m.start_iteration, m.end_iteration, m.stage, m.replica, dest, m.blob_bytes)
     return dest
+
+
+def _already_on_disk(dest: Path, manifest_bytes: bytes, logs: bytes | None) -> bool:
+    """True when ``dest`` holds exactly this window and its blob verifies (a flipped bit on disk
+    is repaired by rewriting, not kept because the manifest matches)."""
+    with contextlib.suppress(OSError, SnapshotError):
+        if (dest / MANIFEST).read_bytes() == manifest_bytes and (logs is None or (dest / LOGS).read_bytes() == logs):
+            load_window(dest, verify=True)
+            return True
+    return False
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swaps directories ``a`` and ``b`` (Linux ``renameat2(RENAME_EXCHANGE)``); False
+    where the system or file system cannot, so the caller falls back to two renames."""
+    renameat2 = getattr(_LIBC, "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def _put_back_replaced(replica_dir: Path) -> Path:
+    """A writer that died between its two renames left ``window-T`` missing and the old window
+    under ``.tmp-replaced-window-T-*``: rename it back (it is complete: it was a window)."""
+    if not replica_dir.is_dir():
+        return replica_dir
+    for aside in replica_dir.glob(f"{TMP_PREFIX}replaced-window-*"):
+        match = re.fullmatch(rf"{re.escape(TMP_PREFIX)}replaced-(window-\d+)-[0-9a-f]+", aside.name)
+        if match and not os.path.lexists(replica_dir / match.group(1)):
+            with contextlib.suppress(OSError):
+                os.rename(aside, replica_dir / match.group(1))
+                _log.warning("put back window %s, left aside by a writer that died while replacing it", match.group(1))
+    return replica_dir
 
 
 def list_persisted(root: Path) -> list[PersistedWindow]:
@@ -196,12 +249,15 @@ def load_persisted(root: Path, *, stage: int, replica: int, iteration: int | Non
         raise SnapshotError(f"{error}" + (f"; older windows start at {older} (pass iteration=...)" if older else "")) from None
 
 
-def prune_persisted(root: Path, *, stage: int, replica: int, keep: int) -> list[Path]:
-    """Deletes all but the newest ``keep`` (>= 1) windows of (stage, replica); returns their paths.
-    Each is renamed to ``.tmp-*`` first, so a crash mid-delete never leaves half a window."""
+def prune_persisted(root: Path, *, stage: int, replica: int, keep: int, job_nonce: str, below: int) -> list[Path]:
+    """Deletes windows of (stage, replica) captured by job ``job_nonce`` that start before ``below``,
+    except the newest ``keep`` (>= 1); returns their paths. Windows of another job, and windows
+    whose manifest cannot be read, are never touched. Each is renamed to ``.tmp-*`` first, so a
+    crash mid-delete never leaves half a window."""
     if keep < 1:
         raise ConfigError(f"keep must be at least 1 (the newest window is never pruned), got {keep}")
-    removed = [path for s, r, _, path in iter_window_dirs(root) if (s, r) == (stage, replica)][:-keep]
+    ours = [w for w in list_persisted(root) if (w.stage, w.replica, w.job_nonce) == (stage, replica, job_nonce)]
+    removed = [w.path for w in ours[:-keep] if w.start_iteration < below]
     for path in removed:
         doomed = path.parent / f"{TMP_PREFIX}pruned-{path.name}-{uuid.uuid4().hex[:8]}"
         os.rename(path, doomed)
@@ -209,18 +265,36 @@ def prune_persisted(root: Path, *, stage: int, replica: int, keep: int) -> list[
     return removed
 
 
+def newest_common_start(root: Path, *, job_nonce: str, holders: set[tuple[int, int]] | None = None) -> int | None:
+    """The start of the newest window of job ``job_nonce`` that every (stage, replica) in ``holders``
+    has on disk (default: every one that has any window of that job here); None if there is none."""
+    starts: dict[tuple[int, int], set[int]] = {}
+    for w in list_persisted(root):
+        if w.job_nonce == job_nonce:
+            starts.setdefault((w.stage, w.replica), set()).add(w.start_iteration)
+    wanted = set(starts) if holders is None else holders
+    if not wanted or not wanted <= set(starts):
+        return None
+    common = set.intersection(*(starts[h] for h in wanted))
+    return max(common) if common else None
+
+
 class AsyncPersister:
     """Persists window images on a background thread so training never waits for the disk.
 
     One image is written while at most one waits: a newer submission replaces the waiting one (the
     disk only needs the latest window), never the one being written. After each write, that stage
-    and replica are pruned to their newest ``keep`` windows. ``close()`` drains the queue.
+    and replica's older windows of the same job are pruned, keeping the newest ``keep`` and every
+    window from the newest one all stage replicas hold on disk and from the job-wide restorable
+    start (:meth:`limit_pruning`) on: a slow stage and a fast one never end up without a window in
+    common. ``close()`` drains the queue.
     """
 
     def __init__(self, root: Path, *, keep: int = 2, verify: bool = True) -> None:
         if keep < 1:
             raise ConfigError(f"keep must be at least 1, got {keep}")
         self.root, self.keep, self.verify = Path(root), keep, verify
+        self._limit: tuple[int, int] | None = None  # (job-wide restorable start, number of stages)
         self._cond = threading.Condition()
         self._pending: tuple[WindowImage, bytes | None] | None = None
         self._busy = self._closing = False
@@ -241,6 +315,12 @@ class AsyncPersister:
         """Bytes on disk, after pruning, of the windows of the (stage, replica) pairs this persister wrote."""
         with self._cond:
             return sum(self._bytes.values())
+
+    def limit_pruning(self, *, restorable_start: int, num_stages: int) -> None:
+        """Never prune windows from ``restorable_start`` (agreed by every stage) on; ``num_stages``
+        names the stages whose windows must share a start. A constant-time call: the engine may
+        make it every iteration."""
+        self._limit = (restorable_start, num_stages)
 
     def submit(self, image: WindowImage, *, logs: bytes | None = None) -> None:
         """Queues ``image`` (and its logs) for writing and returns at once. The blob must stay
@@ -297,7 +377,8 @@ class AsyncPersister:
             m, record, size, error = image.manifest, None, 0, None
             try:
                 path = persist_window(image, self.root, verify=self.verify, logs=logs)
-                prune_persisted(self.root, stage=m.stage, replica=m.replica, keep=self.keep)
+                prune_persisted(self.root, stage=m.stage, replica=m.replica, keep=self.keep, job_nonce=m.job_nonce,
+                                below=self._prune_below(m))
                 record = PersistedWindow.of(m, path)
                 size = sum(f.stat().st_size for f in path.parent.glob("window-*/*"))
             except Exception as caught:  # noqa: BLE001 - handed to wait()
@@ -313,6 +394,21 @@ class AsyncPersister:
                 self._cond.notify_all()
 
 
+    def _prune_below(self, m: WindowManifest) -> int:
+        limit = self._limit
+        holders = None
+        if limit is not None:
+            replicas = int(m.extra.get("data_parallel", 1))
+            holders = {(s, r) for s in range(limit[1]) for r in range(replicas)}
+        common = newest_common_start(self.root, job_nonce=m.job_nonce, holders=holders)
+        if common is None and holders is not None:
+            # Not every stage's windows are here (a host-local disk): the stages present must agree.
+            common = newest_common_start(self.root, job_nonce=m.job_nonce)
+        if common is None:
+            return -1  # no window in common yet: keep everything
+        return common if limit is None else min(common, limit[0])
+
+
 def _numbered(parent: Path, kind: str) -> list[tuple[int, Path]]:
     if not parent.is_dir():
         return []
@@ -320,18 +416,9 @@ def _numbered(parent: Path, kind: str) -> list[tuple[int, Path]]:
 
 
 def _write_file(path: Path, data: memoryview) -> None:
-    with open(path, "wb", buffering=0) as f:
+    with os.fdopen(create_exclusive(path), "wb", buffering=0) as f:  # 0600, never through a planted link
         for start in range(0, len(data), CHUNK_BYTES):
             chunk = data[start : start + CHUNK_BYTES]
             while len(chunk):
                 chunk = chunk[f.write(chunk) :]
         os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-

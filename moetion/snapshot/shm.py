@@ -7,6 +7,11 @@ Double buffering: window ``n+1`` is captured into its own file while window ``n`
 untouched; ``complete.json`` (replaced atomically) names the newest complete window, and window
 ``n``'s file is unlinked only after that pointer moved. At every instant after the first window
 completed, ``complete.json`` names a complete, intact window.
+
+Privacy: the root is per user (``/dev/shm/moetion-<uid>`` by default) and, like the run and stage
+directories under it, must be a real 0700 directory of this user (checked with ``lstat``; a
+symlink or another user's directory is refused, never used). Window files are created with
+``O_EXCL|O_NOFOLLOW``, mode 0600; a window read back must name this run, job, stage and replica.
 """
 from __future__ import annotations
 
@@ -16,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from moetion.private_files import UnsafePathError, check_private_file, create_exclusive, private_dir, write_atomically
+from moetion.run_identity import check_run_id
 from moetion.snapshot.image import SnapshotError, WindowImage, WindowManifest
 
 log = logging.getLogger(__name__)
@@ -26,9 +33,13 @@ POINTER = "complete.json"
 class SharedMemoryTier:
     """This stage replica's directory of window files under a shared-memory root."""
 
-    def __init__(self, root: Path | str, *, run_id: str, stage: int, replica: int) -> None:
-        self.directory = Path(root) / run_id / f"stage-{stage:03d}-replica-{replica:03d}"
-        self.directory.mkdir(parents=True, exist_ok=True)
+    def __init__(self, root: Path | str, *, run_id: str, job_nonce: str, stage: int, replica: int) -> None:
+        self.owner = dict(run_id=run_id, job_nonce=job_nonce, stage=stage, replica=replica)
+        try:
+            run_dir = private_dir(private_dir(root) / check_run_id(run_id))
+            self.directory = private_dir(run_dir / f"stage-{stage:03d}-replica-{replica:03d}")
+        except UnsafePathError as error:
+            raise SnapshotError(f"shared-memory tier: {error}") from None
 
     def clear(self) -> None:
         """Forgets windows left by an earlier job under the same run id (a fresh job starts empty)."""
@@ -39,14 +50,17 @@ class SharedMemoryTier:
         """A zeroed uint8 tensor mapped from a fresh file for the window starting at ``start_iteration``."""
         path = self._blob_path(start_iteration)
         path.unlink(missing_ok=True)
+        fd = create_exclusive(path, os.O_RDWR)  # 0600; fails on anything planted under this name
+        try:
+            os.ftruncate(fd, max(nbytes, 1))
+        finally:
+            os.close(fd)
         return torch.from_file(str(path), shared=True, size=max(nbytes, 1), dtype=torch.uint8)
 
     def publish(self, manifest: WindowManifest) -> None:
         """Makes a fully written window the complete one, then drops the window it replaces."""
         previous = self._pointed_manifest()
-        tmp = self.directory / f".{POINTER}.tmp"
-        tmp.write_bytes(manifest.to_json())
-        os.replace(tmp, self.directory / POINTER)
+        write_atomically(self.directory / POINTER, manifest.to_json())
         if previous is not None and previous.start_iteration != manifest.start_iteration:
             self._blob_path(previous.start_iteration).unlink(missing_ok=True)
         log.info("window %d..%d complete in shared memory (%d bytes)",
@@ -60,10 +74,15 @@ class SharedMemoryTier:
         manifest = self._pointed_manifest()
         if manifest is None:
             raise SnapshotError(f"no complete window in shared memory at {self.directory}")
+        manifest.check_owner(**self.owner, source=str(self.directory / POINTER))
         path = self._blob_path(manifest.start_iteration)
-        if not path.exists() or path.stat().st_size < manifest.blob_bytes:
-            raise SnapshotError(f"{path}: window blob missing or shorter than its manifest's {manifest.blob_bytes} bytes")
-        blob = torch.from_file(str(path), shared=False, size=path.stat().st_size, dtype=torch.uint8)
+        try:
+            size = check_private_file(path).st_size
+        except (OSError, UnsafePathError) as error:
+            raise SnapshotError(f"{path}: window blob unusable ({error})") from None
+        if size < manifest.blob_bytes:
+            raise SnapshotError(f"{path}: window blob shorter ({size} bytes) than its manifest's {manifest.blob_bytes}")
+        blob = torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)
         image = WindowImage(manifest, blob)
         if verify:
             image.verify(source=str(path))
@@ -71,9 +90,14 @@ class SharedMemoryTier:
 
     def _pointed_manifest(self) -> WindowManifest | None:
         pointer = self.directory / POINTER
-        if not pointer.exists():
+        try:
+            check_private_file(pointer)
+            data = pointer.read_bytes()
+        except FileNotFoundError:
             return None
-        return WindowManifest.from_json(pointer.read_bytes(), source=str(pointer))
+        except (OSError, UnsafePathError) as error:
+            raise SnapshotError(f"{pointer}: unusable ({error})") from None
+        return WindowManifest.from_json(data, source=str(pointer))
 
     def _blob_path(self, start_iteration: int) -> Path:
         return self.directory / f"window-{start_iteration:010d}.bin"

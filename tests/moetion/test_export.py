@@ -1,7 +1,6 @@
 """``moetion export``: a persisted run becomes one dense state dict equal, bit for bit, to the same
 model trained without pipeline parallelism; bad inputs are clear errors that leave nothing at OUT."""
 import dataclasses
-import json
 import os
 import shutil
 import subprocess
@@ -18,6 +17,7 @@ from moetion.export import ExportError, JobSpec, export_run, verify_export
 from moetion.launcher import run_workers
 from moetion.models import GPTMoEConfig, build_gpt_moe_layers, gpt_moe_loss
 from moetion.reference import train_reference
+from window_image_helpers import rewrite_manifest
 
 pytestmark = pytest.mark.slow  # real ranks over gloo
 
@@ -165,10 +165,7 @@ def _flip_logs_byte(run):
 
 
 def _window_of_another_run(run):
-    path = run / "stage-002/replica-000/window-0000000004/manifest.json"
-    manifest = json.loads(path.read_text())
-    manifest["run_id"] = "other-run"
-    path.write_text(json.dumps(manifest))
+    rewrite_manifest(run / "stage-002/replica-000/window-0000000004/manifest.json", run_id="other-run")
 
 
 def _remove_config(run):

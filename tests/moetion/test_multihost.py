@@ -4,6 +4,7 @@ ends with the same losses and weights as a fault-free single-launcher run."""
 import json
 import os
 import re
+import secrets
 import socket
 import subprocess
 import sys
@@ -49,8 +50,9 @@ def test_a_rank_of_the_second_host_is_replaced_and_the_job_stays_exact(tmp_path)
     expected = results(out)
 
     port = free_port()
+    secret = {"MOETION_JOB_SECRET": secrets.token_hex(32)}  # the operator forwards one secret to every host
     hosts = [launch(script, tmp_path / "shm", "--nproc", "2", "--nnodes", "2", "--node-rank", str(node),
-                    "--master-port", str(port), env={"MOETION_KILL": "stage=2,iter=5,phase=backward"})
+                    "--master-port", str(port), env={"MOETION_KILL": "stage=2,iter=5,phase=backward", **secret})
              for node in (0, 1)]
     outputs = [host.communicate(timeout=200) for host in hosts]
     for host, (out, err) in zip(hosts, outputs):

@@ -12,6 +12,7 @@ from logging_store import LogStore
 from moetion.launcher import run_workers
 from moetion.models import GPTMoEConfig, build_gpt_moe_layers, gpt_moe_loss
 from moetion.replay import dense_state_from_persisted, replay_stage
+from moetion.run_identity import fresh_job_nonce
 from moetion.snapshot.image import WindowImage, WindowManifest
 from moetion.snapshot.shm import SharedMemoryTier
 from moetion.upstream_log import IterationScalars, LogReader
@@ -47,7 +48,8 @@ def train(precision, window, iterations, shm_dir, grab_after=None, stages=STAGES
     module = moetion.PipelineModule(build_gpt_moe_layers(MODEL), stages, loss_fn=gpt_moe_loss, seed=2)
     engine = moetion.initialize(module, optimizer=optimizer, config=config(precision, window, shm_dir))
     source, clipped, image, logs = data(), 0, None, []
-    tier = SharedMemoryTier(shm_dir, run_id="replay", stage=engine.stage, replica=engine.dist.replica)
+    tier = SharedMemoryTier(shm_dir, run_id="replay", job_nonce=fresh_job_nonce(), stage=engine.stage,
+                            replica=engine.dist.replica)
     for t in range(iterations):
         engine.train_batch(source)
         clipped += engine.last_stats.clip_coef < 1.0

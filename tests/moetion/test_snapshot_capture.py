@@ -10,6 +10,8 @@ import torch
 import moetion
 from moetion.launcher import run_workers
 from moetion.models import GPTMoEConfig, build_gpt_moe_layers, gpt_moe_loss
+from moetion.job_secret import new_secret
+from moetion.run_identity import fresh_job_nonce
 from moetion.snapshot.image import SnapshotError
 from moetion.snapshot.persist import load_persisted
 from moetion.snapshot.shm import SharedMemoryTier
@@ -42,7 +44,8 @@ def train(num_stages, iterations, precision, window, shm_dir, record=True):
     ckpt = engine.checkpointer
     for (start_before, order_before), (start_after, order_after) in zip(orders, orders[1:]):
         assert order_before == order_after or start_before != start_after, "re-ordered inside a window"
-    image = SharedMemoryTier(shm_dir, run_id="test", stage=engine.stage, replica=engine.dist.replica).load_complete()
+    image = SharedMemoryTier(shm_dir, run_id="test", job_nonce=fresh_job_nonce(), stage=engine.stage,
+                             replica=engine.dist.replica).load_complete()
     checked = 0
     for capture in image.manifest.captures:
         for entry in capture.entries:
@@ -65,7 +68,8 @@ def train(num_stages, iterations, precision, window, shm_dir, record=True):
 
 def _source_blob(shm_dir, manifest):
     """The window as the source stage keeps it in shared memory (same host in these tests)."""
-    image = SharedMemoryTier(shm_dir, run_id="test", stage=manifest.stage, replica=manifest.replica).load_complete()
+    image = SharedMemoryTier(shm_dir, run_id="test", job_nonce=fresh_job_nonce(), stage=manifest.stage,
+                             replica=manifest.replica).load_complete()
     return image.blob[: image.manifest.blob_bytes]
 
 
@@ -95,9 +99,10 @@ def test_automatic_window_is_the_same_on_every_rank(tmp_path):
 
 def test_sigkill_mid_capture_leaves_the_previous_window_readable(tmp_path, monkeypatch):
     monkeypatch.setenv("MOETION_KILL", "stage=1,iter=6,phase=capture")  # last capture of window 4..6
+    monkeypatch.setenv("MOETION_JOB_SECRET", new_secret())  # as an operator would: this process knows the job
     with pytest.raises(moetion.LaunchError, match="rank 1: killed by SIGKILL"):
         run_workers(train, nproc=2, args=(2, 8, "fp32", 3, tmp_path, False), timeout_s=120, grace_s=3)
-    tier = SharedMemoryTier(tmp_path, run_id="test", stage=1, replica=0)  # read from this fresh process
+    tier = SharedMemoryTier(tmp_path, run_id="test", job_nonce=fresh_job_nonce(), stage=1, replica=0)  # a fresh process
     image = tier.load_complete()
     assert (image.manifest.start_iteration, image.manifest.end_iteration) == (1, 3)
     # A partially written window never becomes "complete"; corrupting the complete one is detected.

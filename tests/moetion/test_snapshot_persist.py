@@ -176,7 +176,7 @@ def test_bad_manifest(tmp_path, damage):
         manifest_path.unlink()
     else:
         manifest_path.write_bytes({"garbage": b"\x89PNG not json at all", "truncated": good[: len(good) // 2], "empty": b"",
-                                   "wrong-format": good.replace(b"moetion-window/1", b"moetion-window/0")}[damage])
+                                   "wrong-format": good.replace(b"moetion-window/2", b"moetion-window/0")}[damage])
     with pytest.raises(SnapshotError) as info:
         load_persisted(tmp_path, stage=0, replica=0)
     assert str(manifest_path) in str(info.value) and f"delete {path}" in str(info.value)
@@ -223,12 +223,12 @@ def test_prune_keeps_the_newest(tmp_path):
     for t0 in (0, 3, 6, 9):
         persist_window(make_image(start_iteration=t0)[0], tmp_path)
     persist_window(make_image(stage=1, start_iteration=0)[0], tmp_path)
-    removed = prune_persisted(tmp_path, stage=0, replica=0, keep=2)
+    removed = prune_persisted(tmp_path, stage=0, replica=0, keep=2, job_nonce="job-test", below=9)
     assert [p.name for p in removed] == ["window-0000000000", "window-0000000003"]
     assert [(w.stage, w.start_iteration) for w in list_persisted(tmp_path)] == [(0, 6), (0, 9), (1, 0)]
-    assert prune_persisted(tmp_path, stage=0, replica=0, keep=5) == []
+    assert prune_persisted(tmp_path, stage=0, replica=0, keep=5, job_nonce="job-test", below=9) == []
     with pytest.raises(ConfigError, match="at least 1"):
-        prune_persisted(tmp_path, stage=0, replica=0, keep=0)
+        prune_persisted(tmp_path, stage=0, replica=0, keep=0, job_nonce="job-test", below=9)
     assert _tmp_leftovers(tmp_path) == []
 
 

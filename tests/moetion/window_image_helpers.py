@@ -15,6 +15,7 @@ def _tensor(gen: torch.Generator, dtype: torch.dtype, shape: tuple[int, ...]) ->
 
 
 def make_image(*, stage: int = 0, replica: int = 0, start_iteration: int = 0, seed: int = 0, run_id: str = "run-test",
+               job_nonce: str = "job-test",
                slots: tuple[tuple[str, ...], ...] = SLOTS, slack: int = 0) -> tuple[WindowImage, dict]:
     """A complete window: capture i holds slot i's full snapshot (fp32 weight, Adam state, int64 step)
     and a bf16 compute snapshot of every later slot. Returns the image and {(iteration, param, role): tensor}."""
@@ -48,7 +49,19 @@ def make_image(*, stage: int = 0, replica: int = 0, start_iteration: int = 0, se
             entries.append(Entry(operator=op, param=param, role=role, dtype=dtype_name(t.dtype), shape=tuple(t.shape),
                                  offset=off, nbytes=nbytes, checksum=checksum(blob[off : off + nbytes])))
         captures.append(Capture(iteration, tuple(entries)))
-    manifest = WindowManifest(run_id=run_id, stage=stage, replica=replica, start_iteration=start_iteration, slots=slots,
+    manifest = WindowManifest(run_id=run_id, job_nonce=job_nonce, stage=stage, replica=replica, start_iteration=start_iteration, slots=slots,
                               precision="bf16", threads=1, captures=tuple(captures), blob_bytes=blob_bytes,
                               extra={"note": "built by hand"})
     return WindowImage(manifest, blob), expected
+
+
+def rewrite_manifest(path, **changes) -> None:
+    """Edits fields of a persisted manifest and re-seals its checksum, as a deliberate editor
+    would: what is left to catch the edit is the check of that field itself."""
+    import json
+    from pathlib import Path
+    from moetion.snapshot.image import CHECKSUM_FIELD, manifest_digest
+    raw = json.loads(Path(path).read_bytes())
+    raw.pop(CHECKSUM_FIELD)
+    raw.update(changes)
+    Path(path).write_text(json.dumps({**raw, CHECKSUM_FIELD: manifest_digest(raw)}))
