@@ -11,6 +11,8 @@ from pathlib import Path
 from moetion.config import SnapshotConfig
 from moetion.run_identity import RUN_ID_ENV, check_run_id, default_run_id
 
+RUN_CONFIG = "config.json"
+
 def run_id(settings: SnapshotConfig) -> str:
     """The job's name in shared memory and on disk; identical on every rank and on replacements
     (a plain directory name, see :func:`moetion.run_identity.check_run_id`; unpredictable when unset)."""
