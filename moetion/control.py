@@ -10,6 +10,8 @@ survivors of a failure can meet there. What lives in it:
   generation ``g``; a replacement finished restoring its state; a rank finished training;
 - ``heartbeat/{rank}``: a counter each rank's heartbeat thread bumps every second, so the
   supervisor notices a hung rank (no exit, no progress);
+- ``notice/{g}``: why generation ``g`` was published; each rank's failure-notice thread blocks on
+  the key after its own generation (:mod:`moetion.failure_notice`);
 - ``fatal``: a message that ends the job: nothing can recover exactly;
 - ``events/{g}/{rank}``: what a rank did during the recovery that formed generation ``g`` (JSON),
   read back by the supervisor for the recovery timeline;
@@ -36,6 +38,7 @@ GENERATION_ENV = "MOETION_GENERATION"  # the generation a process was started in
 SUPERVISED_ENV = "MOETION_SUPERVISED"  # "1": a supervisor will replace dead ranks
 HEARTBEAT_S = 1.0
 POLL_S = 0.02
+_MAX_NOTICE_CHARS = 1000
 
 
 class JobAborted(MoetionError):
@@ -70,6 +73,13 @@ class ControlPlane:
         """Supervisor: the next generation's number, atomically (several supervisors may bump at
         once; each gets its own). Survivors join it as soon as it appears."""
         return self.store.add("generation", 1)
+
+    def announce_generation(self, why: str) -> int:
+        """Supervisor: :meth:`new_generation`, plus its failure notice (``notice/{g}``: ``why``),
+        which every rank of the previous generation is blocked on (see :mod:`moetion.failure_notice`)."""
+        generation = self.new_generation()
+        self.store.set(f"notice/{generation}", why[:_MAX_NOTICE_CHARS])
+        return generation
 
     def group_store(self, generation: int) -> dist.Store:
         return dist.PrefixStore(f"gen{generation}/", self.store)

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from logging_store import LogStoreConfig
 
-from moetion import gradients, schedule
+from moetion import failure_notice, gradients, schedule
 from moetion.config import Config
 from moetion.data import DataSource
 from moetion.control import ControlPlane
@@ -420,10 +420,10 @@ class PipelineEngine:
         try:
             op(*args, group=group)
         except RuntimeError as error:
-            raise PeerFailure(
+            raise PeerFailure(failure_notice.explain(
                 f"stage {self.stage} (rank {self.dist.rank}) lost a peer while {what} in iteration "
                 f"{self.iteration}: {str(error).splitlines()[0]}"
-            ) from None
+            )) from None
 
     def _fault_point(self, phase: str) -> None:
         fault_point(phase, stage=self.stage, replica=self.dist.replica, iteration=self.iteration)

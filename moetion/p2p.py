@@ -12,6 +12,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from moetion import failure_notice
 from moetion.errors import PeerFailure
 
 _META_LEN = 10  # dtype code, ndim, up to 8 dims
@@ -117,4 +118,4 @@ class StageLinks:
 
 
 def _lost(peer: int, what: str, cause: object) -> str:
-    return f"lost contact with rank {peer} while {what}: {cause}"
+    return failure_notice.explain(f"lost contact with rank {peer} while {what}: {cause}")

@@ -45,6 +45,7 @@ class Worker:
     result: Any = None
     error: str | None = None
     exited_at: float = float("inf")
+    kind: str = "forked"  # how it started: "forked", "fresh" (a new interpreter) or "spare" (a warm spare)
 
     def exit_code(self) -> int | None:
         if isinstance(self.handle, subprocess.Popen):
@@ -88,12 +89,13 @@ class RecoveryRecord:
     detected_at: float
     respawned_at: float
     killed_at: float | None = None
+    kinds: dict[int, str] = field(default_factory=dict)  # replacement rank -> how it started (Worker.kind)
     rank_events: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"generation": self.generation, "ranks": self.ranks, "causes": self.causes,
                 "killed_at": self.killed_at, "detected_at": self.detected_at, "respawned_at": self.respawned_at,
-                "rank_events": self.rank_events}
+                "kinds": self.kinds, "rank_events": self.rank_events}
 
 
 @dataclass
@@ -186,11 +188,13 @@ class Supervisor:
         time.sleep(SETTLE_S)  # ranks dying together (a host) recover in one generation
         dead = [r for r, w in workers.items() if w.exit_code() is not None and w.exit_code() < 0]
         causes = {r: _describe_exit(workers[r].exit_code()) for r in dead}
-        self.generation = self.control.new_generation()
+        why = "; ".join(f"rank {r} {causes[r]}" for r in dead)
+        self.generation = self.control.announce_generation(why)
         for rank in dead:
             workers[rank].reap()
             workers[rank] = self.spawn(rank, self.generation, self.control.port)
-        self.recoveries.append(RecoveryRecord(self.generation, dead, causes, detected_at=detected, respawned_at=time.time()))
+        self.recoveries.append(RecoveryRecord(self.generation, dead, causes, detected_at=detected, respawned_at=time.time(),
+                                              kinds={r: workers[r].kind for r in dead}))
         print(f"moetion supervisor: rank(s) {dead} {', '.join(sorted(set(causes.values())))}; "
               f"replaced, generation {self.generation}", flush=True)
 

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from logging_store import LogStore
 
+from moetion import failure_notice
 from moetion.control import ControlPlane, JobAborted
 from moetion.data import DataSource
 from moetion.errors import MoetionError, PeerFailure
@@ -61,7 +62,8 @@ class Recovery:
         now = time.time()
         events: dict[str, Any] = {"role": "survivor", "detected_at": now, "cause": cause,
                                   "iteration": self.engine.iteration,
-                                  "inflight_s": now - self.engine.iteration_started_at}  # work now discarded
+                                  "inflight_s": now - self.engine.iteration_started_at,  # work now discarded
+                                  "notice": failure_notice.record()}
         log.warning("%s; pausing in place until the job is rebuilt", cause.split(": [")[0])
         self.engine.abandon_iteration()
         self.engine.leave_group()
@@ -130,7 +132,7 @@ class Recovery:
         try:
             dist.all_gather(gathered, mine)
         except RuntimeError as error:
-            raise PeerFailure(f"exchanging recovery status: {str(error).splitlines()[0]}") from None
+            raise PeerFailure(failure_notice.explain(f"exchanging recovery status: {str(error).splitlines()[0]}")) from None
         statuses = [RankStatus.from_tensor(t) for t in gathered]
         try:
             return plan_recovery(statuses, topology=self.engine.dist.topology,

@@ -12,6 +12,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from moetion import failure_notice
 from moetion.errors import PeerFailure
 from moetion.snapshot.image import WindowImage
 from moetion.snapshot.replica import recv_image, send_image
@@ -59,13 +60,13 @@ def _wait(work: dist.Work, timeout_s: float, *, what: str) -> None:
     try:
         answered = work.wait(timedelta(seconds=timeout_s)) is not False
     except RuntimeError as error:
-        raise PeerFailure(f"{what}: {str(error).splitlines()[0]}") from None
+        raise PeerFailure(failure_notice.explain(f"{what}: {str(error).splitlines()[0]}")) from None
     if not answered:
-        raise PeerFailure(f"{what}: no answer within {timeout_s:g} s")
+        raise PeerFailure(failure_notice.explain(f"{what}: no answer within {timeout_s:g} s"))
 
 
 def _guard(call, *, what: str):
     try:
         return call()
     except RuntimeError as error:
-        raise PeerFailure(f"{what}: {str(error).splitlines()[0]}") from None
+        raise PeerFailure(failure_notice.explain(f"{what}: {str(error).splitlines()[0]}")) from None
