@@ -20,12 +20,14 @@ import torch
 from moetion import log as _log
 from moetion.config import Config, LRScheduleConfig
 from moetion.data import ByteCorpus, DataSource, TensorDataSource
+from moetion import failure_notice
 from moetion.control import ControlPlane, start_generation, supervised
 from moetion.distributed import build_context, init_process_group, join_job
 from moetion.engine import IterationStats, PipelineEngine
 from moetion.errors import ConfigError, DataError, LaunchError, MoetionError, PartitionError, PeerFailure
 from moetion.module import LayerSpec, PipelineModule, TiedLayerSpec
 from moetion.threads import pin_threads
+from moetion.timeouts import check_rank
 
 __all__ = [
     "ByteCorpus",
@@ -99,11 +101,14 @@ def _join(config: Config) -> tuple[ControlPlane | None, int]:
     if not supervised():
         init_process_group(timeout_s=config.peer_timeout_s)
         return None, 0
+    check_rank(peer_timeout_s=config.peer_timeout_s)
     control = ControlPlane.from_env(timeout_s=config.peer_timeout_s)
     generation = start_generation()
+    # Both open their store connections before any group exists: the notice never shuts them.
+    control.start_heartbeat(int(os.environ["RANK"]))
+    failure_notice.start(control.host, control.port)
     while not join_job(control, generation, timeout_s=config.peer_timeout_s):
         generation = control.generation()  # superseded while starting: join the newest
-    control.start_heartbeat(int(os.environ["RANK"]))
     return control, generation
 
 
