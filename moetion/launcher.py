@@ -35,7 +35,9 @@ import torch.distributed as dist
 from moetion.control import GENERATION_ENV, SUPERVISED_ENV, ControlPlane, serve_store
 from moetion.errors import LaunchError
 from moetion.faults import FAULT_LOG_ENV
+from moetion.spare import Identity, SparePool
 from moetion.supervisor import GRACE_S, JobReport, Spawn, Supervisor, Worker
+from moetion.timeouts import check_supervisor, supervisor_env
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,7 @@ def launch_script(
     heartbeat_timeout_s: float = 30.0,
     env: dict[str, str] | None = None,
     nodes: Nodes = Nodes(),
+    spares: int = 1,
 ) -> JobReport:
     """Runs ``python script *script_args`` as ``nproc`` ranks on this host; raises LaunchError if
     the job fails.
@@ -100,27 +103,40 @@ def launch_script(
     ``resume`` sets ``MOETION_RESUME=1`` for the ranks: see :func:`moetion.resume_requested`.
     ``recover`` replaces ranks killed by a signal (at most ``max_restarts`` times). ``env`` is
     added to the ranks' environment. With ``nodes``, this is one host of a multi-host job (run
-    the same command on every host with its ``node_rank``).
+    the same command on every host with its ``node_rank``). ``spares`` warm interpreters wait to
+    become replacements (:mod:`moetion.spare`; 0: every replacement is a fresh interpreter).
     """
     if nproc < 1:
         raise LaunchError(f"--nproc must be >= 1, got {nproc}")
     if not os.path.isfile(script):
         raise LaunchError(f"training script {script!r} does not exist")
+    if spares < 0:
+        raise LaunchError(f"--spares must be >= 0, got {spares}")
 
-    extra = dict(env or {})
+    check_supervisor(heartbeat_timeout_s=heartbeat_timeout_s, job_timeout_s=timeout_s)
+    extra = {**supervisor_env(heartbeat_timeout_s=heartbeat_timeout_s, job_timeout_s=timeout_s), **(env or {})}
     fault_log = _fault_log(extra)
+    base_env = {**os.environ, **extra, FAULT_LOG_ENV: fault_log}
+    pool = SparePool(script, count=spares if recover else 0, env=base_env)
 
     def spawn(rank: int, generation: int, port: int) -> Worker:
         rank_vars = rank_env(rank=rank, world_size=nproc * nodes.nnodes, port=port, generation=generation,
                              supervised=recover, nproc=nproc, nodes=nodes)
-        full = {**os.environ, **extra, FAULT_LOG_ENV: fault_log, **rank_vars}
+        full = {**base_env, **rank_vars}
         if resume:
             full[RESUME_ENV] = "1"
-        return Worker(rank, subprocess.Popen([sys.executable, script, *script_args], env=full))
+        if generation > 0:  # a replacement: a warm spare if one is alive
+            spare = pool.take(Identity(argv=(script, *script_args), env=full))
+            if spare is not None:
+                return Worker(rank, spare, kind="spare")
+        return Worker(rank, subprocess.Popen([sys.executable, script, *script_args], env=full), kind="fresh")
 
-    return _supervise(spawn, nproc=nproc, nodes=nodes, recover=recover, max_restarts=max_restarts,
-                      fault_log=fault_log, heartbeat_timeout_s=heartbeat_timeout_s, timeout_s=timeout_s,
-                      grace_s=grace_s)
+    try:
+        return _supervise(spawn, nproc=nproc, nodes=nodes, recover=recover, max_restarts=max_restarts,
+                          fault_log=fault_log, heartbeat_timeout_s=heartbeat_timeout_s, timeout_s=timeout_s,
+                          grace_s=grace_s)
+    finally:
+        pool.close()
 
 
 def run_workers(fn: Callable[..., Any], *, nproc: int, args: tuple = (), **options: Any) -> list[Any]:
@@ -155,7 +171,8 @@ def supervise_workers(
         raise LaunchError(f"nproc must be >= 1, got {nproc}")
     context = mp.get_context("fork")
     _preload_for_forks()
-    extra = dict(env or {})
+    check_supervisor(heartbeat_timeout_s=heartbeat_timeout_s, job_timeout_s=timeout_s)
+    extra = {**supervisor_env(heartbeat_timeout_s=heartbeat_timeout_s, job_timeout_s=timeout_s), **(env or {})}
     extra[FAULT_LOG_ENV] = _fault_log(extra)
 
     def spawn(rank: int, generation: int, port: int) -> Worker:

@@ -73,8 +73,10 @@ class FaultHarness:
     """Runs ``job``'s fault-free reference once and any number of faulty runs against it."""
 
     def __init__(self, job: Job, *, work_dir: Path | None = None, timeout_s: float = 600.0,
-                 heartbeat_timeout_s: float = 30.0) -> None:
+                 heartbeat_timeout_s: float = 30.0, spares: int = 1, env: dict[str, str] | None = None) -> None:
         self.job, self.timeout_s, self.heartbeat_timeout_s = job, timeout_s, heartbeat_timeout_s
+        self.spares = spares  # warm spare interpreters of a script job (see moetion.spare)
+        self.env = dict(env or {})  # added to every rank's environment
         self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="moetion-faults-"))
         self._reference: tuple[dict, float] | None = None
         self._runs = 0
@@ -101,7 +103,7 @@ class FaultHarness:
         out = run / "final"
         out.mkdir(parents=True)
         run_id = f"faults-{os.getpid()}-{self._runs}"
-        env = {OUT_ENV: str(out), FAULT_LOG_ENV: str(run / "kills.jsonl"), "MOETION_RUN_ID": run_id}
+        env = {**self.env, OUT_ENV: str(out), FAULT_LOG_ENV: str(run / "kills.jsonl"), "MOETION_RUN_ID": run_id}
         if kills:
             env[KILL_ENV] = ";".join(k.to_text() for k in kills)
         start = time.perf_counter()
@@ -113,7 +115,7 @@ class FaultHarness:
             else:
                 report = launch_script(self.job.script, list(self.job.script_args), nproc=self.job.world_size,
                                        recover=True, env=env, timeout_s=self.timeout_s,
-                                       heartbeat_timeout_s=self.heartbeat_timeout_s)
+                                       heartbeat_timeout_s=self.heartbeat_timeout_s, spares=self.spares)
         finally:
             shutil.rmtree(Path(SHM_ROOT) / run_id, ignore_errors=True)
         return load_final_states(out), report, time.perf_counter() - start
@@ -121,7 +123,7 @@ class FaultHarness:
 
 def faults_command(settings: DemoSettings, *, kills: list[str], script: str | None, nproc: int | None,
                    script_args: list[str], timeout_s: float, heartbeat_timeout_s: float,
-                   json_out: str | None) -> int:
+                   json_out: str | None, spares: int = 1) -> int:
     """``moetion faults``: prints the report; exit status 0 only when the runs are bit-identical."""
     import json
 
@@ -129,7 +131,7 @@ def faults_command(settings: DemoSettings, *, kills: list[str], script: str | No
     if job.demo is not None:
         job.demo.progress = False
     specs = [KillSpec.parse(k) for k in kills]
-    harness = FaultHarness(job, timeout_s=timeout_s, heartbeat_timeout_s=heartbeat_timeout_s)
+    harness = FaultHarness(job, timeout_s=timeout_s, heartbeat_timeout_s=heartbeat_timeout_s, spares=spares)
     print(f"moetion faults: fault-free reference run, then the same run with {len(specs)} kill(s)", flush=True)
     try:
         report = harness.run(specs)
