@@ -129,6 +129,10 @@ class ControlPlane:
     def hosts_finished(self, nnodes: int) -> bool:
         return self.store.check([f"host/{n}/finished" for n in range(nnodes)])
 
+    def hosts_done(self, nodes: list[int]) -> bool:
+        """Whether every host in ``nodes`` is done with the store (some hosts of a job may be lost)."""
+        return self.store.check([f"host/{n}/finished" for n in nodes])
+
     def _wait_keys(self, keys: list[str], generation: int, *, timeout_s: float, what: str) -> bool:
         deadline = time.monotonic() + timeout_s
         while not self.store.check(keys):

@@ -35,7 +35,8 @@ import torch.distributed as dist
 from moetion.control import GENERATION_ENV, SUPERVISED_ENV, ControlPlane, serve_store
 from moetion.errors import LaunchError
 from moetion.faults import FAULT_LOG_ENV
-from moetion.spare import Identity, SparePool
+from moetion.hosts import HostWatch, resume_command
+from moetion.spare import Identity, SparePool, warm_torch
 from moetion.supervisor import GRACE_S, JobReport, Spawn, Supervisor, Worker
 from moetion.timeouts import check_supervisor, supervisor_env
 
@@ -131,10 +132,12 @@ def launch_script(
                 return Worker(rank, spare, kind="spare")
         return Worker(rank, subprocess.Popen([sys.executable, script, *script_args], env=full), kind="fresh")
 
+    resume = resume_command(script=script, script_args=list(script_args), nproc=nproc, nnodes=nodes.nnodes,
+                            master_addr=nodes.master_addr, master_port=nodes.master_port)
     try:
         return _supervise(spawn, nproc=nproc, nodes=nodes, recover=recover, max_restarts=max_restarts,
                           fault_log=fault_log, heartbeat_timeout_s=heartbeat_timeout_s, timeout_s=timeout_s,
-                          grace_s=grace_s)
+                          grace_s=grace_s, resume_command=resume)
     finally:
         pool.close()
 
@@ -190,10 +193,9 @@ def supervise_workers(
 
 def _preload_for_forks() -> None:
     """Forked ranks (and replacements) inherit the parent's imports. The first meta-device op
-    imports torch's reference kernels lazily (~0.9 s here; PipelineModule counts parameters on the
-    meta device): pay that once in the parent instead of in every rank, and in every replacement."""
-    with torch.device("meta"):
-        torch.empty(1).mul(2)
+    imports torch's reference kernels lazily: pay that once in the parent instead of in every rank,
+    and in every replacement."""
+    warm_torch()
 
 
 def _fault_log(env: dict[str, str]) -> str:
@@ -210,18 +212,21 @@ def _fault_log(env: dict[str, str]) -> str:
 _OWN_FAULT_LOG = "moetion-kills-"
 
 
-def _supervise(spawn: Spawn, *, nproc: int, fault_log: str, nodes: Nodes = Nodes(), **options: Any) -> JobReport:
+def _supervise(spawn: Spawn, *, nproc: int, fault_log: str, nodes: Nodes = Nodes(), resume_command: str = "",
+               **options: Any) -> JobReport:
     store_process, port = serve_store(nodes.master_port) if nodes.node_rank == 0 else (None, nodes.master_port)
     try:
         control = ControlPlane(nodes.master_addr if store_process is None else "127.0.0.1", port)
+        hosts = HostWatch(control, node_rank=nodes.node_rank, nnodes=nodes.nnodes, nproc=nproc,
+                          timeout_s=options["heartbeat_timeout_s"], resume_command=resume_command) if nodes.nnodes > 1 else None
         supervisor = Supervisor(spawn, world_size=nproc * nodes.nnodes, ranks=nodes.ranks(nproc), control=control,
-                                fault_log=Path(fault_log), **options)
+                                fault_log=Path(fault_log), hosts=hosts, **options)
         try:
             return supervisor.run()
         finally:
             control.host_finished(nodes.node_rank)
             if store_process is not None:
-                _wait_for_other_hosts(control, nodes.nnodes)
+                _wait_for_other_hosts(control, nodes.nnodes, lost=hosts.lost if hosts is not None else set())
     finally:
         if store_process is not None:
             store_process.terminate()
@@ -230,10 +235,12 @@ def _supervise(spawn: Spawn, *, nproc: int, fault_log: str, nodes: Nodes = Nodes
             Path(fault_log).unlink(missing_ok=True)
 
 
-def _wait_for_other_hosts(control: ControlPlane, nnodes: int, timeout_s: float = 120.0) -> None:
-    """Node 0 serves the control store: it stays up until every host's supervisor is done with it."""
+def _wait_for_other_hosts(control: ControlPlane, nnodes: int, *, lost: set[int], timeout_s: float = 120.0) -> None:
+    """Node 0 serves the control store: it stays up until every host's supervisor is done with it
+    (a host declared lost never will be)."""
     deadline = time.monotonic() + timeout_s
-    while not control.hosts_finished(nnodes) and time.monotonic() < deadline:
+    alive = [n for n in range(nnodes) if n not in lost]
+    while not control.hosts_done(alive) and time.monotonic() < deadline:
         time.sleep(0.05)
 
 

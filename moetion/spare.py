@@ -111,6 +111,15 @@ class SparePool:
         self._idle = []
 
 
+def warm_torch() -> None:
+    """The first meta-device op imports torch's reference kernels lazily (~0.9 s here;
+    PipelineModule counts parameters on the meta device): pay it before a rank needs it."""
+    import torch
+
+    with torch.device("meta"):
+        torch.empty(1).mul(2)
+
+
 def _wait_for_identity(script: str) -> Identity | None:
     raw = sys.stdin.buffer.readline(MAX_IDENTITY_BYTES + 1)
     if not raw:
@@ -144,6 +153,7 @@ def main(argv: Sequence[str]) -> None:
     (script,) = argv
     sys.path[0] = os.path.dirname(os.path.abspath(script))  # as `python script.py` would have it
     _preimport(["torch", "moetion", *top_level_imports(script)])
+    warm_torch()
     identity = _wait_for_identity(script)
     if identity is None:
         return

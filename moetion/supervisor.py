@@ -29,6 +29,7 @@ import torch
 
 from moetion.control import ControlPlane
 from moetion.errors import LaunchError
+from moetion.hosts import HostWatch
 
 GRACE_S = 10.0  # how long survivors get to exit on their own after a rank fails for good
 POLL_S = 0.02
@@ -124,12 +125,14 @@ class Supervisor:
         timeout_s: float | None = None,
         grace_s: float = GRACE_S,
         fault_log: Path | None = None,
+        hosts: HostWatch | None = None,
     ) -> None:
         self.spawn, self.world_size, self.control = spawn, world_size, control
         self.ranks = list(range(world_size) if ranks is None else ranks)
         self.recover, self.max_restarts = recover, max_restarts
         self.heartbeat_timeout_s, self.timeout_s, self.grace_s = heartbeat_timeout_s, timeout_s, grace_s
         self.fault_log = fault_log
+        self.hosts = hosts  # the other hosts' liveness, in a multi-host job
         self.generation = 0
         self.recoveries: list[RecoveryRecord] = []
 
@@ -160,6 +163,9 @@ class Supervisor:
                 failed = [r for r, c in codes.items() if c is not None and c > 0]
                 for rank in beats.hung(codes):
                     workers[rank].kill()
+                lost = self.hosts.lost_host() if self.hosts is not None else None
+                if lost is not None:
+                    self.control.declare_fatal(lost)
                 fatal = self.control.fatal()
                 if fatal is not None:
                     kill_at, reason = now + self.grace_s, fatal

@@ -73,10 +73,12 @@ class FaultHarness:
     """Runs ``job``'s fault-free reference once and any number of faulty runs against it."""
 
     def __init__(self, job: Job, *, work_dir: Path | None = None, timeout_s: float = 600.0,
-                 heartbeat_timeout_s: float = 30.0, spares: int = 1, env: dict[str, str] | None = None) -> None:
+                 heartbeat_timeout_s: float = 30.0, spares: int = 1, env: dict[str, str] | None = None,
+                 max_restarts: int = 8) -> None:
         self.job, self.timeout_s, self.heartbeat_timeout_s = job, timeout_s, heartbeat_timeout_s
         self.spares = spares  # warm spare interpreters of a script job (see moetion.spare)
         self.env = dict(env or {})  # added to every rank's environment
+        self.max_restarts = max_restarts
         self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="moetion-faults-"))
         self._reference: tuple[dict, float] | None = None
         self._runs = 0
@@ -111,11 +113,12 @@ class FaultHarness:
             if self.job.demo is not None:
                 report = supervise_workers(rank_main, nproc=self.job.world_size, args=(self.job.demo, run_id),
                                            recover=True, env=env, timeout_s=self.timeout_s,
-                                           heartbeat_timeout_s=self.heartbeat_timeout_s)
+                                           heartbeat_timeout_s=self.heartbeat_timeout_s, max_restarts=self.max_restarts)
             else:
                 report = launch_script(self.job.script, list(self.job.script_args), nproc=self.job.world_size,
                                        recover=True, env=env, timeout_s=self.timeout_s,
-                                       heartbeat_timeout_s=self.heartbeat_timeout_s, spares=self.spares)
+                                       heartbeat_timeout_s=self.heartbeat_timeout_s, spares=self.spares,
+                                       max_restarts=self.max_restarts)
         finally:
             shutil.rmtree(Path(SHM_ROOT) / run_id, ignore_errors=True)
         return load_final_states(out), report, time.perf_counter() - start
