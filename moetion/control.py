@@ -33,6 +33,7 @@ from typing import Any
 import torch.distributed as dist
 
 from moetion.errors import MoetionError
+from moetion.proc_name import set_process_name
 
 GENERATION_ENV = "MOETION_GENERATION"  # the generation a process was started into
 SUPERVISED_ENV = "MOETION_SUPERVISED"  # "1": a supervisor will replace dead ranks
@@ -204,7 +205,11 @@ def serve_store(port: int = 0) -> tuple[mp.process.BaseProcess, int]:
     return process, port
 
 
+STORE_PROCESS_NAME = "moetion-store"
+
+
 def _store_main(port: int, port_pipe: Any) -> None:
+    set_process_name(STORE_PROCESS_NAME)
     store = dist.TCPStore("0.0.0.0", port, 1, is_master=True, wait_for_workers=False)
     port_pipe.send(store.port)
     port_pipe.close()

@@ -224,8 +224,9 @@ def _supervise(spawn: Spawn, *, nproc: int, fault_log: str, nodes: Nodes = Nodes
         try:
             return supervisor.run()
         finally:
-            control.host_finished(nodes.node_rank)
-            if store_process is not None:
+            if not supervisor.store_lost:
+                control.host_finished(nodes.node_rank)
+            if store_process is not None and not supervisor.store_lost:
                 _wait_for_other_hosts(control, nodes.nnodes, lost=hosts.lost if hosts is not None else set())
     finally:
         if store_process is not None:

@@ -15,7 +15,9 @@ identity arrives.
 
 A spare that dies while idle is noticed when the supervisor reaches for it (it is then skipped,
 and a fresh interpreter or the next spare is used); it was never a rank, so the job never sees it.
-A spare whose supervisor dies reads end-of-file and exits.
+A spare whose supervisor dies reads end-of-file and exits. While idle, a spare's process name
+(``/proc/<pid>/comm``, what ``ps`` and ``top`` show) is ``moetion-spare``; it takes back the
+interpreter's name when it becomes a rank.
 
 Run as ``python -m moetion.spare SCRIPT`` by :class:`SparePool` only.
 """
@@ -31,7 +33,10 @@ import sys
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
+from moetion.proc_name import process_name, set_process_name
+
 MAX_IDENTITY_BYTES = 1 << 20
+IDLE_NAME = "moetion-spare"
 
 
 @dataclass(frozen=True)
@@ -151,12 +156,15 @@ def _preimport(modules: Sequence[str]) -> None:
 
 def main(argv: Sequence[str]) -> None:
     (script,) = argv
+    own_name = process_name()
+    set_process_name(IDLE_NAME)
     sys.path[0] = os.path.dirname(os.path.abspath(script))  # as `python script.py` would have it
     _preimport(["torch", "moetion", *top_level_imports(script)])
     warm_torch()
     identity = _wait_for_identity(script)
     if identity is None:
         return
+    set_process_name(own_name)
     _adopt(identity)
     runpy.run_path(script, run_name="__main__")
 

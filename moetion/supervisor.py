@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+import torch.distributed as dist
 
 from moetion.control import ControlPlane
 from moetion.errors import LaunchError
@@ -133,6 +134,7 @@ class Supervisor:
         self.heartbeat_timeout_s, self.timeout_s, self.grace_s = heartbeat_timeout_s, timeout_s, grace_s
         self.fault_log = fault_log
         self.hosts = hosts  # the other hosts' liveness, in a multi-host job
+        self.store_lost = False
         self.generation = 0
         self.recoveries: list[RecoveryRecord] = []
 
@@ -159,25 +161,10 @@ class Supervisor:
             if all(c is not None for c in codes.values()):
                 break
             if kill_at is None:
-                dead = [r for r, c in codes.items() if c is not None and c < 0]
-                failed = [r for r, c in codes.items() if c is not None and c > 0]
-                for rank in beats.hung(codes):
-                    workers[rank].kill()
-                lost = self.hosts.lost_host() if self.hosts is not None else None
-                if lost is not None:
-                    self.control.declare_fatal(lost)
-                fatal = self.control.fatal()
-                if fatal is not None:
-                    kill_at, reason = now + self.grace_s, fatal
-                elif failed or (dead and not self._may_replace()):
-                    kill_at = now + self.grace_s
-                    self.control.declare_fatal(f"rank(s) {failed or dead} failed: "
-                                               + ", ".join(_describe_exit(codes[r]) for r in failed or dead))
-                elif dead:
-                    self._replace(workers, dead)
-                    beats.reset(dead)
-                elif deadline is not None and now > deadline:
-                    kill_at, reason = now, f"timed out after {self.timeout_s} s"
+                try:
+                    kill_at, reason = self._decide(workers, codes, beats, now, deadline)
+                except dist.DistNetworkError as error:  # nothing can coordinate a recovery any more
+                    kill_at, reason = now, self._store_lost(error)
             elif now >= kill_at:
                 for w in workers.values():
                     w.kill()
@@ -185,6 +172,37 @@ class Supervisor:
         for w in workers.values():
             w.reap()
         _raise_on_failure(list(workers.values()), reason)
+
+    def _decide(self, workers: dict[int, Worker], codes: dict[int, int | None], beats: "_Heartbeats", now: float,
+                deadline: float | None) -> tuple[float | None, str | None]:
+        """One look at the ranks: (when to kill them all, why), or (None, None) to go on."""
+        dead = [r for r, c in codes.items() if c is not None and c < 0]
+        failed = [r for r, c in codes.items() if c is not None and c > 0]
+        for rank in beats.hung(codes):
+            workers[rank].kill()
+        lost = self.hosts.lost_host() if self.hosts is not None else None
+        if lost is not None:
+            self.control.declare_fatal(lost)
+        fatal = self.control.fatal()
+        if fatal is not None:
+            return now + self.grace_s, fatal
+        if failed or (dead and not self._may_replace()):
+            self.control.declare_fatal(f"rank(s) {failed or dead} failed: "
+                                       + ", ".join(_describe_exit(codes[r]) for r in failed or dead))
+            return now + self.grace_s, None
+        if dead:
+            self._replace(workers, dead)
+            beats.reset(dead)
+        elif deadline is not None and now > deadline:
+            return now, f"timed out after {self.timeout_s} s"
+        return None, None
+
+    def _store_lost(self, error: Exception) -> str:
+        self.store_lost = True
+        return (f"the job's control store at {self.control.host}:{self.control.port} stopped answering "
+                f"({str(error).splitlines()[0]}): no failure can be recovered without it, and a restarted store "
+                "would not know the job's generations, so every rank was stopped; restart the job from its "
+                "persisted windows with `moetion launch --resume`")
 
     def _may_replace(self) -> bool:
         return self.recover and len(self.recoveries) < self.max_restarts
