@@ -109,7 +109,9 @@ class FailureNotice:
         """``message`` (a failed wait's cause), led by the notice of the generation that replaces this
         one. A wait broken before the notice arrived (a neighbour died, or shut its connections on
         its own notice first) waits up to ``NOTICE_GRACE_S`` for it: the rank's next step is to wait
-        for that generation anyway, so this costs the recovery nothing."""
+        for that generation anyway, so this costs the recovery nothing. (Shutting this rank's own
+        connections here too, before the notice, made gloo abort processes later: measured, see
+        docs/timeouts-and-spares.md; so only the notice thread shuts connections.)"""
         with self._lock:
             self._armed.wait_for(lambda: self.notice is not None or self._generation is None, timeout=NOTICE_GRACE_S)
             notice = self.notice
