@@ -22,6 +22,10 @@ re-executed; and lost stage-seconds counted two ways:
 The >= 10x target of the issue is about work lost; occupancy is printed beside it.
 
 Prints a table and writes experiments/results/bench_recovery.json.
+
+``--matrix`` instead times every cell of the fault matrix (topology x killed stage x phase x job
+kind: forked, fresh interpreter, warm spare) and the steady-state cost of the failure notice with
+its A/A band: see ``recovery_matrix.py``.
 """
 from __future__ import annotations
 
@@ -145,7 +149,21 @@ def main() -> None:
     parser.add_argument("--mtbf", type=float, default=1800.0, help="job MTBF in seconds for the Young/Daly interval")
     parser.add_argument("--window", type=int, default=8, help="moetion's pinned snapshot window W")
     parser.add_argument("--stage", type=int, default=2, help="the stage to kill")
+    parser.add_argument("--matrix", action="store_true", help="time every cell of the fault matrix instead")
+    parser.add_argument("--topology", action="append", choices=["3 stages", "4 stages", "2x2"], default=None,
+                        help="--matrix: topologies to run (default all)")
+    parser.add_argument("--kind", action="append", choices=["built-in, forked", "script, fresh", "script, warm spare"],
+                        default=None, help="--matrix: job kinds to run (default all)")
+    parser.add_argument("--repeats", type=int, default=2, help="--matrix: notice-on runs for the steady-state cost (0: skip)")
+    parser.add_argument("--iterations", type=int, default=20, help="--matrix: iterations per steady-state run")
     args = parser.parse_args()
+    if args.matrix:
+        from recovery_matrix import TOPOLOGIES
+        from recovery_matrix import main as matrix_main
+
+        matrix_main(topologies=args.topology or list(TOPOLOGIES), repeats=args.repeats, iterations=args.iterations,
+                    kinds=args.kind or ["built-in, forked", "script, fresh", "script, warm spare"])
+        return
     os.environ.setdefault("MOETION_LOG_LEVEL", "ERROR")
     scratch = Path(tempfile.mkdtemp(prefix="bench-recovery-"))
     try:

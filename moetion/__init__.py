@@ -20,6 +20,7 @@ import torch
 from moetion import log as _log
 from moetion.config import Config, LRScheduleConfig
 from moetion.data import ByteCorpus, DataSource, TensorDataSource
+from moetion import failure_notice
 from moetion.control import ControlPlane, start_generation, supervised
 from moetion.determinism import enable_strict_mode
 from moetion.distributed import build_context, init_process_group, join_job
@@ -28,6 +29,7 @@ from moetion.errors import ConfigError, DataError, LaunchError, MoetionError, Pa
 from moetion.module import LayerSpec, PipelineModule, TiedLayerSpec
 from moetion.run_identity import resume_requested
 from moetion.threads import pin_threads
+from moetion.timeouts import check_rank
 
 __all__ = [
     "ByteCorpus",
@@ -102,11 +104,14 @@ def _join(config: Config) -> tuple[ControlPlane | None, int]:
     if not supervised():
         init_process_group(timeout_s=config.peer_timeout_s)
         return None, 0
+    check_rank(peer_timeout_s=config.peer_timeout_s)
     control = ControlPlane.from_env(timeout_s=config.peer_timeout_s)
     generation = start_generation()
+    # Both open their store connections before any group exists: the notice never shuts them.
+    control.start_heartbeat(int(os.environ["RANK"]), generation)
+    failure_notice.start(control.host, control.port)
     while not join_job(control, generation, timeout_s=config.peer_timeout_s):
         generation = control.generation()  # superseded while starting: join the newest
-    control.start_heartbeat(int(os.environ["RANK"]), start_generation())
     return control, generation
 
 

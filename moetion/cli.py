@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     launch.add_argument("--max-restarts", type=_int_at_least(0), default=8, help="replacements before the job gives up")
     launch.add_argument("--heartbeat-timeout", type=_positive_seconds, default=30.0,
                         help="seconds without a heartbeat before a live rank counts as hung and is replaced")
+    launch.add_argument("--spares", type=_int_at_least(0), default=1,
+                        help="warm spare interpreters kept ready to replace a rank (0: start replacements fresh)")
     launch.add_argument("--nnodes", type=_int_at_least(1), default=1, help="hosts in the job (run this command on each)")
     launch.add_argument("--node-rank", type=_int_at_least(0), default=0, help="this host's index; node 0 serves the control store")
     launch.add_argument("--master-addr", default="127.0.0.1", help="node 0's address, reachable from every host")
@@ -83,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     faults.add_argument("--timeout", type=_positive_seconds, default=600.0, help="seconds each run may take")
     faults.add_argument("--heartbeat-timeout", type=_positive_seconds, default=30.0,
                         help="seconds without a heartbeat before a rank counts as hung")
+    faults.add_argument("--spares", type=int, default=1,
+                        help="warm spare interpreters for --script replacements (0: start them fresh)")
     faults.add_argument("--json", default=None, metavar="OUT", help="also write the report as JSON")
     faults.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments of --script (after --)")
 
@@ -125,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                           master_port=args.master_port)
             launch_script(args.script, args.script_args, nproc=args.nproc, timeout_s=args.timeout, resume=args.resume,
                           recover=not args.no_recover, max_restarts=args.max_restarts,
-                          heartbeat_timeout_s=args.heartbeat_timeout, nodes=nodes)
+                          heartbeat_timeout_s=args.heartbeat_timeout, nodes=nodes, spares=args.spares)
         elif args.command == "inspect":
             from pathlib import Path
 
@@ -147,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
 
             return faults_command(_demo_settings(args), kills=args.kill, script=args.script, nproc=args.nproc,
                                   script_args=[a for a in args.script_args if a != "--"], timeout_s=args.timeout,
-                                  heartbeat_timeout_s=args.heartbeat_timeout, json_out=args.json)
+                                  heartbeat_timeout_s=args.heartbeat_timeout, json_out=args.json,
+                                  spares=args.spares)
         else:
             from moetion.demo import run_demo
 

@@ -10,6 +10,8 @@ survivors of a failure can meet there. What lives in it:
   generation ``g``; a replacement finished restoring its state; a rank finished training;
 - ``heartbeat/{rank}``: a counter each rank's heartbeat thread bumps every second, so the
   supervisor notices a hung rank (no exit, no progress);
+- ``notice/{g}``: why generation ``g`` was published; each rank's failure-notice thread blocks on
+  the key after its own generation (:mod:`moetion.failure_notice`);
 - ``fatal``: a message that ends the job: nothing can recover exactly;
 - ``events/{g}/{rank}``: what a rank did during the recovery that formed generation ``g`` (JSON),
   read back by the supervisor for the recovery timeline;
@@ -40,6 +42,7 @@ import torch.distributed as dist
 
 from moetion.errors import ConfigError, MoetionError
 from moetion.job_secret import SECRET_ENV, derive, secret_from_env
+from moetion.proc_name import set_process_name
 from moetion.recovery.records import RecoveryEvents
 from moetion.signed_store import ForgedValue, SignedStore
 
@@ -48,6 +51,7 @@ SUPERVISED_ENV = "MOETION_SUPERVISED"  # "1": a supervisor will replace dead ran
 HEARTBEAT_S = 1.0
 POLL_S = 0.02
 MAX_BUMP_ATTEMPTS = 100  # compare-and-set races lost in a row before publishing a generation gives up
+_MAX_NOTICE_CHARS = 1000
 log = logging.getLogger(__name__)
 
 
@@ -106,6 +110,13 @@ class ControlPlane:
         raise JobAborted(f"the control store's generation changed under {MAX_BUMP_ATTEMPTS} attempts to publish the "
                          "next one: is a client without the job secret writing it? Firewall the control-store port")
 
+    def announce_generation(self, why: str) -> int:
+        """Supervisor: :meth:`new_generation`, plus its failure notice (``notice/{g}``: ``why``),
+        which every rank of the previous generation is blocked on (see :mod:`moetion.failure_notice`)."""
+        generation = self.new_generation()
+        self.store.set(f"notice/{generation}", why[:_MAX_NOTICE_CHARS])
+        return generation
+
     def group_store(self, generation: int) -> dist.Store:
         return dist.PrefixStore(f"gen{generation}/", self.store)
 
@@ -153,6 +164,10 @@ class ControlPlane:
 
     def hosts_finished(self, nnodes: int) -> bool:
         return self._all_signed([f"host/{n}/finished" for n in range(nnodes)])
+
+    def hosts_done(self, nodes: list[int]) -> bool:
+        """Whether every host in ``nodes`` is done with the store (some hosts of a job may be lost)."""
+        return self.store.check([f"host/{n}/finished" for n in nodes])
 
     def _wait_keys(self, keys: list[str], generation: int, *, timeout_s: float, what: str) -> bool:
         deadline = time.monotonic() + timeout_s
@@ -285,7 +300,11 @@ def serve_store(port: int = 0, *, bind: str = "127.0.0.1") -> tuple[mp.process.B
     return process, value
 
 
+STORE_PROCESS_NAME = "moetion-store"
+
+
 def _store_main(bind: str, port: int, port_pipe: Any) -> None:
+    set_process_name(STORE_PROCESS_NAME)
     # TCPStore's own server listens on every interface whatever host it is given: hand it a
     # socket already bound to the one address the job needs.
     try:

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moetion import gradients
+from moetion import failure_notice, gradients
 from moetion.boundary import Recorder
 from moetion.config import LRScheduleConfig
 from moetion.errors import PeerFailure
@@ -106,4 +106,4 @@ def _collective(op, *args: object, group: dist.ProcessGroup | None, what: str) -
     try:
         op(*args, group=group)
     except RuntimeError as error:
-        raise PeerFailure(f"lost a peer while {what}: {str(error).splitlines()[0]}") from None
+        raise PeerFailure(failure_notice.explain(f"lost a peer while {what}: {str(error).splitlines()[0]}")) from None

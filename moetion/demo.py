@@ -38,6 +38,7 @@ class DemoSettings:
     persist_dir: str | None = None
     replicate: bool = True
     progress: bool = True  # rank 0 prints a line per iteration
+    peer_timeout_s: float = 300.0  # the last-resort bound of every wait (see moetion.timeouts)
 
     def check(self) -> None:
         """Raises ConfigError (naming the command-line flag) for settings no run can start with;
@@ -70,6 +71,7 @@ def demo_engine_config(settings: DemoSettings, *, run_id: str = "demo") -> moeti
                      "shm_dir": SHM_ROOT, "persist_dir": settings.persist_dir,
                      "replicate": settings.replicate},
         "upstream_log": {"enabled": settings.snapshots},
+        "peer_timeout_s": settings.peer_timeout_s,
     })
 
 

@@ -12,6 +12,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from moetion import failure_notice
 from moetion.control import ControlPlane
 from moetion.errors import ConfigError
 from moetion.topology import PipeTopology
@@ -68,12 +69,14 @@ def join_job(control: ControlPlane, generation: int, *, timeout_s: float) -> boo
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if not control.arrive(generation, rank, world, timeout_s=timeout_s):
         return False
+    failure_notice.joining(generation)  # the sockets that appear from here on are this generation's groups
     dist.init_process_group(_backend(), store=control.group_store(generation), rank=rank, world_size=world,
                             timeout=timedelta(seconds=timeout_s))
     return True
 
 
 def leave_process_group() -> None:
+    failure_notice.disarm()  # before the groups' descriptors close and may be reused
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -110,4 +113,5 @@ def build_context(*, num_stages: int, tied_stages: dict[str, list[int]], replica
                 context.tied_groups[key] = group
     if replication:
         context.replication_group = dist.new_group(list(range(world)), backend="gloo")
+    failure_notice.joined()
     return context

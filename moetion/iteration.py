@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moetion import gradients, schedule
+from moetion import failure_notice, gradients, schedule
 from moetion.config import Config
 from moetion.data import DataSource
 from moetion.determinism import Pass, unit_of_work
@@ -258,8 +258,9 @@ class StageIteration:
             try:
                 dist.all_reduce(flat, group=self.placement.data_group)
             except RuntimeError as error:
-                raise PeerFailure(f"stage {self.module.stage_id} lost a replica while averaging gradients in "
-                                  f"iteration {self._iteration}: {str(error).splitlines()[0]}") from None
+                raise PeerFailure(failure_notice.explain(
+                    f"stage {self.module.stage_id} lost a replica while averaging gradients in "
+                    f"iteration {self._iteration}: {str(error).splitlines()[0]}")) from None
             rest = gradients.unflatten_mean(params, flat, replicas=self.placement.replicas)
             extra = [rest[:1], rest[1:]]
         self._mb.loss_sum = extra[0][0]

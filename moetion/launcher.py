@@ -28,7 +28,6 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import torch
 import torch.distributed as dist
 
 from moetion.control import GENERATION_ENV, SUPERVISED_ENV, ControlPlane, serve_store
@@ -37,8 +36,11 @@ from moetion.errors import LaunchError
 from moetion.job_secret import SECRET_ENV, new_secret, secret_from_env
 from moetion.run_identity import RESUME_ENV
 from moetion.faults import FAULT_LOG_ENV
+from moetion.hosts import HostWatch, resume_command
 from moetion.rank_entry import install_hooks
+from moetion.spare import Identity, SparePool, warm_torch
 from moetion.supervisor import GRACE_S, JobReport, Spawn, Supervisor, Worker
+from moetion.timeouts import check_supervisor, supervisor_env
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,7 @@ def launch_script(
     heartbeat_timeout_s: float = 30.0,
     env: dict[str, str] | None = None,
     nodes: Nodes = Nodes(),
+    spares: int = 1,
 ) -> JobReport:
     """Runs ``python script *script_args`` as ``nproc`` ranks on this host; raises LaunchError if
     the job fails.
@@ -114,29 +117,44 @@ def launch_script(
     ``resume`` sets ``MOETION_RESUME=1`` for the ranks: see :func:`moetion.resume_requested`.
     ``recover`` replaces ranks killed by a signal (at most ``max_restarts`` times). ``env`` is
     added to the ranks' environment. With ``nodes``, this is one host of a multi-host job (run
-    the same command on every host with its ``node_rank``).
+    the same command on every host with its ``node_rank``). ``spares`` warm interpreters wait to
+    become replacements (:mod:`moetion.spare`; 0: every replacement is a fresh interpreter).
     """
     if nproc < 1:
         raise LaunchError(f"--nproc must be >= 1, got {nproc}")
     if not os.path.isfile(script):
         raise LaunchError(f"training script {script!r} does not exist")
+    if spares < 0:
+        raise LaunchError(f"--spares must be >= 0, got {spares}")
 
-    extra = dict(env or {})
+    check_supervisor(heartbeat_timeout_s=heartbeat_timeout_s, job_timeout_s=timeout_s)
+    extra = {**supervisor_env(heartbeat_timeout_s=heartbeat_timeout_s, job_timeout_s=timeout_s), **(env or {})}
     fault_log = _fault_log(extra)
     secret = job_secret(nodes)
+    base_env = {**os.environ, **extra, FAULT_LOG_ENV: fault_log}
+    pool = SparePool(script, count=spares if recover else 0, env=base_env)
 
     def spawn(rank: int, generation: int, port: int) -> Worker:
         rank_vars = rank_env(rank=rank, world_size=nproc * nodes.nnodes, port=port, secret=secret,
                              generation=generation, supervised=recover, nproc=nproc, nodes=nodes)
-        full = {**os.environ, **extra, FAULT_LOG_ENV: fault_log, **rank_vars}
+        full = {**base_env, **rank_vars}
         if resume:
             full[RESUME_ENV] = "1"
+        if generation > 0:  # a replacement: a warm spare if one is alive
+            spare = pool.take(Identity(argv=(script, *script_args), env=full))
+            if spare is not None:
+                return Worker(rank, spare, kind="spare")
         return Worker(rank, subprocess.Popen([sys.executable, "-m", "moetion.rank_entry", script, *script_args],
-                                             env=full))
+                                             env=full), kind="fresh")
 
-    return _supervise(spawn, nproc=nproc, nodes=nodes, secret=secret, recover=recover, max_restarts=max_restarts,
-                      fault_log=fault_log, heartbeat_timeout_s=heartbeat_timeout_s, timeout_s=timeout_s,
-                      grace_s=grace_s)
+    resume = resume_command(script=script, script_args=list(script_args), nproc=nproc, nnodes=nodes.nnodes,
+                            master_addr=nodes.master_addr, master_port=nodes.master_port)
+    try:
+        return _supervise(spawn, nproc=nproc, nodes=nodes, secret=secret, recover=recover, max_restarts=max_restarts,
+                          fault_log=fault_log, heartbeat_timeout_s=heartbeat_timeout_s, timeout_s=timeout_s,
+                          grace_s=grace_s, resume_command=resume)
+    finally:
+        pool.close()
 
 
 def run_workers(fn: Callable[..., Any], *, nproc: int, args: tuple = (), **options: Any) -> list[Any]:
@@ -171,7 +189,8 @@ def supervise_workers(
         raise LaunchError(f"nproc must be >= 1, got {nproc}")
     context = mp.get_context("fork")
     _preload_for_forks()
-    extra = dict(env or {})
+    check_supervisor(heartbeat_timeout_s=heartbeat_timeout_s, job_timeout_s=timeout_s)
+    extra = {**supervisor_env(heartbeat_timeout_s=heartbeat_timeout_s, job_timeout_s=timeout_s), **(env or {})}
     extra[FAULT_LOG_ENV] = _fault_log(extra)
     secret = job_secret(Nodes())
 
@@ -191,10 +210,9 @@ def supervise_workers(
 
 def _preload_for_forks() -> None:
     """Forked ranks (and replacements) inherit the parent's imports. The first meta-device op
-    imports torch's reference kernels lazily (~0.9 s here; PipelineModule counts parameters on the
-    meta device): pay that once in the parent instead of in every rank, and in every replacement."""
-    with torch.device("meta"):
-        torch.empty(1).mul(2)
+    imports torch's reference kernels lazily: pay that once in the parent instead of in every rank,
+    and in every replacement."""
+    warm_torch()
 
 
 def _fault_log(env: dict[str, str]) -> str:
@@ -212,19 +230,22 @@ _OWN_FAULT_LOG = "moetion-kills-"
 
 
 def _supervise(spawn: Spawn, *, nproc: int, fault_log: str, secret: str, nodes: Nodes = Nodes(),
-               **options: Any) -> JobReport:
+               resume_command: str = "", **options: Any) -> JobReport:
     serves = nodes.node_rank == 0
     store_process, port = serve_store(nodes.master_port, bind=nodes.master_addr) if serves else (None, nodes.master_port)
     try:
         control = ControlPlane(nodes.master_addr, port, secret=secret)
+        hosts = HostWatch(control, node_rank=nodes.node_rank, nnodes=nodes.nnodes, nproc=nproc,
+                          timeout_s=options["heartbeat_timeout_s"], resume_command=resume_command) if nodes.nnodes > 1 else None
         supervisor = Supervisor(spawn, world_size=nproc * nodes.nnodes, ranks=nodes.ranks(nproc), control=control,
-                                fault_log=Path(fault_log), **options)
+                                fault_log=Path(fault_log), hosts=hosts, **options)
         try:
             return supervisor.run()
         finally:
-            control.host_finished(nodes.node_rank)
-            if store_process is not None:
-                _wait_for_other_hosts(control, nodes.nnodes)
+            if not supervisor.store_lost:
+                control.host_finished(nodes.node_rank)
+            if store_process is not None and not supervisor.store_lost:
+                _wait_for_other_hosts(control, nodes.nnodes, lost=hosts.lost if hosts is not None else set())
     finally:
         if store_process is not None:
             store_process.terminate()
@@ -233,10 +254,12 @@ def _supervise(spawn: Spawn, *, nproc: int, fault_log: str, secret: str, nodes: 
             Path(fault_log).unlink(missing_ok=True)
 
 
-def _wait_for_other_hosts(control: ControlPlane, nnodes: int, timeout_s: float = 120.0) -> None:
-    """Node 0 serves the control store: it stays up until every host's supervisor is done with it."""
+def _wait_for_other_hosts(control: ControlPlane, nnodes: int, *, lost: set[int], timeout_s: float = 120.0) -> None:
+    """Node 0 serves the control store: it stays up until every host's supervisor is done with it
+    (a host declared lost never will be)."""
     deadline = time.monotonic() + timeout_s
-    while not control.hosts_finished(nnodes) and time.monotonic() < deadline:
+    alive = [n for n in range(nnodes) if n not in lost]
+    while not control.hosts_done(alive) and time.monotonic() < deadline:
         time.sleep(0.05)
 
 

@@ -13,6 +13,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from moetion import failure_notice
 from moetion.errors import PeerFailure
 from moetion.memory_budget import check_wire_size, transfer_limit
 
@@ -125,4 +126,4 @@ class StageLinks:
 
 
 def _lost(peer: int, what: str, cause: object) -> str:
-    return f"lost contact with rank {peer} while {what}: {cause}"
+    return failure_notice.explain(f"lost contact with rank {peer} while {what}: {cause}")

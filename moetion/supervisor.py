@@ -23,11 +23,13 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import torch.distributed as dist
 
-from moetion.control import ControlPlane
 from moetion import tensor_tree
+from moetion.control import ControlPlane
 from moetion.errors import LaunchError, MoetionError
 from moetion.faults import read_fault_log
+from moetion.hosts import HostWatch
 from moetion.recovery.records import RecoveryEvents
 
 GRACE_S = 10.0  # how long survivors get to exit on their own after a rank fails for good
@@ -45,6 +47,7 @@ class Worker:
     result: Any = None
     error: str | None = None
     exited_at: float = float("inf")
+    kind: str = "forked"  # how it started: "forked", "fresh" (a new interpreter) or "spare" (a warm spare)
 
     def exit_code(self) -> int | None:
         if isinstance(self.handle, subprocess.Popen):
@@ -92,12 +95,13 @@ class RecoveryRecord:
     detected_at: float
     respawned_at: float
     killed_at: float | None = None
+    kinds: dict[int, str] = field(default_factory=dict)  # replacement rank -> how it started (Worker.kind)
     rank_events: dict[int, RecoveryEvents] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"generation": self.generation, "ranks": self.ranks, "causes": self.causes,
                 "killed_at": self.killed_at, "detected_at": self.detected_at, "respawned_at": self.respawned_at,
-                "rank_events": {r: asdict(e) for r, e in self.rank_events.items()}}
+                "kinds": self.kinds, "rank_events": {r: asdict(e) for r, e in self.rank_events.items()}}
 
 
 @dataclass
@@ -126,12 +130,15 @@ class Supervisor:
         timeout_s: float | None = None,
         grace_s: float = GRACE_S,
         fault_log: Path | None = None,
+        hosts: HostWatch | None = None,
     ) -> None:
         self.spawn, self.world_size, self.control = spawn, world_size, control
         self.ranks = list(range(world_size) if ranks is None else ranks)
         self.recover, self.max_restarts = recover, max_restarts
         self.heartbeat_timeout_s, self.timeout_s, self.grace_s = heartbeat_timeout_s, timeout_s, grace_s
         self.fault_log = fault_log
+        self.hosts = hosts  # the other hosts' liveness, in a multi-host job
+        self.store_lost = False
         self.generation = 0
         self.recoveries: list[RecoveryRecord] = []
 
@@ -158,22 +165,10 @@ class Supervisor:
             if all(c is not None for c in codes.values()):
                 break
             if kill_at is None:
-                dead = [r for r, c in codes.items() if c is not None and c < 0]
-                failed = [r for r, c in codes.items() if c is not None and c > 0]
-                for rank in beats.hung(codes):
-                    workers[rank].kill()
-                fatal = self.control.fatal()
-                if fatal is not None:
-                    kill_at, reason = now + self.grace_s, fatal
-                elif failed or (dead and not self._may_replace()):
-                    kill_at = now + self.grace_s
-                    self.control.declare_fatal(f"rank(s) {failed or dead} failed: "
-                                               + ", ".join(_describe_exit(codes[r]) for r in failed or dead))
-                elif dead:
-                    self._replace(workers, dead)
-                    beats.reset(dead)
-                elif deadline is not None and now > deadline:
-                    kill_at, reason = now, f"timed out after {self.timeout_s} s"
+                try:
+                    kill_at, reason = self._decide(workers, codes, beats, now, deadline)
+                except dist.DistNetworkError as error:  # nothing can coordinate a recovery any more
+                    kill_at, reason = now, self._store_lost(error)
             elif now >= kill_at:
                 for w in workers.values():
                     w.kill()
@@ -181,6 +176,37 @@ class Supervisor:
         for w in workers.values():
             w.reap()
         _raise_on_failure(list(workers.values()), reason)
+
+    def _decide(self, workers: dict[int, Worker], codes: dict[int, int | None], beats: "_Heartbeats", now: float,
+                deadline: float | None) -> tuple[float | None, str | None]:
+        """One look at the ranks: (when to kill them all, why), or (None, None) to go on."""
+        dead = [r for r, c in codes.items() if c is not None and c < 0]
+        failed = [r for r, c in codes.items() if c is not None and c > 0]
+        for rank in beats.hung(codes):
+            workers[rank].kill()
+        lost = self.hosts.lost_host() if self.hosts is not None else None
+        if lost is not None:
+            self.control.declare_fatal(lost)
+        fatal = self.control.fatal()
+        if fatal is not None:
+            return now + self.grace_s, fatal
+        if failed or (dead and not self._may_replace()):
+            self.control.declare_fatal(f"rank(s) {failed or dead} failed: "
+                                       + ", ".join(_describe_exit(codes[r]) for r in failed or dead))
+            return now + self.grace_s, None
+        if dead:
+            self._replace(workers, dead)
+            beats.reset(dead)
+        elif deadline is not None and now > deadline:
+            return now, f"timed out after {self.timeout_s} s"
+        return None, None
+
+    def _store_lost(self, error: Exception) -> str:
+        self.store_lost = True
+        return (f"the job's control store at {self.control.host}:{self.control.port} stopped answering "
+                f"({str(error).splitlines()[0]}): no failure can be recovered without it, and a restarted store "
+                "would not know the job's generations, so every rank was stopped; restart the job from its "
+                "persisted windows with `moetion launch --resume`")
 
     def _may_replace(self) -> bool:
         return self.recover and len(self.recoveries) < self.max_restarts
@@ -190,11 +216,13 @@ class Supervisor:
         time.sleep(SETTLE_S)  # ranks dying together (a host) recover in one generation
         dead = [r for r, w in workers.items() if w.exit_code() is not None and w.exit_code() < 0]
         causes = {r: _describe_exit(workers[r].exit_code()) for r in dead}
-        self.generation = self.control.new_generation()
+        why = "; ".join(f"rank {r} {causes[r]}" for r in dead)
+        self.generation = self.control.announce_generation(why)
         for rank in dead:
             workers[rank].reap()
             workers[rank] = self.spawn(rank, self.generation, self.control.port)
-        self.recoveries.append(RecoveryRecord(self.generation, dead, causes, detected_at=detected, respawned_at=time.time()))
+        self.recoveries.append(RecoveryRecord(self.generation, dead, causes, detected_at=detected, respawned_at=time.time(),
+                                              kinds={r: workers[r].kind for r in dead}))
         print(f"moetion supervisor: rank(s) {dead} {', '.join(sorted(set(causes.values())))}; "
               f"replaced, generation {self.generation}", flush=True)
 

@@ -98,8 +98,12 @@ class FaultHarness:
     """Runs ``job``'s fault-free reference once and any number of faulty runs against it."""
 
     def __init__(self, job: Job, *, work_dir: Path | None = None, timeout_s: float = 600.0,
-                 heartbeat_timeout_s: float = 30.0) -> None:
+                 heartbeat_timeout_s: float = 30.0, spares: int = 1, env: dict[str, str] | None = None,
+                 max_restarts: int = 8) -> None:
         self.job, self.timeout_s, self.heartbeat_timeout_s = job, timeout_s, heartbeat_timeout_s
+        self.spares = spares  # warm spare interpreters of a script job (see moetion.spare)
+        self.env = dict(env or {})  # added to every rank's environment
+        self.max_restarts = max_restarts
         self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="moetion-faults-"))
         self._reference: tuple[dict, float] | None = None
         self._runs = 0
@@ -144,7 +148,7 @@ class FaultHarness:
         out = run / "final"
         out.mkdir(parents=True)
         run_id = f"faults-{os.getpid()}-{self._runs}-{secrets.token_hex(4)}"
-        env = {OUT_ENV: str(out), FAULT_LOG_ENV: str(run / "kills.jsonl"), "MOETION_RUN_ID": run_id}
+        env = {**self.env, OUT_ENV: str(out), FAULT_LOG_ENV: str(run / "kills.jsonl"), "MOETION_RUN_ID": run_id}
         if kills:
             env[KILL_ENV] = ";".join(k.to_text() for k in kills)
         start = time.perf_counter()
@@ -152,11 +156,12 @@ class FaultHarness:
             if self.job.demo is not None:
                 report = supervise_workers(rank_main, nproc=self.job.world_size, args=(self.job.demo, run_id),
                                            recover=True, env=env, timeout_s=self.timeout_s,
-                                           heartbeat_timeout_s=self.heartbeat_timeout_s)
+                                           heartbeat_timeout_s=self.heartbeat_timeout_s, max_restarts=self.max_restarts)
             else:
                 report = launch_script(self.job.script, list(self.job.script_args), nproc=self.job.world_size,
                                        recover=True, env=env, timeout_s=self.timeout_s,
-                                       heartbeat_timeout_s=self.heartbeat_timeout_s)
+                                       heartbeat_timeout_s=self.heartbeat_timeout_s, spares=self.spares,
+                                       max_restarts=self.max_restarts)
         finally:
             shutil.rmtree(Path(SHM_ROOT) / run_id, ignore_errors=True)
         return load_final_states(out), report, time.perf_counter() - start
@@ -164,7 +169,7 @@ class FaultHarness:
 
 def faults_command(settings: DemoSettings, *, kills: list[str], script: str | None, nproc: int | None,
                    script_args: list[str], timeout_s: float, heartbeat_timeout_s: float,
-                   json_out: str | None) -> int:
+                   json_out: str | None, spares: int = 1) -> int:
     """``moetion faults``: prints the report; exit status 0 only when the runs are bit-identical."""
     import json
 
@@ -175,7 +180,7 @@ def faults_command(settings: DemoSettings, *, kills: list[str], script: str | No
     job.check_kills(specs)
     second = f"the same run with {len(specs)} kill(s)" if specs else "a second fault-free run (is the job deterministic at all?)"
     print(f"moetion faults: fault-free reference run, then {second}", flush=True)
-    with FaultHarness(job, timeout_s=timeout_s, heartbeat_timeout_s=heartbeat_timeout_s) as harness:
+    with FaultHarness(job, timeout_s=timeout_s, heartbeat_timeout_s=heartbeat_timeout_s, spares=spares) as harness:
         report = harness.run(specs)
     print("\n".join(report.lines()), flush=True)
     if json_out:

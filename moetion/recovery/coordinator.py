@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from logging_store import LogStore
 
+from moetion import failure_notice
 from moetion.boundary import BoundaryInputs, BoundaryOutputs
 from moetion.control import ControlPlane, JobAborted
 from moetion.data import DataSource
@@ -62,8 +63,11 @@ class Recovery:
     def after_failure(self, cause: str, data: DataSource) -> None:
         """A survivor lost a peer in the middle of an iteration: pause in place, rebuild, go on."""
         now = time.time()
+        notice = failure_notice.received()
         events = RecoveryEvents(Role.SURVIVOR, cause=cause, iteration=self.stage.iteration, detected_at=now,
-                                inflight_s=now - self.stage.in_flight_since())
+                                inflight_s=now - self.stage.in_flight_since(),
+                                notice_generation=None if notice is None else notice.published,
+                                noticed_at=None if notice is None else notice.at)
         log.warning("%s; pausing in place until the job is rebuilt", cause.split(": [")[0])
         self.stage.abandon_iteration()
         self.stage.leave_group()
@@ -135,7 +139,7 @@ class Recovery:
         try:
             dist.all_gather(gathered, mine)
         except RuntimeError as error:
-            raise PeerFailure(f"exchanging recovery status: {str(error).splitlines()[0]}") from None
+            raise PeerFailure(failure_notice.explain(f"exchanging recovery status: {str(error).splitlines()[0]}")) from None
         statuses = [RankStatus.from_tensor(t) for t in gathered]
         seat = self.stage.seat()
         try:

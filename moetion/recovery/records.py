@@ -35,6 +35,8 @@ class RecoveryEvents:
 
     role: Role
     cause: str = ""  # why a survivor abandoned its iteration
+    notice_generation: int | None = None  # the generation whose failure notice broke the survivor's wait
+    noticed_at: float | None = None
     iteration: int | None = None  # a survivor's in-flight iteration when it lost its peer
     detected_at: float | None = None
     inflight_s: float = 0.0  # work of the abandoned iteration, now discarded

@@ -11,7 +11,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from moetion import tensor_tree
+from moetion import failure_notice, tensor_tree
 from moetion.errors import MoetionError, PeerFailure
 from moetion.memory_budget import check_wire_size, transfer_limit
 from moetion.recovery.stage import StageState
@@ -89,13 +89,13 @@ def _wait(work: dist.Work, timeout_s: float, *, what: str) -> None:
     try:
         answered = work.wait(timedelta(seconds=timeout_s)) is not False
     except RuntimeError as error:
-        raise PeerFailure(f"{what}: {str(error).splitlines()[0]}") from None
+        raise PeerFailure(failure_notice.explain(f"{what}: {str(error).splitlines()[0]}")) from None
     if not answered:
-        raise PeerFailure(f"{what}: no answer within {timeout_s:g} s")
+        raise PeerFailure(failure_notice.explain(f"{what}: no answer within {timeout_s:g} s"))
 
 
 def _guard(call, *, what: str):
     try:
         return call()
     except RuntimeError as error:
-        raise PeerFailure(f"{what}: {str(error).splitlines()[0]}") from None
+        raise PeerFailure(failure_notice.explain(f"{what}: {str(error).splitlines()[0]}")) from None

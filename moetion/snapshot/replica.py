@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from moetion import failure_notice
 from moetion.errors import PeerFailure
 from moetion.faults import fault_point
 from moetion.memory_budget import check_wire_size, transfer_limit
@@ -110,7 +111,7 @@ class PeerReplicator:
                     return
                 self._send(image)
         except Exception as error:  # noqa: BLE001 - a torn-down group raises RuntimeError or ValueError
-            self.error = f"replication to rank {self.send_to} failed: {str(error).splitlines()[0]}"
+            self.error = failure_notice.explain(f"replication to rank {self.send_to} failed: {str(error).splitlines()[0]}")
             log.info(self.error)
 
     def _send(self, image: WindowImage) -> None:
@@ -127,7 +128,7 @@ class PeerReplicator:
                     return
                 self._held = image  # only now does the previous replica go
         except Exception as error:  # noqa: BLE001 - a torn-down group raises RuntimeError or ValueError
-            self.error = f"replication from rank {self.receive_from} failed: {str(error).splitlines()[0]}"
+            self.error = failure_notice.explain(f"replication from rank {self.receive_from} failed: {str(error).splitlines()[0]}")
             (log.warning if isinstance(error, SnapshotError) else log.info)(self.error)
 
 

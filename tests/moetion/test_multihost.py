@@ -5,9 +5,12 @@ import json
 import os
 import re
 import secrets
+import signal
 import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -36,7 +39,7 @@ def results(*outputs: str) -> dict[str, dict]:
 
 
 def launch(script, shm, *extra, env=None):
-    command = [sys.executable, "-m", "moetion.cli", "launch", "--timeout", "180", *extra, str(script), str(shm)]
+    command = [sys.executable, "-m", "moetion.cli", "launch", "--timeout", "400", *extra, str(script), str(shm)]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **(env or {})})
 
@@ -67,3 +70,39 @@ def test_a_rank_of_the_second_host_is_replaced_and_the_job_stays_exact(tmp_path)
     # The replacement knows the losses of the iterations it replayed (from the logs) and trained.
     replaced = got["2"]["losses"]
     assert "4" in replaced and replaced == {t: expected["2"]["losses"][t] for t in replaced}
+
+
+LONG_SCRIPT = recovering_script(stages=4, iterations=400).replace(
+    "    engine.train_batch(data)\n",
+    "    engine.train_batch(data)\n"
+    "    if engine.iteration == 3:\n"
+    "        open(f'{sys.argv[1]}.rank{engine.dist.rank}-running', 'w').close()\n")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_a_lost_host_without_a_standby_ends_the_job_naming_the_host_and_the_resume_command(tmp_path):
+    """Host 1's launcher and all its ranks are SIGKILLed: nothing can replace them, so host 0 ends
+    the job through the control store once host 1's supervisor misses its heartbeats, instead of
+    its ranks waiting for peer_timeout_s."""
+    script = tmp_path / "train.py"
+    script.write_text(LONG_SCRIPT)
+    shm = tmp_path / "shm"
+    port = free_port()
+    hosts = [subprocess.Popen([sys.executable, "-m", "moetion.cli", "launch", "--timeout", "400", "--heartbeat-timeout",
+                               "3", "--nproc", "2", "--nnodes", "2", "--node-rank", str(node), "--master-port", str(port),
+                               str(script), str(shm)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+             for node in (0, 1)]
+    deadline = time.monotonic() + 300
+    while not Path(f"{shm}.rank2-running").exists():
+        assert time.monotonic() < deadline and hosts[1].poll() is None, "host 1 never started training"
+        time.sleep(0.2)
+    os.killpg(hosts[1].pid, signal.SIGKILL)  # the launcher, its ranks and its spare: the whole host
+    hosts[1].wait()
+    out, err = hosts[0].communicate(timeout=300)
+    assert hosts[0].returncode == 1, out + err
+    assert "host 1 (ranks 2..3) stopped answering" in err, err
+    assert (f"moetion launch --resume --nproc 2 --nnodes 2 --node-rank 1 --master-addr 127.0.0.1 "
+            f"--master-port {port} {script} {shm}") in err, err
+    assert "no answer within" not in err and "no new generation" not in err, err

@@ -28,7 +28,7 @@ def settings(**overrides) -> DemoSettings:
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-    return FaultHarness(Job(demo=settings()), work_dir=tmp_path_factory.mktemp("faults"), timeout_s=240)
+    return FaultHarness(Job(demo=settings()), work_dir=tmp_path_factory.mktemp("faults"), timeout_s=400)
 
 
 def assert_identical(report, *, sources):
@@ -78,14 +78,14 @@ def test_replacement_killed_during_its_replay_restarts_the_recovery(pipeline):
 
 def test_persistence_fault_then_memory_lost_without_replicas_restores_from_disk(tmp_path):
     harness = FaultHarness(Job(demo=settings(persist_dir=str(tmp_path / "persist"), replicate=False)),
-                           work_dir=tmp_path / "faults", timeout_s=240)
+                           work_dir=tmp_path / "faults", timeout_s=400)
     report = harness.run(["stage=2,iter=6,phase=persistence", "stage=1,iter=11,phase=forward,memory=lost"])
     assert_identical(report, sources=["shm", "disk"])
 
 
 def test_data_parallel_heals_from_the_live_replica_bf16_and_a_hung_rank(tmp_path):
     harness = FaultHarness(Job(demo=settings(stages=2, data_parallel=2, precision="bf16")),
-                           work_dir=tmp_path, timeout_s=240, heartbeat_timeout_s=3)
+                           work_dir=tmp_path, timeout_s=400, heartbeat_timeout_s=3)
     report = harness.run(["stage=1,iter=5,phase=backward,replica=1", "stage=0,iter=11,phase=forward,signal=stop"])
     assert_identical(report, sources=["replica", "replica"])
 
@@ -99,7 +99,7 @@ def test_adjacent_stages_lost_together_replay_as_a_chain(pipeline):
 
 
 def test_memory_lost_without_any_other_copy_names_what_is_missing(tmp_path):
-    harness = FaultHarness(Job(demo=settings(replicate=False)), work_dir=tmp_path, timeout_s=240)
+    harness = FaultHarness(Job(demo=settings(replicate=False)), work_dir=tmp_path, timeout_s=400)
     with pytest.raises(LaunchError, match=r"rank 2 \(stage 2, replica 0\) cannot be restored exactly: rank 2 holds "
                                           r"the initial state; the initial state needs logs of iterations 0\.\.9.*"
                                           r"no window of it was persisted"):
