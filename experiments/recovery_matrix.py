@@ -33,6 +33,7 @@ from moetion.faults import ENV as KILL_ENV
 from moetion.faults import FAULT_LOG_ENV
 from moetion.harness.timeline import timeline
 from moetion.launcher import launch_script, supervise_workers
+from moetion.recovery.records import Role
 
 RESULTS = Path(__file__).parent / "results"
 PEER_TIMEOUT_S = 600.0
@@ -88,8 +89,8 @@ def run_matrix(topology: str, kind: str, scratch: Path) -> list[dict]:
 
 def _row(cell: str, recovery) -> dict:
     t = timeline(recovery)
-    survivors = [e for e in recovery.rank_events.values() if e.get("role") == "survivor"]
-    reasons = sorted({_reason_kind(e.get("cause", "")) for e in survivors})
+    survivors = [e for e in recovery.rank_events.values() if e.role is Role.SURVIVOR]
+    reasons = sorted({_reason_kind(e.cause) for e in survivors})
     if t.superseded or t.total_s is None:
         return {"cell": cell, "superseded": True, "reasons": reasons}
     ready = (t.detect_s or 0.0) + t.respawn_s + t.rejoin_s + t.script_s
