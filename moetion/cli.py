@@ -1,4 +1,4 @@
-"""The ``moetion`` command line: ``launch``, ``demo``, ``faults``, ``inspect``, ``export`` and ``plan``."""
+"""The ``moetion`` command line: ``launch``, ``demo``, ``faults``, ``inspect``, ``export``, ``plan`` and ``report``."""
 from __future__ import annotations
 
 import argparse
@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
                       help=f"kill spec (repeatable), default {DEFAULT_KILL!r}: stage=,iter=,phase= "
                            "[,replica=][,memory=lost]; phases: " + ", ".join(PHASES))
     demo.add_argument("--no-fault", action="store_true", help="train without injecting a failure")
+    demo.add_argument("--run-dir", default=None, help="where metrics and the report go "
+                                                      "(default moetion-runs/demo-<date>-<time>)")
 
     faults = commands.add_parser("faults", help="run a job fault-free and with SIGKILLs; compare bit for bit")
     _model_options(faults)
@@ -79,6 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--seed", type=int, default=0)
     plan.add_argument("--plot", default=None, metavar="OUT.png", help="draw ETTR vs MTBF (needs matplotlib)")
 
+    report = commands.add_parser("report", help="plot a run's metrics (metrics.dir) and summarize it")
+    report.add_argument("run_dir", help="the run directory (the config's metrics.dir, holding metrics/rank-<N>.jsonl)")
+    report.add_argument("--out", default=None, metavar="DIR", help="where to write the PNGs and summary.txt "
+                                                                   "(default RUN_DIR/report)")
+
     args = parser.parse_args(argv)
     try:
         if args.command == "launch":
@@ -105,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
 
             return plan_command(preset_name=args.preset, spec=args.json, mtbf=args.mtbf, runs=args.runs,
                                 seed=args.seed, plot=args.plot)
+        elif args.command == "report":
+            from moetion.report import report_command
+
+            return report_command(args.run_dir, args.out)
         elif args.command == "faults":
             from moetion.harness.runner import faults_command
 
@@ -112,9 +123,13 @@ def main(argv: list[str] | None = None) -> int:
                                   script_args=[a for a in args.script_args if a != "--"], timeout_s=args.timeout,
                                   heartbeat_timeout_s=args.heartbeat_timeout, json_out=args.json)
         else:
+            import time
+
             from moetion.demo import run_demo
 
-            run_demo(_demo_settings(args), kills=None if args.no_fault else (args.kill or [DEFAULT_KILL]))
+            settings = _demo_settings(args)
+            settings.run_dir = args.run_dir or time.strftime("moetion-runs/demo-%Y%m%d-%H%M%S")
+            run_demo(settings, kills=None if args.no_fault else (args.kill or [DEFAULT_KILL]))
     except MoetionError as error:
         print(f"moetion {args.command}: error: {error}", file=sys.stderr)
         return 1

@@ -16,6 +16,7 @@ from moetion.errors import ConfigError
 from moetion.export import JobSpec
 from moetion.launcher import run_workers
 from moetion.models import GPTMoEConfig, build_gpt_moe_layers, gpt_moe_loss
+from moetion.report import write_report
 
 
 SHM_ROOT = "/dev/shm/moetion"
@@ -36,6 +37,7 @@ class DemoSettings:
     persist_dir: str | None = None
     replicate: bool = True
     progress: bool = True  # rank 0 prints a line per iteration
+    run_dir: str | None = None  # metrics go to run_dir/metrics, `moetion report`'s output to run_dir/report
 
 
 def demo_model_config() -> GPTMoEConfig:
@@ -54,6 +56,7 @@ def demo_engine_config(settings: DemoSettings, *, run_id: str = "demo") -> moeti
                      "shm_dir": SHM_ROOT, "persist_dir": settings.persist_dir,
                      "replicate": settings.replicate},
         "upstream_log": {"enabled": settings.snapshots},
+        "metrics": {"dir": settings.run_dir},
     })
 
 
@@ -84,13 +87,18 @@ def run_demo(settings: DemoSettings, kills: list[str] | None = None) -> dict:
     )
     os.environ.setdefault("MOETION_LOG_LEVEL", "WARNING")  # progress lines only; INFO shows every rank's events
     if kills:
-        return _run_with_faults(settings, kills)
-    run_id = f"demo-{os.getpid()}"
-    try:
-        results = run_workers(rank_main, nproc=settings.stages * settings.data_parallel, args=(settings, run_id))
-    finally:
-        shutil.rmtree(Path(SHM_ROOT) / run_id, ignore_errors=True)  # the demo's windows die with it
-    return results[0]
+        summary = _run_with_faults(settings, kills)
+    else:
+        run_id = f"demo-{os.getpid()}"
+        try:
+            summary = run_workers(rank_main, nproc=settings.stages * settings.data_parallel, args=(settings, run_id))[0]
+        finally:
+            shutil.rmtree(Path(SHM_ROOT) / run_id, ignore_errors=True)  # the demo's windows die with it
+    if settings.run_dir is not None:
+        report = write_report(settings.run_dir)
+        print("\n".join(["", f"report of this run ({settings.run_dir}):"] + ["  " + line for line in report.lines()]),
+              flush=True)
+    return summary
 
 
 def _run_with_faults(settings: DemoSettings, kills: list[str]) -> dict:
@@ -100,7 +108,7 @@ def _run_with_faults(settings: DemoSettings, kills: list[str]) -> dict:
         raise ConfigError("recovering from a failure needs sparse snapshots: drop --no-snapshots or the kill")
     print(f"fault-free reference run first (quiet), then the same run with: {'; '.join(kills)}", flush=True)
     harness = FaultHarness(Job(demo=settings))
-    with _quiet_progress(settings):
+    with _reference_settings(settings):
         harness.reference()
     report = harness.run(kills)
     print("\n".join(["", "recovery:"] + ["  " + line for line in report.lines()]), flush=True)
@@ -109,12 +117,14 @@ def _run_with_faults(settings: DemoSettings, kills: list[str]) -> dict:
 
 
 @contextlib.contextmanager
-def _quiet_progress(settings: DemoSettings):
-    settings.progress = False
+def _reference_settings(settings: DemoSettings):
+    """The fault-free reference run prints no progress and writes no metrics (the report is the faulty run's)."""
+    progress, run_dir = settings.progress, settings.run_dir
+    settings.progress, settings.run_dir = False, None
     try:
         yield
     finally:
-        settings.progress = True
+        settings.progress, settings.run_dir = progress, run_dir
 
 
 def rank_main(settings: DemoSettings, run_id: str) -> dict:

@@ -27,6 +27,7 @@ from moetion.distributed import DistContext, build_context, join_job, leave_proc
 from moetion.errors import ConfigError, DataError, PeerFailure
 from moetion.faults import fault_point
 from moetion.lr_schedule import apply_lr
+from moetion.metrics import open_rank_metrics
 from moetion.module import PipelineModule
 from moetion.moe import MoELayer
 from moetion.p2p import StageLinks
@@ -97,6 +98,7 @@ class PipelineEngine:
             self.checkpointer.shm.clear()  # a replacement restores from these; anyone else starts afresh
         self.upstream = self._build_upstream_log() if config.upstream_log.enabled else None
         self._connect(dist_context)
+        self.metrics = open_rank_metrics(self)  # None unless config.metrics.dir is set
         # Under a supervisor a lost peer is recovered from; a process started into a later
         # generation is a replacement and restores its stage before its first iteration.
         self.recovery = None if control is None else Recovery(
@@ -159,6 +161,8 @@ class PipelineEngine:
             self._dispatch[type(instruction)](instruction.micro_batch)
         self.last_stats.seconds = time.perf_counter() - start
         self.losses[self.iteration] = self.last_stats.loss
+        if self.metrics is not None:
+            self.metrics.after_commit(self)
         self.iteration += 1
         return self.last_stats.loss
 
@@ -202,6 +206,8 @@ class PipelineEngine:
             self.checkpointer.close()
         if self.upstream is not None:
             self.upstream.close()
+        if self.metrics is not None:
+            self.metrics.close()
         record_final_state(self)
 
     # -- membership (recovery) ---------------------------------------------------------------------

@@ -104,6 +104,8 @@ class Recovery:
             if failure is None:
                 events["resumed_at"] = time.time()
                 self.control.record(self.generation, self.engine.dist.rank, events)
+                if self.engine.metrics is not None:
+                    self.engine.metrics.recovery(self.engine, self.generation, events)
                 return
             log.warning("generation %d failed during recovery (%s); waiting for the next", self.generation, failure)
             events.setdefault("retries", []).append(failure)
