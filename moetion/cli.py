@@ -54,12 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     faults.add_argument("--heartbeat-timeout", type=float, default=30.0,
                         help="seconds without a heartbeat before a rank counts as hung")
     faults.add_argument("--json", default=None, metavar="OUT", help="also write the report as JSON")
+    faults.add_argument("--quiet", action="store_true", help="no progress bar (there is none unless stderr is a terminal)")
     faults.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments of --script (after --)")
 
     inspect = commands.add_parser("inspect", help="list persisted snapshot windows per stage and check their integrity")
     inspect.add_argument("dir", help="the directory windows were persisted to")
     inspect.add_argument("--no-verify", action="store_true", help="skip reading blobs and checking checksums")
     inspect.add_argument("--json", action="store_true", help="print one JSON object per window instead of a table")
+    inspect.add_argument("--quiet", action="store_true", help="no progress bar (there is none unless stderr is a terminal)")
 
     export = commands.add_parser("export", help="write a dense torch.save checkpoint from a run's persisted windows")
     export.add_argument("run_dir", help="the run's persist directory (persist_dir/<run_id>, holding config.json)")
@@ -80,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--runs", type=int, default=30, help="Monte-Carlo runs for the simulated ETTR (0: skip)")
     plan.add_argument("--seed", type=int, default=0)
     plan.add_argument("--plot", default=None, metavar="OUT.png", help="draw ETTR vs MTBF (needs matplotlib)")
+    plan.add_argument("--quiet", action="store_true", help="no progress bar (there is none unless stderr is a terminal)")
 
     report = commands.add_parser("report", help="plot a run's metrics (metrics.dir) and summarize it")
     report.add_argument("run_dir", help="the run directory (the config's metrics.dir, holding metrics/rank-<N>.jsonl)")
@@ -101,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 
             from moetion.snapshot.inspect import inspect_command
 
-            return inspect_command(Path(args.dir), verify=not args.no_verify, as_json=args.json)
+            return inspect_command(Path(args.dir), verify=not args.no_verify, as_json=args.json, quiet=args.quiet)
         elif args.command == "export":
             from moetion.export import export_command
 
@@ -111,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             from moetion.planner.cli import plan_command
 
             return plan_command(preset_name=args.preset, spec=args.json, mtbf=args.mtbf, runs=args.runs,
-                                seed=args.seed, plot=args.plot)
+                                seed=args.seed, plot=args.plot, quiet=args.quiet)
         elif args.command == "report":
             from moetion.report import report_command
 
@@ -121,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return faults_command(_demo_settings(args), kills=args.kill, script=args.script, nproc=args.nproc,
                                   script_args=[a for a in args.script_args if a != "--"], timeout_s=args.timeout,
-                                  heartbeat_timeout_s=args.heartbeat_timeout, json_out=args.json)
+                                  heartbeat_timeout_s=args.heartbeat_timeout, json_out=args.json, quiet=args.quiet)
         else:
             import time
 

@@ -22,6 +22,7 @@ from moetion.faults import FAULT_LOG_ENV, KillSpec
 from moetion.harness.final_state import OUT_ENV, Verdict, compare_runs, load_final_states
 from moetion.harness.timeline import Timeline, timeline
 from moetion.launcher import launch_script, supervise_workers
+from moetion.progress import Progress
 from moetion.supervisor import JobReport
 
 
@@ -121,7 +122,7 @@ class FaultHarness:
 
 def faults_command(settings: DemoSettings, *, kills: list[str], script: str | None, nproc: int | None,
                    script_args: list[str], timeout_s: float, heartbeat_timeout_s: float,
-                   json_out: str | None) -> int:
+                   json_out: str | None, quiet: bool = False) -> int:
     """``moetion faults``: prints the report; exit status 0 only when the runs are bit-identical."""
     import json
 
@@ -132,7 +133,11 @@ def faults_command(settings: DemoSettings, *, kills: list[str], script: str | No
     harness = FaultHarness(job, timeout_s=timeout_s, heartbeat_timeout_s=heartbeat_timeout_s)
     print(f"moetion faults: fault-free reference run, then the same run with {len(specs)} kill(s)", flush=True)
     try:
-        report = harness.run(specs)
+        with Progress(total=2, desc="faults: runs (fault-free, then faulty)", quiet=quiet) as bar:
+            harness.reference()
+            bar.update()
+            report = harness.run(specs)
+            bar.update()
     finally:
         shutil.rmtree(harness.work_dir, ignore_errors=True)
     print("\n".join(report.lines()), flush=True)
