@@ -189,3 +189,13 @@ def test_plan_draws_progress_on_a_terminal_and_nothing_otherwise(capsys, monkeyp
     quiet = _Terminal()
     monkeypatch.setattr(sys, "stderr", quiet)
     assert main(plan + ["--quiet"]) == 0 and quiet.getvalue() == ""
+
+
+def test_docs_metrics_lists_every_field_of_every_record():
+    import dataclasses
+
+    page = (Path(__file__).parents[2] / "docs" / "metrics.md").read_text()
+    for record in (IterationRecord, WindowRecord, RecoveryRecord):
+        assert f'`kind: "{record.kind}"` (`{record.__name__}`)' in page
+        for f in dataclasses.fields(record):
+            assert f"`{f.name}`" in page, (record.__name__, f.name)
