@@ -111,6 +111,7 @@ class RecoveryRecord:
 
 Record = Union[IterationRecord, WindowRecord, RecoveryRecord]
 RECORDS: dict[str, type] = {r.kind: r for r in (IterationRecord, WindowRecord, RecoveryRecord)}
+_FIELDS = {cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in RECORDS.values()}
 
 
 def metrics_path(run_dir: str | Path, rank: int) -> Path:
@@ -118,7 +119,8 @@ def metrics_path(run_dir: str | Path, rank: int) -> Path:
 
 
 def to_line(record: Record) -> str:
-    return json.dumps({"kind": record.kind, **dataclasses.asdict(record)}, separators=(",", ":")) + "\n"
+    values = {"kind": record.kind, **{name: getattr(record, name) for name in _FIELDS[type(record)]}}
+    return json.dumps(values, separators=(",", ":")) + "\n"
 
 
 def parse_record(line: str) -> Record:
