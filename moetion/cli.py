@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--verify", action="store_true", help="re-read the output and check every checksum")
     export.add_argument("--workers", type=int, default=None, help="conversion processes (default: one per core)")
     export.add_argument("--dcp", default=None, metavar="DIR", help="also write a torch.distributed.checkpoint directory")
+    export.add_argument("--quiet", action="store_true", help="no progress (a bar on a terminal, else a line per stage)")
 
     plan = commands.add_parser("plan", help="estimate overhead, recovery and ETTR per fault-tolerance approach")
     plan.add_argument("--preset", default=None, help="a paper model: deepseek-moe-16b, qwen-moe-14b, gpt-moe, moe-llava")
@@ -109,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
             from moetion.export import export_command
 
             export_command(args.run_dir, args.out, job=args.job, iteration=args.iteration,
-                           with_optimizer=args.optimizer, verify=args.verify, workers=args.workers, dcp_dir=args.dcp)
+                           with_optimizer=args.optimizer, verify=args.verify, workers=args.workers, dcp_dir=args.dcp,
+                           quiet=args.quiet)
         elif args.command == "plan":
             from moetion.planner.cli import plan_command
 
