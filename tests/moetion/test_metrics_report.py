@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -111,11 +110,10 @@ def test_report_writes_the_plots_and_a_summary_equal_to_the_metrics(run_dir, tmp
 
 
 @pytest.mark.slow
-def test_report_cli_prints_the_summary_and_no_progress_when_not_a_tty(run_dir, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "moetion.cli", "report", str(run_dir), "--out", str(tmp_path)],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert f"{ITERATIONS} iterations on {STAGES} rank(s)" in result.stdout and "\r" not in result.stderr
+def test_report_cli_prints_the_summary_and_no_progress_when_not_a_tty(run_dir, tmp_path, capsys):
+    assert main(["report", str(run_dir), "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr()
+    assert f"{ITERATIONS} iterations on {STAGES} rank(s)" in printed.out and printed.err == ""
 
 
 def test_a_line_off_the_schema_is_rejected_with_what_differs():
