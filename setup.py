@@ -36,8 +36,13 @@ setup(
         "lz4>=4.3,<5",
         "zstandard>=0.22,<1",
     ],
-    extras_require={"test": ["pytest>=8,<10", "pytest-timeout>=2.2,<3", "hypothesis>=6.100,<7"],
-                    "plot": ["matplotlib>=3.7,<4"]},
+    extras_require={
+        # matplotlib is in the test extra so that CI checks the report's PNGs, not just its text.
+        "test": ["pytest>=8,<10", "pytest-timeout>=2.2,<3", "hypothesis>=6.100,<7", "matplotlib>=3.7,<4"],
+        "plots": ["matplotlib>=3.7,<4"],  # moetion report, moetion plan --plot
+        "progress": ["tqdm>=4.60,<5"],  # progress bars with rate and ETA (a plain counter without)
+        "tensorboard": ["tensorboard>=2.10,<3"],  # metrics.tensorboard
+    },
     ext_modules=[
         Extension(
             "logging_store._native",

@@ -1,4 +1,4 @@
-"""The ``moetion`` command line: ``launch``, ``demo``, ``faults``, ``inspect``, ``export`` and ``plan``."""
+"""The ``moetion`` command line: ``launch``, ``demo``, ``faults``, ``inspect``, ``export``, ``plan`` and ``report``."""
 from __future__ import annotations
 
 import argparse
@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--kill", action="append", default=None, metavar="SPEC",
                       help=f"default {DEFAULT_KILL!r}; " + KILL_HELP)
     demo.add_argument("--no-fault", action="store_true", help="train without injecting a failure")
+    demo.add_argument("--run-dir", default=None, help="where metrics and the report go "
+                                                      "(default moetion-runs/demo-<date>-<time>)")
 
     faults = commands.add_parser("faults", help="run a job fault-free and with SIGKILLs; compare bit for bit")
     _model_options(faults)
@@ -88,12 +90,14 @@ def main(argv: list[str] | None = None) -> int:
     faults.add_argument("--spares", type=int, default=1,
                         help="warm spare interpreters for --script replacements (0: start them fresh)")
     faults.add_argument("--json", default=None, metavar="OUT", help="also write the report as JSON")
+    faults.add_argument("--quiet", action="store_true", help="no progress bar (there is none unless stderr is a terminal)")
     faults.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments of --script (after --)")
 
     inspect = commands.add_parser("inspect", help="list persisted snapshot windows per stage and check their integrity")
     inspect.add_argument("dir", help="the directory windows were persisted to")
     inspect.add_argument("--no-verify", action="store_true", help="skip reading blobs and checking checksums")
     inspect.add_argument("--json", action="store_true", help="print one JSON object per window instead of a table")
+    inspect.add_argument("--quiet", action="store_true", help="no progress bar (there is none unless stderr is a terminal)")
 
     export = commands.add_parser("export", help="write a dense torch.save checkpoint from a run's persisted windows")
     export.add_argument("run_dir", help="the run's persist directory (persist_dir/<run_id>, holding config.json)")
@@ -105,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--verify", action="store_true", help="re-read the output and check every checksum")
     export.add_argument("--workers", type=_int_at_least(1), default=None, help="conversion processes (default: one per core)")
     export.add_argument("--dcp", default=None, metavar="DIR", help="also write a torch.distributed.checkpoint directory")
+    export.add_argument("--quiet", action="store_true", help="no progress (a bar on a terminal, else a line per stage)")
 
     plan = commands.add_parser("plan", help="estimate overhead, recovery and ETTR per fault-tolerance approach")
     plan.add_argument("--preset", default=None, help="a paper model: deepseek-moe-16b, qwen-moe-14b, gpt-moe, moe-llava")
@@ -114,6 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--runs", type=_int_at_least(0), default=30, help="Monte-Carlo runs for the simulated ETTR (0: skip)")
     plan.add_argument("--seed", type=int, default=0)
     plan.add_argument("--plot", default=None, metavar="OUT.png", help="draw ETTR vs MTBF (needs matplotlib)")
+    plan.add_argument("--quiet", action="store_true", help="no progress bar (there is none unless stderr is a terminal)")
+
+    report = commands.add_parser("report", help="plot a run's metrics (metrics.dir) and summarize it")
+    report.add_argument("run_dir", help="the run directory (the config's metrics.dir, holding metrics/rank-<N>.jsonl)")
+    report.add_argument("--out", default=None, metavar="DIR", help="where to write the PNGs and summary.txt "
+                                                                   "(default RUN_DIR/report)")
 
     args = parser.parse_args(argv)
     try:
@@ -135,28 +146,37 @@ def main(argv: list[str] | None = None) -> int:
 
             from moetion.snapshot.inspect import inspect_command
 
-            return inspect_command(Path(args.dir), verify=not args.no_verify, as_json=args.json)
+            return inspect_command(Path(args.dir), verify=not args.no_verify, as_json=args.json, quiet=args.quiet)
         elif args.command == "export":
             from moetion.export import export_command
 
             export_command(args.run_dir, args.out, job=args.job, iteration=args.iteration,
-                           with_optimizer=args.optimizer, verify=args.verify, workers=args.workers, dcp_dir=args.dcp)
+                           with_optimizer=args.optimizer, verify=args.verify, workers=args.workers, dcp_dir=args.dcp,
+                           quiet=args.quiet)
         elif args.command == "plan":
             from moetion.planner.cli import plan_command
 
             return plan_command(preset_name=args.preset, spec=args.json, mtbf=args.mtbf, runs=args.runs,
-                                seed=args.seed, plot=args.plot)
+                                seed=args.seed, plot=args.plot, quiet=args.quiet)
+        elif args.command == "report":
+            from moetion.report import report_command
+
+            return report_command(args.run_dir, args.out)
         elif args.command == "faults":
             from moetion.harness.runner import faults_command
 
             return faults_command(_demo_settings(args), kills=args.kill, script=args.script, nproc=args.nproc,
                                   script_args=[a for a in args.script_args if a != "--"], timeout_s=args.timeout,
                                   heartbeat_timeout_s=args.heartbeat_timeout, json_out=args.json,
-                                  spares=args.spares)
+                                  spares=args.spares, quiet=args.quiet)
         else:
+            import time
+
             from moetion.demo import run_demo
 
-            summary = run_demo(_demo_settings(args), kills=_demo_kills(args))
+            settings = _demo_settings(args)
+            settings.run_dir = args.run_dir or time.strftime("moetion-runs/demo-%Y%m%d-%H%M%S")
+            summary = run_demo(settings, kills=_demo_kills(args))
             if summary.get("identical") is False:
                 return 2  # as `moetion faults`: the faulty run differs from the fault-free one
     except (MoetionError, OSError) as error:

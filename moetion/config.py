@@ -163,6 +163,29 @@ class DeterminismConfig:
 
 
 @dataclass
+class MetricsConfig:
+    """Per-rank metrics as JSON lines (docs/metrics.md), read by ``moetion report``.
+
+    Attributes:
+        dir: the run directory; each rank appends to ``<dir>/metrics/rank-<rank>.jsonl``.
+            ``None`` writes no metrics.
+        tensorboard: also write TensorBoard scalars under ``<dir>/metrics/tensorboard`` (needs
+            ``pip install 'moetion[tensorboard]'``).
+    """
+
+    dir: str | None = None
+    tensorboard: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dir is not None and not (isinstance(self.dir, str) and self.dir):
+            raise ConfigError(f"metrics.dir must be a non-empty path or null (no metrics), got {self.dir!r}")
+        if not isinstance(self.tensorboard, bool):
+            raise ConfigError(f"metrics.tensorboard must be true or false, got {self.tensorboard!r}")
+        if self.tensorboard and self.dir is None:
+            raise ConfigError("metrics.tensorboard needs metrics.dir (the run directory it writes under)")
+
+
+@dataclass
 class Config:
     """Everything the pipeline engine needs besides the model, the optimizer and the data.
 
@@ -180,6 +203,7 @@ class Config:
         upstream_log: logging of boundary tensors for replay, see :class:`UpstreamLogConfig`.
         determinism: torch's generators per unit of work and the strict mode, see
             :class:`DeterminismConfig`.
+        metrics: per-rank metrics files, see :class:`MetricsConfig`.
     """
 
     seed: int = 0
@@ -192,6 +216,7 @@ class Config:
     snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
     upstream_log: UpstreamLogConfig = field(default_factory=UpstreamLogConfig)
     determinism: DeterminismConfig = field(default_factory=DeterminismConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def __post_init__(self) -> None:
         check_field_types(self, prefix="")

@@ -18,6 +18,7 @@ from moetion.errors import ConfigError
 from moetion.export import JobSpec
 from moetion.launcher import run_workers
 from moetion.models import GPTMoEConfig, build_gpt_moe_layers, gpt_moe_loss
+from moetion.report import write_report
 
 
 SHM_ROOT = DEFAULT_SHM_DIR
@@ -38,6 +39,7 @@ class DemoSettings:
     persist_dir: str | None = None
     replicate: bool = True
     progress: bool = True  # rank 0 prints a line per iteration
+    run_dir: str | None = None  # metrics go to run_dir/metrics, `moetion report`'s output to run_dir/report
     peer_timeout_s: float = 300.0  # the last-resort bound of every wait (see moetion.timeouts)
 
     def check(self) -> None:
@@ -72,6 +74,7 @@ def demo_engine_config(settings: DemoSettings, *, run_id: str = "demo") -> moeti
                      "replicate": settings.replicate},
         "upstream_log": {"enabled": settings.snapshots},
         "peer_timeout_s": settings.peer_timeout_s,
+        "metrics": {"dir": settings.run_dir},
     })
 
 
@@ -103,13 +106,18 @@ def run_demo(settings: DemoSettings, kills: list[str] | None = None) -> dict:
     )
     os.environ.setdefault("MOETION_LOG_LEVEL", "WARNING")  # progress lines only; INFO shows every rank's events
     if kills:
-        return _run_with_faults(settings, kills)
-    run_id = f"demo-{os.getpid()}-{secrets.token_hex(4)}"
-    try:
-        results = run_workers(rank_main, nproc=settings.stages * settings.data_parallel, args=(settings, run_id))
-    finally:
-        shutil.rmtree(Path(SHM_ROOT) / run_id, ignore_errors=True)  # the demo's windows die with it
-    return results[0]
+        summary = _run_with_faults(settings, kills)
+    else:
+        run_id = f"demo-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            summary = run_workers(rank_main, nproc=settings.stages * settings.data_parallel, args=(settings, run_id))[0]
+        finally:
+            shutil.rmtree(Path(SHM_ROOT) / run_id, ignore_errors=True)  # the demo's windows die with it
+    if settings.run_dir is not None:
+        report = write_report(settings.run_dir)
+        print("\n".join(["", f"report of this run ({settings.run_dir}):"] + ["  " + line for line in report.lines()]),
+              flush=True)
+    return summary
 
 
 def _run_with_faults(settings: DemoSettings, kills: list[str]) -> dict:
@@ -121,7 +129,7 @@ def _run_with_faults(settings: DemoSettings, kills: list[str]) -> dict:
     job.check_kills(specs)
     print(f"fault-free reference run first (quiet), then the same run with: {'; '.join(kills)}", flush=True)
     with FaultHarness(job) as harness:
-        with _quiet_progress(settings):
+        with _reference_settings(settings):
             harness.reference()
         report = harness.run(specs)
     print("\n".join(["", "recovery:"] + ["  " + line for line in report.lines()]), flush=True)
@@ -129,12 +137,14 @@ def _run_with_faults(settings: DemoSettings, kills: list[str]) -> dict:
 
 
 @contextlib.contextmanager
-def _quiet_progress(settings: DemoSettings):
-    settings.progress = False
+def _reference_settings(settings: DemoSettings):
+    """The fault-free reference run prints no progress and writes no metrics (the report is the faulty run's)."""
+    progress, run_dir = settings.progress, settings.run_dir
+    settings.progress, settings.run_dir = False, None
     try:
         yield
     finally:
-        settings.progress = True
+        settings.progress, settings.run_dir = progress, run_dir
 
 
 def rank_main(settings: DemoSettings, run_id: str) -> dict:

@@ -25,10 +25,12 @@ from moetion.distributed import DistContext, build_context, join_job, leave_proc
 from moetion.errors import ConfigError, PeerFailure
 from moetion.faults import fault_point, faults_armed
 from moetion.iteration import InputPort, IterationStats, OutputPort, Placement, StageIteration, no_fault
+from moetion.metrics import open_rank_metrics
 from moetion.module import PipelineModule
 from moetion.p2p import StageLinks
 from moetion.precision import StagePrecision
 from moetion.recovery.coordinator import Recovery
+from moetion.recovery.records import RecoveryEvents
 from moetion.recovery.stage import Seat, StageState
 from moetion.replay import ReplayReport, newest_common_window, persisted_neighbour_logs, replay_stage
 from moetion.run_identity import fresh_job_nonce, resume_requested
@@ -83,6 +85,7 @@ class PipelineEngine:
         self.upstream = self._build_upstream_log() if config.upstream_log.enabled else None
         self._norm_params = self._params_counted_in_norm()
         self._connect(dist_context)
+        self.metrics = open_rank_metrics(self)  # None unless config.metrics.dir is set
         # Under a supervisor a lost peer is recovered from; a process started into a later
         # generation is a replacement and restores its stage before its first iteration.
         self.recovery = None if control is None else Recovery(
@@ -122,6 +125,8 @@ class PipelineEngine:
         stats = self._body.run(self.iteration, data)
         self.last_stats = stats
         self.losses[self.iteration] = stats.loss
+        if self.metrics is not None:
+            self.metrics.after_commit(self)
         self.iteration += 1
         return stats.loss
 
@@ -164,6 +169,8 @@ class PipelineEngine:
             self.checkpointer.close()
         if self.upstream is not None:
             self.upstream.close()
+        if self.metrics is not None:
+            self.metrics.close()
         for hook in _close_hooks:
             hook(self)
 
@@ -274,6 +281,10 @@ class PipelineEngine:
     def adopt_schedule(self, *, start: int, window: int, resume: int, restored_start: int) -> None:
         if self.checkpointer is not None:
             self.checkpointer.adopt_schedule(start=start, window=window, resume=resume, restored_start=restored_start)
+
+    def recovered(self, generation: int, events: RecoveryEvents) -> None:
+        if self.metrics is not None:
+            self.metrics.recovery(self, generation, events)
 
     def _adopt_history(self, history: dict[int, IterationScalars], *, last: IterationStats | None) -> None:
         """A restored stage takes over the losses (and last statistics) of iterations it did not train."""

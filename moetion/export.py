@@ -15,6 +15,7 @@ import mmap
 import os
 import shutil
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from moetion import tensor_tree
 from moetion.errors import MoetionError
 from moetion.launcher import run_workers
 from moetion.module import LayerSpec
+from moetion.progress import Progress
 from moetion.replay import dense_state_from_persisted
 from moetion.private_files import DIR_MODE, FILE_MODE, create_exclusive, fsync_dir, private_dir, temp_name
 from moetion.snapshot.image import SnapshotError, WindowManifest, checksum
@@ -40,6 +42,8 @@ from moetion.snapshot.run_dir import RUN_CONFIG, read_run_record
 from moetion.snapshot.persist import LOGS, MANIFEST, iter_window_dirs, load_window_logs, read_manifest, window_path
 
 log = logging.getLogger(__name__)
+
+PROGRESS_JOIN_S = 5.0  # the bar's reader thread, after the workers are gone
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
@@ -137,11 +141,15 @@ def export_run(
 
 
 def export_command(run_dir: str, out: str, *, job: str, iteration: int | None, with_optimizer: bool, verify: bool,
-                   workers: int | None, dcp_dir: str | None = None) -> dict:
-    """``moetion export``: the export plus its closing line."""
+                   workers: int | None, dcp_dir: str | None = None, quiet: bool = False) -> dict:
+    """``moetion export``: the export plus its closing line. Progress: a bar over stages on a
+    terminal, else a line per stage; nothing with ``quiet``."""
     torch.set_num_threads(1)  # building the job must not start an OpenMP pool: forked workers would hang on it
-    summary = export_run(run_dir, out, job=load_job(job), iteration=iteration, with_optimizer=with_optimizer,
-                         verify=verify, workers=workers, dcp_dir=dcp_dir)
+    spec = load_job(job)
+    with _StageProgress(total=spec.num_stages, quiet=quiet) as stages:
+        progress = stages.line if stages.bar.enabled else (lambda _: None) if quiet else None
+        summary = export_run(run_dir, out, job=spec, iteration=iteration, with_optimizer=with_optimizer,
+                             verify=verify, workers=workers, dcp_dir=dcp_dir, progress=progress)
     print(f"wrote {summary['path']}: iteration {summary['iteration']}, {summary['stages']} stages, "
           f"{summary['tensors']} tensors, {summary['bytes']} bytes in {summary['seconds']:.1f} s"
           + (" (verified)" if verify else ""), flush=True)
@@ -383,3 +391,33 @@ def _save_dcp_atomically(model: dict, directory: Path) -> None:
 
 def _print_line(line: str) -> None:
     print(line, flush=True)
+
+
+class _StageProgress:
+    """A bar in this process over the stages that forked workers finish: each worker writes a
+    newline to a pipe it inherited, and a thread here advances the bar per newline."""
+
+    def __init__(self, *, total: int, quiet: bool) -> None:
+        self.bar = Progress(total=total, desc="export: stages", quiet=quiet)
+        self._read, self._write = os.pipe() if self.bar.enabled else (-1, -1)
+        self._thread = threading.Thread(target=self._follow, name="moetion-export-progress", daemon=True)
+        if self.bar.enabled:
+            self._thread.start()
+
+    def line(self, _: str) -> None:
+        """The workers' progress callback."""
+        os.write(self._write, b"\n")
+
+    def _follow(self) -> None:
+        with os.fdopen(self._read, "rb") as lines:
+            for _ in lines:  # ends when every copy of the write end is closed
+                self.bar.update()
+
+    def __enter__(self) -> "_StageProgress":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.bar.enabled:
+            os.close(self._write)
+            self._thread.join(timeout=PROGRESS_JOIN_S)
+        self.bar.close()

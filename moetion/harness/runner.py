@@ -23,6 +23,7 @@ from moetion.faults import FAULT_LOG_ENV, PHASE_RULES, KillSpec, read_fault_log
 from moetion.harness.final_state import OUT_ENV, Verdict, compare_runs, load_final_states
 from moetion.harness.timeline import Timeline, timeline
 from moetion.launcher import launch_script, supervise_workers
+from moetion.progress import Progress
 from moetion.supervisor import JobReport
 
 
@@ -169,7 +170,7 @@ class FaultHarness:
 
 def faults_command(settings: DemoSettings, *, kills: list[str], script: str | None, nproc: int | None,
                    script_args: list[str], timeout_s: float, heartbeat_timeout_s: float,
-                   json_out: str | None, spares: int = 1) -> int:
+                   json_out: str | None, spares: int = 1, quiet: bool = False) -> int:
     """``moetion faults``: prints the report; exit status 0 only when the runs are bit-identical."""
     import json
 
@@ -181,7 +182,11 @@ def faults_command(settings: DemoSettings, *, kills: list[str], script: str | No
     second = f"the same run with {len(specs)} kill(s)" if specs else "a second fault-free run (is the job deterministic at all?)"
     print(f"moetion faults: fault-free reference run, then {second}", flush=True)
     with FaultHarness(job, timeout_s=timeout_s, heartbeat_timeout_s=heartbeat_timeout_s, spares=spares) as harness:
-        report = harness.run(specs)
+        with Progress(total=2, desc="faults: runs (fault-free, then faulty)", quiet=quiet) as bar:
+            harness.reference()
+            bar.update()
+            report = harness.run(specs)
+            bar.update()
     print("\n".join(report.lines()), flush=True)
     if json_out:
         Path(json_out).write_text(json.dumps(report.to_dict(), indent=2))

@@ -1,4 +1,4 @@
-"""ETTR versus MTBF for every approach (matplotlib is an optional extra: ``pip install moetion[plot]``)."""
+"""ETTR versus MTBF for every approach (matplotlib is an optional extra: ``pip install moetion[plots]``)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,7 +30,7 @@ def plot_ettr(model: ModelSpec, hardware: HardwareSpec, out: str | Path, *,
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise ConfigError("--plot needs matplotlib: pip install matplotlib (or pip install 'moetion[plot]')") from None
+        raise ConfigError("--plot needs matplotlib: pip install matplotlib (or pip install 'moetion[plots]')") from None
     curves = ettr_curves(model, hardware, mtbfs_s=mtbfs_s)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     minutes = [m / 60 for m in mtbfs_s]

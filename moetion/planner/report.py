@@ -5,6 +5,7 @@ from dataclasses import asdict, dataclass
 
 from moetion.planner.cost import APPROACHES, HardwareSpec, ModelSpec, plan_approaches
 from moetion.planner.ettr import analytic_ettr, simulate_ettr
+from moetion.progress import track
 
 _LABELS = {"moevement": "MoEvement (sparse)", "checkfreq": "CheckFreq (disk)", "gemini": "Gemini (peer mem)",
            "moc": "MoC (partial experts)"}
@@ -33,11 +34,12 @@ class PlanRow:
 
 
 def build_rows(model: ModelSpec, hardware: HardwareSpec, *, mtbf_s: float, runs: int = 30,
-               seed: int = 0, horizon_failures: float = 300.0) -> list[PlanRow]:
-    """Costs, analytic ETTR and (when ``runs`` > 0) simulated ETTR for every approach."""
+               seed: int = 0, horizon_failures: float = 300.0, quiet: bool = True) -> list[PlanRow]:
+    """Costs, analytic ETTR and (when ``runs`` > 0) simulated ETTR for every approach (with a
+    progress bar on a terminal unless ``quiet``)."""
     costs = plan_approaches(model, hardware, mtbf_s=mtbf_s)
     rows = []
-    for offset, name in enumerate(APPROACHES):
+    for offset, name in enumerate(track(APPROACHES, desc="plan: simulating", quiet=quiet or runs == 0)):
         cost = costs[name]
         sim = (simulate_ettr(cost, mtbf_s=mtbf_s, runs=runs, seed=seed + offset, horizon_failures=horizon_failures)
                if runs > 0 else None)

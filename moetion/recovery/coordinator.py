@@ -112,6 +112,7 @@ class Recovery:
             if failure is None:
                 events.resumed_at = time.time()
                 self.control.record(self.generation, self.stage.seat().rank, events)
+                self.stage.recovered(self.generation, events)
                 return plan
             log.warning("generation %d failed during recovery (%s); waiting for the next", self.generation, failure)
             events.retries.append(failure)

@@ -17,6 +17,7 @@ from moetion.boundary import Recorder
 from moetion.control import ControlPlane
 from moetion.data import DataSource
 from moetion.iteration import InputPort, OutputPort
+from moetion.recovery.records import RecoveryEvents
 from moetion.replay import ReplayReport
 from moetion.snapshot.image import WindowImage
 from moetion.topology import PipeTopology
@@ -107,3 +108,6 @@ class RecoverableStage(Protocol):
         it sends and decides into its own log; training continues at ``resume``."""
 
     def adopt_schedule(self, *, start: int, window: int, resume: int, restored_start: int) -> None: ...
+
+    def recovered(self, generation: int, events: RecoveryEvents) -> None:
+        """This rank resumed after a recovery in ``generation`` (its metrics record it)."""

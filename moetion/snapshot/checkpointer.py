@@ -43,6 +43,7 @@ from moetion.snapshot.layout import WindowLayout, plan_layout
 from moetion.snapshot.persist import AsyncPersister
 from moetion.snapshot.replica import PeerReplicator
 from moetion.snapshot.shm import SharedMemoryTier
+from moetion.stopwatch import Stopwatch, timed
 from moetion.window import SlotPlan, find_window_size, popularity_drifted, snapshot_order, split_into_slots
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,8 @@ class SparseCheckpointer:
         self._restored_start: int | None = None  # a replacement's restored window, until it completes its own
         self.job_restorable_start = -1  # logs from here on may be needed by some stage's restore
         self._iteration = 0
+        self.busy = Stopwatch()  # the training thread's time in the methods marked @timed
+        self.captured_bytes = 0  # bytes handed to the capture worker since the start
         self.replicator = replicator
         self._held_over: WindowImage | None = None  # a peer's window replica, kept while groups are rebuilt
         # Set by the engine when upstream logging is on: (start, stop) -> this stage's logs of those
@@ -127,10 +130,12 @@ class SparseCheckpointer:
             self.listeners.append(self._persist_every_kth)
 
     # -- piggybacked agreement -----------------------------------------------------------------
+    @timed
     def begin_iteration(self, iteration: int) -> None:
         self._iteration_start = time.perf_counter()
         self._iteration = iteration
 
+    @timed
     def dp_payload(self, token_counts: dict[str, torch.Tensor]) -> torch.Tensor:
         """[W proposal, tokens per expert operator] to be summed across replicas."""
         counts = []
@@ -141,14 +146,17 @@ class SparseCheckpointer:
         proposal = self._propose() if self._is_decision_point(self._iteration) else self._proposal
         return torch.tensor([proposal, *counts], dtype=torch.float32)
 
+    @timed
     def absorb_dp(self, summed: torch.Tensor) -> None:
         replicas = self.identity.data_parallel
         self._proposal = math.ceil(float(summed[0]) / replicas)
         self._counts_pending = summed[1:].tolist()  # counted only once the step commits
 
+    @timed
     def stage_payload(self) -> torch.Tensor:
         return torch.tensor([float(self._proposal), float(self.restorable_start())], dtype=torch.float32)
 
+    @timed
     def absorb_gather(self, per_stage: list[torch.Tensor]) -> None:
         self._agreed = int(max(float(v[0]) for v in per_stage))
         self.job_restorable_start = int(min(float(v[1]) for v in per_stage))
@@ -165,10 +173,12 @@ class SparseCheckpointer:
         return -1 if self._restored_start is None else self._restored_start
 
     # -- capture ---------------------------------------------------------------------------------
+    @timed
     def before_step(self) -> None:
         """Call before the optimizer step: the previous capture must not see half-updated tensors."""
         self.worker.fence()
 
+    @timed
     def after_step(self, iteration: int) -> None:
         """Call right after the optimizer step of ``iteration``; raises a persist error of an earlier window."""
         if self.persister is not None:
@@ -271,6 +281,7 @@ class SparseCheckpointer:
             (source, self._blob[e.offset : e.offset + e.nbytes])
             for source, e in zip(self._layout.sources[i], self._layout.entries[i])
         ]
+        self.captured_bytes += sum(e.nbytes for e in self._layout.entries[i])
         last = i == self.plan.window - 1
         finish = self._publisher(self.plan, self.window_start, self._layout, self._blob, iteration) if last else None
         self.worker.submit(copies, then=finish)

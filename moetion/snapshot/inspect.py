@@ -9,6 +9,7 @@ from typing import Any
 
 from logging_store.errors import LogStoreError
 from logging_store.frame import read_frames
+from moetion.progress import track
 from moetion.snapshot.image import SnapshotError, WindowManifest
 from moetion.snapshot.persist import LOGS, MANIFEST, iter_window_dirs, load_window, read_manifest
 
@@ -17,17 +18,18 @@ _COLUMNS = (("stage", "stage"), ("replica", "replica"), ("iterations", "iteratio
             ("integrity", "integrity"))
 
 
-def inspect_dir(root: Path, *, verify: bool = True) -> list[dict[str, Any]]:
+def inspect_dir(root: Path, *, verify: bool = True, quiet: bool = True) -> list[dict[str, Any]]:
     """One row per window directory under ``root``, unreadable ones included (their integrity says why).
 
     With ``verify`` every blob and every upstream-log file is read (one window, one frame at a
-    time) and every checksum checked; without, only manifests and file sizes are checked.
+    time) and every checksum checked; without, only manifests and file sizes are checked. Unless
+    ``quiet``, a terminal shows a progress bar.
     """
     root = Path(root)
     if not root.is_dir():
         raise SnapshotError(f"{root} is not a directory; pass the directory that windows were persisted to")
     rows = []
-    for stage, replica, t0, path in iter_window_dirs(root):
+    for stage, replica, t0, path in track(list(iter_window_dirs(root)), desc="inspect: windows", quiet=quiet):
         row: dict[str, Any] = {
             "stage": stage, "replica": replica, "start_iteration": t0, "end_iteration": None, "iterations": f"{t0}..?",
             "window": None, "operators_per_slot": None, "operators": None, "run_id": None,
@@ -93,9 +95,9 @@ def human_bytes(n: int) -> str:
     return f"{value:.1f} {unit}"
 
 
-def inspect_command(root: Path, *, verify: bool = True, as_json: bool = False) -> int:
+def inspect_command(root: Path, *, verify: bool = True, as_json: bool = False, quiet: bool = False) -> int:
     """Prints the inspection of ``root``; returns the exit code (1 if any window fails integrity)."""
-    rows = inspect_dir(root, verify=verify)
+    rows = inspect_dir(root, verify=verify, quiet=quiet)
     if not rows:
         raise SnapshotError(f"no persisted windows under {root} (expected stage-SSS/replica-RRR/window-TTTTTTTTTT/ directories)")
     print("\n".join(json.dumps(row, sort_keys=True) for row in rows) if as_json else format_inspection(rows))

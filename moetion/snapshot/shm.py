@@ -67,7 +67,12 @@ class SharedMemoryTier:
                  manifest.start_iteration, manifest.end_iteration, manifest.blob_bytes)
 
     def bytes_held(self) -> int:
-        return sum(p.stat().st_size for p in self.directory.glob("window-*.bin"))
+        """Bytes of this stage replica's window files (read once per iteration by the metrics: scandir, not glob)."""
+        try:
+            with os.scandir(self.directory) as entries:
+                return sum(e.stat().st_size for e in entries if e.name.startswith("window-") and e.name.endswith(".bin"))
+        except FileNotFoundError:
+            return 0
 
     def load_complete(self, *, verify: bool = True) -> WindowImage:
         """The newest complete window, mapped read-only; verified by checksum unless told not to."""
