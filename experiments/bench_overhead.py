@@ -34,11 +34,11 @@ that ran: "rows" (snapshots), "logging", "log_bytes" and "replay".
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
 import tempfile
+import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -58,7 +58,8 @@ from moetion.replay import replay_stage
 from moetion.snapshot.image import WindowImage, WindowManifest
 from moetion.upstream_log import LogReader
 
-RESULTS = Path(__file__).parent / "results"
+from measure import StageProbe, compare, interleave, plot_rows, print_rows, summarize, with_aa, write_results
+
 LOG_TARGET = 1.03
 # Logging rows: label -> upstream_log config (None: logging off). The target applies to the default.
 LOG_ROWS = {
@@ -100,22 +101,10 @@ def run_stages(fn: Callable[..., dict], args: argparse.Namespace, *fn_args: obje
         return run_workers(fn, nproc=args.stages, args=(*fn_args, scratch), timeout_s=600)
 
 
-def interleaved(rows: dict[str, tuple], fn: Callable[..., dict],
-                args: argparse.Namespace) -> dict[str, list[list[dict]]]:
-    """Runs every row (``fn``'s arguments) once per round, rows in turn; each row's rank results per round."""
-    per_row: dict[str, list[list[dict]]] = {label: [] for label in rows}
-    for round_index in range(args.rounds):
-        for label, fn_args in rows.items():
-            ranks = run_stages(fn, args, *fn_args)
-            per_row[label].append(ranks)
-            print(f"round {round_index + 1}/{args.rounds}: {label:12s} median "
-                  f"{statistics.median(ranks[0]['seconds']) * 1000:.1f} ms", flush=True)
-    return per_row
-
-
-def median_seconds(rounds: list[list[dict]]) -> float:
-    """Median iteration time over all rounds of a row, as stage 0 measured it (the pipeline's time)."""
-    return statistics.median(s for ranks in rounds for s in ranks[0]["seconds"])
+def interleaved(rows: dict[str, tuple], fn: Callable[..., dict], args: argparse.Namespace,
+                baseline: str) -> dict[str, list[list[dict]]]:
+    """Every row (``fn``'s arguments) once per round, rows in turn, plus the baseline's A/A row."""
+    return interleave(with_aa(rows, baseline), lambda *fn_args: run_stages(fn, args, *fn_args), rounds=args.rounds)
 
 
 # -- part "snapshots" ------------------------------------------------------------------------------
@@ -131,30 +120,34 @@ def run_mode(mode: str, window: int | None, args: argparse.Namespace, scratch: s
         group = dist.new_group([rank], backend="gloo")
         own_group = group if rank == dist.get_rank() else own_group
     warnings.filterwarnings("ignore", message="Detected an existing checkpoint")
-    pending, seconds = None, []
+    pending, seconds, probe = None, [], StageProbe()
     for t in range(args.warmup + args.iterations):
+        if t == args.warmup:
+            probe.restart()
+        start = time.perf_counter()
         engine.train_batch(data)
-        if mode == "dcp-async":
+        if mode == "dcp-async" and (t + 1) % args.dcp_every == 0:
+            blocked = time.perf_counter()
             if pending is not None:
                 pending.result()
             state = {"model": module.state_dict(), "optim": engine.optimizer.state_dict()}
             pending = dcp.async_save(state, checkpoint_id=f"{scratch}/dcp-{engine.dist.rank}/iter-{t % 2}",
                                      process_group=own_group)
+            if t >= args.warmup:
+                probe.add_blocked(time.perf_counter() - blocked)
         if t >= args.warmup:
-            seconds.append(engine.last_stats.seconds)
+            seconds.append(time.perf_counter() - start)
+    result = probe.stop(seconds)
     if pending is not None:
         pending.result()
     engine.close()
     ckpt = engine.checkpointer
-    result = {"seconds": seconds, "bytes_per_iteration": 0.0, "host_bytes": 0, "window": None, "fence_ms": 0.0}
+    result.update(window=None, host_bytes=0)
     if ckpt is not None and ckpt.last_complete is not None:
-        manifest = ckpt.last_complete
-        result.update(bytes_per_iteration=manifest.blob_bytes / manifest.window, window=manifest.window,
-                      host_bytes=sum(ckpt.tier_bytes().values()),
-                      fence_ms=ckpt.worker.seconds_fenced * 1000 / (args.warmup + args.iterations))
+        result.update(window=ckpt.last_complete.window, host_bytes=sum(ckpt.tier_bytes().values()))
     if mode == "dcp-async":
         files = [p for p in Path(f"{scratch}/dcp-{engine.dist.rank}").rglob("*") if p.is_file()]
-        result["bytes_per_iteration"] = sum(p.stat().st_size for p in files) / 2
+        result["bytes"]["stored"] = sum(p.stat().st_size for p in files) / 2 / args.dcp_every
         result["host_bytes"] = sum(p.stat().st_size for p in files)
     return result
 
@@ -162,27 +155,21 @@ def run_mode(mode: str, window: int | None, args: argparse.Namespace, scratch: s
 def snapshot_part(args: argparse.Namespace) -> list[dict]:
     rows = {"none": ("none", None), "sparse-auto": ("sparse", None),
             **{f"sparse-W{w}": ("sparse", w) for w in args.windows},
-            "dense": ("dense", 1), "dcp-async": ("dcp-async", None)}
-    per_row = interleaved({label: (*mode, args) for label, mode in rows.items()}, run_mode, args)
-    base = median_seconds(per_row["none"])
-    dense_bytes = per_row["dense"][0][0]["bytes_per_iteration"]
-    table = []
-    for label, rounds in per_row.items():
-        median = median_seconds(rounds)
-        last = rounds[-1][0]
-        table.append({"mode": label, "median_ms": median * 1000, "ratio_vs_none": median / base,
-                      "window": last["window"], "bytes_per_iteration": last["bytes_per_iteration"],
-                      "bytes_vs_dense": last["bytes_per_iteration"] / dense_bytes if dense_bytes else None,
-                      "host_bytes": last["host_bytes"], "fence_ms": last["fence_ms"]})
-    print(f"\n{'mode':12s} {'ms/iter':>8s} {'x none':>7s} {'W':>3s} {'KiB/iter':>9s} {'x dense':>8s} {'held KiB':>9s} {'fence ms':>8s}")
-    for row in table:
-        print(f"{row['mode']:12s} {row['median_ms']:8.1f} {row['ratio_vs_none']:7.3f} {row['window'] or '-':>3} "
-              f"{row['bytes_per_iteration'] / 1024:9.1f} "
-              f"{row['bytes_vs_dense'] if row['bytes_vs_dense'] is not None else float('nan'):8.3f} "
-              f"{row['host_bytes'] / 1024:9.1f} {row['fence_ms']:8.2f}")
-    print("(stage 0's figures; KiB/iter and held KiB are per stage replica; held = shared memory + peer replica,"
-          " or disk for DCP)\n")
-    return table
+            "dense": ("dense", 1), f"dcp-async/{args.dcp_every}": ("dcp-async", None)}
+    per_row = interleaved({label: (*mode, args) for label, mode in rows.items()}, run_mode, args, "none")
+    table = summarize(per_row, baseline="none")
+    print_rows(table, title=f"snapshot every iteration: {args.stages} stages, {args.precision}, "
+                            f"{args.rounds} interleaved rounds of {args.iterations} iterations")
+    windows = {label: rounds[-1][0]["window"] for label, rounds in per_row.items()}
+    print("W used: " + ", ".join(f"{label} {w}" for label, w in windows.items() if w))
+    auto = next(r for r in table if r.label == "sparse-auto")
+    pinned = [r for r in table if r.label.startswith("sparse-W")]
+    if pinned:
+        print(compare(auto, min(pinned, key=lambda r: r.ratio)))
+    print(f"blocking at W auto: {auto.blocked_share * 100:.3f}% of the iteration (goal <= 0.1%); "
+          f"background CPU {auto.background_cpu_share * 100:.2f}% of training CPU (goal <= 5%)")
+    plot_rows(table, name="bench_overhead_snapshots", title="snapshot every iteration")
+    return [{**row.to_dict(), "window": windows[row.label]} for row in table]
 
 
 # -- part "logging" --------------------------------------------------------------------------------
@@ -200,12 +187,14 @@ def run_logging(upstream_log: dict | None, precision: str, iterations: int, args
     """One stage process: its iteration times and, with logging on, its log's bytes per iteration."""
     engine = moetion.initialize(build_module(args), optimizer=adamw,
                                 config=log_config(args, precision, scratch, upstream_log))
-    data, seconds = corpus(), []
+    data, seconds, probe = corpus(), [], StageProbe()
     for t in range(args.warmup + iterations):
+        if t == args.warmup:
+            probe.restart()
         engine.train_batch(data)
         if t >= args.warmup:
             seconds.append(engine.last_stats.seconds)
-    result = {"stage": engine.stage, "seconds": seconds}
+    result = {"stage": engine.stage, **probe.stop(seconds)}
     if engine.upstream is not None:
         result["log"] = log_bytes(engine)
     engine.close()
@@ -228,18 +217,17 @@ def log_bytes(engine: moetion.PipelineEngine) -> dict:
 def logging_overhead(args: argparse.Namespace) -> tuple[list[dict], dict[str, list[dict]]]:
     """Table 1; also returns each logging row's last-round rank results (for table 2)."""
     rows = {label: (upstream_log, args.precision, args.iterations, args) for label, upstream_log in LOG_ROWS.items()}
-    per_row = interleaved(rows, run_logging, args)
-    base = median_seconds(per_row["log-off"])
-    table = [{"mode": label, "median_ms": median_seconds(rounds) * 1000, "ratio_vs_off": median_seconds(rounds) / base}
-             for label, rounds in per_row.items()]
-    print(f"\nlogging overhead ({args.precision}, sparse snapshots W={args.log_window} in every row)")
-    print(f"{'mode':12s} {'ms/iter':>8s} {'x off':>7s}")
-    for row in table:
-        print(f"{row['mode']:12s} {row['median_ms']:8.1f} {row['ratio_vs_off']:7.3f}")
-    ratio = next(row["ratio_vs_off"] for row in table if row["mode"] == DEFAULT_LOG_ROW)
-    print(f"target <= {LOG_TARGET:.2f}x for {DEFAULT_LOG_ROW} (the default): {ratio:.3f}x, "
-          f"{'met' if ratio <= LOG_TARGET else 'NOT met'}\n")
-    return table, {label: rounds[-1] for label, rounds in per_row.items() if LOG_ROWS[label] is not None}
+    per_row = interleaved(rows, run_logging, args, "log-off")
+    table = summarize(per_row, baseline="log-off")
+    print_rows(table, title=f"logging overhead ({args.precision}, sparse snapshots W={args.log_window} in every row)",
+               byte_keys=("logged", "copied"))
+    row = next(r for r in table if r.label == DEFAULT_LOG_ROW)
+    met = row.ratio <= LOG_TARGET or row.verdict == "within noise"
+    print(f"target <= {LOG_TARGET:.2f}x for {DEFAULT_LOG_ROW} (the default): {row.ratio:.3f}x, {row.verdict}, "
+          f"{'met' if met else 'NOT met'}; log puts block {row.blocked_by.get('log_put', 0.0):.3f} ms/iter\n")
+    plot_rows(table, name="bench_overhead_logging", title="upstream logging")
+    return [r.to_dict() for r in table], {label: rounds[-1] for label, rounds in per_row.items()
+                                          if LOG_ROWS.get(label) is not None}
 
 
 def log_bytes_table(args: argparse.Namespace, timed: dict[str, list[dict]]) -> list[dict]:
@@ -385,6 +373,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--windows", type=int, nargs="*", default=[4, 8])
+    parser.add_argument("--dcp-every", type=int, default=1, help="DCP async_save every k iterations")
     parser.add_argument("--log-window", type=int, default=4, help="W pinned in every logging and replay run")
     parser.add_argument("--quick", action="store_true", help="few iterations, one round")
     args = parser.parse_args()
@@ -396,10 +385,7 @@ def main() -> None:
         report["rows"] = snapshot_part(args)
     if args.only in ("logging", "all"):
         report.update(logging_part(args))
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "bench_overhead.json"
-    out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    write_results("bench_overhead", report)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import torch
 
 from logging_store import LogKey, LogStore, LogStoreConfig
 from moetion.errors import MoetionError
+from moetion.profiling import LEDGER, LOG_PUT, LOGGED
 
 ACTIVATION = "activation"
 GRADIENT = "gradient"
@@ -58,20 +59,26 @@ class UpstreamLog:
 
     def log_activation(self, iteration: int, micro_batch: int, tensor: torch.Tensor) -> None:
         """Call right after sending ``tensor`` to the next stage."""
-        self.store.put(LogKey(iteration, micro_batch, ACTIVATION, self.stage + 1), tensor)
+        self._put(LogKey(iteration, micro_batch, ACTIVATION, self.stage + 1), tensor)
 
     def log_gradient(self, iteration: int, micro_batch: int, tensor: torch.Tensor) -> None:
         """Call right after sending ``tensor`` (the input's gradient) to the previous stage."""
-        self.store.put(LogKey(iteration, micro_batch, GRADIENT, self.stage - 1), tensor)
+        self._put(LogKey(iteration, micro_batch, GRADIENT, self.stage - 1), tensor)
 
     def log_tied_grads(self, iteration: int, key: str, grads: Iterable[torch.Tensor]) -> None:
         """Call right after a tied weight's gradients were summed across stages (before clipping)."""
         for index, grad in enumerate(grads):
-            self.store.put(LogKey(iteration, 0, tied_kind(key, index), self.stage), grad)
+            self._put(LogKey(iteration, 0, tied_kind(key, index), self.stage), grad)
 
     def log_scalars(self, iteration: int, scalars: IterationScalars) -> None:
         """Call at the commit point, once the iteration's global decisions are known."""
-        self.store.put(LogKey(iteration, 0, SCALARS, self.stage), scalars.to_tensor())
+        self._put(LogKey(iteration, 0, SCALARS, self.stage), scalars.to_tensor())
+
+    def _put(self, key: LogKey, tensor: torch.Tensor) -> None:
+        """Puts on the training thread: the copy into pooled memory is time it is blocked."""
+        with LEDGER.blocking(LOG_PUT):
+            self.store.put(key, tensor)
+        LEDGER.add_bytes(LOGGED, tensor.numel() * tensor.element_size())
 
     def drop_before(self, iteration: int) -> None:
         if iteration > self.kept_from:

@@ -13,6 +13,8 @@ from typing import Callable
 
 import torch
 
+from moetion.profiling import COPIED, LEDGER
+
 CopyJob = tuple[torch.Tensor, torch.Tensor]  # (source tensor, destination uint8 view)
 
 
@@ -70,6 +72,7 @@ class CaptureWorker:
                 for source, destination in copies:
                     destination.copy_(source.detach().reshape(-1).view(torch.uint8))
                     self.bytes_copied += destination.numel()
+                    LEDGER.add_bytes(COPIED, destination.numel())
                 if then is not None:
                     then()
                 # End to end (copies, checksums, publishing): the throughput the budget can count on.

@@ -38,6 +38,7 @@ from moetion.config import SnapshotConfig
 from moetion.errors import ConfigError
 from moetion.faults import fault_point, register_memory
 from moetion.operators import Operator, discover_operators
+from moetion.profiling import CAPTURE, FENCE, LEDGER, PROPOSE, STORED
 from moetion.snapshot.capture import CaptureWorker
 from moetion.snapshot.image import Capture, Entry, SnapshotError, WindowImage, WindowManifest, checksum
 from moetion.snapshot.layout import WindowLayout, plan_layout
@@ -137,7 +138,8 @@ class SparseCheckpointer:
             layer, _, expert = name.rpartition(".experts.")
             counts.append(float(token_counts[layer][int(expert)]) if layer in token_counts else 0.0)
         # Algorithm 1 is quadratic in operators: run it only where its answer is used.
-        proposal = self._propose() if self._is_decision_point(self._iteration) else self._proposal
+        with LEDGER.blocking(PROPOSE):
+            proposal = self._propose() if self._is_decision_point(self._iteration) else self._proposal
         return torch.tensor([proposal, *counts], dtype=torch.float32)
 
     def absorb_dp(self, summed: torch.Tensor) -> None:
@@ -164,10 +166,15 @@ class SparseCheckpointer:
     # -- capture ---------------------------------------------------------------------------------
     def before_step(self) -> None:
         """Call before the optimizer step: the previous capture must not see half-updated tensors."""
-        self.worker.fence()
+        with LEDGER.blocking(FENCE):
+            self.worker.fence()
 
     def after_step(self, iteration: int) -> None:
         """Call right after the optimizer step of ``iteration``."""
+        with LEDGER.blocking(CAPTURE):
+            self._after_step(iteration)
+
+    def _after_step(self, iteration: int) -> None:
         self._observe_iteration_time()
         for name, count in zip(self._experts, self._counts_pending):
             self._popularity_now[name] += count
@@ -288,6 +295,7 @@ class SparseCheckpointer:
                 extra={"data_parallel": identity.data_parallel},
             )
             self.shm.publish(manifest)
+            LEDGER.add_bytes(STORED, manifest.blob_bytes)
             self.last_complete = manifest
             self.windows_completed += 1
             image = WindowImage(manifest, blob)

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from moetion.faults import fault_point
+from moetion.profiling import LEDGER, REPLICATED
 from moetion.snapshot.image import SnapshotError, WindowImage, WindowManifest
 from moetion.topology import PipeTopology
 
@@ -116,6 +117,7 @@ class PeerReplicator:
                                     iteration=image.manifest.end_iteration)
         send_image(image, self.send_to, group=self.group, before_blob=point)
         self.windows_sent += 1
+        LEDGER.add_bytes(REPLICATED, image.manifest.blob_bytes)
 
     def _receive_loop(self) -> None:
         try:
