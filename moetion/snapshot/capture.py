@@ -9,7 +9,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -37,8 +37,8 @@ class CaptureWorker:
         """Measured capture throughput in bytes per second (copies plus the work after them)."""
         return self.bytes_copied / self.seconds_copying if self.seconds_copying > 0 else None
 
-    def submit(self, copies: list[CopyJob], then: Callable[[], None] | None = None) -> None:
-        """Queues ``copies``; ``then`` runs on the worker thread after the last one."""
+    def submit(self, copies: Iterable[CopyJob], then: Callable[[], None] | None = None) -> None:
+        """Queues ``copies`` (iterated on the worker thread); ``then`` runs there after the last one."""
         self._raise_pending()
         with self._done:
             self._pending += 1

@@ -29,7 +29,7 @@ import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -39,7 +39,7 @@ from moetion.errors import ConfigError
 from moetion.faults import fault_point, register_memory
 from moetion.operators import Operator, discover_operators
 from moetion.profiling import CAPTURE, FENCE, LEDGER, PROPOSE, STORED
-from moetion.snapshot.capture import CaptureWorker
+from moetion.snapshot.capture import CaptureWorker, CopyJob
 from moetion.snapshot.image import Capture, Entry, SnapshotError, WindowImage, WindowManifest, checksum
 from moetion.snapshot.layout import WindowLayout, plan_layout
 from moetion.snapshot.persist import AsyncPersister
@@ -86,6 +86,7 @@ class SparseCheckpointer:
         self.config = config
         self.identity = identity
         self.operators: dict[str, Operator] = {op.name: op for op in discover_operators(master)}
+        self._master_params = list(master.parameters())
         self._experts = [op.name for op in self.operators.values() if op.kind == "expert"]
         self.full_bytes = {n: op.full_bytes() for n, op in self.operators.items()}
         self.compute_bytes = {n: op.compute_bytes(precision=identity.precision) for n, op in self.operators.items()}
@@ -98,8 +99,9 @@ class SparseCheckpointer:
         self.window_start: int | None = None
         self.windows_completed = 0
         self.last_complete: WindowManifest | None = None
-        self._layout: WindowLayout | None = None
-        self._blob: torch.Tensor | None = None
+        self._window: _WindowBuffers | None = None
+        self._layout: WindowLayout | None = None  # the latest planned layout, reused while it fits
+        self._layout_key: tuple | None = None  # what the layout was planned for (see _layout_for)
         self._popularity_used: dict[str, float] = {}
         self._popularity_now: dict[str, float] = {n: 0.0 for n in self._experts}
         self._iteration_seconds: float | None = None
@@ -259,30 +261,54 @@ class SparseCheckpointer:
         self.plan = split_into_slots(self.order, self._agreed)
         self.window_start = start
         self.state = WindowState.CAPTURING
-        self._layout = None
         log.info("window %d..%d: W=%d, operators per slot %s", start, start + self.plan.window - 1,
                  self.plan.window, "/".join(str(len(s)) for s in self.plan.slots))
 
     def _capture(self, iteration: int) -> None:
+        """Queues capture ``i`` of the window. Everything but the queueing runs on the capture thread,
+        in order: capture 0 plans the layout and maps the file, later captures and the publish step
+        find them in the window's buffers."""
         i = iteration - self.window_start
         if i == 0:
-            self._layout = plan_layout(plan=self.plan, operators=self.operators, master=self.master,
-                                       compute=self.compute, optimizer=self.optimizer)
-            self._blob = self.shm.new_blob(self.window_start, self._layout.blob_bytes)
-        copies = [
-            (source, self._blob[e.offset : e.offset + e.nbytes])
-            for source, e in zip(self._layout.sources[i], self._layout.entries[i])
-        ]
+            self._window = _WindowBuffers(self.plan, self.window_start)
+        window = self._window
         last = i == self.plan.window - 1
-        finish = self._publisher(self.plan, self.window_start, self._layout, self._blob, iteration) if last else None
-        self.worker.submit(copies, then=finish)
+        finish = self._publisher(window, iteration) if last else None
+        self.worker.submit(self._copy_jobs(window, i), then=finish)
 
-    def _publisher(self, plan: SlotPlan, start: int, layout: WindowLayout, blob: torch.Tensor, iteration: int):
-        """The publish step of one window, bound to that window's own plan, layout and blob: it runs
-        on the capture thread while the training thread may already be planning the next window."""
+    def _copy_jobs(self, window: "_WindowBuffers", i: int) -> Iterator[CopyJob]:
+        """Capture ``i``'s (source, blob view) pairs, made lazily on the capture thread."""
+        if i == 0:
+            window.layout = self._layout_for(window.plan)
+            window.blob = self.shm.new_blob(window.start, window.layout.blob_bytes, in_use=self._read_by_tiers)
+        for source, e in zip(window.layout.sources[i], window.layout.entries[i]):
+            yield source, window.blob[e.offset : e.offset + e.nbytes]
+
+    def _layout_for(self, plan: SlotPlan) -> WindowLayout:
+        """The layout of a window with ``plan``: the previous window's when every slot holds the same
+        operators (their order inside a slot does not change what a capture holds) and every source
+        tensor is the same object (steady state); planned afresh otherwise (W or slot membership
+        changed, or the optimizer state was replaced by a restore)."""
+        state = self.optimizer.state
+        sources = [id(v) for p in self._master_params if p in state for v in state[p].values()]
+        key = (tuple(frozenset(slot) for slot in plan.slots), tuple(sources))
+        if key != self._layout_key:
+            self._layout = plan_layout(plan=plan, operators=self.operators, master=self.master,
+                                       compute=self.compute, optimizer=self.optimizer)
+            self._layout_key = key
+        return self._layout
+
+    def _read_by_tiers(self, blob: torch.Tensor) -> bool:
+        """Whether a background tier still reads ``blob`` (a retired window), so it cannot be reused."""
+        return any(tier is not None and tier.reads(blob) for tier in (self.replicator, self.persister))
+
+    def _publisher(self, window: "_WindowBuffers", iteration: int):
+        """The publish step of one window, bound to that window's own buffers: it runs on the capture
+        thread while the training thread may already be starting the next window."""
         identity = self.identity
 
         def publish() -> None:
+            plan, start, layout, blob = window.plan, window.start, window.layout, window.blob
             fault_point("capture", stage=identity.stage, replica=identity.replica, iteration=iteration)
             captures = tuple(
                 Capture(start + i, tuple(_with_checksum(e, blob) for e in entries))
@@ -345,6 +371,16 @@ def run_id(config: SnapshotConfig) -> str:
     if os.environ.get("MOETION_RUN_ID"):
         return os.environ["MOETION_RUN_ID"]
     return f"job-{os.environ.get('MASTER_ADDR', 'local')}-{os.environ.get('MASTER_PORT', '0')}"
+
+
+@dataclass
+class _WindowBuffers:
+    """One window's plan, and the layout and file its first capture job sets up on the capture thread."""
+
+    plan: SlotPlan
+    start: int
+    layout: WindowLayout | None = None
+    blob: torch.Tensor | None = None
 
 
 def _with_checksum(entry: Entry, blob: torch.Tensor) -> Entry:
