@@ -89,14 +89,19 @@ class SharedMemoryTier:
         return sum(p.stat().st_size for p in self.directory.glob("*.bin"))
 
     def load_complete(self, *, verify: bool = True) -> WindowImage:
-        """The newest complete window, mapped read-only; verified by checksum unless told not to."""
+        """The newest complete window, mapped (a private mapping unless this process wrote it: never
+        write through it); verified by checksum unless told not to."""
         manifest = self._pointed_manifest()
         if manifest is None:
             raise SnapshotError(f"no complete window in shared memory at {self.directory}")
         path = self._blob_path(manifest.start_iteration)
         if not path.exists() or path.stat().st_size < manifest.blob_bytes:
             raise SnapshotError(f"{path}: window blob missing or shorter than its manifest's {manifest.blob_bytes} bytes")
-        blob = _map_file(path, path.stat().st_size, shared=False)
+        with self._lock:
+            mine = self._mapped.get(manifest.start_iteration)
+        # This process's own mapping when it wrote the window, so that a tier reading the image is
+        # recognised by new_blob's in_use check (a second mapping would have another address).
+        blob = mine if mine is not None else _map_file(path, path.stat().st_size, shared=False)
         image = WindowImage(manifest, blob)
         if verify:
             image.verify(source=str(path))
