@@ -37,7 +37,9 @@ setup(
         "zstandard>=0.22,<1",
     ],
     extras_require={"test": ["pytest>=8,<10", "pytest-timeout>=2.2,<3", "hypothesis>=6.100,<7"],
-                    "plot": ["matplotlib>=3.7,<4"]},
+                    "plot": ["matplotlib>=3.7,<4"],
+                    # Peers in experiments/bench_overhead.py; never needed by moetion itself.
+                    "bench": ["lm-resiliency==0.2.0", "matplotlib>=3.7,<4"]},
     ext_modules=[
         Extension(
             "logging_store._native",

@@ -5,13 +5,17 @@ rows so machine noise hits all alike; a row's figure is the median over its roun
 against a baseline row measured in the same run. ``--only`` picks a part (default: both).
 
 Part "snapshots" -- the cost of a snapshot every iteration:
-  none        no checkpointing (the baseline every ratio is against)
-  sparse-auto moetion sparse snapshots, W chosen by Algorithm 1 from measured time and bandwidth
-  sparse-W    moetion sparse snapshots with W pinned (one row per --windows value)
-  dense       a full snapshot of every operator every iteration to host memory (Gemini-style;
-              the same capture machinery with W=1)
-  dcp-async   torch.distributed.checkpoint.async_save of model + optimizer every iteration
+  none         no checkpointing (the baseline every ratio is against; "none (A/A)" runs it again)
+  sparse-auto  moetion sparse snapshots, W chosen by Algorithm 1 from measured time and bandwidth
+  sparse-W     moetion sparse snapshots with W pinned (one row per --windows value)
+  dense (W=1)  moetion's own full snapshot of every operator every iteration (the same capture
+               machinery with W=1)
+  dcp-async/k  torch.distributed.checkpoint.async_save of model + optimizer every k iterations
+               (k = 1 and --dcp-every)
+  gemini/k     the GEMINI package (lm-resiliency, optional extra "bench") every k optimizer steps
+               (k = 1 and its default 10); "not runnable here" with the reason if it does not import
 Snapshot rows keep windows in /dev/shm and replicate each to a peer stage, as in production.
+--no-peers leaves out the DCP and GEMINI rows.
 
 Part "logging" -- upstream logging of boundary tensors (DESIGN.md §2.3), three tables:
   1. Logging overhead. Every row takes sparse snapshots with W pinned to --log-window, so the
@@ -28,8 +32,13 @@ Part "logging" -- upstream logging of boundary tensors (DESIGN.md §2.3), three 
      ``replay_stage``, times it against that stage's normal iteration time, and checks with
      torch.equal that weights and full optimizer state equal the live stage's.
 
+Every table also shows the measures of experiments/measure.py: training-thread time blocked in
+moetion, background CPU, bytes per iteration, and the A/A noise band ("none (A/A)" / "log-off (A/A)").
+The snapshot part also encodes each stage's last window delta-compressed (moetion/snapshot/delta.py)
+and prints bytes per window before/after, checked bit-exact on decode.
+
 Prints the tables and writes experiments/results/bench_overhead.json with the keys of the parts
-that ran: "rows" (snapshots), "logging", "log_bytes" and "replay".
+that ran: "rows" and "delta" (snapshots), "logging", "log_bytes" and "replay"; PNGs with matplotlib.
 """
 from __future__ import annotations
 
@@ -39,14 +48,11 @@ import shutil
 import statistics
 import tempfile
 import time
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 
 import moetion
 from logging_store import LogStore
@@ -55,9 +61,11 @@ from moetion.demo import demo_model_config
 from moetion.launcher import run_workers
 from moetion.models import build_gpt_moe_layers, gpt_moe_loss
 from moetion.replay import replay_stage
+from moetion.snapshot.delta import DeltaCodec, decode_window, encode_window
 from moetion.snapshot.image import WindowImage, WindowManifest
 from moetion.upstream_log import LogReader
 
+from peers import GEMINI_DEFAULT_INTERVAL, DcpAsyncPeer, GeminiPeer
 from measure import StageProbe, compare, interleave, plot_rows, print_rows, summarize, with_aa, write_results
 
 LOG_TARGET = 1.03
@@ -70,6 +78,7 @@ LOG_ROWS = {
 }
 DEFAULT_LOG_ROW = "log-lz4"
 COMPRESS_TIMEOUT_S = 120
+DELTA_CODECS = (DeltaCodec("lz4"), DeltaCodec("zstd", 1))
 
 
 # -- shared ----------------------------------------------------------------------------------------
@@ -109,53 +118,100 @@ def interleaved(rows: dict[str, tuple], fn: Callable[..., dict], args: argparse.
 
 # -- part "snapshots" ------------------------------------------------------------------------------
 def run_mode(mode: str, window: int | None, args: argparse.Namespace, scratch: str) -> dict:
+    """One stage process of a row: ``mode`` none/sparse/dense (``window``: W, None for auto) or a peer
+    (gemini/dcp-async; ``window``: its save interval)."""
     module = build_module(args)
     snapshot = {"enabled": mode in ("sparse", "dense"), "window": window, "shm_dir": f"{scratch}/shm",
                 "run_id": f"bench-{mode}-{window}"}
     engine = moetion.initialize(module, optimizer=adamw, config={
         "micro_batches": args.micro_batches, "precision": args.precision, "snapshot": snapshot})
-    data = corpus()
-    own_group = None
-    for rank in range(dist.get_world_size()):  # DCP coordinates within a group: one per stage
-        group = dist.new_group([rank], backend="gloo")
-        own_group = group if rank == dist.get_rank() else own_group
-    warnings.filterwarnings("ignore", message="Detected an existing checkpoint")
-    pending, seconds, probe = None, [], StageProbe()
+    data, seconds, probe = corpus(), [], StageProbe()
+    peer = None
+    if mode == "gemini":
+        peer = GeminiPeer(module, engine.optimizer, interval=window, probe=probe)
+    elif mode == "dcp-async":
+        peer = DcpAsyncPeer(module, engine.optimizer, every=window, directory=f"{scratch}/dcp-{engine.dist.rank}",
+                            probe=probe)
     for t in range(args.warmup + args.iterations):
         if t == args.warmup:
             probe.restart()
         start = time.perf_counter()
         engine.train_batch(data)
-        if mode == "dcp-async" and (t + 1) % args.dcp_every == 0:
-            blocked = time.perf_counter()
-            if pending is not None:
-                pending.result()
-            state = {"model": module.state_dict(), "optim": engine.optimizer.state_dict()}
-            pending = dcp.async_save(state, checkpoint_id=f"{scratch}/dcp-{engine.dist.rank}/iter-{t % 2}",
-                                     process_group=own_group)
-            if t >= args.warmup:
-                probe.add_blocked(time.perf_counter() - blocked)
+        if peer is not None:
+            peer.after_iteration(t)
         if t >= args.warmup:
             seconds.append(time.perf_counter() - start)
     result = probe.stop(seconds)
-    if pending is not None:
-        pending.result()
-    engine.close()
     ckpt = engine.checkpointer
     result.update(window=None, host_bytes=0)
     if ckpt is not None and ckpt.last_complete is not None:
-        result.update(window=ckpt.last_complete.window, host_bytes=sum(ckpt.tier_bytes().values()))
-    if mode == "dcp-async":
-        files = [p for p in Path(f"{scratch}/dcp-{engine.dist.rank}").rglob("*") if p.is_file()]
-        result["bytes"]["stored"] = sum(p.stat().st_size for p in files) / 2 / args.dcp_every
-        result["host_bytes"] = sum(p.stat().st_size for p in files)
+        ckpt.worker.fence()
+        result.update(window=ckpt.last_complete.window, host_bytes=sum(ckpt.tier_bytes().values()),
+                      delta=delta_sizes(ckpt.shm.load_complete()))
+    if peer is not None:
+        peer.close()
+        result["bytes"].update(peer.bytes_per_iteration())
+    engine.close()
     return result
+
+
+def gemini_runnable() -> bool:
+    """Whether the GEMINI package imports here; says why not when it does not."""
+    try:
+        import lm_resiliency  # noqa: F401 - optional extra
+    except ImportError as error:
+        print(f"gemini/1, gemini/{GEMINI_DEFAULT_INTERVAL}: not runnable here: {error} "
+              "(install the optional extra: pip install .[bench])")
+        return False
+    return True
+
+
+def delta_sizes(image: WindowImage) -> dict:
+    """One real window's bytes raw and delta-compressed per codec, the encode CPU time, and whether
+    the decoded window is bit-exact."""
+    sizes = {"raw": image.manifest.blob_bytes, "window": image.manifest.window}
+    for codec in DELTA_CODECS:
+        start = time.thread_time()
+        encoded = encode_window(image, codec)
+        sizes[f"{codec.codec}_s"] = time.thread_time() - start
+        sizes[codec.codec] = encoded.stored_bytes
+        decoded = decode_window(encoded)
+        sizes[f"{codec.codec}_exact"] = all(torch.equal(decoded.tensor(e), image.tensor(e))
+                                            for c in image.manifest.captures for e in c.entries)
+    return sizes
+
+
+def print_delta(per_row: dict[str, list[list[dict]]]) -> list[dict]:
+    """Bytes per window before/after delta compression, summed over stages, from each row's last round."""
+    table = []
+    for label, rounds in per_row.items():
+        stages = [s["delta"] for s in rounds[-1] if s.get("delta")]
+        if not stages:
+            continue
+        row = {"mode": label, "window": stages[0]["window"], "raw": sum(s["raw"] for s in stages)}
+        for codec in DELTA_CODECS:
+            name = codec.codec
+            row.update({name: sum(s[name] for s in stages), f"{name}_s": sum(s[f"{name}_s"] for s in stages),
+                        f"{name}_exact": all(s[f"{name}_exact"] for s in stages)})
+        table.append(row)
+    print("\ndelta-compressed windows (compute copies XOR the previous capture's; shuffle + codec), summed over stages")
+    print(f"{'row':14s} {'W':>3s} {'raw KiB':>9s} " + " ".join(f"{c.codec + ' KiB':>10s} {'x':>5s} {'enc ms':>7s} {'exact':>5s}"
+                                                      for c in DELTA_CODECS))
+    for row in table:
+        cells = " ".join(f"{row[c.codec] / 1024:10.1f} {row['raw'] / row[c.codec]:5.2f} {row[c.codec + '_s'] * 1000:7.1f} "
+                         f"{'yes' if row[c.codec + '_exact'] else 'NO':>5s}" for c in DELTA_CODECS)
+        print(f"{row['mode']:14s} {row['window']:>3d} {row['raw'] / 1024:9.1f} {cells}")
+    print("(one window per stage; enc ms: CPU time to encode it on one thread, off the training thread in production)")
+    return table
 
 
 def snapshot_part(args: argparse.Namespace) -> list[dict]:
     rows = {"none": ("none", None), "sparse-auto": ("sparse", None),
-            **{f"sparse-W{w}": ("sparse", w) for w in args.windows},
-            "dense": ("dense", 1), f"dcp-async/{args.dcp_every}": ("dcp-async", None)}
+            **{f"sparse-W{w}": ("sparse", w) for w in args.windows}, "dense (W=1)": ("dense", 1)}
+    if args.peers:
+        rows.update({f"dcp-async/{k}": ("dcp-async", k) for k in (1, args.dcp_every)})
+        if gemini_runnable():
+            rows.update({f"gemini/{k}": ("gemini", k) for k in (1, GEMINI_DEFAULT_INTERVAL)})
     per_row = interleaved({label: (*mode, args) for label, mode in rows.items()}, run_mode, args, "none")
     table = summarize(per_row, baseline="none")
     print_rows(table, title=f"snapshot every iteration: {args.stages} stages, {args.precision}, "
@@ -169,7 +225,8 @@ def snapshot_part(args: argparse.Namespace) -> list[dict]:
     print(f"blocking at W auto: {auto.blocked_share * 100:.3f}% of the iteration (goal <= 0.1%); "
           f"background CPU {auto.background_cpu_share * 100:.2f}% of training CPU (goal <= 5%)")
     plot_rows(table, name="bench_overhead_snapshots", title="snapshot every iteration")
-    return [{**row.to_dict(), "window": windows[row.label]} for row in table]
+    delta = print_delta(per_row)
+    return {"rows": [{**row.to_dict(), "window": windows[row.label]} for row in table], "delta": delta}
 
 
 # -- part "logging" --------------------------------------------------------------------------------
@@ -373,7 +430,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--windows", type=int, nargs="*", default=[4, 8])
-    parser.add_argument("--dcp-every", type=int, default=1, help="DCP async_save every k iterations")
+    parser.add_argument("--dcp-every", type=int, default=10, help="the second DCP row saves every k iterations")
+    parser.add_argument("--no-peers", dest="peers", action="store_false",
+                        help="leave out the GEMINI and DCP rows")
     parser.add_argument("--log-window", type=int, default=4, help="W pinned in every logging and replay run")
     parser.add_argument("--quick", action="store_true", help="few iterations, one round")
     args = parser.parse_args()
@@ -382,7 +441,7 @@ def main() -> None:
         args.iterations, args.warmup, args.rounds = 8, 2, 1
     report: dict = {"settings": vars(args)}
     if args.only in ("snapshots", "all"):
-        report["rows"] = snapshot_part(args)
+        report.update(snapshot_part(args))
     if args.only in ("logging", "all"):
         report.update(logging_part(args))
     write_results("bench_overhead", report)

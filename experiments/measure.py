@@ -4,7 +4,8 @@ On a shared, saturated CPU, wall-clock ratios of a few percent between runs are 
 benchmark reports, per row:
 
   (a) blocked ms/iter  the training thread's time inside moetion's blocking points (or inside a
-                       peer's save call), from per-thread timestamps (moetion.profiling);
+                       peer's save call), from per-thread timestamps (moetion.profiling); beside it
+                       the training thread's CPU time there (wall minus preemption, waits excluded);
   (b) bg CPU share     CPU-seconds of moetion's background threads per iteration, as a share of the
                        training thread's CPU-seconds; ``extra CPU`` is the CPU of every thread but
                        the training one, minus the baseline row's (the only fair figure for peers,
@@ -37,7 +38,7 @@ class StageProbe:
     """Per-stage figures over a timed span; create and call on the training thread."""
 
     def __init__(self) -> None:
-        self._extra_blocked = 0.0
+        self._extra_blocked = self._extra_blocked_cpu = 0.0
         self._start()
 
     def _start(self) -> None:
@@ -48,12 +49,13 @@ class StageProbe:
 
     def restart(self) -> None:
         """Call right before the timed iterations (after warm-up)."""
-        self._extra_blocked = 0.0
+        self._extra_blocked = self._extra_blocked_cpu = 0.0
         self._start()
 
-    def add_blocked(self, seconds: float) -> None:
+    def add_blocked(self, seconds: float, cpu_seconds: float = 0.0) -> None:
         """Blocking outside moetion (a peer's save call), timed by the caller."""
         self._extra_blocked += seconds
+        self._extra_blocked_cpu += cpu_seconds
 
     def stop(self, seconds: list[float]) -> dict:
         """The span's figures per iteration; ``seconds``: each timed iteration's wall time.
@@ -63,11 +65,14 @@ class StageProbe:
         other_cpu = time.process_time() - self._process_cpu - train_cpu
         cost = LEDGER.snapshot() - self._cost
         blocked = {k: v / n for k, v in cost.blocked_s.items() if v}
+        blocked_cpu = {k: v / n for k, v in cost.blocked_cpu_s.items() if v}
         if self._extra_blocked:
             blocked["peer_save"] = self._extra_blocked / n
+            blocked_cpu["peer_save"] = self._extra_blocked_cpu / n
         return {"seconds": seconds, "iterations": len(seconds), "train_cpu_s": train_cpu / n,
                 "other_cpu_s": other_cpu / n, "background_cpu_s": cost.background_cpu_s / n,
-                "blocked_s": blocked, "bytes": {k: v / n for k, v in cost.bytes.items() if v}}
+                "blocked_s": blocked, "blocked_cpu_s": blocked_cpu,
+                "bytes": {k: v / n for k, v in cost.bytes.items() if v}}
 
 
 def with_aa(rows: dict[str, tuple], baseline: str) -> dict[str, tuple]:
@@ -104,6 +109,7 @@ class Row:
     blocked_ms: float  # worst stage's training-thread time blocked per iteration
     blocked_share: float  # of that stage's own median iteration time
     blocked_by: dict[str, float]  # worst stage's ms per category
+    blocked_cpu_ms: float  # that stage's training-thread CPU time inside the blocking points
     background_cpu_share: float  # moetion's background threads / training threads, summed over stages
     extra_cpu_share: float  # every non-training thread, minus the baseline's, / training threads
     bytes_per_iteration: dict[str, float]  # summed over stages
@@ -151,6 +157,7 @@ def summarize(per_row: dict[str, list[list[dict]]], *, baseline: str) -> list[Ro
                         ratio=ratio, ratio_low=min(ratios), ratio_high=max(ratios), band=band,
                         verdict="(baseline)" if label == baseline else verdict(ratio, band),
                         blocked_ms=blocked * 1000, blocked_share=blocked / stage_median, blocked_by=by,
+                        blocked_cpu_ms=statistics.mean(sum(r[worst]["blocked_cpu_s"].values()) for r in rounds) * 1000,
                         background_cpu_share=_cpu_per_iteration(rounds, "background_cpu_s") / train,
                         extra_cpu_share=(_cpu_per_iteration(rounds, "other_cpu_s") - base_other) / train,
                         bytes_per_iteration=nbytes))
@@ -169,14 +176,15 @@ def print_rows(rows: list[Row], *, title: str, byte_keys: tuple[str, ...] = ("co
     print(f"\n{title}")
     heads = " ".join(f"{k[:9] + ' KiB':>13s}" for k in byte_keys)
     print(f"{'row':20s} {'ms/iter':>8s} {'x base':>7s} {'rounds':>13s} {'verdict':>30s} {'blocked ms':>10s} "
-          f"{'% iter':>7s} {'bg CPU':>7s} {'extra CPU':>9s} {heads}")
+          f"{'% iter':>7s} {'CPU ms':>8s} {'bg CPU':>7s} {'extra CPU':>9s} {heads}")
     for r in rows:
         sizes = " ".join(f"{r.bytes_per_iteration.get(k, 0.0) / 1024:13.1f}" for k in byte_keys)
         print(f"{r.label:20s} {r.median_ms:8.1f} {r.ratio:7.3f} {f'{r.ratio_low:.2f}..{r.ratio_high:.2f}':>13s} "
-              f"{r.verdict:>30s} {r.blocked_ms:10.3f} {r.blocked_share * 100:6.3f}% {r.background_cpu_share * 100:6.2f}% "
+              f"{r.verdict:>30s} {r.blocked_ms:10.3f} {r.blocked_share * 100:6.3f}% {r.blocked_cpu_ms:8.3f} {r.background_cpu_share * 100:6.2f}% "
               f"{r.extra_cpu_share * 100:8.2f}% {sizes}")
     band = rows[0].band if rows else 0.0
-    print(f"noise band (A/A): +-{band * 100:.1f}%. blocked: worst stage, ms per iteration and % of its iteration; "
+    print(f"noise band (A/A): +-{band * 100:.1f}%. blocked: worst stage, ms per iteration and % of its iteration "
+          "(CPU ms: its CPU time there, preemption excluded); "
           "bg CPU: moetion's threads / training threads; extra CPU: all non-training threads minus the baseline's, "
           "/ training threads; bytes per iteration summed over stages.")
 

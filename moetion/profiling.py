@@ -5,8 +5,10 @@ counted directly. Three kinds of figures, all cumulative since the process start
 takes a :meth:`CostLedger.snapshot` before and after a span and subtracts):
 
 - **blocked**: seconds the training thread spent inside moetion's blocking points (the capture
-  fence, capture planning and submission, Algorithm 1, putting a boundary tensor into the log),
-  timed with two ``perf_counter`` calls each, per category;
+  fence, capture submission, Algorithm 1, putting a boundary tensor into the log), timed with two
+  ``perf_counter`` calls each, per category; and the training thread's CPU-seconds spent there
+  (``thread_time``): on a saturated machine the wall figure includes time the thread was
+  preempted, the CPU figure does not;
 - **bytes**: bytes copied by the capture thread, stored in shared memory per window, sent to the
   replication peer, put into the upstream log;
 - **background CPU**: CPU-seconds of moetion's own threads (named ``moetion-*`` and the log
@@ -40,12 +42,14 @@ class CostSnapshot:
     """Cumulative figures at one instant; subtract two to get a span's costs."""
 
     blocked_s: dict[str, float] = field(default_factory=dict)
+    blocked_cpu_s: dict[str, float] = field(default_factory=dict)
     bytes: dict[str, int] = field(default_factory=dict)
     background_cpu_s: float = 0.0
 
     def __sub__(self, earlier: "CostSnapshot") -> "CostSnapshot":
         return CostSnapshot(
             blocked_s={k: v - earlier.blocked_s.get(k, 0.0) for k, v in self.blocked_s.items()},
+            blocked_cpu_s={k: v - earlier.blocked_cpu_s.get(k, 0.0) for k, v in self.blocked_cpu_s.items()},
             bytes={k: v - earlier.bytes.get(k, 0) for k, v in self.bytes.items()},
             background_cpu_s=self.background_cpu_s - earlier.background_cpu_s,
         )
@@ -61,20 +65,22 @@ class CostLedger:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._blocked: dict[str, float] = {}
+        self._blocked_cpu: dict[str, float] = {}
         self._bytes: dict[str, int] = {}
 
     @contextmanager
     def blocking(self, category: str) -> Iterator[None]:
         """Times the enclosed code as training-thread time blocked in ``category``."""
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         try:
             yield
         finally:
-            self.add_blocked(category, time.perf_counter() - start)
+            self.add_blocked(category, time.perf_counter() - start, cpu_seconds=time.thread_time() - cpu)
 
-    def add_blocked(self, category: str, seconds: float) -> None:
+    def add_blocked(self, category: str, seconds: float, *, cpu_seconds: float = 0.0) -> None:
         with self._lock:
             self._blocked[category] = self._blocked.get(category, 0.0) + seconds
+            self._blocked_cpu[category] = self._blocked_cpu.get(category, 0.0) + cpu_seconds
 
     def add_bytes(self, category: str, nbytes: int) -> None:
         with self._lock:
@@ -82,8 +88,8 @@ class CostLedger:
 
     def snapshot(self) -> CostSnapshot:
         with self._lock:
-            blocked, nbytes = dict(self._blocked), dict(self._bytes)
-        return CostSnapshot(blocked, nbytes, background_cpu_seconds())
+            blocked, blocked_cpu, nbytes = dict(self._blocked), dict(self._blocked_cpu), dict(self._bytes)
+        return CostSnapshot(blocked, blocked_cpu, nbytes, background_cpu_seconds())
 
 
 def background_cpu_seconds(prefixes: tuple[str, ...] = BACKGROUND_THREAD_PREFIXES) -> float:
