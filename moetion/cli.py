@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--runs", type=int, default=30, help="Monte-Carlo runs for the simulated ETTR (0: skip)")
     plan.add_argument("--seed", type=int, default=0)
     plan.add_argument("--plot", default=None, metavar="OUT.png", help="draw ETTR vs MTBF (needs matplotlib)")
+    plan.add_argument("--calibrate", default=None, metavar="FILE",
+                      help="measured fixed costs (experiments/bench_recovery.py writes results/calibration.json)")
 
     args = parser.parse_args(argv)
     try:
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             from moetion.planner.cli import plan_command
 
             return plan_command(preset_name=args.preset, spec=args.json, mtbf=args.mtbf, runs=args.runs,
-                                seed=args.seed, plot=args.plot)
+                                seed=args.seed, plot=args.plot, calibrate=args.calibrate)
         elif args.command == "faults":
             from moetion.harness.runner import faults_command
 
