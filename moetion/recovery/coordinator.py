@@ -197,7 +197,7 @@ class Recovery:
             events.update(replayed=0, replay_s=0.0, bytes_received=0)
         else:
             image = self._load_window(restore)
-            events.update(state_loaded_at=time.time(), window_bytes=image.manifest.blob_bytes)
+            events.update(state_loaded_at=time.time(), window_bytes=image.manifest.blob_bytes if image is not None else 0)
             stores, received = self._receive_logs(restore)
             events.update(logs_received_at=time.time(), bytes_received=received)
             try:
