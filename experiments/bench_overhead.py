@@ -43,6 +43,7 @@ that ran: "rows" and "delta" (snapshots), "logging", "log_bytes" and "replay"; P
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -66,7 +67,7 @@ from moetion.snapshot.image import WindowImage, WindowManifest
 from moetion.upstream_log import LogReader
 
 from peers import GEMINI_DEFAULT_INTERVAL, DcpAsyncPeer, GeminiPeer
-from measure import StageProbe, compare, interleave, plot_rows, print_rows, summarize, with_aa, write_results
+from measure import RESULTS, StageProbe, compare, interleave, plot_rows, print_rows, summarize, with_aa, write_results
 
 LOG_TARGET = 1.03
 # Logging rows: label -> upstream_log config (None: logging off). The target applies to the default.
@@ -155,6 +156,16 @@ def run_mode(mode: str, window: int | None, args: argparse.Namespace, scratch: s
     return result
 
 
+def refresh_calibration(blocked_share: float) -> None:
+    """Sets overhead_fraction in the calibration file bench_recovery.py wrote, if there is one."""
+    path = RESULTS / "calibration.json"
+    if path.exists():
+        calibration = json.loads(path.read_text())
+        calibration["overhead_fraction"] = blocked_share
+        path.write_text(json.dumps(calibration, indent=2))
+        print(f"{path}: overhead_fraction = {blocked_share:.5f} (sparse-auto's blocked share)")
+
+
 def gemini_runnable() -> bool:
     """Whether the GEMINI package imports here; says why not when it does not."""
     try:
@@ -225,6 +236,7 @@ def snapshot_part(args: argparse.Namespace) -> list[dict]:
     print(f"blocking at W auto: {auto.blocked_share * 100:.3f}% of the iteration (goal <= 0.1%); "
           f"background CPU {auto.background_cpu_share * 100:.2f}% of training CPU (goal <= 5%)")
     plot_rows(table, name="bench_overhead_snapshots", title="snapshot every iteration")
+    refresh_calibration(auto.blocked_share)
     delta = print_delta(per_row)
     return {"rows": [{**row.to_dict(), "window": windows[row.label]} for row in table], "delta": delta}
 

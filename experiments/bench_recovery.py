@@ -130,9 +130,10 @@ def measure_rollback(settings: DemoSettings, interval: int, kill_iteration: int,
 
 
 def measure_moetion(settings: DemoSettings, kill_iteration: int, stage: int, scratch: Path) -> dict:
-    run_id = f"bench-recovery-{os.getpid()}"
+    attempt = Path(tempfile.mkdtemp(prefix="moetion-", dir=scratch))  # a fresh fault log: each kill fires once per log
+    run_id = f"bench-recovery-{os.getpid()}-{attempt.name}"
     env = {KILL_ENV: f"stage={stage},iter={kill_iteration},phase=backward",
-           FAULT_LOG_ENV: str(scratch / "moetion-kills.jsonl"), "MOETION_RUN_ID": run_id}
+           FAULT_LOG_ENV: str(attempt / "kills.jsonl"), "MOETION_RUN_ID": run_id}
     try:
         report = supervise_workers(rank_main, nproc=STAGES, args=(settings, run_id), recover=True, env=env, timeout_s=600)
     finally:
