@@ -208,6 +208,7 @@ def main() -> None:
                                      "ratios": {r["approach"]: ratios(r, moe) for r in rows[:-1]},
                                      "calibration": calibration, "model": curves})
     plot_curves(curves)
+    plot_timelines(rows, runs["moetion"][-1])
 
 
 METRICS = ("wall_s", "work_lost_stage_s", "occupancy_lost_stage_s", "bytes_moved")
@@ -309,6 +310,36 @@ def print_curves(curves: list[dict], *, window: int) -> None:
         reached = [c["interval"] for c in curves if c["stages"] == stages and c["rollback_ratio"] >= TARGET_RATIO]
         where = f"from interval {reached[0]}" if reached else f"not within intervals <= {INTERVALS[-1]}"
         print(f"{stages} stages: rollback loses >= {TARGET_RATIO:.0f}x moetion's work {where}")
+
+
+PHASES = (("detect_s", "detected"), ("respawn_s", "respawned"), ("rejoin_s", "rejoined"), ("script_s", "script"),
+          ("load_s", "window loaded"), ("logs_s", "logs received"), ("replay_s", "replayed"))
+
+
+def plot_timelines(rows: list[dict], moe: dict) -> None:
+    """Kill -> back per approach side by side, moetion's split into its recovery phases."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axis = plt.subplots(figsize=(10, 2.8))
+    for y, row in enumerate(rows[:-1]):
+        axis.barh(y, row["wall_s"], xerr=row["wall_s"] * row["wall_s_band"] / 2, color="grey")
+    left, y = 0.0, len(rows) - 1
+    for key, label in PHASES:
+        width = moe["timeline"].get(key) or 0.0
+        axis.barh(y, width, left=left, label=label)
+        left += width
+    axis.set_yticks(range(len(rows)), [r["approach"] for r in rows])
+    axis.set_xlabel("seconds from the kill until back at the killed iteration")
+    axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), title="moetion (last repeat)")
+    fig.tight_layout()
+    path = RESULTS / "bench_recovery_timelines.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    print(f"wrote {path}")
 
 
 def plot_curves(curves: list[dict]) -> None:
