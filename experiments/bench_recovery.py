@@ -265,13 +265,13 @@ def fixed_costs(measured: list[dict], *, iteration_s: float, stages: int, checkp
 
 
 def overhead_from_bench_overhead() -> dict:
-    """sparse-auto's blocked share of the iteration from the last bench_overhead.py run, if any."""
-    path = RESULTS / "bench_overhead.json"
-    if not path.exists():
+    """sparse-auto's blocked CPU share of the iteration from the last bench_overhead.py run, if any."""
+    path = next((p for p in (RESULTS / "bench_overhead_snapshots.json", RESULTS / "bench_overhead.json") if p.exists()), None)
+    if path is None:
         return {}
     rows = json.loads(path.read_text()).get("rows", [])
     auto = next((r for r in rows if r.get("label") == "sparse-auto"), None)
-    return {} if auto is None else {"overhead_fraction": auto["blocked_share"]}
+    return {} if auto is None else {"overhead_fraction": auto["blocked_cpu_ms"] / auto["median_ms"]}
 
 
 def model_curves(cal: dict, *, window: int) -> list[dict]:
