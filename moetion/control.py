@@ -20,7 +20,6 @@ heartbeat thread once a second.
 """
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import os
 import threading
@@ -31,6 +30,7 @@ from typing import Any
 import torch.distributed as dist
 
 from moetion.errors import MoetionError
+from moetion.recovery.records import RecoveryEvents
 
 GENERATION_ENV = "MOETION_GENERATION"  # the generation a process was started into
 SUPERVISED_ENV = "MOETION_SUPERVISED"  # "1": a supervisor will replace dead ranks
@@ -143,15 +143,18 @@ class ControlPlane:
             raise JobAborted(message)
 
     # -- records ------------------------------------------------------------------------------------
-    def record(self, generation: int, rank: int, events: dict[str, Any]) -> None:
-        self.store.set(f"events/{generation}/{rank}", json.dumps(events))
+    def record(self, generation: int, rank: int, events: RecoveryEvents) -> None:
+        self.store.set(f"events/{generation}/{rank}", events.to_json())
 
-    def records(self, generation: int, ranks: range) -> dict[int, dict[str, Any]]:
+    def records(self, generation: int, ranks: range) -> dict[int, RecoveryEvents]:
+        """Every rank's recovery events of ``generation``; a malformed record is skipped with a warning."""
         found = {}
         for rank in ranks:
             key = f"events/{generation}/{rank}"
             if self.store.check([key]):
-                found[rank] = json.loads(self.store.get(key))
+                events = RecoveryEvents.from_json(self.store.get(key))
+                if events is not None:
+                    found[rank] = events
         return found
 
     # -- liveness -------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from torch import nn
 
 from moetion.config import Config
 from moetion.data import DataSource
-from moetion.engine import RUN_CONFIG
+from moetion.run_layout import RUN_CONFIG
 from moetion.errors import MoetionError
 from moetion.launcher import run_workers
 from moetion.module import LayerSpec

@@ -25,7 +25,6 @@ from __future__ import annotations
 import enum
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -362,15 +361,6 @@ class SparseCheckpointer:
             m = image.manifest
             logs = self.log_exporter(m.start_iteration, m.end_iteration + 1) if self.log_exporter else None
             self.persister.submit(image, logs=logs)
-
-
-def run_id(config: SnapshotConfig) -> str:
-    """The job's name in shared memory and on disk; identical on every rank and on replacements."""
-    if config.run_id:
-        return config.run_id
-    if os.environ.get("MOETION_RUN_ID"):
-        return os.environ["MOETION_RUN_ID"]
-    return f"job-{os.environ.get('MASTER_ADDR', 'local')}-{os.environ.get('MASTER_PORT', '0')}"
 
 
 @dataclass
