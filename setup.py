@@ -42,6 +42,8 @@ setup(
         "plots": ["matplotlib>=3.7,<4"],  # moetion report, moetion plan --plot
         "progress": ["tqdm>=4.60,<5"],  # progress bars with rate and ETA (a plain counter without)
         "tensorboard": ["tensorboard>=2.10,<3"],  # metrics.tensorboard
+        # Peers in experiments/bench_overhead.py; never needed by moetion itself.
+        "bench": ["lm-resiliency==0.2.0", "matplotlib>=3.7,<4"],
     },
     ext_modules=[
         Extension(

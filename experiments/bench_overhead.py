@@ -5,13 +5,17 @@ rows so machine noise hits all alike; a row's figure is the median over its roun
 against a baseline row measured in the same run. ``--only`` picks a part (default: both).
 
 Part "snapshots" -- the cost of a snapshot every iteration:
-  none        no checkpointing (the baseline every ratio is against)
-  sparse-auto moetion sparse snapshots, W chosen by Algorithm 1 from measured time and bandwidth
-  sparse-W    moetion sparse snapshots with W pinned (one row per --windows value)
-  dense       a full snapshot of every operator every iteration to host memory (Gemini-style;
-              the same capture machinery with W=1)
-  dcp-async   torch.distributed.checkpoint.async_save of model + optimizer every iteration
+  none         no checkpointing (the baseline every ratio is against; "none (A/A)" runs it again)
+  sparse-auto  moetion sparse snapshots, W chosen by Algorithm 1 from measured time and bandwidth
+  sparse-W     moetion sparse snapshots with W pinned (one row per --windows value)
+  dense (W=1)  moetion's own full snapshot of every operator every iteration (the same capture
+               machinery with W=1)
+  dcp-async/k  torch.distributed.checkpoint.async_save of model + optimizer every k iterations
+               (k = 1 and --dcp-every)
+  gemini/k     the GEMINI package (lm-resiliency, optional extra "bench") every k optimizer steps
+               (k = 1 and its default 10); "not runnable here" with the reason if it does not import
 Snapshot rows keep windows in /dev/shm and replicate each to a peer stage, as in production.
+--no-peers leaves out the DCP and GEMINI rows.
 
 Part "logging" -- upstream logging of boundary tensors (DESIGN.md §2.3), three tables:
   1. Logging overhead. Every row takes sparse snapshots with W pinned to --log-window, so the
@@ -28,8 +32,13 @@ Part "logging" -- upstream logging of boundary tensors (DESIGN.md §2.3), three 
      ``replay_stage``, times it against that stage's normal iteration time, and checks with
      torch.equal that weights and full optimizer state equal the live stage's.
 
-Prints the tables and writes experiments/results/bench_overhead.json with the keys of the parts
-that ran: "rows" (snapshots), "logging", "log_bytes" and "replay".
+Every table also shows the measures of experiments/measure.py: training-thread time blocked in
+moetion, background CPU, bytes per iteration, and the A/A noise band ("none (A/A)" / "log-off (A/A)").
+The snapshot part also encodes each stage's last window delta-compressed (moetion/snapshot/delta.py)
+and prints bytes per window before/after, checked bit-exact on decode.
+
+Prints the tables and writes experiments/results/bench_overhead.json (bench_overhead_<part>.json
+with --only) with the keys of the parts that ran: "rows" and "delta" (snapshots), "logging", "log_bytes" and "replay"; PNGs with matplotlib.
 """
 from __future__ import annotations
 
@@ -39,14 +48,12 @@ import os
 import shutil
 import statistics
 import tempfile
-import warnings
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 
 import moetion
 from logging_store import LogStore
@@ -55,10 +62,13 @@ from moetion.demo import demo_model_config
 from moetion.launcher import run_workers
 from moetion.models import build_gpt_moe_layers, gpt_moe_loss
 from moetion.replay import replay_stage
+from moetion.snapshot.delta import DeltaCodec, decode_window, encode_window
 from moetion.snapshot.image import WindowImage, WindowManifest
 from moetion.upstream_log import LogReader
 
-RESULTS = Path(__file__).parent / "results"
+from peers import GEMINI_DEFAULT_INTERVAL, DcpAsyncPeer, GeminiPeer
+from measure import RESULTS, StageProbe, compare, interleave, plot_rows, print_rows, summarize, with_aa, write_results
+
 LOG_TARGET = 1.03
 # Logging rows: label -> upstream_log config (None: logging off). The target applies to the default.
 LOG_ROWS = {
@@ -69,6 +79,7 @@ LOG_ROWS = {
 }
 DEFAULT_LOG_ROW = "log-lz4"
 COMPRESS_TIMEOUT_S = 120
+DELTA_CODECS = (DeltaCodec("lz4"), DeltaCodec("zstd", 1))
 
 
 # -- shared ----------------------------------------------------------------------------------------
@@ -100,89 +111,136 @@ def run_stages(fn: Callable[..., dict], args: argparse.Namespace, *fn_args: obje
         return run_workers(fn, nproc=args.stages, args=(*fn_args, scratch), timeout_s=600)
 
 
-def interleaved(rows: dict[str, tuple], fn: Callable[..., dict],
-                args: argparse.Namespace) -> dict[str, list[list[dict]]]:
-    """Runs every row (``fn``'s arguments) once per round, rows in turn; each row's rank results per round."""
-    per_row: dict[str, list[list[dict]]] = {label: [] for label in rows}
-    for round_index in range(args.rounds):
-        for label, fn_args in rows.items():
-            ranks = run_stages(fn, args, *fn_args)
-            per_row[label].append(ranks)
-            print(f"round {round_index + 1}/{args.rounds}: {label:12s} median "
-                  f"{statistics.median(ranks[0]['seconds']) * 1000:.1f} ms", flush=True)
-    return per_row
-
-
-def median_seconds(rounds: list[list[dict]]) -> float:
-    """Median iteration time over all rounds of a row, as stage 0 measured it (the pipeline's time)."""
-    return statistics.median(s for ranks in rounds for s in ranks[0]["seconds"])
+def interleaved(rows: dict[str, tuple], fn: Callable[..., dict], args: argparse.Namespace,
+                baseline: str) -> dict[str, list[list[dict]]]:
+    """Every row (``fn``'s arguments) once per round, rows in turn, plus the baseline's A/A row."""
+    return interleave(with_aa(rows, baseline), lambda *fn_args: run_stages(fn, args, *fn_args), rounds=args.rounds)
 
 
 # -- part "snapshots" ------------------------------------------------------------------------------
 def run_mode(mode: str, window: int | None, args: argparse.Namespace, scratch: str) -> dict:
+    """One stage process of a row: ``mode`` none/sparse/dense (``window``: W, None for auto) or a peer
+    (gemini/dcp-async; ``window``: its save interval)."""
     module = build_module(args)
     snapshot = {"enabled": mode in ("sparse", "dense"), "window": window, "shm_dir": f"{scratch}/shm",
                 "run_id": f"bench-{mode}-{window}"}
     engine = moetion.initialize(module, optimizer=adamw, config={
         "micro_batches": args.micro_batches, "precision": args.precision, "snapshot": snapshot})
-    data = corpus()
-    own_group = None
-    for rank in range(dist.get_world_size()):  # DCP coordinates within a group: one per stage
-        group = dist.new_group([rank], backend="gloo")
-        own_group = group if rank == dist.get_rank() else own_group
-    warnings.filterwarnings("ignore", message="Detected an existing checkpoint")
-    pending, seconds = None, []
+    data, seconds, probe = corpus(), [], StageProbe()
+    peer = None
+    if mode == "gemini":
+        peer = GeminiPeer(module, engine.optimizer, interval=window, probe=probe)
+    elif mode == "dcp-async":
+        peer = DcpAsyncPeer(module, engine.optimizer, every=window, directory=f"{scratch}/dcp-{engine.dist.rank}",
+                            probe=probe)
     for t in range(args.warmup + args.iterations):
+        if t == args.warmup:
+            probe.restart()
+        start = time.perf_counter()
         engine.train_batch(data)
-        if mode == "dcp-async":
-            if pending is not None:
-                pending.result()
-            state = {"model": module.state_dict(), "optim": engine.optimizer.state_dict()}
-            pending = dcp.async_save(state, checkpoint_id=f"{scratch}/dcp-{engine.dist.rank}/iter-{t % 2}",
-                                     process_group=own_group)
+        if peer is not None:
+            peer.after_iteration(t)
         if t >= args.warmup:
-            seconds.append(engine.last_stats.seconds)
-    if pending is not None:
-        pending.result()
-    engine.close()
+            seconds.append(time.perf_counter() - start)
+    result = probe.stop(seconds)
     ckpt = engine.checkpointer
-    result = {"seconds": seconds, "bytes_per_iteration": 0.0, "host_bytes": 0, "window": None, "fence_ms": 0.0}
+    result.update(window=None, host_bytes=0)
     if ckpt is not None and ckpt.last_complete is not None:
-        manifest = ckpt.last_complete
-        result.update(bytes_per_iteration=manifest.blob_bytes / manifest.window, window=manifest.window,
-                      host_bytes=sum(ckpt.tier_bytes().values()),
-                      fence_ms=ckpt.worker.seconds_fenced * 1000 / (args.warmup + args.iterations))
-    if mode == "dcp-async":
-        files = [p for p in Path(f"{scratch}/dcp-{engine.dist.rank}").rglob("*") if p.is_file()]
-        result["bytes_per_iteration"] = sum(p.stat().st_size for p in files) / 2
-        result["host_bytes"] = sum(p.stat().st_size for p in files)
+        ckpt.worker.fence()
+        result.update(window=ckpt.last_complete.window, host_bytes=sum(ckpt.tier_bytes().values()),
+                      delta=delta_sizes(ckpt.shm.load_complete()))
+    if peer is not None:
+        peer.close()
+        result["bytes"].update(peer.bytes_per_iteration())
+    engine.close()
     return result
+
+
+def refresh_calibration(blocked_share: float) -> None:
+    """Sets overhead_fraction in the calibration file bench_recovery.py wrote, if there is one: the
+    training thread's CPU time blocked at W auto over the iteration time (the wall figure on a shared
+    CPU machine is mostly preemption by other jobs, which no cluster would inherit)."""
+    path = RESULTS / "calibration.json"
+    if path.exists():
+        calibration = json.loads(path.read_text())
+        calibration["overhead_fraction"] = blocked_share
+        path.write_text(json.dumps(calibration, indent=2))
+        print(f"{path}: overhead_fraction = {blocked_share:.5f} (sparse-auto's blocked CPU share)")
+
+
+def gemini_runnable() -> bool:
+    """Whether the GEMINI package imports here; says why not when it does not."""
+    try:
+        import lm_resiliency  # noqa: F401 - optional extra
+    except ImportError as error:
+        print(f"gemini/1, gemini/{GEMINI_DEFAULT_INTERVAL}: not runnable here: {error} "
+              "(install the optional extra: pip install .[bench])")
+        return False
+    return True
+
+
+def delta_sizes(image: WindowImage) -> dict:
+    """One real window's bytes raw and delta-compressed per codec, the encode CPU time, and whether
+    the decoded window is bit-exact."""
+    sizes = {"raw": image.manifest.blob_bytes, "window": image.manifest.window}
+    for codec in DELTA_CODECS:
+        start = time.thread_time()
+        encoded = encode_window(image, codec)
+        sizes[f"{codec.codec}_s"] = time.thread_time() - start
+        sizes[codec.codec] = encoded.stored_bytes
+        decoded = decode_window(encoded)
+        sizes[f"{codec.codec}_exact"] = all(torch.equal(decoded.tensor(e), image.tensor(e))
+                                            for c in image.manifest.captures for e in c.entries)
+    return sizes
+
+
+def print_delta(per_row: dict[str, list[list[dict]]]) -> list[dict]:
+    """Bytes per window before/after delta compression, summed over stages, from each row's last round."""
+    table = []
+    for label, rounds in per_row.items():
+        stages = [s["delta"] for s in rounds[-1] if s.get("delta")]
+        if not stages:
+            continue
+        row = {"mode": label, "window": stages[0]["window"], "raw": sum(s["raw"] for s in stages)}
+        for codec in DELTA_CODECS:
+            name = codec.codec
+            row.update({name: sum(s[name] for s in stages), f"{name}_s": sum(s[f"{name}_s"] for s in stages),
+                        f"{name}_exact": all(s[f"{name}_exact"] for s in stages)})
+        table.append(row)
+    print("\ndelta-compressed windows (compute copies XOR the previous capture's; shuffle + codec), summed over stages")
+    print(f"{'row':14s} {'W':>3s} {'raw KiB':>9s} " + " ".join(f"{c.codec + ' KiB':>10s} {'x':>5s} {'enc ms':>7s} {'exact':>5s}"
+                                                      for c in DELTA_CODECS))
+    for row in table:
+        cells = " ".join(f"{row[c.codec] / 1024:10.1f} {row['raw'] / row[c.codec]:5.2f} {row[c.codec + '_s'] * 1000:7.1f} "
+                         f"{'yes' if row[c.codec + '_exact'] else 'NO':>5s}" for c in DELTA_CODECS)
+        print(f"{row['mode']:14s} {row['window']:>3d} {row['raw'] / 1024:9.1f} {cells}")
+    print("(one window per stage; enc ms: CPU time to encode it on one thread, off the training thread in production)")
+    return table
 
 
 def snapshot_part(args: argparse.Namespace) -> list[dict]:
     rows = {"none": ("none", None), "sparse-auto": ("sparse", None),
-            **{f"sparse-W{w}": ("sparse", w) for w in args.windows},
-            "dense": ("dense", 1), "dcp-async": ("dcp-async", None)}
-    per_row = interleaved({label: (*mode, args) for label, mode in rows.items()}, run_mode, args)
-    base = median_seconds(per_row["none"])
-    dense_bytes = per_row["dense"][0][0]["bytes_per_iteration"]
-    table = []
-    for label, rounds in per_row.items():
-        median = median_seconds(rounds)
-        last = rounds[-1][0]
-        table.append({"mode": label, "median_ms": median * 1000, "ratio_vs_none": median / base,
-                      "window": last["window"], "bytes_per_iteration": last["bytes_per_iteration"],
-                      "bytes_vs_dense": last["bytes_per_iteration"] / dense_bytes if dense_bytes else None,
-                      "host_bytes": last["host_bytes"], "fence_ms": last["fence_ms"]})
-    print(f"\n{'mode':12s} {'ms/iter':>8s} {'x none':>7s} {'W':>3s} {'KiB/iter':>9s} {'x dense':>8s} {'held KiB':>9s} {'fence ms':>8s}")
-    for row in table:
-        print(f"{row['mode']:12s} {row['median_ms']:8.1f} {row['ratio_vs_none']:7.3f} {row['window'] or '-':>3} "
-              f"{row['bytes_per_iteration'] / 1024:9.1f} "
-              f"{row['bytes_vs_dense'] if row['bytes_vs_dense'] is not None else float('nan'):8.3f} "
-              f"{row['host_bytes'] / 1024:9.1f} {row['fence_ms']:8.2f}")
-    print("(stage 0's figures; KiB/iter and held KiB are per stage replica; held = shared memory + peer replica,"
-          " or disk for DCP)\n")
-    return table
+            **{f"sparse-W{w}": ("sparse", w) for w in args.windows}, "dense (W=1)": ("dense", 1)}
+    if args.peers:
+        rows.update({f"dcp-async/{k}": ("dcp-async", k) for k in (1, args.dcp_every)})
+        if gemini_runnable():
+            rows.update({f"gemini/{k}": ("gemini", k) for k in (1, GEMINI_DEFAULT_INTERVAL)})
+    per_row = interleaved({label: (*mode, args) for label, mode in rows.items()}, run_mode, args, "none")
+    table = summarize(per_row, baseline="none")
+    print_rows(table, title=f"snapshot every iteration: {args.stages} stages, {args.precision}, "
+                            f"{args.rounds} interleaved rounds of {args.iterations} iterations")
+    windows = {label: rounds[-1][0]["window"] for label, rounds in per_row.items()}
+    print("W used: " + ", ".join(f"{label} {w}" for label, w in windows.items() if w))
+    auto = next(r for r in table if r.label == "sparse-auto")
+    pinned = [r for r in table if r.label.startswith("sparse-W")]
+    if pinned:
+        print(compare(auto, min(pinned, key=lambda r: r.ratio)))
+    print(f"blocking at W auto: {auto.blocked_share * 100:.3f}% of the iteration (goal <= 0.1%); "
+          f"background CPU {auto.background_cpu_share * 100:.2f}% of training CPU (goal <= 5%)")
+    plot_rows(table, name="bench_overhead_snapshots", title="snapshot every iteration")
+    refresh_calibration(auto.blocked_cpu_ms / auto.median_ms)
+    delta = print_delta(per_row)
+    return {"rows": [{**row.to_dict(), "window": windows[row.label]} for row in table], "delta": delta}
 
 
 # -- part "logging" --------------------------------------------------------------------------------
@@ -200,12 +258,14 @@ def run_logging(upstream_log: dict | None, precision: str, iterations: int, args
     """One stage process: its iteration times and, with logging on, its log's bytes per iteration."""
     engine = moetion.initialize(build_module(args), optimizer=adamw,
                                 config=log_config(args, precision, scratch, upstream_log))
-    data, seconds = corpus(), []
+    data, seconds, probe = corpus(), [], StageProbe()
     for t in range(args.warmup + iterations):
+        if t == args.warmup:
+            probe.restart()
         engine.train_batch(data)
         if t >= args.warmup:
             seconds.append(engine.last_stats.seconds)
-    result = {"stage": engine.stage, "seconds": seconds}
+    result = {"stage": engine.stage, **probe.stop(seconds)}
     if engine.upstream is not None:
         result["log"] = log_bytes(engine)
     engine.close()
@@ -228,18 +288,18 @@ def log_bytes(engine: moetion.PipelineEngine) -> dict:
 def logging_overhead(args: argparse.Namespace) -> tuple[list[dict], dict[str, list[dict]]]:
     """Table 1; also returns each logging row's last-round rank results (for table 2)."""
     rows = {label: (upstream_log, args.precision, args.iterations, args) for label, upstream_log in LOG_ROWS.items()}
-    per_row = interleaved(rows, run_logging, args)
-    base = median_seconds(per_row["log-off"])
-    table = [{"mode": label, "median_ms": median_seconds(rounds) * 1000, "ratio_vs_off": median_seconds(rounds) / base}
-             for label, rounds in per_row.items()]
-    print(f"\nlogging overhead ({args.precision}, sparse snapshots W={args.log_window} in every row)")
-    print(f"{'mode':12s} {'ms/iter':>8s} {'x off':>7s}")
-    for row in table:
-        print(f"{row['mode']:12s} {row['median_ms']:8.1f} {row['ratio_vs_off']:7.3f}")
-    ratio = next(row["ratio_vs_off"] for row in table if row["mode"] == DEFAULT_LOG_ROW)
-    print(f"target <= {LOG_TARGET:.2f}x for {DEFAULT_LOG_ROW} (the default): {ratio:.3f}x, "
-          f"{'met' if ratio <= LOG_TARGET else 'NOT met'}\n")
-    return table, {label: rounds[-1] for label, rounds in per_row.items() if LOG_ROWS[label] is not None}
+    per_row = interleaved(rows, run_logging, args, "log-off")
+    table = summarize(per_row, baseline="log-off")
+    print_rows(table, title=f"logging overhead ({args.precision}, sparse snapshots W={args.log_window} in every row)",
+               byte_keys=("logged", "copied"))
+    row = next(r for r in table if r.label == DEFAULT_LOG_ROW)
+    outcome = ("met" if row.ratio <= LOG_TARGET else
+               "cannot tell: inside the noise band" if row.verdict == "within noise" else "NOT met")
+    print(f"target <= {LOG_TARGET:.2f}x for {DEFAULT_LOG_ROW} (the default): {row.ratio:.3f}x, {row.verdict}: {outcome}; "
+          f"log puts block {row.blocked_by.get('log_put', 0.0):.3f} ms/iter (wall)\n")
+    plot_rows(table, name="bench_overhead_logging", title="upstream logging")
+    return [r.to_dict() for r in table], {label: rounds[-1] for label, rounds in per_row.items()
+                                          if LOG_ROWS.get(label) is not None}
 
 
 def log_bytes_table(args: argparse.Namespace, timed: dict[str, list[dict]]) -> list[dict]:
@@ -385,6 +445,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--windows", type=int, nargs="*", default=[4, 8])
+    parser.add_argument("--dcp-every", type=int, default=10, help="the second DCP row saves every k iterations")
+    parser.add_argument("--no-peers", dest="peers", action="store_false",
+                        help="leave out the GEMINI and DCP rows")
     parser.add_argument("--log-window", type=int, default=4, help="W pinned in every logging and replay run")
     parser.add_argument("--quick", action="store_true", help="few iterations, one round")
     args = parser.parse_args()
@@ -393,13 +456,10 @@ def main() -> None:
         args.iterations, args.warmup, args.rounds = 8, 2, 1
     report: dict = {"settings": vars(args)}
     if args.only in ("snapshots", "all"):
-        report["rows"] = snapshot_part(args)
+        report.update(snapshot_part(args))
     if args.only in ("logging", "all"):
         report.update(logging_part(args))
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "bench_overhead.json"
-    out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    write_results("bench_overhead" if args.only == "all" else f"bench_overhead_{args.only}", report)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""One failure, two ways to survive it, side by side in one run: global rollback vs moetion.
+"""One failure, three ways to survive it, side by side in one run: rollback, global restart, moetion.
 
 The job is the built-in GPT-MoE demo on 4 stage processes (fp32). Stage ``--stage`` is SIGKILLed
 mid-backward in iteration ``f``; both approaches run the same model, data and kill:
@@ -9,6 +9,9 @@ mid-backward in iteration ``f``; both approaches run the same model, data and ki
                    lands I/2 iterations after a checkpoint (the expected loss). The job dies; every
                    stage restarts (forked, like moetion's replacement), loads the checkpoint and
                    re-executes up to f.
+  global-restart   GEMINI-style: every stage keeps an in-memory copy (/dev/shm) of its full state
+                   after every iteration; the job dies, every stage restarts and reloads the copy of
+                   the last completed iteration, and only the in-flight iteration is redone.
   moetion          sparse snapshots (W pinned, ``--window``) and upstream logging; the supervisor
                    replaces the killed stage, survivors pause in place, the replacement replays.
 
@@ -19,9 +22,17 @@ re-executed; and lost stage-seconds counted two ways:
                  replacement's replay);
   occupancy lost stage-seconds from the kill until each stage makes new progress again, pauses
                  included (stages x wall time, give or take each stage's own resume).
+  bytes moved    state read back to resume (checkpoint files, or the window and the logs).
 The >= 10x target of the issue is about work lost; occupancy is printed beside it.
 
-Prints a table and writes experiments/results/bench_recovery.json.
+Every approach runs ``--repeats`` times, interleaved; a row is the median and its spread over the
+repeats (max/min - 1) is that row's A/A noise band. Then a model fed with the measured fixed costs
+(iteration time, in-flight loss, replay rate, restart wall time) extends the comparison to other
+checkpoint intervals and to 2, 4 and 8 stages, and reports the interval at which rollback loses
+31x moetion's work. The measured fixed costs are written as a planner calibration
+(experiments/results/calibration.json).
+
+Prints the tables and writes experiments/results/bench_recovery.json (and PNGs with matplotlib).
 
 ``--matrix`` instead times every cell of the fault matrix (topology x killed stage x phase x job
 kind: forked, fresh interpreter, warm spare) and the steady-state cost of the failure notice with
@@ -34,6 +45,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -51,8 +63,12 @@ from moetion.harness.timeline import timeline
 from moetion.launcher import supervise_workers
 from moetion.models import build_gpt_moe_layers, gpt_moe_loss
 
-RESULTS = Path(__file__).parent / "results"
+from measure import RESULTS, write_results
+
 STAGES = 4
+TARGET_RATIO = 31.0
+INTERVALS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+STAGE_COUNTS = (2, 4, 8)
 
 
 def rollback_rank(settings: DemoSettings, ckpt_dir: str, interval: int, resume: bool, back_at: int) -> dict:
@@ -71,6 +87,8 @@ def rollback_rank(settings: DemoSettings, ckpt_dir: str, interval: int, resume: 
         engine.iteration = state["iteration"]
     loaded, saves, back_time, seconds = time.time(), [], None, []
     while engine.iteration < settings.iterations:
+        if resume and engine.iteration >= back_at and back_time is None:
+            back_time = time.time()  # back where the kill struck (at once for a copy of the last iteration)
         engine.train_batch(data)
         seconds.append(engine.last_stats.seconds)
         if engine.iteration % interval == 0:
@@ -82,17 +100,17 @@ def rollback_rank(settings: DemoSettings, ckpt_dir: str, interval: int, resume: 
                 os.fsync(handle.fileno())
             os.replace(tmp, path)
             saves.append(time.perf_counter() - t)
-        if resume and engine.iteration == back_at and back_time is None:
-            back_time = time.time()
     engine.close()
     return {"started": started, "loaded": loaded, "back_at": back_time, "saves": saves,
             "iteration_s": sorted(seconds)[len(seconds) // 2]}
 
 
-def measure_rollback(settings: DemoSettings, interval: int, kill_iteration: int, stage: int, scratch: Path) -> dict:
-    ckpt_dir = scratch / "dense"
-    ckpt_dir.mkdir()
-    fault_log = scratch / "rollback-kills.jsonl"
+def measure_rollback(settings: DemoSettings, interval: int, kill_iteration: int, stage: int, scratch: Path,
+                     approach: str = "global-rollback") -> dict:
+    """Rollback to the last checkpoint in ``scratch`` (disk for CheckFreq; /dev/shm and interval 1
+    for the GEMINI-style global restart)."""
+    ckpt_dir = Path(tempfile.mkdtemp(prefix=f"{approach}-", dir=scratch))
+    fault_log = ckpt_dir / "kills.jsonl"
     env = {KILL_ENV: f"stage={stage},iter={kill_iteration},phase=backward", FAULT_LOG_ENV: str(fault_log)}
     try:
         supervise_workers(rollback_rank, nproc=STAGES, args=(settings, str(ckpt_dir), interval, False, -1),
@@ -107,7 +125,9 @@ def measure_rollback(settings: DemoSettings, interval: int, kill_iteration: int,
     back = max(r["back_at"] for r in results)
     iteration_s = sorted(r["iteration_s"] for r in results)[STAGES // 2]
     redone = kill_iteration - checkpoint
-    return {"approach": "global-rollback", "checkpoint_iteration": checkpoint, "wall_s": back - killed_at,
+    moved = sum(p.stat().st_size for p in ckpt_dir.glob("stage-*.pt"))
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return {"approach": approach, "checkpoint_iteration": checkpoint, "wall_s": back - killed_at, "bytes_moved": moved,
             "reexecuted_stage_iterations": STAGES * redone,
             # Each stage redoes f - checkpoint iterations and loses its in-flight one (about half an iteration).
             "work_lost_stage_s": STAGES * (redone + 0.5) * iteration_s,
@@ -115,9 +135,10 @@ def measure_rollback(settings: DemoSettings, interval: int, kill_iteration: int,
 
 
 def measure_moetion(settings: DemoSettings, kill_iteration: int, stage: int, scratch: Path) -> dict:
-    run_id = f"bench-recovery-{os.getpid()}"
+    attempt = Path(tempfile.mkdtemp(prefix="moetion-", dir=scratch))  # a fresh fault log: each kill fires once per log
+    run_id = f"bench-recovery-{os.getpid()}-{attempt.name}"
     env = {KILL_ENV: f"stage={stage},iter={kill_iteration},phase=backward",
-           FAULT_LOG_ENV: str(scratch / "moetion-kills.jsonl"), "MOETION_RUN_ID": run_id}
+           FAULT_LOG_ENV: str(attempt / "kills.jsonl"), "MOETION_RUN_ID": run_id}
     try:
         report = supervise_workers(rank_main, nproc=STAGES, args=(settings, run_id), recover=True, env=env, timeout_s=600)
     finally:
@@ -129,6 +150,8 @@ def measure_moetion(settings: DemoSettings, kill_iteration: int, stage: int, scr
     replacement = next(e for e in events.values() if e.role is Role.REPLACEMENT)
     resumed = {r: e.resumed_at - recovery.killed_at for r, e in events.items()}
     return {"approach": "moetion", "wall_s": line.total_s, "reexecuted_stage_iterations": line.replayed_stage_iterations,
+            "bytes_moved": replacement.window_bytes + line.log_bytes, "inflight_stage_s": inflight,
+            "replay_s": replacement.replay_s, "replayed": replacement.replayed,
             "work_lost_stage_s": inflight + replacement.replay_s, "occupancy_lost_stage_s": sum(resumed.values()),
             "timeline": line.to_dict(), "source": replacement.source.value}
 
@@ -149,23 +172,27 @@ def main() -> None:
     parser.add_argument("--mtbf", type=float, default=1800.0, help="job MTBF in seconds for the Young/Daly interval")
     parser.add_argument("--window", type=int, default=8, help="moetion's pinned snapshot window W")
     parser.add_argument("--stage", type=int, default=2, help="the stage to kill")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per approach (their spread is the noise band)")
     parser.add_argument("--matrix", action="store_true", help="time every cell of the fault matrix instead")
     parser.add_argument("--topology", action="append", choices=["3 stages", "4 stages", "2x2"], default=None,
                         help="--matrix: topologies to run (default all)")
     parser.add_argument("--kind", action="append", choices=["built-in, forked", "script, fresh", "script, warm spare"],
                         default=None, help="--matrix: job kinds to run (default all)")
-    parser.add_argument("--repeats", type=int, default=2, help="--matrix: notice-on runs for the steady-state cost (0: skip)")
+    parser.add_argument("--notice-repeats", type=int, default=2,
+                        help="--matrix: notice-on runs for the steady-state cost (0: skip)")
     parser.add_argument("--iterations", type=int, default=20, help="--matrix: iterations per steady-state run")
     args = parser.parse_args()
     if args.matrix:
         from recovery_matrix import TOPOLOGIES
         from recovery_matrix import main as matrix_main
 
-        matrix_main(topologies=args.topology or list(TOPOLOGIES), repeats=args.repeats, iterations=args.iterations,
+        matrix_main(topologies=args.topology or list(TOPOLOGIES), repeats=args.notice_repeats, iterations=args.iterations,
                     kinds=args.kind or ["built-in, forked", "script, fresh", "script, warm spare"])
         return
     os.environ.setdefault("MOETION_LOG_LEVEL", "ERROR")
     scratch = Path(tempfile.mkdtemp(prefix="bench-recovery-"))
+    memory = Path(tempfile.mkdtemp(prefix="bench-recovery-", dir="/dev/shm"))  # the global restart's in-memory copies
+    runs: dict[str, list[dict]] = {"global-rollback": [], "global-restart": [], "moetion": []}
     try:
         base = DemoSettings(window=args.window, progress=False)
         cost, iteration_s = checkpoint_cost(base, scratch)
@@ -176,25 +203,188 @@ def main() -> None:
         print(f"dense checkpoint C = {cost * 1000:.1f} ms/stage, iteration {iteration_s * 1000:.0f} ms, MTBF {args.mtbf:g} s "
               f"-> Young/Daly interval I = {interval} iterations; kill stage {args.stage} in iteration {kill} "
               f"({interval // 2} after the checkpoint at {checkpoint})", flush=True)
-        rollback = measure_rollback(settings, interval, kill, args.stage, scratch)
-        moe = measure_moetion(settings, kill, args.stage, scratch)
+        for repeat in range(args.repeats):
+            runs["global-rollback"].append(measure_rollback(settings, interval, kill, args.stage, scratch))
+            runs["global-restart"].append(measure_rollback(settings, 1, kill, args.stage, memory, "global-restart"))
+            runs["moetion"].append(measure_moetion(settings, kill, args.stage, scratch))
+            print(f"repeat {repeat + 1}/{args.repeats}: " + ", ".join(
+                f"{name} {rows[-1]['wall_s']:.2f} s" for name, rows in runs.items()), flush=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    rows = [rollback, moe]
-    print(f"\n{'approach':<16} {'kill->back (s)':>14} {'re-executed':>12} {'work lost (stage-s)':>20} "
-          f"{'occupancy lost (stage-s)':>25}")
-    for row in rows:
-        print(f"{row['approach']:<16} {row['wall_s']:>14.2f} {row['reexecuted_stage_iterations']:>12d} "
-              f"{row['work_lost_stage_s']:>20.2f} {row['occupancy_lost_stage_s']:>25.2f}")
-    ratios = {key: rollback[key] / moe[key] for key in ("wall_s", "work_lost_stage_s", "occupancy_lost_stage_s")}
-    print(f"\nrollback / moetion: wall {ratios['wall_s']:.1f}x, work lost {ratios['work_lost_stage_s']:.1f}x "
-          f"(target >= 10x), occupancy lost {ratios['occupancy_lost_stage_s']:.1f}x")
-    print("moetion timeline:\n  " + "\n  ".join(timeline_lines(moe)))
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "bench_recovery.json"
-    out.write_text(json.dumps({"checkpoint_s": cost, "iteration_s": iteration_s, "mtbf_s": args.mtbf,
-                               "interval": interval, "kill_iteration": kill, "rows": rows, "ratios": ratios}, indent=2))
-    print(f"wrote {out}")
+        shutil.rmtree(memory, ignore_errors=True)
+    rows = [summarize_runs(name, measured) for name, measured in runs.items()]
+    print_measured(rows)
+    moe = rows[-1]
+    calibration = fixed_costs(runs["moetion"], iteration_s=iteration_s, stages=STAGES, checkpoint_s=cost)
+    calibration["restart_s"] = rows[1]["wall_s"]  # the global restart: kill -> every rank reloaded
+    calibration.update(overhead_from_bench_overhead())
+    curves = model_curves(calibration, window=args.window)
+    print_curves(curves, window=args.window)
+    print("moetion timeline (last repeat):\n  " + "\n  ".join(timeline_lines(runs["moetion"][-1])))
+    write_results("calibration", calibration)
+    write_results("bench_recovery", {"checkpoint_s": cost, "iteration_s": iteration_s, "mtbf_s": args.mtbf,
+                                     "interval": interval, "kill_iteration": kill, "rows": rows, "runs": runs,
+                                     "ratios": {r["approach"]: ratios(r, moe) for r in rows[:-1]},
+                                     "calibration": calibration, "model": curves})
+    plot_curves(curves)
+    plot_timelines(rows, runs["moetion"][-1])
+
+
+METRICS = ("wall_s", "work_lost_stage_s", "occupancy_lost_stage_s", "bytes_moved")
+
+
+def summarize_runs(approach: str, measured: list[dict]) -> dict:
+    """Median of each metric over the repeats and its spread (max/min - 1): the row's A/A band."""
+    row = {"approach": approach, "repeats": len(measured),
+           "reexecuted_stage_iterations": measured[-1]["reexecuted_stage_iterations"]}
+    for key in METRICS:
+        values = [m[key] for m in measured]
+        row[key] = statistics.median(values)
+        row[f"{key}_band"] = (max(values) / min(values) - 1) if min(values) > 0 else 0.0
+    return row
+
+
+def ratios(row: dict, moe: dict) -> dict:
+    return {key: row[key] / moe[key] for key in ("wall_s", "work_lost_stage_s", "occupancy_lost_stage_s")}
+
+
+def print_measured(rows: list[dict]) -> None:
+    print(f"\n{STAGES} stages, one kill, median of {rows[0]['repeats']} repeats (+-: spread over the repeats, the A/A band)")
+    print(f"{'approach':<16} {'kill->back (s)':>16} {'re-executed':>12} {'work lost (stage-s)':>22} "
+          f"{'occupancy lost (stage-s)':>26} {'MiB moved':>10}")
+    for r in rows:
+        print(f"{r['approach']:<16} {r['wall_s']:>8.2f} +-{r['wall_s_band'] * 100:4.0f}% {r['reexecuted_stage_iterations']:>12d} "
+              f"{r['work_lost_stage_s']:>14.2f} +-{r['work_lost_stage_s_band'] * 100:4.0f}% "
+              f"{r['occupancy_lost_stage_s']:>18.2f} +-{r['occupancy_lost_stage_s_band'] * 100:4.0f}% "
+              f"{r['bytes_moved'] / 2**20:10.2f}")
+    moe = rows[-1]
+    for r in rows[:-1]:
+        q = ratios(r, moe)
+        print(f"{r['approach']} / moetion: wall {q['wall_s']:.1f}x, work lost {q['work_lost_stage_s']:.1f}x, "
+              f"occupancy lost {q['occupancy_lost_stage_s']:.1f}x")
+
+
+def fixed_costs(measured: list[dict], *, iteration_s: float, stages: int, checkpoint_s: float) -> dict:
+    """The measured fixed costs of a moetion recovery (medians over the repeats), for the model
+    below and for ``moetion plan --calibrate``."""
+    def med(values: list[float | None]) -> float | None:
+        values = [v for v in values if v is not None]
+        return statistics.median(values) if values else None
+
+    lines = [m["timeline"] for m in measured]
+    replay_rate = med([m["replayed"] / m["replay_s"] for m in measured if m["replay_s"] > 0])
+    return {"format": "moetion-calibration/1", "measured_on": f"{os.cpu_count()} CPUs, {stages} stages, shared machine",
+            "iteration_s": iteration_s, "stages": stages, "checkpoint_s": checkpoint_s,
+            "detect_s": med([t["detect_s"] for t in lines]), "respawn_s": med([t["respawn_s"] for t in lines]),
+            "rejoin_s": med([t["rejoin_s"] for t in lines]), "script_s": med([t["script_s"] for t in lines]),
+            "load_s": med([t["load_s"] for t in lines]), "logs_s": med([t["logs_s"] for t in lines]),
+            "recovery_s": med([t["total_s"] for t in lines]),
+            "replay_iterations_per_s": replay_rate,
+            "inflight_stage_s": med([m["inflight_stage_s"] for m in measured])}
+
+
+def overhead_from_bench_overhead() -> dict:
+    """sparse-auto's blocked CPU share of the iteration from the last bench_overhead.py run, if any."""
+    path = next((p for p in (RESULTS / "bench_overhead_snapshots.json", RESULTS / "bench_overhead.json") if p.exists()), None)
+    if path is None:
+        return {}
+    rows = json.loads(path.read_text()).get("rows", [])
+    auto = next((r for r in rows if r.get("label") == "sparse-auto"), None)
+    return {} if auto is None else {"overhead_fraction": auto["blocked_cpu_ms"] / auto["median_ms"]}
+
+
+def model_curves(cal: dict, *, window: int) -> list[dict]:
+    """Expected work lost per failure (stage-seconds) at checkpoint interval I and S stages, the kill
+    landing uniformly within an interval:
+      rollback:        S * (I/2 + 1/2) * t          (every stage redoes half an interval and its in-flight iteration)
+      global restart:  S * ((I-1)/2 + 1/2) * t      (an in-memory copy every I iterations; I = 1 is GEMINI's best case)
+      moetion:         S * 1/2 * t * inflight_share + (W/2 + 1/2) * t_replay(S)
+    where t is the measured iteration time, the in-flight share is what survivors really lost
+    (measured), and t_replay(S) the replay time of one stage-iteration, measured at 4 stages and
+    scaled by 4/S (a stage holds 1/S of the model)."""
+    t, s0 = cal["iteration_s"], cal["stages"]
+    rate = cal["replay_iterations_per_s"] or 1 / t
+    inflight_share = cal["inflight_stage_s"] / (s0 * 0.5 * t) if cal["inflight_stage_s"] else 1.0
+    curves = []
+    for stages in STAGE_COUNTS:
+        replay = (window / 2 + 0.5) * (1 / rate) * s0 / stages
+        moe = stages * 0.5 * t * inflight_share + replay
+        for interval in INTERVALS:
+            rollback = stages * (interval / 2 + 0.5) * t
+            restart = stages * ((interval - 1) / 2 + 0.5) * t
+            curves.append({"stages": stages, "interval": interval, "rollback_stage_s": rollback,
+                           "restart_stage_s": restart, "moetion_stage_s": moe,
+                           "rollback_ratio": rollback / moe, "restart_ratio": restart / moe})
+    return curves
+
+
+def print_curves(curves: list[dict], *, window: int) -> None:
+    print(f"\nmodel from the measured fixed costs: work lost per failure, rollback (and global restart) / moetion "
+          f"(W={window}), by checkpoint interval")
+    print(f"{'interval':>8} " + " ".join(f"{f'{s} stages':>22}" for s in STAGE_COUNTS))
+    for interval in INTERVALS:
+        cells = [c for c in curves if c["interval"] == interval]
+        print(f"{interval:>8} " + " ".join(f"{c['rollback_ratio']:9.1f}x ({c['restart_ratio']:6.1f}x)" for c in cells))
+    for stages in STAGE_COUNTS:
+        reached = [c["interval"] for c in curves if c["stages"] == stages and c["rollback_ratio"] >= TARGET_RATIO]
+        where = f"from interval {reached[0]}" if reached else f"not within intervals <= {INTERVALS[-1]}"
+        print(f"{stages} stages: rollback loses >= {TARGET_RATIO:.0f}x moetion's work {where}")
+
+
+PHASES = (("detect_s", "detected"), ("respawn_s", "respawned"), ("rejoin_s", "rejoined"), ("script_s", "script"),
+          ("load_s", "window loaded"), ("logs_s", "logs received"), ("replay_s", "replayed"))
+
+
+def plot_timelines(rows: list[dict], moe: dict) -> None:
+    """Kill -> back per approach side by side, moetion's split into its recovery phases."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axis = plt.subplots(figsize=(10, 2.8))
+    for y, row in enumerate(rows[:-1]):
+        axis.barh(y, row["wall_s"], xerr=row["wall_s"] * row["wall_s_band"] / 2, color="grey")
+    left, y = 0.0, len(rows) - 1
+    for key, label in PHASES:
+        width = moe["timeline"].get(key) or 0.0
+        axis.barh(y, width, left=left, label=label)
+        left += width
+    axis.set_yticks(range(len(rows)), [r["approach"] for r in rows])
+    axis.set_xlabel("seconds from the kill until back at the killed iteration")
+    axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), title="moetion (last repeat)")
+    fig.tight_layout()
+    path = RESULTS / "bench_recovery_timelines.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def plot_curves(curves: list[dict]) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axis = plt.subplots(figsize=(6, 4))
+    for stages in STAGE_COUNTS:
+        cells = [c for c in curves if c["stages"] == stages]
+        axis.plot([c["interval"] for c in cells], [c["rollback_ratio"] for c in cells], marker="o", label=f"rollback, {stages} stages")
+        axis.plot([c["interval"] for c in cells], [c["restart_ratio"] for c in cells], linestyle="--",
+                  label=f"global restart, {stages} stages")
+    axis.axhline(TARGET_RATIO, color="grey", linestyle=":", label=f"{TARGET_RATIO:.0f}x")
+    axis.set_xscale("log", base=2)
+    axis.set_yscale("log")
+    axis.set_xlabel("checkpoint interval (iterations)")
+    axis.set_ylabel("work lost / moetion's")
+    axis.legend(fontsize=7)
+    fig.tight_layout()
+    path = RESULTS / "bench_recovery_model.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    print(f"wrote {path}")
 
 
 def timeline_lines(row: dict) -> list[str]:

@@ -119,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--runs", type=_int_at_least(0), default=30, help="Monte-Carlo runs for the simulated ETTR (0: skip)")
     plan.add_argument("--seed", type=int, default=0)
     plan.add_argument("--plot", default=None, metavar="OUT.png", help="draw ETTR vs MTBF (needs matplotlib)")
+    plan.add_argument("--calibrate", default=None, metavar="FILE",
+                      help="measured fixed costs (experiments/bench_recovery.py writes results/calibration.json)")
     plan.add_argument("--quiet", action="store_true", help="no progress bar (there is none unless stderr is a terminal)")
 
     report = commands.add_parser("report", help="plot a run's metrics (metrics.dir) and summarize it")
@@ -157,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
             from moetion.planner.cli import plan_command
 
             return plan_command(preset_name=args.preset, spec=args.json, mtbf=args.mtbf, runs=args.runs,
-                                seed=args.seed, plot=args.plot, quiet=args.quiet)
+                                seed=args.seed, plot=args.plot, quiet=args.quiet,
+                                calibrate=args.calibrate)
         elif args.command == "report":
             from moetion.report import report_command
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Union
 
 from moetion.errors import ConfigError, MoetionError
+from moetion.profiling import CAPTURE, COPIED, FENCE, LEDGER, LOG_PUT, LOGGED, PROPOSE, CostSnapshot
 from moetion.recovery.records import RecoveryEvents
 
 if TYPE_CHECKING:
@@ -179,7 +180,7 @@ class RankMetrics:
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         self._ids = {"rank": rank, "stage": stage, "replica": replica}
         self._write_s = 0.0
-        self._last_bytes = {"snapshot": 0, "log": 0}
+        self._costs = LEDGER.snapshot()
         self._window: tuple[int, int] | None = None
         self._completed_start: int | None = None
         self._board = _tensorboard(path.parent / "tensorboard" / f"rank-{rank}") if tensorboard else None
@@ -188,17 +189,16 @@ class RankMetrics:
         """Call once per committed iteration, after the optimizer step, on the training thread."""
         start = time.perf_counter()
         stats, ckpt, upstream = engine.last_stats, engine.checkpointer, engine.upstream
-        snapshot_bytes = self._delta("snapshot", ckpt.captured_bytes if ckpt else 0)
-        log_bytes = self._delta("log", upstream.logged_bytes if upstream else 0)
+        costs = self._costs_since_last()
         tiers = ckpt.tier_bytes() if ckpt else {}
         log_stats = upstream.store.stats() if upstream else None
         now = time.time()
         records: list[Record] = [IterationRecord(
             **self._common(engine, now), iteration=stats.iteration, loss=stats.loss, grad_norm=stats.grad_norm,
             clip_coef=stats.clip_coef, lr_factor=stats.lr_factor, iteration_ms=stats.seconds * 1e3,
-            capture_ms=ckpt.busy.take() * 1e3 if ckpt else 0.0,
-            logging_ms=upstream.busy.take() * 1e3 if upstream else 0.0, metrics_ms=self._write_s * 1e3,
-            snapshot_bytes=snapshot_bytes, log_bytes=log_bytes,
+            capture_ms=sum(costs.blocked_s.get(c, 0.0) for c in (FENCE, CAPTURE, PROPOSE)) * 1e3,
+            logging_ms=costs.blocked_s.get(LOG_PUT, 0.0) * 1e3, metrics_ms=self._write_s * 1e3,
+            snapshot_bytes=costs.bytes.get(COPIED, 0), log_bytes=costs.bytes.get(LOGGED, 0),
             log_host_bytes=log_stats.resident_bytes + log_stats.pool_free_bytes if log_stats else 0,
             window_host_bytes=tiers.get("shm", 0) + tiers.get("peer", 0),
         )]
@@ -213,9 +213,7 @@ class RankMetrics:
     def recovery(self, engine: "PipelineEngine", generation: int, events: RecoveryEvents) -> None:
         """Call when this rank has resumed after a recovery, with the coordinator's events."""
         start = time.perf_counter()
-        for busy in (engine.checkpointer, engine.upstream):
-            if busy is not None:
-                busy.busy.take()  # a replay's logging is recovery time, not the next iteration's
+        self._costs_since_last()  # a replay's logging is recovery time, not the next iteration's
         self._write([RecoveryRecord(
             rank=engine.dist.rank, stage=engine.stage, replica=engine.dist.replica, generation=generation,
             time=time.time(), role=events.role.value, resume=engine.iteration if events.resume is None else events.resume,
@@ -238,9 +236,11 @@ class RankMetrics:
         generation = engine.recovery.generation if engine.recovery is not None else 0
         return {**self._ids, "generation": generation, "time": now}
 
-    def _delta(self, name: str, total: int) -> int:
-        delta, self._last_bytes[name] = total - self._last_bytes[name], total
-        return delta
+    def _costs_since_last(self) -> CostSnapshot:
+        """What the cost ledger counted (training-thread blocking, bytes) since the previous call."""
+        now = LEDGER.snapshot()
+        costs, self._costs = now - self._costs, now
+        return costs
 
     def _window_records(self, engine: "PipelineEngine", now: float, tiers: dict[str, int]) -> list[Record]:
         ckpt, records = engine.checkpointer, []

@@ -23,7 +23,7 @@ from logging_store import LogKey, LogStore, LogStoreConfig
 from moetion.config import UpstreamLogConfig
 from moetion.errors import MoetionError
 from moetion.memory_budget import default_log_budget
-from moetion.stopwatch import Stopwatch, timed
+from moetion.profiling import LEDGER, LOG_PUT, LOGGED
 
 ACTIVATION = "activation"
 GRADIENT = "gradient"
@@ -69,39 +69,34 @@ class UpstreamLog:
         self.store = LogStore(store_config or LogStoreConfig())
         # Every iteration from here on is logged completely: what a replaying neighbour may ask for.
         self.kept_from = kept_from
-        self.busy = Stopwatch()  # the training thread's time in the methods marked @timed
-        self.logged_bytes = 0  # raw bytes put since the start
 
-    @timed
     def log_activation(self, iteration: int, micro_batch: int, tensor: torch.Tensor) -> None:
         """Call right after sending ``tensor`` to the next stage."""
         self._put(LogKey(iteration, micro_batch, ACTIVATION, self.stage + 1), tensor)
 
-    @timed
     def log_gradient(self, iteration: int, micro_batch: int, tensor: torch.Tensor) -> None:
         """Call right after sending ``tensor`` (the input's gradient) to the previous stage."""
         self._put(LogKey(iteration, micro_batch, GRADIENT, self.stage - 1), tensor)
 
-    @timed
     def log_tied_grads(self, iteration: int, key: str, grads: Iterable[torch.Tensor]) -> None:
         """Call right after a tied weight's gradients were summed across stages (before clipping)."""
         for index, grad in enumerate(grads):
             self._put(LogKey(iteration, 0, tied_kind(key, index), self.stage), grad)
 
-    @timed
     def log_scalars(self, iteration: int, scalars: IterationScalars) -> None:
         """Call at the commit point, once the iteration's global decisions are known."""
         self._put(LogKey(iteration, 0, SCALARS, self.stage), scalars.to_tensor())
 
-    @timed
+    def _put(self, key: LogKey, tensor: torch.Tensor) -> None:
+        """Puts on the training thread: the copy into pooled memory is time it is blocked."""
+        with LEDGER.blocking(LOG_PUT):
+            self.store.put(key, tensor)
+        LEDGER.add_bytes(LOGGED, tensor.numel() * tensor.element_size())
+
     def drop_before(self, iteration: int) -> None:
         if iteration > self.kept_from:
             self.store.drop_before(iteration)
             self.kept_from = iteration
-
-    def _put(self, key: LogKey, tensor: torch.Tensor) -> None:
-        self.store.put(key, tensor)
-        self.logged_bytes += tensor.numel() * tensor.element_size()
 
     def drop_from(self, iteration: int) -> None:
         """Forgets an abandoned iteration's partial logs, so that its retry logs them afresh."""

@@ -3,19 +3,23 @@ from __future__ import annotations
 
 import sys
 
+from moetion.planner.calibration import load_calibration
 from moetion.planner.report import PlanRow, build_rows, format_table
 from moetion.planner.spec import load_spec, parse_duration
 
 
 def plan_command(*, preset_name: str | None, spec: str | None, mtbf: str, runs: int = 30, seed: int = 0,
-                 plot: str | None = None, quiet: bool = False) -> int:
+                 plot: str | None = None, quiet: bool = False, calibrate: str | None = None) -> int:
     """Prints the per-approach table for one MTBF; returns the process exit code."""
     model, hardware = load_spec(spec, preset_name=preset_name)
     mtbf_s = parse_duration(mtbf)
+    calibration = load_calibration(calibrate) if calibrate else None
     if plot:  # fail on a missing matplotlib before spending time on the simulation
         from moetion.planner.plot import plot_ettr
-    rows = build_rows(model, hardware, mtbf_s=mtbf_s, runs=runs, seed=seed, quiet=quiet)
+    rows = build_rows(model, hardware, mtbf_s=mtbf_s, runs=runs, seed=seed, quiet=quiet, calibration=calibration)
     print(format_table(rows, title=f"{model.name} at MTBF {mtbf} ({mtbf_s:g} s), iteration {hardware.iteration_s:g} s"))
+    if calibration is not None:
+        print(calibration.describe())
     warning = mtbf_warning(rows, mtbf=mtbf, mtbf_s=mtbf_s)
     if warning:
         print(f"moetion plan: warning: {warning}", file=sys.stderr)

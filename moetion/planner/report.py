@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from moetion.planner.calibration import Calibration, calibrate_costs, calibrate_hardware
 from moetion.planner.cost import APPROACHES, HardwareSpec, ModelSpec, plan_approaches
 from moetion.planner.ettr import analytic_ettr, simulate_ettr
 from moetion.progress import track
@@ -34,10 +35,16 @@ class PlanRow:
 
 
 def build_rows(model: ModelSpec, hardware: HardwareSpec, *, mtbf_s: float, runs: int = 30,
-               seed: int = 0, horizon_failures: float = 300.0, quiet: bool = True) -> list[PlanRow]:
+               seed: int = 0, horizon_failures: float = 300.0, quiet: bool = True,
+               calibration: Calibration | None = None) -> list[PlanRow]:
     """Costs, analytic ETTR and (when ``runs`` > 0) simulated ETTR for every approach (with a
-    progress bar on a terminal unless ``quiet``)."""
+    progress bar on a terminal unless ``quiet``); with a ``calibration``, measured fixed costs
+    replace the assumed ones."""
+    if calibration is not None:
+        hardware = calibrate_hardware(hardware, calibration)
     costs = plan_approaches(model, hardware, mtbf_s=mtbf_s)
+    if calibration is not None:
+        costs = calibrate_costs(costs, calibration)
     rows = []
     for offset, name in enumerate(track(APPROACHES, desc="plan: simulating", quiet=quiet or runs == 0)):
         cost = costs[name]

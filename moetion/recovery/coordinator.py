@@ -190,6 +190,7 @@ class Recovery:
         else:
             image = self._load_window(restore)
             events.state_loaded_at = time.time()
+            events.window_bytes = image.manifest.blob_bytes if image is not None else 0
             stores, events.bytes_received = self._receive_logs(restore)
             events.logs_received_at = time.time()
             try:

@@ -45,6 +45,7 @@ class RecoveryEvents:
     state_loaded_at: float | None = None
     logs_received_at: float | None = None
     bytes_received: int = 0
+    window_bytes: int = 0  # bytes of the window a replacement restored from
     bytes_sent: int = 0
     replayed: int = 0
     replay_s: float = 0.0

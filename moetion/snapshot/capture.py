@@ -9,9 +9,11 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
+
+from moetion.profiling import COPIED, LEDGER
 
 CopyJob = tuple[torch.Tensor, torch.Tensor]  # (source tensor, destination uint8 view)
 
@@ -35,8 +37,8 @@ class CaptureWorker:
         """Measured capture throughput in bytes per second (copies plus the work after them)."""
         return self.bytes_copied / self.seconds_copying if self.seconds_copying > 0 else None
 
-    def submit(self, copies: list[CopyJob], then: Callable[[], None] | None = None) -> None:
-        """Queues ``copies``; ``then`` runs on the worker thread after the last one."""
+    def submit(self, copies: Iterable[CopyJob], then: Callable[[], None] | None = None) -> None:
+        """Queues ``copies`` (iterated on the worker thread); ``then`` runs there after the last one."""
         self._raise_pending()
         with self._done:
             self._pending += 1
@@ -67,9 +69,17 @@ class CaptureWorker:
             copies, then = job
             try:
                 start = time.perf_counter()
+                destinations, sources = [], []
                 for source, destination in copies:
-                    destination.copy_(source.detach().reshape(-1).view(torch.uint8))
-                    self.bytes_copied += destination.numel()
+                    destinations.append(destination)
+                    sources.append(source.detach().reshape(-1).view(torch.uint8))
+                # One call for the whole capture: it gives up the GIL once, where a copy_ per tensor
+                # would take it back hundreds of times from the training thread.
+                if destinations:
+                    torch._foreach_copy_(destinations, sources)
+                copied = sum(d.numel() for d in destinations)
+                self.bytes_copied += copied
+                LEDGER.add_bytes(COPIED, copied)
                 if then is not None:
                     then()
                 # End to end (copies, checksums, publishing): the throughput the budget can count on.

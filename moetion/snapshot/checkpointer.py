@@ -28,7 +28,7 @@ import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -37,13 +37,13 @@ from moetion.config import SnapshotConfig
 from moetion.errors import ConfigError
 from moetion.faults import fault_point, register_memory
 from moetion.operators import Operator, discover_operators
-from moetion.snapshot.capture import CaptureWorker
+from moetion.profiling import CAPTURE, FENCE, LEDGER, PROPOSE, STORED
+from moetion.snapshot.capture import CaptureWorker, CopyJob
 from moetion.snapshot.image import Capture, Entry, SnapshotError, WindowImage, WindowManifest, checksum
 from moetion.snapshot.layout import WindowLayout, plan_layout
 from moetion.snapshot.persist import AsyncPersister
 from moetion.snapshot.replica import PeerReplicator
 from moetion.snapshot.shm import SharedMemoryTier
-from moetion.stopwatch import Stopwatch, timed
 from moetion.window import SlotPlan, find_window_size, popularity_drifted, snapshot_order, split_into_slots
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,7 @@ class SparseCheckpointer:
         self.config = config
         self.identity = identity
         self.operators: dict[str, Operator] = {op.name: op for op in discover_operators(master)}
+        self._master_params = list(master.parameters())
         self._experts = [op.name for op in self.operators.values() if op.kind == "expert"]
         self.full_bytes = {n: op.full_bytes() for n, op in self.operators.items()}
         self.compute_bytes = {n: op.compute_bytes(precision=identity.precision) for n, op in self.operators.items()}
@@ -99,8 +100,9 @@ class SparseCheckpointer:
         self.window_start: int | None = None
         self.windows_completed = 0
         self.last_complete: WindowManifest | None = None
-        self._layout: WindowLayout | None = None
-        self._blob: torch.Tensor | None = None
+        self._window: _WindowBuffers | None = None
+        self._layout: WindowLayout | None = None  # the latest planned layout, reused while it fits
+        self._layout_key: tuple | None = None  # what the layout was planned for (see _layout_for)
         self._popularity_used: dict[str, float] = {}
         self._popularity_now: dict[str, float] = {n: 0.0 for n in self._experts}
         self._iteration_seconds: float | None = None
@@ -113,8 +115,6 @@ class SparseCheckpointer:
         self._restored_start: int | None = None  # a replacement's restored window, until it completes its own
         self.job_restorable_start = -1  # logs from here on may be needed by some stage's restore
         self._iteration = 0
-        self.busy = Stopwatch()  # the training thread's time in the methods marked @timed
-        self.captured_bytes = 0  # bytes handed to the capture worker since the start
         self.replicator = replicator
         self._held_over: WindowImage | None = None  # a peer's window replica, kept while groups are rebuilt
         # Set by the engine when upstream logging is on: (start, stop) -> this stage's logs of those
@@ -130,12 +130,10 @@ class SparseCheckpointer:
             self.listeners.append(self._persist_every_kth)
 
     # -- piggybacked agreement -----------------------------------------------------------------
-    @timed
     def begin_iteration(self, iteration: int) -> None:
         self._iteration_start = time.perf_counter()
         self._iteration = iteration
 
-    @timed
     def dp_payload(self, token_counts: dict[str, torch.Tensor]) -> torch.Tensor:
         """[W proposal, tokens per expert operator] to be summed across replicas."""
         counts = []
@@ -143,20 +141,18 @@ class SparseCheckpointer:
             layer, _, expert = name.rpartition(".experts.")
             counts.append(float(token_counts[layer][int(expert)]) if layer in token_counts else 0.0)
         # Algorithm 1 is quadratic in operators: run it only where its answer is used.
-        proposal = self._propose() if self._is_decision_point(self._iteration) else self._proposal
+        with LEDGER.blocking(PROPOSE):
+            proposal = self._propose() if self._is_decision_point(self._iteration) else self._proposal
         return torch.tensor([proposal, *counts], dtype=torch.float32)
 
-    @timed
     def absorb_dp(self, summed: torch.Tensor) -> None:
         replicas = self.identity.data_parallel
         self._proposal = math.ceil(float(summed[0]) / replicas)
         self._counts_pending = summed[1:].tolist()  # counted only once the step commits
 
-    @timed
     def stage_payload(self) -> torch.Tensor:
         return torch.tensor([float(self._proposal), float(self.restorable_start())], dtype=torch.float32)
 
-    @timed
     def absorb_gather(self, per_stage: list[torch.Tensor]) -> None:
         self._agreed = int(max(float(v[0]) for v in per_stage))
         self.job_restorable_start = int(min(float(v[1]) for v in per_stage))
@@ -173,16 +169,19 @@ class SparseCheckpointer:
         return -1 if self._restored_start is None else self._restored_start
 
     # -- capture ---------------------------------------------------------------------------------
-    @timed
     def before_step(self) -> None:
         """Call before the optimizer step: the previous capture must not see half-updated tensors."""
-        self.worker.fence()
+        with LEDGER.blocking(FENCE):
+            self.worker.fence()
 
-    @timed
     def after_step(self, iteration: int) -> None:
         """Call right after the optimizer step of ``iteration``; raises a persist error of an earlier window."""
         if self.persister is not None:
             self.persister.raise_error()
+        with LEDGER.blocking(CAPTURE):
+            self._after_step(iteration)
+
+    def _after_step(self, iteration: int) -> None:
         self._observe_iteration_time()
         for name, count in zip(self._experts, self._counts_pending):
             self._popularity_now[name] += count
@@ -267,31 +266,54 @@ class SparseCheckpointer:
         self.plan = split_into_slots(self.order, self._agreed)
         self.window_start = start
         self.state = WindowState.CAPTURING
-        self._layout = None
         log.info("window %d..%d: W=%d, operators per slot %s", start, start + self.plan.window - 1,
                  self.plan.window, "/".join(str(len(s)) for s in self.plan.slots))
 
     def _capture(self, iteration: int) -> None:
+        """Queues capture ``i`` of the window. Everything but the queueing runs on the capture thread,
+        in order: capture 0 plans the layout and maps the file, later captures and the publish step
+        find them in the window's buffers."""
         i = iteration - self.window_start
         if i == 0:
-            self._layout = plan_layout(plan=self.plan, operators=self.operators, master=self.master,
-                                       compute=self.compute, optimizer=self.optimizer)
-            self._blob = self.shm.new_blob(self.window_start, self._layout.blob_bytes)
-        copies = [
-            (source, self._blob[e.offset : e.offset + e.nbytes])
-            for source, e in zip(self._layout.sources[i], self._layout.entries[i])
-        ]
-        self.captured_bytes += sum(e.nbytes for e in self._layout.entries[i])
+            self._window = _WindowBuffers(self.plan, self.window_start)
+        window = self._window
         last = i == self.plan.window - 1
-        finish = self._publisher(self.plan, self.window_start, self._layout, self._blob, iteration) if last else None
-        self.worker.submit(copies, then=finish)
+        finish = self._publisher(window, iteration) if last else None
+        self.worker.submit(self._copy_jobs(window, i), then=finish)
 
-    def _publisher(self, plan: SlotPlan, start: int, layout: WindowLayout, blob: torch.Tensor, iteration: int):
-        """The publish step of one window, bound to that window's own plan, layout and blob: it runs
-        on the capture thread while the training thread may already be planning the next window."""
+    def _copy_jobs(self, window: "_WindowBuffers", i: int) -> Iterator[CopyJob]:
+        """Capture ``i``'s (source, blob view) pairs, made lazily on the capture thread."""
+        if i == 0:
+            window.layout = self._layout_for(window.plan)
+            window.blob = self.shm.new_blob(window.start, window.layout.blob_bytes, in_use=self._read_by_tiers)
+        for source, e in zip(window.layout.sources[i], window.layout.entries[i]):
+            yield source, window.blob[e.offset : e.offset + e.nbytes]
+
+    def _layout_for(self, plan: SlotPlan) -> WindowLayout:
+        """The layout of a window with ``plan``: the previous window's when every slot holds the same
+        operators (their order inside a slot does not change what a capture holds) and every source
+        tensor is the same object (steady state); planned afresh otherwise (W or slot membership
+        changed, or the optimizer state was replaced by a restore)."""
+        state = self.optimizer.state
+        sources = [id(v) for p in self._master_params if p in state for v in state[p].values()]
+        key = (tuple(frozenset(slot) for slot in plan.slots), tuple(sources))
+        if key != self._layout_key:
+            self._layout = plan_layout(plan=plan, operators=self.operators, master=self.master,
+                                       compute=self.compute, optimizer=self.optimizer)
+            self._layout_key = key
+        return self._layout
+
+    def _read_by_tiers(self, blob: torch.Tensor) -> bool:
+        """Whether a background tier still reads ``blob`` (a retired window), so it cannot be reused."""
+        return any(tier is not None and tier.reads(blob) for tier in (self.replicator, self.persister))
+
+    def _publisher(self, window: "_WindowBuffers", iteration: int):
+        """The publish step of one window, bound to that window's own buffers: it runs on the capture
+        thread while the training thread may already be starting the next window."""
         identity = self.identity
 
         def publish() -> None:
+            plan, start, layout, blob = window.plan, window.start, window.layout, window.blob
             fault_point("capture", stage=identity.stage, replica=identity.replica, iteration=iteration)
             captures = tuple(
                 Capture(start + i, tuple(_with_checksum(e, blob) for e in entries))
@@ -305,6 +327,7 @@ class SparseCheckpointer:
                 extra={"data_parallel": identity.data_parallel},
             )
             self.shm.publish(manifest)
+            LEDGER.add_bytes(STORED, manifest.blob_bytes)
             self.last_complete = manifest
             self.windows_completed += 1
             image = WindowImage(manifest, blob)
@@ -345,6 +368,16 @@ class SparseCheckpointer:
             m = image.manifest
             logs = self.log_exporter(m.start_iteration, m.end_iteration + 1) if self.log_exporter else None
             self.persister.submit(image, logs=logs)
+
+
+@dataclass
+class _WindowBuffers:
+    """One window's plan, and the layout and file its first capture job sets up on the capture thread."""
+
+    plan: SlotPlan
+    start: int
+    layout: WindowLayout | None = None
+    blob: torch.Tensor | None = None
 
 
 def _with_checksum(entry: Entry, blob: torch.Tensor) -> Entry:

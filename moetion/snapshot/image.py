@@ -203,6 +203,11 @@ def manifest_digest(body: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
+def entry_view(blob: torch.Tensor, entry: Entry) -> torch.Tensor:
+    """The entry's bytes in ``blob`` as a tensor of its dtype and shape: a view, no copy."""
+    return blob[entry.offset : entry.offset + entry.nbytes].view(_DTYPES[entry.dtype]).reshape(entry.shape)
+
+
 def checksum(raw: torch.Tensor) -> int:
     return filters.checksum(raw.numpy())
 

@@ -297,6 +297,7 @@ class AsyncPersister:
         self._limit: tuple[int, int] | None = None  # (job-wide restorable start, number of stages)
         self._cond = threading.Condition()
         self._pending: tuple[WindowImage, bytes | None] | None = None
+        self._writing: WindowImage | None = None
         self._busy = self._closing = False
         self._error: BaseException | None = None
         self._last: PersistedWindow | None = None
@@ -334,6 +335,13 @@ class AsyncPersister:
                              old.start_iteration, old.stage, image.manifest.start_iteration)
             self._pending = (image, logs)
             self._cond.notify_all()
+
+    def reads(self, blob: torch.Tensor) -> bool:
+        """Whether ``blob`` is the blob of a window waiting to be written or being written."""
+        with self._cond:
+            waiting = self._pending[0] if self._pending is not None else None
+            return any(image is not None and image.blob.data_ptr() == blob.data_ptr()
+                       for image in (waiting, self._writing))
 
     def wait(self) -> None:
         """Blocks until nothing is written or waiting; re-raises (once) the first write error."""
@@ -374,6 +382,7 @@ class AsyncPersister:
                 if self._pending is None:
                     return
                 (image, logs), self._pending, self._busy = self._pending, None, True
+                self._writing = image
             m, record, size, error = image.manifest, None, 0, None
             try:
                 path = persist_window(image, self.root, verify=self.verify, logs=logs)
@@ -386,7 +395,7 @@ class AsyncPersister:
                 error = caught
             del image, logs  # drop the blob (possibly a mapping of shared memory) before waiting again
             with self._cond:
-                self._busy = False
+                self._busy, self._writing = False, None
                 if error is not None:
                     self._error = self._error or error
                 else:

@@ -21,6 +21,7 @@ from moetion import failure_notice
 from moetion.errors import PeerFailure
 from moetion.faults import fault_point
 from moetion.memory_budget import check_wire_size, transfer_limit
+from moetion.profiling import LEDGER, REPLICATED
 from moetion.snapshot.image import SnapshotError, WindowImage, WindowManifest
 from moetion.topology import PipeTopology
 
@@ -54,6 +55,7 @@ class PeerReplicator:
         self.stage, self.replica = stage, replica
         self._held: WindowImage | None = None
         self._pending: WindowImage | None = None
+        self._sending: WindowImage | None = None
         self._closing = False
         self._abandoned = False
         self._wake = threading.Condition()
@@ -69,6 +71,12 @@ class PeerReplicator:
         with self._wake:
             self._pending = image
             self._wake.notify()
+
+    def reads(self, blob: torch.Tensor) -> bool:
+        """Whether ``blob`` is the blob of a window waiting to be sent or being sent."""
+        with self._wake:
+            return any(image is not None and image.blob.data_ptr() == blob.data_ptr()
+                       for image in (self._pending, self._sending))
 
     def held(self) -> WindowImage | None:
         """The last complete, verified window received from ``receive_from``."""
@@ -106,10 +114,13 @@ class PeerReplicator:
                     if self._abandoned:
                         return
                     image, self._pending = self._pending, None
+                    self._sending = image
                 if image is None:
                     send_image(None, self.send_to, group=self.group)
                     return
                 self._send(image)
+                with self._wake:
+                    self._sending = None
         except Exception as error:  # noqa: BLE001 - a torn-down group raises RuntimeError or ValueError
             self.error = failure_notice.explain(f"replication to rank {self.send_to} failed: {str(error).splitlines()[0]}")
             log.info(self.error)
@@ -119,6 +130,7 @@ class PeerReplicator:
                                     iteration=image.manifest.end_iteration)
         send_image(image, self.send_to, group=self.group, before_blob=point)
         self.windows_sent += 1
+        LEDGER.add_bytes(REPLICATED, image.manifest.blob_bytes)
 
     def _receive_loop(self) -> None:
         try:

@@ -5,19 +5,28 @@ after a SIGKILL reads the last complete window without any copy over the network
 
 Double buffering: window ``n+1`` is captured into its own file while window ``n``'s file stays
 untouched; ``complete.json`` (replaced atomically) names the newest complete window, and window
-``n``'s file is unlinked only after that pointer moved. At every instant after the first window
+``n``'s file is retired only after that pointer moved. At every instant after the first window
 completed, ``complete.json`` names a complete, intact window.
 
 Privacy: the root is per user (``/dev/shm/moetion-<uid>`` by default) and, like the run and stage
 directories under it, must be a real 0700 directory of this user (checked with ``lstat``; a
 symlink or another user's directory is refused, never used). Window files are created with
 ``O_EXCL|O_NOFOLLOW``, mode 0600; a window read back must name this run, job, stage and replica.
+
+Recycling: a retired window's file is not unlinked but kept, still mapped, as the *spare*; the next
+window that fits takes it over by a rename. In steady state no window creates a file or touches a
+fresh page (first-touch page faults cost more than the copy itself on CPU). A spare is taken only if
+no background tier (replication, persisting) still reads it; otherwise the window gets a fresh file.
+Recycled files are not zeroed: bytes outside the manifest's entries (alignment padding) are
+leftovers, and nothing reads them.
 """
 from __future__ import annotations
 
 import logging
 import os
+import threading
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -28,6 +37,7 @@ from moetion.snapshot.image import SnapshotError, WindowImage, WindowManifest
 log = logging.getLogger(__name__)
 
 POINTER = "complete.json"
+SPARE = "spare.bin"
 
 
 class SharedMemoryTier:
@@ -40,42 +50,60 @@ class SharedMemoryTier:
             self.directory = private_dir(run_dir / f"stage-{stage:03d}-replica-{replica:03d}")
         except UnsafePathError as error:
             raise SnapshotError(f"shared-memory tier: {error}") from None
+        self._lock = threading.Lock()  # new_blob runs on the training thread, publish on the capture thread
+        self._mapped: dict[int, torch.Tensor] = {}  # windows this process mapped, by start iteration
+        self._spare: torch.Tensor | None = None  # the mapping of SPARE, a retired window's file
+        self.files_created = 0
+        self.files_recycled = 0
 
     def clear(self) -> None:
         """Forgets windows left by an earlier job under the same run id (a fresh job starts empty)."""
+        with self._lock:
+            self._mapped.clear()
+            self._spare = None
         for path in self.directory.iterdir():
             path.unlink(missing_ok=True)
 
-    def new_blob(self, start_iteration: int, nbytes: int) -> torch.Tensor:
-        """A zeroed uint8 tensor mapped from a fresh file for the window starting at ``start_iteration``."""
+    def new_blob(self, start_iteration: int, nbytes: int, *,
+                 in_use: Callable[[torch.Tensor], bool] = lambda blob: False) -> torch.Tensor:
+        """A uint8 tensor of at least ``nbytes`` mapped from the file of the window starting at
+        ``start_iteration``: the spare renamed, if it is big enough and ``in_use`` says no reader
+        holds it, else a fresh (zeroed) file."""
         path = self._blob_path(start_iteration)
-        path.unlink(missing_ok=True)
-        fd = create_exclusive(path, os.O_RDWR)  # 0600; fails on anything planted under this name
-        try:
-            os.ftruncate(fd, max(nbytes, 1))
-        finally:
-            os.close(fd)
-        return torch.from_file(str(path), shared=True, size=max(nbytes, 1), dtype=torch.uint8)
+        with self._lock:
+            spare, self._spare = self._spare, None
+            if spare is not None and spare.numel() >= nbytes and not in_use(spare):
+                os.replace(self.directory / SPARE, path)
+                self.files_recycled += 1
+                blob = spare
+            else:
+                (self.directory / SPARE).unlink(missing_ok=True)
+                path.unlink(missing_ok=True)
+                blob = _map_file(path, max(nbytes, 1))
+                self.files_created += 1
+            self._mapped[start_iteration] = blob
+        return blob
 
     def publish(self, manifest: WindowManifest) -> None:
-        """Makes a fully written window the complete one, then drops the window it replaces."""
+        """Makes a fully written window the complete one, then retires the window it replaces."""
         previous = self._pointed_manifest()
         write_atomically(self.directory / POINTER, manifest.to_json())
         if previous is not None and previous.start_iteration != manifest.start_iteration:
-            self._blob_path(previous.start_iteration).unlink(missing_ok=True)
+            self._retire(previous.start_iteration)
         log.info("window %d..%d complete in shared memory (%d bytes)",
                  manifest.start_iteration, manifest.end_iteration, manifest.blob_bytes)
 
     def bytes_held(self) -> int:
-        """Bytes of this stage replica's window files (read once per iteration by the metrics: scandir, not glob)."""
+        """Bytes of every file held, the spare included (read once per iteration by the metrics: scandir, not glob)."""
         try:
             with os.scandir(self.directory) as entries:
-                return sum(e.stat().st_size for e in entries if e.name.startswith("window-") and e.name.endswith(".bin"))
+                return sum(e.stat().st_size for e in entries if e.name.endswith(".bin"))
         except FileNotFoundError:
             return 0
 
     def load_complete(self, *, verify: bool = True) -> WindowImage:
-        """The newest complete window, mapped read-only; verified by checksum unless told not to."""
+        """The newest complete window, mapped (a private mapping unless this process wrote it: never
+        write through it); verified by checksum unless told not to."""
         manifest = self._pointed_manifest()
         if manifest is None:
             raise SnapshotError(f"no complete window in shared memory at {self.directory}")
@@ -87,7 +115,11 @@ class SharedMemoryTier:
             raise SnapshotError(f"{path}: window blob unusable ({error})") from None
         if size < manifest.blob_bytes:
             raise SnapshotError(f"{path}: window blob shorter ({size} bytes) than its manifest's {manifest.blob_bytes}")
-        blob = torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)
+        with self._lock:
+            mine = self._mapped.get(manifest.start_iteration)
+        # This process's own mapping when it wrote the window, so that a tier reading the image is
+        # recognised by new_blob's in_use check (a second mapping would have another address).
+        blob = mine if mine is not None else _map_file(path, size, shared=False)
         image = WindowImage(manifest, blob)
         if verify:
             image.verify(source=str(path))
@@ -104,5 +136,29 @@ class SharedMemoryTier:
             raise SnapshotError(f"{pointer}: unusable ({error})") from None
         return WindowManifest.from_json(data, source=str(pointer))
 
+    def _retire(self, start_iteration: int) -> None:
+        """The replaced window's file becomes the spare if this process mapped it, else it goes."""
+        path = self._blob_path(start_iteration)
+        with self._lock:
+            blob = self._mapped.pop(start_iteration, None)
+            if blob is None or self._spare is not None:
+                path.unlink(missing_ok=True)
+                return
+            os.replace(path, self.directory / SPARE)
+            self._spare = blob
+
     def _blob_path(self, start_iteration: int) -> Path:
         return self.directory / f"window-{start_iteration:010d}.bin"
+
+
+def _map_file(path: Path, nbytes: int, *, shared: bool = True) -> torch.Tensor:
+    """The one place a window file is opened: ``nbytes`` of it mapped as a uint8 tensor. ``shared``:
+    a new file, created 0600 with O_EXCL|O_NOFOLLOW (anything planted under its name is refused),
+    whose writes go to the file; otherwise an existing file, checked by the caller, mapped privately."""
+    if shared:
+        fd = create_exclusive(path, os.O_RDWR)
+        try:
+            os.ftruncate(fd, nbytes)
+        finally:
+            os.close(fd)
+    return torch.from_file(str(path), shared=shared, size=nbytes, dtype=torch.uint8)
