@@ -26,7 +26,7 @@ def _assert_holds(tier: SharedMemoryTier, expected: dict) -> None:
 
 
 def test_a_retired_window_file_is_reused_by_the_next_window(tmp_path):
-    tier = SharedMemoryTier(tmp_path, run_id="r", stage=0, replica=0)
+    tier = SharedMemoryTier(tmp_path, run_id="run-test", job_nonce="job-test", stage=0, replica=0)
     first, _ = _write_and_publish(tier, 0, seed=1)
     _, expected_second = _write_and_publish(tier, 3, seed=2)
     assert (tier.files_created, tier.files_recycled) == (2, 0)
@@ -42,7 +42,7 @@ def test_a_retired_window_file_is_reused_by_the_next_window(tmp_path):
 
 
 def test_a_file_a_tier_still_reads_is_not_reused(tmp_path):
-    tier = SharedMemoryTier(tmp_path, run_id="r", stage=0, replica=0)
+    tier = SharedMemoryTier(tmp_path, run_id="run-test", job_nonce="job-test", stage=0, replica=0)
     first, _ = _write_and_publish(tier, 0, seed=1)
     _write_and_publish(tier, 3, seed=2)
     third, expected = _write_and_publish(tier, 6, seed=3, in_use=lambda blob: blob.data_ptr() == first.data_ptr())
@@ -51,7 +51,7 @@ def test_a_file_a_tier_still_reads_is_not_reused(tmp_path):
 
 
 def test_a_spare_too_small_for_the_next_window_is_dropped(tmp_path):
-    tier = SharedMemoryTier(tmp_path, run_id="r", stage=0, replica=0)
+    tier = SharedMemoryTier(tmp_path, run_id="run-test", job_nonce="job-test", stage=0, replica=0)
     _write_and_publish(tier, 0, seed=1)
     _write_and_publish(tier, 3, seed=2)
     image, _ = make_image(start_iteration=6, seed=3)
