@@ -39,7 +39,7 @@ class SharedMemoryTier:
     def __init__(self, root: Path | str, *, run_id: str, stage: int, replica: int) -> None:
         self.directory = Path(root) / run_id / f"stage-{stage:03d}-replica-{replica:03d}"
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()  # new_blob runs on the training thread, publish on the capture thread
+        self._lock = threading.Lock()  # new_blob and publish run on the capture thread, load_complete anywhere
         self._mapped: dict[int, torch.Tensor] = {}  # windows this process mapped, by start iteration
         self._spare: torch.Tensor | None = None  # the mapping of SPARE, a retired window's file
         self.files_created = 0
