@@ -18,6 +18,7 @@ Each counter is written under one lock; the cost is a lock and a float add per b
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from contextlib import contextmanager
@@ -109,3 +110,5 @@ def background_cpu_seconds(prefixes: tuple[str, ...] = BACKGROUND_THREAD_PREFIXE
 
 
 LEDGER = CostLedger()
+# A rank forked while another thread of its parent held the lock would inherit it held forever.
+os.register_at_fork(after_in_child=lambda: setattr(LEDGER, "_lock", threading.Lock()))

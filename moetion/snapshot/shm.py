@@ -50,7 +50,7 @@ class SharedMemoryTier:
             self.directory = private_dir(run_dir / f"stage-{stage:03d}-replica-{replica:03d}")
         except UnsafePathError as error:
             raise SnapshotError(f"shared-memory tier: {error}") from None
-        self._lock = threading.Lock()  # new_blob runs on the training thread, publish on the capture thread
+        self._lock = threading.Lock()  # new_blob and publish run on the capture thread, load_complete anywhere
         self._mapped: dict[int, torch.Tensor] = {}  # windows this process mapped, by start iteration
         self._spare: torch.Tensor | None = None  # the mapping of SPARE, a retired window's file
         self.files_created = 0
