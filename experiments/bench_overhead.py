@@ -43,6 +43,7 @@ with --only) with the keys of the parts that ran: "rows" and "delta" (snapshots)
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shutil
@@ -50,7 +51,6 @@ import statistics
 import tempfile
 import time
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -171,7 +171,7 @@ def refresh_calibration(blocked_share: float) -> None:
 def gemini_runnable() -> bool:
     """Whether the GEMINI package imports here; says why not when it does not."""
     try:
-        import lm_resiliency  # noqa: F401 - optional extra
+        importlib.import_module("lm_resiliency")  # the optional extra `bench`
     except ImportError as error:
         print(f"gemini/1, gemini/{GEMINI_DEFAULT_INTERVAL}: not runnable here: {error} "
               "(install the optional extra: pip install .[bench])")
