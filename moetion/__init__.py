@@ -109,7 +109,7 @@ def _join(config: Config) -> tuple[ControlPlane | None, int]:
     generation = start_generation()
     # Both open their store connections before any group exists: the notice never shuts them.
     control.start_heartbeat(int(os.environ["RANK"]), generation)
-    failure_notice.start(control.host, control.port)
+    failure_notice.start(control)
     while not join_job(control, generation, timeout_s=config.peer_timeout_s):
         generation = control.generation()  # superseded while starting: join the newest
     return control, generation

@@ -221,10 +221,17 @@ class ControlPlane:
                 self._warn(f"heartbeat/{rank}", f"control-store heartbeat of rank {rank} is malformed; ignoring it")
         return beats
 
+    def connect(self, *, timeout: timedelta | None = None) -> SignedStore:
+        """A connection of its own to the job's store, signing and verifying with the job secret
+        (for a thread that must not share the caller's connection)."""
+        options = {} if timeout is None else {"timeout": timeout}
+        return SignedStore(dist.TCPStore(self.host, self.port, is_master=False, wait_for_workers=False, **options),
+                           self._key)
+
     def start_heartbeat(self, rank: int, generation: int) -> None:
         """Writes ``heartbeat/{rank}`` = (``generation``, beats so far) every second from a daemon
         thread with its own connection."""
-        store = SignedStore(dist.TCPStore(self.host, self.port, is_master=False, wait_for_workers=False), self._key)
+        store = self.connect()
 
         def beat() -> None:
             count = 0

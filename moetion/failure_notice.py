@@ -37,7 +37,8 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 
-import torch.distributed as dist
+from moetion.control import ControlPlane
+from moetion.signed_store import ForgedValue
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ NOTICE_KEY = "notice/{generation}"
 # leaves the server's late answer in the connection, corrupting the next request. The key it waits
 # for always appears (every generation is announced) or the store goes away with the job.
 _NO_DEADLINE = timedelta(days=365)
+_FORGED_RETRY_S = 0.1  # how often a notice key holding a forged value is read again
 NOTICE_GRACE_S = 2.0  # how long a broken wait waits for the notice that explains it
 DISABLE_ENV = "MOETION_FAILURE_NOTICE"  # "0": no notice thread (benchmark A/B and negative controls only)
 
@@ -72,9 +74,8 @@ def notice_key(generation: int) -> str:
 class FailureNotice:
     """One rank's watcher; see the module docstring for its lifecycle."""
 
-    def __init__(self, host: str, port: int) -> None:
-        self._store = dist.TCPStore(host, port, is_master=False, wait_for_workers=False,
-                                    timeout=_NO_DEADLINE)
+    def __init__(self, control: ControlPlane) -> None:
+        self._store = control.connect(timeout=_NO_DEADLINE)  # values are signed with the job secret
         self._lock = threading.Lock()
         self._armed = threading.Condition(self._lock)
         self._generation: int | None = None  # armed for this generation, None while not in a group
@@ -125,10 +126,20 @@ class FailureNotice:
             key = notice_key(generation + 1)
             try:
                 self._store.wait([key])
-                why = self._store.get(key).decode()
+                why = self._verified(key)
             except RuntimeError:
                 return  # the store is gone: the job is over
             self._fire(generation, generation + 1, why)
+
+    def _verified(self, key: str) -> str:
+        """The supervisor's notice; a value written without the job secret is ignored until the
+        supervisor's own overwrites it."""
+        while True:
+            try:
+                return self._store.get(key).decode(errors="replace")
+            except ForgedValue as error:
+                log.warning("%s; waiting for the supervisor's notice", error)
+                time.sleep(_FORGED_RETRY_S)
 
     def _fire(self, generation: int, published: int, why: str) -> None:
         with self._lock:
@@ -184,11 +195,11 @@ def _shutdown(fd: int, node: str) -> bool:
 _active: FailureNotice | None = None
 
 
-def start(host: str, port: int) -> None:
+def start(control: ControlPlane) -> None:
     """Starts this process's watcher (supervised ranks; once). ``MOETION_FAILURE_NOTICE=0`` skips it."""
     global _active
     if _active is None and os.environ.get(DISABLE_ENV, "1") != "0":
-        _active = FailureNotice(host, port)
+        _active = FailureNotice(control)
 
 
 def joining(generation: int) -> None:

@@ -19,7 +19,7 @@ def blocked_receiver() -> str:
     """Rank 2 receives from rank 1, which never sends; rank 0 announces generation 1 meanwhile."""
     rank = int(os.environ["RANK"])
     control = ControlPlane.from_env(timeout_s=30)
-    failure_notice.start(control.host, control.port)
+    failure_notice.start(control)
     assert join_job(control, 0, timeout_s=30)
     context = build_context(num_stages=3, tied_stages={})
     outcome = "no failure"
