@@ -11,6 +11,7 @@ from moetion.launcher import run_workers
 from moetion.models import GPTMoEConfig, build_gpt_moe_layers, gpt_moe_loss
 
 RANKS, ITERATIONS = 4, 12
+RESUME = {"MOETION_RESUME": "1"}  # as `moetion launch --resume` sets it: continue the run persisted there
 MODEL = GPTMoEConfig(seq_len=8, d_model=16, n_heads=2, n_layers=4, d_hidden=32, num_experts=4,
                      capacity_factor=1.0, dropout=0.1)
 
@@ -40,7 +41,7 @@ def test_killed_job_resumes_bit_identically(tmp_path, stages):
     straight = run_workers(job, nproc=RANKS, args=(tmp_path / "a", stages), timeout_s=180)
     with pytest.raises(moetion.LaunchError, match="killed by SIGKILL"):
         run_workers(_killed, nproc=RANKS, args=(tmp_path / "b", stages), timeout_s=180, grace_s=2)
-    resumed = run_workers(_resumed, nproc=RANKS, args=(tmp_path / "b", stages), timeout_s=180)
+    resumed = run_workers(_resumed, nproc=RANKS, args=(tmp_path / "b", stages), timeout_s=180, env=RESUME)
     for before, after in zip(straight, resumed):  # both in rank order
         assert 0 < after["start"] < 11, "resumed from a persisted window, not from scratch"
         assert after["losses"] == {t: before["losses"][t] for t in after["losses"]}
@@ -52,8 +53,8 @@ def test_killed_job_resumes_bit_identically(tmp_path, stages):
 
 def test_restart_without_persisted_windows_is_a_clear_error(tmp_path):
     (tmp_path / "disk" / "restart").mkdir(parents=True)
-    with pytest.raises(moetion.LaunchError, match="was persisted by all 4 stages"):
-        run_workers(_resumed, nproc=RANKS, args=(tmp_path, 4), timeout_s=120, grace_s=2)
+    with pytest.raises(moetion.LaunchError, match="holds no run to resume"):
+        run_workers(_resumed, nproc=RANKS, args=(tmp_path, 4), timeout_s=120, grace_s=2, env=RESUME)
 
 
 def _killed(root, stages):
