@@ -47,6 +47,7 @@ GENERATION_ENV = "MOETION_GENERATION"  # the generation a process was started in
 SUPERVISED_ENV = "MOETION_SUPERVISED"  # "1": a supervisor will replace dead ranks
 HEARTBEAT_S = 1.0
 POLL_S = 0.02
+MAX_BUMP_ATTEMPTS = 100  # compare-and-set races lost in a row before publishing a generation gives up
 log = logging.getLogger(__name__)
 
 
@@ -94,7 +95,7 @@ class ControlPlane:
     def new_generation(self) -> int:
         """Supervisor: the next generation's number, atomically (several supervisors may bump at
         once; each gets its own). Survivors join it as soon as it appears."""
-        while True:
+        for _ in range(MAX_BUMP_ATTEMPTS):
             raw = self.raw.get("generation") if self.raw.check(["generation"]) else b""
             current = self.generation()
             value = f"{current + 1}:{secrets.token_hex(8)}".encode()  # unique: two bumps never write the same bytes
@@ -102,6 +103,8 @@ class ControlPlane:
             if self.raw.compare_set("generation", raw, desired) == desired:
                 self._generation_seen = current + 1
                 return current + 1
+        raise JobAborted(f"the control store's generation changed under {MAX_BUMP_ATTEMPTS} attempts to publish the "
+                         "next one: is a client without the job secret writing it? Firewall the control-store port")
 
     def group_store(self, generation: int) -> dist.Store:
         return dist.PrefixStore(f"gen{generation}/", self.store)
