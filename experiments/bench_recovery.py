@@ -42,6 +42,7 @@ from moetion.demo import SHM_ROOT, DemoSettings, demo_engine_config, demo_model_
 from moetion.errors import LaunchError
 from moetion.faults import ENV as KILL_ENV
 from moetion.faults import FAULT_LOG_ENV
+from moetion.recovery.records import Role
 from moetion.harness.timeline import timeline
 from moetion.launcher import supervise_workers
 from moetion.models import build_gpt_moe_layers, gpt_moe_loss
@@ -120,12 +121,12 @@ def measure_moetion(settings: DemoSettings, kill_iteration: int, stage: int, scr
     (recovery,) = report.recoveries
     line = timeline(recovery)
     events = recovery.rank_events
-    inflight = sum(e.get("inflight_s", 0.0) for e in events.values() if e["role"] == "survivor")
-    replacement = next(e for e in events.values() if e["role"] == "replacement")
-    resumed = {r: e["resumed_at"] - recovery.killed_at for r, e in events.items()}
+    inflight = sum(e.inflight_s for e in events.values() if e.role is Role.SURVIVOR)
+    replacement = next(e for e in events.values() if e.role is Role.REPLACEMENT)
+    resumed = {r: e.resumed_at - recovery.killed_at for r, e in events.items()}
     return {"approach": "moetion", "wall_s": line.total_s, "reexecuted_stage_iterations": line.replayed_stage_iterations,
-            "work_lost_stage_s": inflight + replacement["replay_s"], "occupancy_lost_stage_s": sum(resumed.values()),
-            "timeline": line.to_dict(), "source": replacement["source"]}
+            "work_lost_stage_s": inflight + replacement.replay_s, "occupancy_lost_stage_s": sum(resumed.values()),
+            "timeline": line.to_dict(), "source": replacement.source.value}
 
 
 def checkpoint_cost(settings: DemoSettings, scratch: Path) -> tuple[float, float]:

@@ -26,7 +26,6 @@ heartbeat thread once a second.
 """
 from __future__ import annotations
 
-import json
 import logging
 import multiprocessing as mp
 import os
@@ -41,6 +40,7 @@ import torch.distributed as dist
 
 from moetion.errors import ConfigError, MoetionError
 from moetion.job_secret import SECRET_ENV, derive, secret_from_env
+from moetion.recovery.records import RecoveryEvents
 from moetion.signed_store import ForgedValue, SignedStore
 
 GENERATION_ENV = "MOETION_GENERATION"  # the generation a process was started into
@@ -180,26 +180,18 @@ class ControlPlane:
             raise JobAborted(message)
 
     # -- records ------------------------------------------------------------------------------------
-    def record(self, generation: int, rank: int, events: dict[str, Any]) -> None:
-        self.store.set(f"events/{generation}/{rank}", json.dumps(events))
+    def record(self, generation: int, rank: int, events: RecoveryEvents) -> None:
+        self.store.set(f"events/{generation}/{rank}", events.to_json())
 
-    def records(self, generation: int, ranks: range) -> dict[int, dict[str, Any]]:
-        """The ranks' records of ``generation``; a forged, torn or non-object record is a warning."""
+    def records(self, generation: int, ranks: range) -> dict[int, RecoveryEvents]:
+        """Every rank's recovery events of ``generation``; a forged, torn or malformed record is
+        skipped with a warning."""
         found = {}
         for rank in ranks:
-            key = f"events/{generation}/{rank}"
-            value = self._signed(key)
-            if value is None:
-                continue
-            try:
-                record = json.loads(value)
-            except ValueError as error:
-                self._warn(key, f"control-store record {key!r} is not JSON ({error}); ignoring it")
-                continue
-            if not isinstance(record, dict):
-                self._warn(key, f"control-store record {key!r} is a {type(record).__name__}, not an object; ignoring it")
-                continue
-            found[rank] = record
+            value = self._signed(f"events/{generation}/{rank}")
+            events = None if value is None else RecoveryEvents.from_json(value)
+            if events is not None:
+                found[rank] = events
         return found
 
     # -- liveness -------------------------------------------------------------------------------------

@@ -1,70 +1,56 @@
-"""The pipeline engine: runs a stage's 1F1B instruction stream, one iteration per ``train_batch``.
+"""The pipeline engine: one stage's training loop, one iteration per ``train_batch``.
 
-The data path of one iteration, top to bottom: load or receive a micro-batch's input, forward
-(under a step context that keys its random draws), send the output on; receive the output's
-gradient, backward, send the input's gradient back; then sum tied gradients, average across
-replicas, and take the optimizer step behind the global grad-norm exchange (the commit point).
+The arithmetic of an iteration lives in :class:`~moetion.iteration.StageIteration`; the engine
+plugs it into the live world (links to the neighbours teed into the upstream log, the commit
+all-gather, the sparse checkpointer around the optimizer step) and, under the supervisor, hands
+a lost peer to recovery, which sees the engine only through
+:class:`~moetion.recovery.stage.RecoverableStage`.
 """
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 from logging_store import LogStoreConfig
 
-from moetion import gradients, schedule
+from moetion.boundary import BoundaryInputs, BoundaryOutputs
 from moetion.config import Config
-from moetion.data import DataSource
 from moetion.control import ControlPlane
+from moetion.data import DataSource
+from moetion.decisions import LiveDecisions
 from moetion.distributed import DistContext, build_context, join_job, leave_process_group
-from moetion.errors import ConfigError, DataError, PeerFailure
-from moetion.faults import fault_point
-from moetion.lr_schedule import apply_lr
+from moetion.errors import ConfigError, PeerFailure
+from moetion.faults import fault_point, faults_armed
+from moetion.iteration import InputPort, IterationStats, OutputPort, Placement, StageIteration, no_fault
 from moetion.module import PipelineModule
-from moetion.moe import MoELayer
 from moetion.p2p import StageLinks
 from moetion.precision import StagePrecision
-from moetion.random import StepContext, step_context
-from moetion.recovery import Recovery
-from moetion.harness.final_state import record_final_state
-from moetion.replay import newest_common_window, persisted_neighbour_logs, replay_stage
+from moetion.recovery.coordinator import Recovery
+from moetion.recovery.stage import Seat, StageState
+from moetion.replay import ReplayReport, newest_common_window, persisted_neighbour_logs, replay_stage
+from moetion.run_layout import persist_root, run_id
+from moetion.snapshot.checkpointer import SparseCheckpointer, StageIdentity
+from moetion.snapshot.hooks import SnapshotHooks
+from moetion.snapshot.image import SnapshotError, WindowImage
 from moetion.snapshot.persist import load_persisted
 from moetion.run_identity import fresh_job_nonce, resume_requested
-from moetion.snapshot.checkpointer import SparseCheckpointer, StageIdentity, run_id
 from moetion.snapshot.run_dir import check_resumable, claim_run_dir
 from moetion.snapshot.replica import PeerReplicator, replication_peers
-from moetion.upstream_log import IterationScalars, UpstreamLog
+from moetion.upstream_log import IterationScalars, LogReader, UpstreamLog
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class _MicroBatchBuffers:
-    """Tensors alive between a micro-batch's instructions, keyed by micro-batch index."""
-
-    loss_sum: torch.Tensor
-    inputs: dict[int, torch.Tensor] = field(default_factory=dict)
-    labels: dict[int, torch.Tensor] = field(default_factory=dict)
-    outputs: dict[int, torch.Tensor] = field(default_factory=dict)
-    output_grads: dict[int, torch.Tensor] = field(default_factory=dict)
-    input_grads: dict[int, torch.Tensor] = field(default_factory=dict)
+_close_hooks: list[Callable[["PipelineEngine"], None]] = []
 
 
-@dataclass
-class IterationStats:
-    """What one ``train_batch`` produced; ``loss`` is the mean over micro-batches and replicas."""
-
-    iteration: int
-    loss: float
-    grad_norm: float
-    clip_coef: float
-    lr_factor: float
-    seconds: float
+def on_close(hook: Callable[["PipelineEngine"], None]) -> None:
+    """Registers ``hook(engine)`` to run at the end of every :meth:`PipelineEngine.close` in this
+    process (the fault harness leaves each rank's final state this way)."""
+    _close_hooks.append(hook)
 
 
 class PipelineEngine:
@@ -88,35 +74,20 @@ class PipelineEngine:
         self.threads = threads
         self.iteration = 0
         self.last_stats: IterationStats | None = None
-        self.losses: dict[int, float] = {}  # every iteration's loss this process saw commit
-        self.iteration_started_at = time.time()
+        self.losses: dict[int, float] = {}  # every committed iteration's loss this process knows
+        self._started_at = time.time()
         self.precision = StagePrecision(module, config.precision)
         self.dist = dist_context
         self.checkpointer = self._build_checkpointer() if config.snapshot.enabled else None
         if self.checkpointer is not None and not replacement:
             self.checkpointer.shm.clear()  # a replacement restores from these; anyone else starts afresh
         self.upstream = self._build_upstream_log() if config.upstream_log.enabled else None
+        self._norm_params = self._params_counted_in_norm()
         self._connect(dist_context)
         # Under a supervisor a lost peer is recovered from; a process started into a later
         # generation is a replacement and restores its stage before its first iteration.
         self.recovery = None if control is None else Recovery(
-            self, control, generation=generation, needs_restore=replacement)
-        self.last_token_counts: dict[str, torch.Tensor] = {}
-        self._moe_layers = [(n, m) for n, m in self.precision.compute.named_modules() if isinstance(m, MoELayer)]
-        self._params = [p for p in module.parameters() if p.requires_grad]
-        self._norm_params = self._params_counted_in_norm()
-        self._dispatch: dict[type[schedule.Instruction], Callable[[int | None], None]] = {
-            schedule.LoadMicroBatch: self._load_micro_batch,
-            schedule.RecvActivation: self._recv_activation,
-            schedule.ForwardPass: self._forward,
-            schedule.SendActivation: self._send_activation,
-            schedule.RecvGrad: self._recv_grad,
-            schedule.BackwardPass: self._backward,
-            schedule.SendGrad: self._send_grad,
-            schedule.ReduceTiedGrads: self._reduce_tied_grads,
-            schedule.ReduceGrads: self._reduce_grads,
-            schedule.OptimizerStep: self._optimizer_step,
-        }
+            self, control, generation=generation, needs_restore=replacement, timeout_s=config.peer_timeout_s)
 
     @property
     def stage(self) -> int:
@@ -127,14 +98,16 @@ class PipelineEngine:
 
         Returns the iteration's mean loss (over micro-batches and data-parallel replicas), the
         same value on every rank. The optimizer step is the commit point: when this returns,
-        every rank of the job has applied the same iteration. In a replacement (under the
-        supervisor) the first call instead restores the stage to the job's iteration and returns
-        the loss of the last committed one: drive the loop with ``engine.iteration``.
+        every rank of the job has applied the same iteration. Under the supervisor, a survivor
+        that loses a peer pauses, rebuilds and re-runs the interrupted iteration, and a
+        replacement's first call restores its stage to the job's iteration, then trains it with
+        the others. (Only when the job had already finished training does that first call end
+        with the restore, returning the last replayed iteration's loss.) Drive the loop with
+        ``engine.iteration``.
         """
         if self.recovery is not None and self.recovery.needs_restore:
-            self.recovery.restore(data)
-            if self.last_stats is not None:
-                return self.last_stats.loss  # the job's last committed iteration: the caller re-checks its loop
+            if self.recovery.restore(data).finished:
+                return self.last_stats.loss
         while True:
             try:
                 return self._run_iteration(data)
@@ -146,26 +119,17 @@ class PipelineEngine:
             self.recovery.after_failure(cause, data)
 
     def _run_iteration(self, data: DataSource) -> float:
-        self.iteration_started_at = time.time()
-        start = time.perf_counter()
-        self._data = data
-        self._mb = _MicroBatchBuffers(loss_sum=torch.zeros((), dtype=torch.float32, device=self.dist.device))
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.checkpointer is not None:
-            self.checkpointer.begin_iteration(self.iteration)
-        for instruction in schedule.train_schedule(
-            stage=self.stage, num_stages=self.module.num_stages, micro_batches=self.config.micro_batches
-        ):
-            self._dispatch[type(instruction)](instruction.micro_batch)
-        self.last_stats.seconds = time.perf_counter() - start
-        self.losses[self.iteration] = self.last_stats.loss
+        self._started_at = time.time()
+        stats = self._body.run(self.iteration, data)
+        self.last_stats = stats
+        self.losses[self.iteration] = stats.loss
         self.iteration += 1
-        return self.last_stats.loss
+        return stats.loss
 
     def expert_token_counts(self) -> dict[str, torch.Tensor]:
         """Tokens this replica routed to each expert of each MoE layer on this stage in the last
         iteration, keyed by the layer's name in the stage module (its name in the whole model)."""
-        return dict(self.last_token_counts)
+        return dict(self._body.token_counts)
 
     def load_checkpoint(self, data: DataSource, root: str | Path | None = None) -> int:
         """Whole-job restart: rebuilds this stage from the newest window persisted by every stage.
@@ -175,11 +139,9 @@ class PipelineEngine:
         converter), so training continues bit-identically to a run that never stopped. ``root``
         defaults to ``snapshot.persist_dir/<run_id>``. Returns the iteration training continues at.
         """
+        root = Path(root) if root is not None else persist_root(self.config.snapshot)
         if root is None:
-            if not self.config.snapshot.persist_dir:
-                raise ConfigError("load_checkpoint needs snapshot.persist_dir (or an explicit root)")
-            root = Path(self.config.snapshot.persist_dir) / run_id(self.config.snapshot)
-        root = Path(root)
+            raise ConfigError("load_checkpoint needs snapshot.persist_dir (or an explicit root)")
         replicas, replica = self.dist.topology.data_parallel, self.dist.replica
         check_resumable(root, num_stages=self.module.num_stages, data_parallel=replicas)
         start = newest_common_window(root, num_stages=self.module.num_stages, data_parallel=replicas)
@@ -194,43 +156,35 @@ class PipelineEngine:
         return self.iteration
 
     def close(self) -> None:
-        """Waits for background snapshot work and stops its threads (and, under the fault harness,
-        leaves this rank's final state for it to compare). Under the supervisor it first waits for
-        every rank to finish, serving the restore of one lost after the last commit."""
+        """Waits for background snapshot work and stops its threads, then runs the hooks registered
+        with :func:`on_close`. Under the supervisor it first waits for every rank to finish, serving
+        the restore of one lost after the last commit."""
         if self.recovery is not None:
             self.recovery.finish()
         if self.checkpointer is not None:
             self.checkpointer.close()
         if self.upstream is not None:
             self.upstream.close()
-        record_final_state(self)
+        for hook in _close_hooks:
+            hook(self)
 
-    # -- membership (recovery) ---------------------------------------------------------------------
-    def history(self) -> dict[int, IterationScalars]:
-        """The committed iterations this process saw: their losses, and the last one's decisions."""
-        nan = float("nan")
-        scalars = {t: IterationScalars(nan, nan, nan, loss) for t, loss in self.losses.items()}
-        if self.last_stats is not None:
-            s = self.last_stats
-            scalars[s.iteration] = IterationScalars(s.lr_factor, s.grad_norm, s.clip_coef, s.loss)
-        return scalars
+    # -- RecoverableStage: what recovery sees --------------------------------------------------------
+    def seat(self) -> Seat:
+        return Seat(self.dist.rank, self.stage, self.dist.replica, self.dist.topology, self.dist.device,
+                    self.module.tied_stages())
 
-    def adopt_history(self, scalars: dict[int, IterationScalars]) -> None:
-        """A restored stage takes over the losses and last statistics of iterations it did not run."""
-        if not scalars:
-            return
-        for t, s in scalars.items():
-            self.losses[t] = s.loss
-        t = max(scalars)
-        s = scalars[t]
-        self.last_stats = IterationStats(t, s.loss, s.grad_norm, s.clip_coef, s.lr_factor, 0.0)
+    def loss_history(self) -> dict[int, float]:
+        return dict(self.losses)
+
+    def adopt_losses(self, losses: dict[int, float]) -> None:
+        for t, loss in losses.items():
+            self.losses.setdefault(t, loss)
+
+    def in_flight_since(self) -> float:
+        return self._started_at
 
     def abandon_iteration(self) -> None:
-        """Forgets the in-flight iteration; the committed state (weights, optimizer) is untouched."""
-        self._mb = None
-        self.optimizer.zero_grad(set_to_none=True)
-        self.precision.discard_grads()
-        self._pop_token_counts()
+        self._body.abandon()
         if self.upstream is not None:
             self.upstream.drop_from(self.iteration)
         if self.checkpointer is not None:
@@ -240,163 +194,141 @@ class PipelineEngine:
         """Tears down this rank's process groups (threads blocked in them fail and exit)."""
         if self.checkpointer is not None:
             self.checkpointer.replace_replicator(None)
-        self.links = None  # its pending sends hold the group's sockets open; neighbours must see them close
+        self._body = None  # its links' pending sends hold the group's sockets open; neighbours must see them close
         self.dist = replace(self.dist, pipeline_group=None, data_group=None, tied_groups={}, replication_group=None)
         leave_process_group()
 
     def join_group(self, control: ControlPlane, generation: int) -> bool:
-        """Joins the job's process group of ``generation``; False if a newer one superseded it first."""
         if not join_job(control, generation, timeout_s=self.config.peer_timeout_s):
             return False
         self._connect(build_context(num_stages=self.module.num_stages, tied_stages=self.module.tied_stages(),
                                     replication=self.config.snapshot.enabled and self.config.snapshot.replicate))
         return True
 
+    def window_schedule(self) -> tuple[int, int]:
+        return self.checkpointer.schedule() if self.checkpointer is not None else (-1, 0)
+
+    def held_replica(self) -> WindowImage | None:
+        ckpt = self.checkpointer
+        return ckpt.replicator.held() if ckpt is not None and ckpt.replicator is not None else None
+
+    def shm_window(self) -> WindowImage | None:
+        if self.checkpointer is None:
+            return None
+        try:
+            return self.checkpointer.shm.load_complete()
+        except SnapshotError as error:
+            log.info("no usable window in shared memory: %s", error)
+            return None
+
+    def persist_root(self) -> Path | None:
+        return persist_root(self.config.snapshot)
+
+    def logs_kept_from(self) -> int | None:
+        return self.upstream.kept_from if self.upstream is not None else None
+
+    def export_logs(self, start: int, stop: int) -> bytes:
+        return self.upstream.export(start, stop) if self.upstream is not None else b""
+
+    def recorder(self) -> UpstreamLog | None:
+        return self.upstream
+
+    def state(self) -> StageState:
+        nan = float("nan")
+        history = {t: IterationScalars(nan, nan, nan, loss) for t, loss in self.losses.items()}
+        if self.last_stats is not None:
+            s = self.last_stats
+            history[s.iteration] = IterationScalars(s.lr_factor, s.grad_norm, s.clip_coef, s.loss)
+        return StageState(self.module.state_dict(), self.optimizer.state_dict(), history)
+
+    def reoffer_window(self, restoring: list[int]) -> None:
+        ckpt = self.checkpointer
+        if ckpt is None or ckpt.replicator is None or ckpt.replicator.send_to not in restoring:
+            return
+        image = ckpt.newest_image()
+        if image is not None:
+            ckpt.replicator.offer(image)
+
+    def load_state(self, state: StageState, *, resume: int) -> None:
+        self.module.load_state_dict(state.model)
+        self.optimizer.load_state_dict(state.optimizer)
+        self.precision.refresh()
+        self._adopt_history(state.history, last=None)
+        if self.upstream is not None:
+            self.upstream.kept_from = resume  # it logs from now on; the replica's logs are its own
+        self.iteration = resume
+
+    def replay(self, window: WindowImage | None, logs: LogReader, data: DataSource, *, resume: int,
+               inputs: InputPort | None = None, outputs: OutputPort | None = None) -> ReplayReport | None:
+        report = None
+        if resume > 0:
+            report = replay_stage(module=self.module, optimizer=self.optimizer, config=self.config, window=window,
+                                  logs=logs, data=data, until=resume - 1, precision=self.precision,
+                                  record=self.upstream, inputs=inputs, outputs=outputs)
+            first = report.start_iteration + 1
+            self._adopt_history({t: logs.scalars(t) for t in range(first, resume)}, last=report.last)
+        if self.upstream is not None:
+            self.upstream.kept_from = (window.manifest.start_iteration if window is not None else -1) + 1
+        self.iteration = resume
+        return report
+
+    def adopt_schedule(self, *, start: int, window: int, resume: int, restored_start: int) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.adopt_schedule(start=start, window=window, resume=resume, restored_start=restored_start)
+
+    def _adopt_history(self, history: dict[int, IterationScalars], *, last: IterationStats | None) -> None:
+        """A restored stage takes over the losses (and last statistics) of iterations it did not train."""
+        for t, s in history.items():
+            self.losses[t] = s.loss
+        if last is not None:
+            self.last_stats = last
+        elif history:
+            t = max(history)
+            s = history[t]
+            self.last_stats = IterationStats(t, s.loss, s.grad_norm, s.clip_coef, s.lr_factor, float("nan"))
+
+    # -- building ------------------------------------------------------------------------------------
     def _connect(self, context: DistContext) -> None:
+        """Plugs the iteration body into this generation's groups: live links teed into the log."""
         self.dist = context
-        self.links = StageLinks(prev_rank=context.neighbour(-1), next_rank=context.neighbour(+1),
-                                timeout_s=self.config.peer_timeout_s, device=context.device)
+        where = f"stage {self.stage}, rank {context.rank}"
+        links = StageLinks(prev_rank=context.neighbour(-1), next_rank=context.neighbour(+1),
+                           timeout_s=self.config.peer_timeout_s, device=context.device)
+        replicas = context.topology.data_parallel
+        self._body = StageIteration(
+            module=self.module, precision=self.precision, optimizer=self.optimizer, seed=self.config.seed,
+            micro_batches=self.config.micro_batches,
+            placement=Placement(context.replica, replicas, context.data_group if replicas > 1 else None,
+                                context.device),
+            inputs=BoundaryInputs(links, where=where),
+            outputs=BoundaryOutputs(links, self.upstream, where=where),
+            decisions=LiveDecisions(
+                num_stages=self.module.num_stages, pipeline_group=context.pipeline_group,
+                tied_groups=context.tied_groups, norm_params=self._norm_params, grad_clip=self.config.grad_clip,
+                lr_schedule=self.config.lr_schedule, loss_divisor=self.config.micro_batches * replicas,
+                checkpointer=self.checkpointer, log=self.upstream, device=context.device, where=where),
+            hooks=SnapshotHooks(self.checkpointer, self.upstream) if self.checkpointer is not None else None,
+            faults=self._fault_point if faults_armed() else no_fault,
+        )
         if self.checkpointer is not None:
             self.checkpointer.replace_replicator(self._build_replicator())
-
-    # -- micro-batch instructions ------------------------------------------------------------------
-    def _global_index(self, m: int) -> int:
-        return self.dist.replica * self.config.micro_batches + m
-
-    def _load_micro_batch(self, m: int | None) -> None:
-        try:
-            inputs, labels = self._data.micro_batch(self.iteration, self._global_index(m))
-        except DataError:
-            raise
-        except Exception as error:
-            raise DataError(
-                f"data source failed for iteration {self.iteration}, micro-batch {self._global_index(m)}: {error}"
-            ) from error
-        device = self.dist.device
-        if self.module.is_first_stage:
-            self._mb.inputs[m] = inputs.to(device)
-        if self.module.is_last_stage:
-            self._mb.labels[m] = labels.to(device)
-
-    def _recv_activation(self, m: int | None) -> None:
-        x = self.links.recv_activation(what=self._what("activation", m))
-        self._mb.inputs[m] = x.requires_grad_(x.is_floating_point())
-
-    def _forward(self, m: int | None) -> None:
-        self._fault_point("forward")
-        context = StepContext(
-            seed=self.config.seed,
-            iteration=self.iteration,
-            micro_batch=self._global_index(m),
-            loss_scale=1.0 / self.config.micro_batches,
-        )
-        with step_context(context):
-            out = self.precision.compute(self._mb.inputs[m])
-        if self.module.is_last_stage:
-            loss = self.module.loss_fn(out, self._mb.labels.pop(m))
-            self._mb.loss_sum += loss.detach().float()
-            out = loss / self.config.micro_batches
-        self._mb.outputs[m] = out
-
-    def _send_activation(self, m: int | None) -> None:
-        activation = self._mb.outputs[m].detach()
-        self.links.send_activation(activation, what=self._what("activation", m))
-        if self.upstream is not None:
-            self.upstream.log_activation(self.iteration, m, activation)
-
-    def _recv_grad(self, m: int | None) -> None:
-        self._mb.output_grads[m] = self.links.recv_grad(self._mb.outputs[m], what=self._what("gradient", m))
-
-    def _backward(self, m: int | None) -> None:
-        self._fault_point("backward")
-        out = self._mb.outputs.pop(m)
-        if out.requires_grad:
-            torch.autograd.backward(out, grad_tensors=self._mb.output_grads.pop(m, None))
-        self.precision.after_backward()
-        x = self._mb.inputs.pop(m)
-        if not self.module.is_first_stage:
-            self._mb.input_grads[m] = x.grad if x.grad is not None else torch.zeros_like(x)
-
-    def _send_grad(self, m: int | None) -> None:
-        grad = self._mb.input_grads.pop(m)
-        self.links.send_grad(grad, what=self._what("gradient", m))
-        if self.upstream is not None:
-            self.upstream.log_gradient(self.iteration, m, grad)
-
-    # -- per-iteration instructions -----------------------------------------------------------------
-    def _reduce_tied_grads(self, _: int | None) -> None:
-        self.links.wait_sends()
-        gradients.fill_missing_grads(self._params)
-        for key, group in self.dist.tied_groups.items():
-            for p in self.module.tied[key].parameters():
-                self._collective(dist.all_reduce, p.grad, group=group, what=f"summing tied weight {key!r}")
-            if self.upstream is not None:
-                self.upstream.log_tied_grads(self.iteration, key, [p.grad for p in self.module.tied[key].parameters()])
-
-    def _reduce_grads(self, _: int | None) -> None:
-        """Averages gradients across replicas; the loss and the checkpointer's proposal ride along."""
-        self.last_token_counts = self._pop_token_counts()
-        extra = [self._mb.loss_sum.reshape(1)]
-        if self.checkpointer is not None:
-            extra.append(self.checkpointer.dp_payload(self.last_token_counts).to(self.dist.device))
-        replicas = self.dist.topology.data_parallel
-        if replicas > 1:
-            flat = gradients.flatten_grads(self._params, extra)
-            self._collective(dist.all_reduce, flat, group=self.dist.data_group, what="averaging gradients")
-            rest = gradients.unflatten_mean(self._params, flat, replicas=replicas)
-            extra = [rest[:1], rest[1:]]
-        self._mb.loss_sum = extra[0][0]
-        if self.checkpointer is not None:
-            self.checkpointer.absorb_dp(extra[1].cpu())
-
-    def _optimizer_step(self, _: int | None) -> None:
-        """Global grad-norm (the commit point), clip, LR, step, then capture the snapshot."""
-        parts = [gradients.squared_norm(self._norm_params, device=self.dist.device).reshape(1), self._mb.loss_sum.reshape(1)]
-        if self.checkpointer is not None:
-            parts.append(self.checkpointer.stage_payload().to(self.dist.device))
-        mine = torch.cat(parts)
-        gathered = [torch.empty_like(mine) for _ in range(self.module.num_stages)]
-        self._collective(dist.all_gather, gathered, mine, group=self.dist.pipeline_group, what="exchanging grad norms")
-        norm = gradients.total_norm([g[0] for g in gathered])
-        coef = gradients.clip_coefficient(norm, self.config.grad_clip)
-        gradients.scale_grads(self._params, coef)
-        factor = apply_lr(self.optimizer, self.config.lr_schedule, self.iteration)
-        loss = float(gathered[-1][1]) / (self.config.micro_batches * self.dist.topology.data_parallel)
-        if self.upstream is not None:
-            scalars = IterationScalars(lr_factor=factor, grad_norm=float(norm), clip_coef=coef, loss=loss)
-            self.upstream.log_scalars(self.iteration, scalars)
-        if self.checkpointer is not None:
-            self.checkpointer.absorb_gather([g[2:].cpu() for g in gathered])
-            self.checkpointer.before_step()
-        self._fault_point("step")
-        self.optimizer.step()
-        self.precision.after_step()
-        if self.checkpointer is not None:
-            self.checkpointer.after_step(self.iteration)
-            if self.upstream is not None and self.checkpointer.job_restorable_start >= 0:
-                # Every stage's restore starts at or after this: older logs are dead.
-                self.upstream.drop_before(self.checkpointer.job_restorable_start)
-        self.last_stats = IterationStats(self.iteration, loss, float(norm), coef, factor, 0.0)
-
-    # -- helpers -------------------------------------------------------------------------------------
-    def _pop_token_counts(self) -> dict[str, torch.Tensor]:
-        return {name: layer.pop_token_counts() for name, layer in self._moe_layers}
 
     def _build_upstream_log(self) -> UpstreamLog:
         settings = self.config.upstream_log
         store = LogStoreConfig(codec=settings.codec, level=settings.level, shuffle=settings.shuffle,
                                budget_bytes=settings.budget_bytes, spill_dir=settings.spill_dir)
         log_ = UpstreamLog(stage=self.stage, store_config=store)
-        self.checkpointer.log_exporter = log_.export
+        if self.checkpointer is not None:
+            self.checkpointer.log_exporter = log_.export
         return log_
 
     def _build_checkpointer(self) -> SparseCheckpointer:
-        run, nonce = run_id(self.config.snapshot), fresh_job_nonce()
-        if self.config.snapshot.persist_dir:  # a fresh job never adopts another job's run directory
-            nonce = claim_run_dir(Path(self.config.snapshot.persist_dir) / run, self.config, fresh_nonce=nonce,
-                                  resume=resume_requested(), writer=self.dist.rank == 0)
+        nonce, root = fresh_job_nonce(), persist_root(self.config.snapshot)
+        if root is not None:  # a fresh job never adopts another job's run directory
+            nonce = claim_run_dir(root, self.config, fresh_nonce=nonce, resume=resume_requested(),
+                                  writer=self.dist.rank == 0)
         identity = StageIdentity(
-            run_id=run, job_nonce=nonce, stage=self.stage, replica=self.dist.replica,
+            run_id=run_id(self.config.snapshot), job_nonce=nonce, stage=self.stage, replica=self.dist.replica,
             data_parallel=self.dist.topology.data_parallel, threads=self.threads, precision=self.config.precision,
         )
         return SparseCheckpointer(master=self.module, compute=self.precision.compute, optimizer=self.optimizer,
@@ -410,27 +342,15 @@ class PipelineEngine:
                               stage=self.stage, replica=self.dist.replica)
 
     def _params_counted_in_norm(self) -> list[torch.nn.Parameter]:
-        """This stage's parameters, minus tied copies whose norm another stage counts."""
+        """This stage's trainable parameters, minus tied copies whose norm another stage counts."""
         skip = {
             id(p)
-            for key in self.dist.tied_groups
-            if self.module.tied_parameter_owner(key) != self.stage
+            for key, stages in self.module.tied_stages().items()
+            if self.stage in stages and self.module.tied_parameter_owner(key) != self.stage
             for p in self.module.tied[key].parameters()
         }
-        return [p for p in self._params if id(p) not in skip]
+        return [p for p in self.module.parameters() if p.requires_grad and id(p) not in skip]
 
-    def _collective(self, op: Callable[..., object], *args: object, group: dist.ProcessGroup | None, what: str) -> None:
-        try:
-            op(*args, group=group)
-        except RuntimeError as error:
-            raise PeerFailure(
-                f"stage {self.stage} (rank {self.dist.rank}) lost a peer while {what} in iteration "
-                f"{self.iteration}: {str(error).splitlines()[0]}"
-            ) from None
-
-    def _fault_point(self, phase: str) -> None:
-        fault_point(phase, stage=self.stage, replica=self.dist.replica, iteration=self.iteration)
-
-    def _what(self, kind: str, m: int | None) -> str:
-        return f"{kind} of micro-batch {m}, iteration {self.iteration} (stage {self.stage}, rank {self.dist.rank})"
-
+    def _fault_point(self, phase: str, iteration: int) -> None:
+        if phase != "iteration":
+            fault_point(phase, stage=self.stage, replica=self.dist.replica, iteration=iteration)

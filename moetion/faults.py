@@ -72,6 +72,11 @@ def _specs(raw: str) -> tuple[KillSpec, ...]:
     return tuple(KillSpec.parse(part) for part in raw.split(";") if part.strip())
 
 
+def faults_armed() -> bool:
+    """Whether any kill is armed in this process; callers skip their fault points when not."""
+    return bool(os.environ.get(ENV))
+
+
 def register_memory(directory: Path) -> None:
     """Names a shared-memory directory of this process, for kill specs with ``memory=lost``."""
     _memory.append(directory)

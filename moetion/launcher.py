@@ -37,6 +37,7 @@ from moetion.errors import LaunchError
 from moetion.job_secret import SECRET_ENV, new_secret, secret_from_env
 from moetion.run_identity import RESUME_ENV
 from moetion.faults import FAULT_LOG_ENV
+from moetion.rank_entry import install_hooks
 from moetion.supervisor import GRACE_S, JobReport, Spawn, Supervisor, Worker
 
 
@@ -130,7 +131,8 @@ def launch_script(
         full = {**os.environ, **extra, FAULT_LOG_ENV: fault_log, **rank_vars}
         if resume:
             full[RESUME_ENV] = "1"
-        return Worker(rank, subprocess.Popen([sys.executable, script, *script_args], env=full))
+        return Worker(rank, subprocess.Popen([sys.executable, "-m", "moetion.rank_entry", script, *script_args],
+                                             env=full))
 
     return _supervise(spawn, nproc=nproc, nodes=nodes, secret=secret, recover=recover, max_restarts=max_restarts,
                       fault_log=fault_log, heartbeat_timeout_s=heartbeat_timeout_s, timeout_s=timeout_s,
@@ -241,6 +243,7 @@ def _wait_for_other_hosts(control: ControlPlane, nnodes: int, timeout_s: float =
 def _forked_main(fn: Callable[..., Any], args: tuple, rank_vars: dict[str, str], result_pipe: Connection) -> None:
     os.environ.update(rank_vars)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    install_hooks()
     try:
         result = fn(*args)
         status, payload = "ok", result

@@ -22,10 +22,8 @@ def lr_factor(schedule: LRScheduleConfig, iteration: int) -> float:
     return schedule.min_ratio + (1.0 - schedule.min_ratio) * shape
 
 
-def apply_lr(optimizer: torch.optim.Optimizer, schedule: LRScheduleConfig, iteration: int) -> float:
-    """Sets every param group's LR for ``iteration`` from its ``initial_lr``; returns the factor."""
-    factor = lr_factor(schedule, iteration)
+def set_lr_factor(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    """Sets every param group's LR to its ``initial_lr`` times ``factor`` (training and replay alike)."""
     for group in optimizer.param_groups:
         group.setdefault("initial_lr", group["lr"])
         group["lr"] = group["initial_lr"] * factor
-    return factor

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from moetion.moe import MoELayer
@@ -63,11 +62,6 @@ def discover_operators(module: nn.Module) -> list[Operator]:
     owned = [n for op in operators for n in op.param_names]
     assert sorted(owned) == sorted(params), "every trainable parameter must belong to exactly one operator"
     return operators
-
-
-def parameters_of(module: nn.Module, operator: Operator) -> list[torch.nn.Parameter]:
-    params = dict(module.named_parameters())
-    return [params[n] for n in operator.param_names]
 
 
 def _layer_prefix(param_name: str) -> str:

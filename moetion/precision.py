@@ -55,9 +55,18 @@ class StagePrecision:
                 compute.grad = None
 
     def after_step(self) -> None:
-        """Refreshes the compute weights from the freshly stepped masters."""
+        """Refreshes the compute weights of the masters that trained (frozen operators of a replay
+        keep the compute weights they were given)."""
+        self._refresh(only_trainable=True)
+
+    def refresh(self) -> None:
+        """Refreshes every compute weight from its master, after the masters were loaded."""
+        self._refresh(only_trainable=False)
+
+    def _refresh(self, *, only_trainable: bool) -> None:
         if self.compute is self.master:
             return
         with torch.no_grad():
             for master, compute in self._pairs:
-                compute.copy_(master)
+                if master.requires_grad or not only_trainable:
+                    compute.copy_(master)

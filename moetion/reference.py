@@ -17,7 +17,7 @@ from torch import nn
 from moetion import gradients
 from moetion.config import Config
 from moetion.data import DataSource
-from moetion.lr_schedule import apply_lr
+from moetion.lr_schedule import lr_factor, set_lr_factor
 from moetion.module import LayerSpec, PipelineModule
 from moetion.precision import StagePrecision
 from moetion.random import StepContext, step_context
@@ -91,7 +91,7 @@ def train_reference(
         coef = gradients.clip_coefficient(norm, config.grad_clip)
         for s, opt in enumerate(optimizers):
             gradients.scale_grads(params[s], coef)
-            apply_lr(opt, config.lr_schedule, iteration)
+            set_lr_factor(opt, lr_factor(config.lr_schedule, iteration))
             opt.step()
             precisions[s].after_step()
         losses.append(float(loss_sum) / (micro * data_parallel))

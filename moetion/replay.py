@@ -7,10 +7,11 @@ else frozen at its compute weights), then for ``t = t0+1 .. f``:
 
 1. frozen operators (slots ``>= j``, ``j = t - t0``) run forward and pass input-gradients back but
    have ``requires_grad`` off: no weight gradient, no optimizer step (any parameter type);
-2. the iteration runs over micro-batches in order, reading inputs and output-gradients from the
-   neighbours' logs (the first and last stage re-read inputs and labels from the data source), with
-   the same random draws, the logged clip coefficient and learning-rate factor, and the logged
-   reduced gradient of tied weights;
+2. the iteration runs through the same body as training (:class:`~moetion.iteration.StageIteration`,
+   same schedule, same arithmetic), reading inputs and output-gradients from the neighbours' logs
+   (the first and last stage re-read inputs and labels from the data source), with the same random
+   draws, the logged clip coefficient and learning-rate factor, and the logged reduced gradient of
+   tied weights;
 3. slot ``j`` is promoted by loading its full snapshot of step ``t`` and the still-frozen slots get
    their compute weights of step ``t``.
 After ``t0 + W - 1`` every operator is active and the remaining iterations are ordinary steps.
@@ -27,36 +28,53 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Protocol, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 from logging_store import LogStore
 from torch import nn
 
-from moetion import gradients
+from moetion.boundary import BoundaryInputs, BoundaryOutputs, Recorder
 from moetion.config import Config
 from moetion.data import DataSource
 from moetion.errors import MoetionError
-from moetion.faults import fault_point
+from moetion.faults import fault_point, faults_armed
 from moetion.module import LayerSpec, PipelineModule
 from moetion.operators import discover_operators
+from moetion.decisions import LoggedDecisions
+from moetion.iteration import (DecisionPort, InputPort, IterationStats, OutputPort, Placement, StageIteration,
+                               StepHooks, no_fault)
 from moetion.precision import StagePrecision
-from moetion.random import StepContext, step_context
 from moetion.snapshot.image import WindowImage
 from moetion.snapshot.persist import list_persisted, load_persisted, load_window_logs, window_path
-from moetion.upstream_log import IterationScalars, LogReader
+from moetion.upstream_log import LogReader
 
 log = logging.getLogger(__name__)
 
 
-class Recorder(Protocol):
-    """Receives what a replaying stage would have sent and decided (an :class:`UpstreamLog` does)."""
+@dataclass(frozen=True)
+class ReplayPorts:
+    """The ports a replay runs its iteration body through."""
 
-    def log_activation(self, iteration: int, micro_batch: int, tensor: torch.Tensor) -> None: ...
-    def log_gradient(self, iteration: int, micro_batch: int, tensor: torch.Tensor) -> None: ...
-    def log_tied_grads(self, iteration: int, key: str, grads: Iterable[torch.Tensor]) -> None: ...
-    def log_scalars(self, iteration: int, scalars: IterationScalars) -> None: ...
+    inputs: InputPort
+    outputs: OutputPort
+    decisions: DecisionPort
+    hooks: StepHooks
+
+
+_port_adapters: list[Callable[[ReplayPorts], ReplayPorts]] = []
+
+
+def adapt_replay_ports(adapter: Callable[[ReplayPorts], ReplayPorts]) -> None:
+    """Registers ``adapter``, applied to the ports of every replay in this process (and in ranks it
+    forks later). Negative-control tests inject a fault into replay this way: a perturbed log, a
+    wrong logged decision, frozen operators never promoted."""
+    _port_adapters.append(adapter)
+
+
+def clear_replay_port_adapters() -> None:
+    _port_adapters.clear()
 
 
 @dataclass
@@ -65,6 +83,7 @@ class ReplayReport:
     until: int
     iterations_replayed: int
     seconds: float
+    last: IterationStats | None  # the statistics of the last replayed iteration
 
 
 def replay_stage(
@@ -79,6 +98,8 @@ def replay_stage(
     precision: StagePrecision | None = None,
     replica_group: dist.ProcessGroup | None = None,
     record: Recorder | None = None,
+    inputs: InputPort | None = None,
+    outputs: OutputPort | None = None,
 ) -> ReplayReport:
     """Brings ``module`` and ``optimizer`` (freshly built for the window's stage) to ``S_until``.
 
@@ -89,10 +110,51 @@ def replay_stage(
     once: call this on each, passing the group of replaying replicas (its size must equal the
     training's) and each replica's own ``logs``. ``record`` receives what the stage would have sent
     and the iteration's decisions, so a replacement can serve its own neighbours' replays later.
+    ``inputs``/``outputs`` replace the default ports (the logs in, ``record`` out), e.g. by live
+    links to the other members of a chain of lost stages replaying together.
     """
     precision = precision or StagePrecision(module, config.precision)
-    if window is None:
-        return _replay_from_initial(module, optimizer, config, logs, data, until, precision, record)
+    if window is not None:
+        _check_window(window, module, config, replica_group, until)
+    first = 0 if window is None else window.manifest.start_iteration + 1
+    replica = 0 if replica_group is None else dist.get_rank(replica_group)
+    replicas = 1 if replica_group is None else dist.get_world_size(replica_group)
+    slots = FrozenSlots(module, precision, optimizer, window)
+    where = f"replay of stage {module.stage_id}"
+    ports = ReplayPorts(inputs or BoundaryInputs(None, logs, where=where), outputs or BoundaryOutputs(None, record, where=where),
+                        LoggedDecisions(logs, record), slots)
+    for adapt in _port_adapters:
+        ports = adapt(ports)
+    body = StageIteration(
+        module=module, precision=precision, optimizer=optimizer, seed=config.seed,
+        micro_batches=config.micro_batches,
+        placement=Placement(replica=replica, replicas=replicas, data_group=replica_group),
+        inputs=ports.inputs, outputs=ports.outputs, decisions=ports.decisions, hooks=ports.hooks,
+        faults=_replay_fault_point(module.stage_id, replica),
+    )
+    start = time.perf_counter()
+    last = None
+    for t in range(first, until + 1):
+        last = body.run(t, data)
+    slots.set_trainable(len(slots.slot_params))
+    seconds = time.perf_counter() - start
+    log.info("replayed stage %d from iteration %d to %d in %.2f s", module.stage_id, first, until, seconds)
+    return ReplayReport(first - 1, until, until + 1 - first, seconds, last)
+
+
+def _replay_fault_point(stage: int, replica: int) -> Callable[[str, int], None]:
+    """Replay's one fault point, the ``replay`` phase at the start of each replayed iteration."""
+    if not faults_armed():
+        return no_fault
+
+    def fault(phase: str, iteration: int) -> None:
+        if phase == "iteration":
+            fault_point("replay", stage=stage, replica=replica, iteration=iteration)
+    return fault
+
+
+def _check_window(window: WindowImage, module: PipelineModule, config: Config,
+                  replica_group: dist.ProcessGroup | None, until: int) -> None:
     manifest = window.manifest
     replicas = manifest.extra.get("data_parallel", 1)
     group_size = 1 if replica_group is None else dist.get_world_size(replica_group)
@@ -114,44 +176,22 @@ def replay_stage(
     if torch.get_num_threads() != manifest.threads:
         log.info("replay uses %d intra-op threads as the original run did (was %d)", manifest.threads, torch.get_num_threads())
         torch.set_num_threads(manifest.threads)
-    start = time.perf_counter()
-    state = _StageState(module, precision, optimizer, window)
-    state.load(0)
-    for t in range(manifest.start_iteration + 1, until + 1):
-        fault_point("replay", stage=manifest.stage, replica=manifest.replica, iteration=t)
-        _replay_iteration(state, config=config, logs=logs, data=data, iteration=t, replica_group=replica_group,
-                          record=record)
-        j = t - manifest.start_iteration
-        if j < manifest.window:
-            state.load(j)
-    state.set_trainable(len(manifest.slots))
-    seconds = time.perf_counter() - start
-    log.info("replayed stage %d from iteration %d to %d in %.2f s", module.stage_id, manifest.start_iteration, until, seconds)
-    return ReplayReport(manifest.start_iteration, until, until - manifest.start_iteration, seconds)
 
 
-def _replay_from_initial(module: PipelineModule, optimizer: torch.optim.Optimizer, config: Config, logs: LogReader,
-                         data: DataSource, until: int, precision: StagePrecision,
-                         record: Recorder | None) -> ReplayReport:
-    """Ordinary steps ``0..until`` from the module as built: its weights depend only on the seed."""
-    start = time.perf_counter()
-    state = _StageState(module, precision, optimizer, None)
-    for t in range(0, until + 1):
-        fault_point("replay", stage=module.stage_id, replica=0, iteration=t)
-        _replay_iteration(state, config=config, logs=logs, data=data, iteration=t, replica_group=None, record=record)
-    seconds = time.perf_counter() - start
-    return ReplayReport(-1, until, until + 1, seconds)
+class FrozenSlots(StepHooks):
+    """Replay's own part: the stage's parameters by snapshot slot, frozen until their full state appears.
 
-
-class _StageState:
-    """The stage's parameters by operator, and loading a capture's snapshots into them."""
+    Before replay, slot 0 is loaded from the window's first capture and every later slot holds its
+    compute weights, frozen. After step ``t0 + j`` slot ``j`` is promoted from its full snapshot and
+    the still-frozen slots get their compute weights of that step. Without a window (replay from the
+    initial state) every parameter trains from the start.
+    """
 
     def __init__(self, module: PipelineModule, precision: StagePrecision, optimizer: torch.optim.Optimizer,
                  window: WindowImage | None) -> None:
         self.module, self.precision, self.optimizer, self.window = module, precision, optimizer, window
         self.masters = dict(module.named_parameters())
         self.computes = dict(precision.compute.named_parameters())
-        self.active_slots = 1
         if window is None:  # the initial state: one slot, every operator active
             self.slot_params = [[n for n, p in module.named_parameters() if p.requires_grad]]
             return
@@ -163,6 +203,14 @@ class _StageState:
                 f"only in the model {sorted(set(operators) - slotted)}"
             )
         self.slot_params = [[n for op in slot for n in operators[op].param_names] for slot in window.manifest.slots]
+        self.load(0)
+
+    def after_step(self, iteration: int) -> None:
+        if self.window is None:
+            return
+        j = iteration - self.window.manifest.start_iteration
+        if j < self.window.manifest.window:
+            self.load(j)
 
     def load(self, j: int) -> None:
         """After step t0+j: slot j becomes active from its full snapshot; later slots get compute weights."""
@@ -184,86 +232,10 @@ class _StageState:
 
     def set_trainable(self, active_slots: int) -> None:
         """Slots below ``active_slots`` train; the rest are frozen (forward and input-gradients only)."""
-        self.active_slots = active_slots
         for i, names in enumerate(self.slot_params):
             for name in names:
                 self.masters[name].requires_grad_(i < active_slots)
                 self.computes[name].requires_grad_(i < active_slots)
-
-    def active_params(self) -> list[nn.Parameter]:
-        return [self.masters[n] for names in self.slot_params[: self.active_slots] for n in names]
-
-    def refresh_active_compute(self) -> None:
-        if self.precision.compute is self.module:
-            return
-        with torch.no_grad():
-            for names in self.slot_params[: self.active_slots]:
-                for name in names:
-                    self.computes[name].copy_(self.masters[name])
-
-
-def _replay_iteration(state: _StageState, *, config: Config, logs: LogReader, data: DataSource, iteration: int,
-                      replica_group: dist.ProcessGroup | None, record: Recorder | None = None) -> None:
-    module, micro = state.module, config.micro_batches
-    replica = 0 if replica_group is None else dist.get_rank(replica_group)
-    state.optimizer.zero_grad(set_to_none=True)
-    for m in range(micro):
-        index = replica * micro + m  # the global micro-batch index, as in training
-        inputs, labels = data.micro_batch(iteration, index) if (module.is_first_stage or module.is_last_stage) else (None, None)
-        x = inputs if module.is_first_stage else logs.activation(iteration, m)
-        if not module.is_first_stage:
-            x.requires_grad_(x.is_floating_point())
-        with step_context(StepContext(config.seed, iteration, index, 1.0 / micro)):
-            out = state.precision.compute(x)
-        if module.is_last_stage:
-            out = module.loss_fn(out, labels) / micro
-            grad = None
-        else:
-            if record is not None:  # first: a stage replaying beside this one waits for it
-                record.log_activation(iteration, m, out.detach())
-            grad = logs.gradient(iteration, m, like=out)
-        if out.requires_grad:
-            torch.autograd.backward(out, grad_tensors=grad)
-        state.precision.after_backward()
-        if record is not None and not module.is_first_stage:
-            record.log_gradient(iteration, m, x.grad if x.grad is not None else torch.zeros_like(x))
-    active = state.active_params()
-    gradients.fill_missing_grads(active)
-    _use_logged_tied_grads(state, logs, iteration, record)
-    if replica_group is not None:
-        _average_across_replicas(active, replica_group)
-    scalars = logs.scalars(iteration)
-    if record is not None:
-        record.log_scalars(iteration, scalars)
-    gradients.scale_grads(active, scalars.clip_coef)
-    for group in state.optimizer.param_groups:
-        group.setdefault("initial_lr", group["lr"])
-        group["lr"] = group["initial_lr"] * scalars.lr_factor
-    state.optimizer.step()
-    state.refresh_active_compute()
-
-
-def _average_across_replicas(params: list[nn.Parameter], group: dist.ProcessGroup) -> None:
-    """The training's data-parallel reduction: one flat all-reduce, then division by the replicas."""
-    if not params:
-        return
-    flat = gradients.flatten_grads(params)
-    dist.all_reduce(flat, group=group)
-    gradients.unflatten_mean(params, flat, replicas=dist.get_world_size(group))
-
-
-def _use_logged_tied_grads(state: _StageState, logs: LogReader, iteration: int, record: Recorder | None) -> None:
-    """A tied weight's gradient is the sum over the stages sharing it: take it as it was reduced."""
-    for key in state.module.tied_stages():
-        if key not in state.module.tied:
-            continue
-        params = list(state.module.tied[key].parameters())
-        reduced = [logs.tied_grad(iteration, key, index) for index in range(len(params))]
-        for param, grad in zip(params, reduced):
-            if param.requires_grad:
-                param.grad = grad.to(param.grad.dtype)
-        if record is not None:
-            record.log_tied_grads(iteration, key, reduced)
 
 
 def dense_state_from_persisted(

@@ -55,6 +55,11 @@ class SendGrad(Instruction):
 
 
 @dataclass(frozen=True)
+class WaitSends(Instruction):
+    """Wait until every send of the iteration has completed: their buffers may then be freed."""
+
+
+@dataclass(frozen=True)
 class ReduceTiedGrads(Instruction):
     """Sum gradients of weights shared between stages (embedding and head)."""
 
@@ -105,6 +110,7 @@ def train_schedule(*, stage: int, num_stages: int, micro_batches: int) -> Iterat
         yield from backward(m - warmup)
     for m in range(micro_batches - warmup, micro_batches):
         yield from backward(m)
+    yield WaitSends()
     yield ReduceTiedGrads()
     yield ReduceGrads()
     yield OptimizerStep()

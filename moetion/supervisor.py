@@ -20,7 +20,7 @@ import multiprocessing as mp
 import signal
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -29,6 +29,7 @@ import torch
 
 from moetion.control import ControlPlane
 from moetion.errors import LaunchError
+from moetion.recovery.records import RecoveryEvents
 
 GRACE_S = 10.0  # how long survivors get to exit on their own after a rank fails for good
 POLL_S = 0.02
@@ -88,12 +89,12 @@ class RecoveryRecord:
     detected_at: float
     respawned_at: float
     killed_at: float | None = None
-    rank_events: dict[int, dict[str, Any]] = field(default_factory=dict)
+    rank_events: dict[int, RecoveryEvents] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"generation": self.generation, "ranks": self.ranks, "causes": self.causes,
                 "killed_at": self.killed_at, "detected_at": self.detected_at, "respawned_at": self.respawned_at,
-                "rank_events": self.rank_events}
+                "rank_events": {r: asdict(e) for r, e in self.rank_events.items()}}
 
 
 @dataclass

@@ -8,7 +8,9 @@ also logs what was decided globally (learning-rate factor, grad-norm, clip coeff
 reduced gradient of every tied weight, because a replaying stage must reuse these decisions, never
 recompute them from its partial view.
 
-Logs are kept from the start of the latest complete snapshot window onward.
+Logs are kept from the job-wide restorable start onward: the oldest window start any stage could
+restore from (its newest window in shared memory, or on disk when persisting), so that every
+stage's restore finds its neighbours' logs.
 """
 from __future__ import annotations
 

@@ -23,12 +23,6 @@ class SlotPlan:
     def window(self) -> int:
         return len(self.slots)
 
-    def slot_of(self, operator: str) -> int:
-        for i, slot in enumerate(self.slots):
-            if operator in slot:
-                return i
-        raise KeyError(operator)
-
 
 def split_into_slots(order: Sequence[str], window: int) -> SlotPlan:
     """Contiguous slots whose sizes differ by at most one (the larger ones first).

@@ -1,8 +1,9 @@
 """Each rank's final state, left for the harness, and the bitwise comparison of two runs.
 
-When ``MOETION_HARNESS_OUT`` names a directory, :meth:`PipelineEngine.close` writes the rank's
-weights, full optimizer state and every loss it saw to ``rank-NNNNN.pt`` there (atomically), so
-any training script that closes its engine can run under the harness unchanged.
+When ``MOETION_HARNESS_OUT`` names a directory, the launcher registers :func:`record_final_state`
+as a close hook of each rank (``moetion.engine.on_close``): closing the engine then writes the
+rank's weights, full optimizer state and every loss it saw to ``rank-NNNNN.pt`` there (atomically),
+so any training script that closes its engine can run under the harness unchanged.
 """
 from __future__ import annotations
 
@@ -20,9 +21,7 @@ OUT_ENV = "MOETION_HARNESS_OUT"
 
 
 def record_final_state(engine: "PipelineEngine") -> None:
-    out = os.environ.get(OUT_ENV)
-    if not out:
-        return
+    out = os.environ[OUT_ENV]
     rank = engine.dist.rank
     state = {"rank": rank, "stage": engine.stage, "replica": engine.dist.replica, "iteration": engine.iteration,
              "model": engine.module.state_dict(), "optimizer": engine.optimizer.state_dict(),

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from moetion.recovery.records import Role
 from moetion.supervisor import RecoveryRecord
 
 
@@ -51,33 +52,33 @@ class Timeline:
 
 def timeline(recovery: RecoveryRecord) -> Timeline:
     events = recovery.rank_events
-    replacements = {r: e for r, e in events.items() if e.get("role") == "replacement"}
-    survivors = {r: e for r, e in events.items() if e.get("role") == "survivor"}
+    replacements = {r: e for r, e in events.items() if e.role is Role.REPLACEMENT}
+    survivors = {r: e for r, e in events.items() if e.role is Role.SURVIVOR}
     start = recovery.killed_at if recovery.killed_at is not None else recovery.detected_at
     if not replacements:
         return Timeline(recovery.generation, recovery.ranks, {}, _since(recovery.killed_at, recovery.detected_at),
                         recovery.respawned_at - recovery.detected_at, None, None, None, None, 0, 0.0, 0, None, 0, True)
-    joined = max(e["joined_at"] for e in replacements.values())
-    restore = max(e["restore_at"] for e in replacements.values())
-    loaded = max(e["state_loaded_at"] for e in replacements.values())
-    received = max(e["logs_received_at"] for e in replacements.values())
-    resumed = max(e["resumed_at"] for e in events.values())
-    resume = next(iter(replacements.values()))["plan"]["resume"]
+    joined = max(e.joined_at for e in replacements.values())
+    restore = max(e.restore_at for e in replacements.values())
+    loaded = max(e.state_loaded_at for e in replacements.values())
+    received = max(e.logs_received_at for e in replacements.values())
+    resumed = max(e.resumed_at for e in events.values())
+    resume = next(iter(replacements.values())).resume
     return Timeline(
         generation=recovery.generation,
         ranks=recovery.ranks,
-        sources={r: e["source"] for r, e in replacements.items()},
+        sources={r: e.source.value for r, e in replacements.items()},
         detect_s=_since(recovery.killed_at, recovery.detected_at),
         respawn_s=recovery.respawned_at - recovery.detected_at,
         rejoin_s=joined - recovery.respawned_at,
         script_s=restore - joined,
         load_s=loaded - restore,
         logs_s=received - loaded,
-        log_bytes=sum(e.get("bytes_received", 0) for e in replacements.values()),
-        replay_s=max(e["replay_s"] for e in replacements.values()),
-        replayed_stage_iterations=sum(e["replayed"] for e in replacements.values()),
+        log_bytes=sum(e.bytes_received for e in replacements.values()),
+        replay_s=max(e.replay_s for e in replacements.values()),
+        replayed_stage_iterations=sum(e.replayed for e in replacements.values()),
         total_s=resumed - start,
-        survivor_lost_iterations=sum(max(0, e["iteration"] - resume) for e in survivors.values()),
+        survivor_lost_iterations=sum(max(0, e.iteration - resume) for e in survivors.values()),
         superseded=False,
     )
 

@@ -1,5 +1,2 @@
-"""Localized recovery: the plan every rank agrees on, the transfers it needs, and one rank's side of it."""
-from moetion.recovery.coordinator import Recovery
-from moetion.recovery.plan import RankStatus, RecoveryImpossible, RecoveryPlan, Restore, plan_recovery
-
-__all__ = ["RankStatus", "Recovery", "RecoveryImpossible", "RecoveryPlan", "Restore", "plan_recovery"]
+"""Localized recovery: the plan every rank agrees on (``plan``), the transfers it needs (``transfer``),
+one rank's side of it (``coordinator``), the stage protocol it drives (``stage``) and its records (``records``)."""

@@ -8,37 +8,38 @@ starts in that generation. Then, in the new group, every rank:
 1. all-gathers its :class:`~moetion.recovery.plan.RankStatus` and computes the same
    :class:`~moetion.recovery.plan.RecoveryPlan` (resume iteration, a tier per lost rank);
 2. survivors send what the plan asks of them (logs, a window replica, a replica's state);
-   a restoring rank loads its window, receives the logs and replays up to the resume iteration;
+   a restoring rank loads its window, receives the logs and replays up to the resume iteration
+   through the same iteration body as training;
 3. waits until every restoring rank is ready, then trains on. Survivors never re-execute anything.
 
+Adjacent stages lost together replay as a chain: each member's replay sends what it computes live
+to the members beside it (the links of the chain) and reads the surviving neighbours' logs at the
+chain's ends, through the same boundary ports that training uses.
+
 A failure during any of this (the replacement dies mid-replay) just starts the next generation.
+The stage is seen only through :class:`~moetion.recovery.stage.RecoverableStage`.
 """
 from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from logging_store import LogStore
 
+from moetion.boundary import BoundaryInputs, BoundaryOutputs
 from moetion.control import ControlPlane, JobAborted
 from moetion.data import DataSource
-from moetion.errors import MoetionError, PeerFailure
+from moetion.errors import PeerFailure
 from moetion.p2p import StageLinks
 from moetion.recovery import transfer
-from moetion.recovery.chain import ChainReader, ChainRecorder
-from moetion.recovery.plan import NOT_LOGGING, RankStatus, RecoveryImpossible, RecoveryPlan, Restore, plan_recovery
-from moetion.replay import replay_stage
-from moetion.snapshot.image import SnapshotError, WindowImage
+from moetion.recovery.plan import RankStatus, RecoveryImpossible, RecoveryPlan, Restore, plan_recovery
+from moetion.recovery.records import RecoveryEvents, RestoreSource, Role
+from moetion.recovery.stage import RecoverableStage
+from moetion.snapshot.image import WindowImage
 from moetion.snapshot.persist import list_persisted, load_persisted
-from moetion.snapshot.checkpointer import run_id
-from moetion.upstream_log import IterationScalars, LogReader
-
-if TYPE_CHECKING:
-    from moetion.engine import PipelineEngine
+from moetion.upstream_log import LogReader
 
 log = logging.getLogger(__name__)
 
@@ -46,83 +47,87 @@ log = logging.getLogger(__name__)
 class Recovery:
     """Drives one rank through recoveries; owned by its engine."""
 
-    def __init__(self, engine: "PipelineEngine", control: ControlPlane, *, generation: int, needs_restore: bool) -> None:
-        self.engine, self.control = engine, control
+    def __init__(self, stage: RecoverableStage, control: ControlPlane, *, generation: int, needs_restore: bool,
+                 timeout_s: float) -> None:
+        self.stage, self.control = stage, control
         self.generation = generation
         self.needs_restore = needs_restore
-        self.timeout_s = engine.config.peer_timeout_s
+        self.timeout_s = timeout_s
         self._held: WindowImage | None = None
         self._shm_image: WindowImage | None = None
+        self._finished = False
         self.started_at = time.time()  # the engine was made right after joining the group
 
     # -- entry points ----------------------------------------------------------------------------
     def after_failure(self, cause: str, data: DataSource) -> None:
         """A survivor lost a peer in the middle of an iteration: pause in place, rebuild, go on."""
         now = time.time()
-        events: dict[str, Any] = {"role": "survivor", "detected_at": now, "cause": cause,
-                                  "iteration": self.engine.iteration,
-                                  "inflight_s": now - self.engine.iteration_started_at}  # work now discarded
+        events = RecoveryEvents(Role.SURVIVOR, cause=cause, iteration=self.stage.iteration, detected_at=now,
+                                inflight_s=now - self.stage.in_flight_since())
         log.warning("%s; pausing in place until the job is rebuilt", cause.split(": [")[0])
-        self.engine.abandon_iteration()
-        self.engine.leave_group()
+        self.stage.abandon_iteration()
+        self.stage.leave_group()
         self._rebuild(data, events, joined=False)
 
-    def restore(self, data: DataSource) -> None:
-        """A replacement's first act, in the generation it was started into."""
-        events: dict[str, Any] = {"role": "replacement", "joined_at": self.started_at, "restore_at": time.time()}
-        self._rebuild(data, events, joined=True)
+    def restore(self, data: DataSource) -> RecoveryPlan:
+        """A replacement's first act, in the generation it was started into; returns the plan it
+        restored under (``plan.finished``: the job had already finished training)."""
+        events = RecoveryEvents(Role.REPLACEMENT, joined_at=self.started_at, restore_at=time.time())
+        return self._rebuild(data, events, joined=True)
 
     def finish(self) -> None:
         """Before closing: wait until every rank has finished. A rank lost after the last commit is
         still replaced and restored (its final state is part of the result), with the finished
         survivors serving its restore."""
-        rank, world = self.engine.dist.rank, self.engine.dist.topology.world_size
+        rank, world = self.stage.seat().rank, self.stage.seat().topology.world_size
+        self._finished = True
         self.control.mark_done(self.generation, rank)
         while not self.control.wait_done(self.generation, world, timeout_s=self.timeout_s):
-            events: dict[str, Any] = {"role": "survivor", "detected_at": time.time(), "cause": "finished; a rank was lost",
-                                      "iteration": self.engine.iteration, "inflight_s": 0.0}
-            self.engine.leave_group()
+            events = RecoveryEvents(Role.SURVIVOR, cause="finished; a rank was lost", iteration=self.stage.iteration,
+                                    detected_at=time.time())
+            self.stage.leave_group()
             self._rebuild(None, events, joined=False)
             self.control.mark_done(self.generation, rank)
 
     # -- the generation loop ---------------------------------------------------------------------
-    def _rebuild(self, data: DataSource | None, events: dict[str, Any], *, joined: bool) -> None:
+    def _rebuild(self, data: DataSource | None, events: RecoveryEvents, *, joined: bool) -> RecoveryPlan:
         while True:
             if not joined:
                 self.generation = self.control.wait_for_generation_after(self.generation, timeout_s=self.timeout_s)
-                if not self.engine.join_group(self.control, self.generation):
+                if not self.stage.join_group(self.control, self.generation):
                     continue
-                events["joined_at"] = time.time()
+                events.joined_at = time.time()
                 if self.needs_restore:
-                    events["restore_at"] = events["joined_at"]
+                    events.restore_at = events.joined_at
             joined = False
             failure = None
             try:
-                self._handoff(data, events)
+                plan = self._handoff(data, events)
             except PeerFailure as error:
                 failure = str(error)
             if failure is None:
-                events["resumed_at"] = time.time()
-                self.control.record(self.generation, self.engine.dist.rank, events)
-                return
+                events.resumed_at = time.time()
+                self.control.record(self.generation, self.stage.seat().rank, events)
+                return plan
             log.warning("generation %d failed during recovery (%s); waiting for the next", self.generation, failure)
-            events.setdefault("retries", []).append(failure)
-            self.engine.leave_group()
+            events.retries.append(failure)
+            self.stage.leave_group()
 
-    def _handoff(self, data: DataSource | None, events: dict[str, Any]) -> None:
+    def _handoff(self, data: DataSource | None, events: RecoveryEvents) -> RecoveryPlan:
         plan = self._agree()
-        events["plan"] = {"resume": plan.resume, "restores": [vars(r) for r in plan.restores]}
-        rank = self.engine.dist.rank
+        events.resume = plan.resume
+        rank = self.stage.seat().rank
         mine = plan.restore_of(rank)
         if mine is None:
-            events["bytes_sent"] = self._serve(plan)
+            events.bytes_sent = self._serve(plan)
         else:
             self._restore(plan, mine, data, events)
             self.needs_restore = False
             self.control.mark_ready(self.generation, rank)
-            events["ready_at"] = time.time()
+            events.ready_at = time.time()
         if not self.control.wait_ready(self.generation, plan.restoring_ranks, timeout_s=self.timeout_s):
             raise PeerFailure(f"a rank failed while generation {self.generation} was restoring")
+        return plan
 
     def _agree(self) -> RecoveryPlan:
         mine = self._status().to_tensor()
@@ -132,118 +137,98 @@ class Recovery:
         except RuntimeError as error:
             raise PeerFailure(f"exchanging recovery status: {str(error).splitlines()[0]}") from None
         statuses = [RankStatus.from_tensor(t) for t in gathered]
+        seat = self.stage.seat()
         try:
-            return plan_recovery(statuses, topology=self.engine.dist.topology,
-                                 tied_stages=self.engine.module.tied_stages())
+            return plan_recovery(statuses, topology=seat.topology, tied_stages=seat.tied_stages)
         except RecoveryImpossible as error:
             self.control.declare_fatal(str(error))
             raise JobAborted(str(error)) from None
 
     def _status(self) -> RankStatus:
-        engine = self.engine
-        ckpt, upstream = engine.checkpointer, engine.upstream
+        stage = self.stage
         if self.needs_restore:
-            return RankStatus(-1, True, shm_start=self._shm_start(), disk_start=self._disk_start())
-        held = ckpt.replicator.held() if ckpt is not None and ckpt.replicator is not None else None
-        self._held = held  # the replica this rank announced; a newer one may arrive before it is sent
-        start, window = ckpt.schedule() if ckpt is not None else (-1, 0)
-        return RankStatus(
-            engine.iteration, False,
-            held_start=held.manifest.start_iteration if held is not None else -1,
-            window_start=start, window=window,
-            log_kept_from=upstream.kept_from if upstream is not None else NOT_LOGGING,
-        )
+            self._shm_image = stage.shm_window()
+            return RankStatus(None, True, shm_start=_start_of(self._shm_image), disk_start=self._disk_start())
+        self._held = stage.held_replica()  # the replica announced; a newer one may arrive before it is sent
+        start, window = stage.window_schedule()
+        return RankStatus(stage.iteration, False, held_start=_start_of(self._held),
+                          window_start=None if start < 0 else start, window=window,
+                          log_kept_from=stage.logs_kept_from(), finished=self._finished)
 
     # -- survivors -----------------------------------------------------------------------------------
     def _serve(self, plan: RecoveryPlan) -> int:
         """Sends, in the plan's order, what this survivor owes the restoring ranks; returns bytes sent."""
-        engine, rank, sent = self.engine, self.engine.dist.rank, 0
+        rank, sent = self.stage.seat().rank, 0
         for restore in plan.restores:
-            if restore.donor == rank and restore.source == "replica":
-                history = {t: s.to_tensor() for t, s in engine.history().items()}
-                transfer.send_state(engine.module, engine.optimizer, history, restore.rank)
-            elif restore.donor == rank and restore.source == "peer":
+            if restore.donor == rank and restore.source is RestoreSource.REPLICA:
+                transfer.send_state(self.stage.state(), restore.rank)
+            elif restore.donor == rank and restore.source is RestoreSource.PEER:
                 transfer.send_window(self._held, restore.rank)
                 sent += self._held.manifest.blob_bytes
             if rank in restore.log_sources:
-                logs = engine.upstream.export(restore.replay_from, plan.resume) if engine.upstream else b""
+                logs = self.stage.export_logs(restore.replay_from, plan.resume)
                 transfer.send_bytes(logs, restore.rank, what="upstream logs")
                 sent += len(logs)
-        self._reoffer_window(plan)
+            if rank == plan.history_donor:
+                transfer.send_losses(self.stage.loss_history(), restore.rank)
+        # The replica a replacement held for us died with its predecessor: send our window again.
+        self.stage.reoffer_window(plan.restoring_ranks)
         return sent
 
-    def _reoffer_window(self, plan: RecoveryPlan) -> None:
-        """The replica a replacement held for us died with its predecessor: send our window again."""
-        ckpt = self.engine.checkpointer
-        if ckpt is None or ckpt.replicator is None or ckpt.replicator.send_to not in plan.restoring_ranks:
-            return
-        image = ckpt.newest_image()
-        if image is not None:
-            ckpt.replicator.offer(image)
-
     # -- the restoring rank ----------------------------------------------------------------------------
-    def _restore(self, plan: RecoveryPlan, restore: Restore, data: DataSource, events: dict[str, Any]) -> None:
-        engine = self.engine
-        events["source"] = restore.source
-        if restore.source == "replica":
+    def _restore(self, plan: RecoveryPlan, restore: Restore, data: DataSource, events: RecoveryEvents) -> None:
+        events.source = restore.source
+        if restore.source is RestoreSource.REPLICA:
             state = transfer.recv_state(restore.donor, timeout_s=self.timeout_s)
-            engine.module.load_state_dict(state["model"])
-            engine.optimizer.load_state_dict(state["optimizer"])
-            engine.precision.after_step()
-            engine.adopt_history({t: IterationScalars.from_tensor(v) for t, v in state["history"].items()})
-            if engine.upstream is not None:
-                engine.upstream.kept_from = plan.resume  # it logs from now on; the replica's logs are its own
-            events["state_loaded_at"] = events["logs_received_at"] = time.time()
-            events.update(replayed=0, replay_s=0.0, bytes_received=0)
+            self.stage.load_state(state, resume=plan.resume)
+            events.state_loaded_at = events.logs_received_at = time.time()
         else:
             image = self._load_window(restore)
-            events["state_loaded_at"] = time.time()
-            stores, received = self._receive_logs(restore)
-            events.update(logs_received_at=time.time(), bytes_received=received)
+            events.state_loaded_at = time.time()
+            stores, events.bytes_received = self._receive_logs(restore)
+            events.logs_received_at = time.time()
             try:
-                reader, recorder = self._replay_io(restore, stores)
-                report = replay_stage(module=engine.module, optimizer=engine.optimizer, config=engine.config,
-                                      window=image, logs=reader, data=data, until=plan.resume - 1,
-                                      precision=engine.precision, record=recorder) if plan.resume > 0 else None
-                engine.adopt_history(_logged_scalars(reader, range(max(0, restore.replay_from), plan.resume)))
+                reader = LogReader(stores, stage=self.stage.seat().stage)
+                inputs, outputs = self._chain_ports(restore, reader)
+                report = self.stage.replay(image, reader, data, resume=plan.resume, inputs=inputs, outputs=outputs)
             finally:
                 for store in stores.values():
                     store.close()
-            events.update(replayed=report.iterations_replayed if report else 0, replay_s=report.seconds if report else 0.0)
-            if engine.upstream is not None:
-                engine.upstream.kept_from = restore.replay_from
-        engine.iteration = plan.resume
-        if engine.checkpointer is not None:
-            engine.checkpointer.adopt_schedule(start=plan.window_start, window=plan.window, resume=plan.resume,
-                                               restored_start=restore.start)
-        log.warning("restored stage %d from %s (window %d) to iteration %d", engine.stage, restore.source,
-                    restore.start, plan.resume)
+            if report is not None:
+                events.replayed, events.replay_s = report.iterations_replayed, report.seconds
+        self.stage.adopt_losses(transfer.recv_losses(plan.history_donor, timeout_s=self.timeout_s))
+        self.stage.adopt_schedule(start=plan.window_start, window=plan.window, resume=plan.resume,
+                                  restored_start=restore.start)
+        log.warning("restored stage %d from %s (window %d) to iteration %d", self.stage.seat().stage,
+                    restore.source.value, restore.start, plan.resume)
 
-    def _replay_io(self, restore: Restore, stores: dict[int, LogStore]) -> tuple[LogReader, Any]:
-        """Where replay reads what the neighbours sent and where what it computes goes: logs and this
-        stage's own log, or, inside a chain of lost stages, live links to the chain's other members."""
-        engine = self.engine
+    def _chain_ports(self, restore: Restore, reader: LogReader) -> tuple[BoundaryInputs | None, BoundaryOutputs | None]:
+        """Inside a chain of lost stages, replay talks live to the members beside it; else the
+        default ports (the logs in, the stage's own log out) serve."""
         if restore.chain_prev is None and restore.chain_next is None:
-            return LogReader(stores, stage=engine.stage), engine.upstream
+            return None, None
+        seat = self.stage.seat()
         links = StageLinks(prev_rank=restore.chain_prev, next_rank=restore.chain_next,
-                           timeout_s=self.timeout_s, device=engine.dist.device)
-        return ChainReader(stores, stage=engine.stage, links=links), ChainRecorder(engine.upstream, links)
+                           timeout_s=self.timeout_s, device=seat.device)
+        where = f"chain replay of stage {seat.stage}"
+        return BoundaryInputs(links, reader, where=where), BoundaryOutputs(links, self.stage.recorder(), where=where)
 
     def _load_window(self, restore: Restore) -> WindowImage | None:
-        if restore.source == "shm":
+        seat = self.stage.seat()
+        if restore.source is RestoreSource.SHM:
             return self._shm_image  # the window this rank announced, already verified
-        if restore.source == "peer":
+        if restore.source is RestoreSource.PEER:
             image = transfer.recv_window(restore.donor)
             if image is None or image.manifest.start_iteration != restore.start:
                 raise PeerFailure(f"rank {restore.donor} no longer holds window {restore.start}")
             return image
-        if restore.source == "disk":
-            return load_persisted(self._persist_root(), stage=self.engine.stage, replica=self.engine.dist.replica,
+        if restore.source is RestoreSource.DISK:
+            return load_persisted(self.stage.persist_root(), stage=seat.stage, replica=seat.replica,
                                   iteration=restore.start)
         return None
 
     def _receive_logs(self, restore: Restore) -> tuple[dict[int, LogStore], int]:
-        topology, stores, received = self.engine.dist.topology, {}, 0
+        topology, stores, received = self.stage.seat().topology, {}, 0
         try:
             for source in restore.log_sources:
                 data = transfer.recv_bytes(source, timeout_s=self.timeout_s, what="upstream logs")
@@ -256,36 +241,13 @@ class Recovery:
             raise
         return stores, received
 
-    def _shm_start(self) -> int:
-        ckpt = self.engine.checkpointer
-        if ckpt is None:
-            return -1
-        try:
-            self._shm_image = ckpt.shm.load_complete()
-        except SnapshotError as error:
-            log.info("no usable window in shared memory: %s", error)
-            return -1
-        return self._shm_image.manifest.start_iteration
-
-    def _disk_start(self) -> int:
-        root = self._persist_root()
+    def _disk_start(self) -> int | None:
+        root, seat = self.stage.persist_root(), self.stage.seat()
         if root is None or not root.exists():
-            return -1
-        mine = [w.start_iteration for w in list_persisted(root)
-                if (w.stage, w.replica) == (self.engine.stage, self.engine.dist.replica)]
-        return max(mine, default=-1)
-
-    def _persist_root(self) -> Path | None:
-        settings = self.engine.config.snapshot
-        return Path(settings.persist_dir) / run_id(settings) if settings.persist_dir else None
+            return None
+        mine = [w.start_iteration for w in list_persisted(root) if (w.stage, w.replica) == (seat.stage, seat.replica)]
+        return max(mine, default=None)
 
 
-def _logged_scalars(reader: LogReader, iterations: range) -> dict[int, IterationScalars]:
-    """The replayed iterations' logged decisions and losses (replay has read each of them already)."""
-    found = {}
-    for t in iterations:
-        try:
-            found[t] = reader.scalars(t)
-        except MoetionError:
-            continue
-    return found
+def _start_of(image: WindowImage | None) -> int | None:
+    return None if image is None else image.manifest.start_iteration

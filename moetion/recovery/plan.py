@@ -18,10 +18,11 @@ from dataclasses import astuple, dataclass, fields
 import torch
 
 from moetion.errors import MoetionError
+from moetion.recovery.records import RestoreSource
 from moetion.snapshot.replica import replication_peers
 from moetion.topology import PipeTopology
 
-NOT_LOGGING = 2**40  # log_kept_from of a rank without upstream logging: it can serve no replay
+_NONE = -1  # how "nothing" travels in the all-gathered integer row
 
 
 class RecoveryImpossible(MoetionError):
@@ -30,30 +31,29 @@ class RecoveryImpossible(MoetionError):
 
 @dataclass(frozen=True)
 class RankStatus:
-    """What one rank brings to a recovery (-1: nothing / not applicable)."""
+    """What one rank brings to a recovery (None: nothing, or not applicable)."""
 
-    iteration: int  # next iteration a survivor runs; -1 for a rank that needs restoring
+    iteration: int | None  # next iteration a survivor runs; None for a rank that needs restoring
     needs_restore: bool
-    shm_start: int = -1  # restoring rank: its newest intact window in node-local shared memory
-    held_start: int = -1  # survivor: the window replica it holds for the rank it receives from
-    window_start: int = -1  # survivor: the window in progress (the job's schedule)
+    shm_start: int | None = None  # restoring rank: its newest intact window in node-local shared memory
+    held_start: int | None = None  # survivor: the window replica it holds for the rank it receives from
+    window_start: int | None = None  # survivor: the window in progress (the job's schedule)
     window: int = 0
-    log_kept_from: int = NOT_LOGGING  # survivor: every iteration from here on is in its upstream log
-    disk_start: int = -1  # restoring rank: its newest persisted window
+    log_kept_from: int | None = None  # survivor: every iteration from here on is in its upstream log
+    disk_start: int | None = None  # restoring rank: its newest persisted window
+    finished: bool = False  # survivor: it has finished training and waits in close()
 
     def to_tensor(self) -> torch.Tensor:
-        return torch.tensor([int(v) for v in astuple(self)], dtype=torch.int64)
+        return torch.tensor([_NONE if v is None else int(v) for v in astuple(self)], dtype=torch.int64)
 
     @classmethod
     def from_tensor(cls, values: torch.Tensor) -> "RankStatus":
         raw = values.tolist()
-        kwargs = {f.name: raw[i] for i, f in enumerate(fields(cls))}
-        kwargs["needs_restore"] = bool(kwargs["needs_restore"])
+        kwargs = {f.name: (None if raw[i] == _NONE else raw[i]) for i, f in enumerate(fields(cls))}
+        for flag in ("needs_restore", "finished"):
+            kwargs[flag] = bool(kwargs[flag])
+        kwargs["window"] = kwargs["window"] or 0
         return cls(**kwargs)
-
-    @classmethod
-    def width(cls) -> int:
-        return len(fields(cls))
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ class Restore:
     """How one rank gets back to the survivors' iteration."""
 
     rank: int
-    source: str  # "replica" | "shm" | "peer" | "disk" | "initial"
+    source: RestoreSource
     start: int  # the window's first iteration (-1: the initial state, or a replica's state)
     donor: int | None  # the rank sending its state ("replica") or the window replica ("peer")
     log_sources: tuple[int, ...]  # ranks that send their logs, in this order
@@ -82,6 +82,8 @@ class RecoveryPlan:
     window_start: int  # the job's window in progress (-1: none yet)
     window: int
     restores: tuple[Restore, ...]
+    finished: bool = False  # every survivor had finished training: restore, then only close
+    history_donor: int | None = None  # the survivor that sends every restoring rank the job's loss history
 
     def restore_of(self, rank: int) -> Restore | None:
         return next((r for r in self.restores if r.rank == rank), None)
@@ -112,7 +114,9 @@ def plan_recovery(statuses: list[RankStatus], *, topology: PipeTopology,
     restores: list[Restore] = []
     for chain in _chains(restoring, topology):
         restores += _restore_chain(chain, statuses, survivors, resume, topology, tied_stages)
-    return RecoveryPlan(resume, window_start, window, tuple(sorted(restores, key=lambda r: r.rank)))
+    finished = all(statuses[r].finished for r in survivors)
+    return RecoveryPlan(resume, -1 if window_start is None else window_start, window,
+                        tuple(sorted(restores, key=lambda r: r.rank)), finished, history_donor=min(survivors))
 
 
 def _chains(restoring: list[int], topology: PipeTopology) -> list[list[int]]:
@@ -154,9 +158,9 @@ def _restore_chain(chain: list[int], statuses: list[RankStatus], survivors: list
     for start in common:
         needed = range(start + 1, resume)
         kept = {r: statuses[r].log_kept_from for r in talks_to}
-        if needed and (not talks_to or any(k > needed.start for k in kept.values())):
+        if needed and (not talks_to or any(k is None or k > needed.start for k in kept.values())):
             name = "the initial state" if start < 0 else f"window {start}"
-            shown = {r: ("nothing (upstream_log is off)" if k >= NOT_LOGGING else k) for r, k in kept.items()}
+            shown = {r: ("nothing (upstream_log is off)" if k is None else k) for r, k in kept.items()}
             tried.append(f"{name} needs logs of iterations {needed.start}..{resume - 1}, "
                          f"surviving neighbours log from {shown or 'nowhere'}")
             continue
@@ -168,7 +172,7 @@ def _restore_chain(chain: list[int], statuses: list[RankStatus], survivors: list
                                     chain_next=chain[i + 1] if i + 1 < len(chain) else None))
         return restores
     held = "; ".join(f"rank {rank} holds " + ", ".join(
-        "the initial state" if start < 0 else f"window {start} ({source})"
+        "the initial state" if start < 0 else f"window {start} ({source.value})"
         for start, (source, _) in sorted(tiers[rank].items(), reverse=True)) for rank in chain)
     raise RecoveryImpossible(f"{what} cannot be restored exactly: {held}; "
                              f"{'; '.join(tried) or 'no window start common to all'}{_newest(statuses, chain)}")
@@ -176,21 +180,22 @@ def _restore_chain(chain: list[int], statuses: list[RankStatus], survivors: list
 
 def _copy_of_live_replica(rank: int, topology: PipeTopology, survivors: list[int]) -> Restore | None:
     live = [r for r in topology.replica_ranks(topology.stage_of(rank)) if r in survivors]
-    return Restore(rank, "replica", -1, live[0], ()) if live else None
+    return Restore(rank, RestoreSource.REPLICA, -1, live[0], ()) if live else None
 
 
-def _tiers(rank: int, statuses: list[RankStatus], survivors: list[int], topology: PipeTopology) -> dict[int, tuple[str, int | None]]:
+def _tiers(rank: int, statuses: list[RankStatus], survivors: list[int],
+           topology: PipeTopology) -> dict[int, tuple[RestoreSource, int | None]]:
     """Window start -> (tier, donor) this rank can restore from, the fastest tier for each start."""
-    found: dict[int, tuple[str, int | None]] = {-1: ("initial", None)}
+    found: dict[int, tuple[RestoreSource, int | None]] = {-1: (RestoreSource.INITIAL, None)}
     mine = statuses[rank]
-    if mine.disk_start >= 0:
-        found[mine.disk_start] = ("disk", None)
-    holder = next((r for r in survivors if statuses[r].held_start >= 0
+    if mine.disk_start is not None:
+        found[mine.disk_start] = (RestoreSource.DISK, None)
+    holder = next((r for r in survivors if statuses[r].held_start is not None
                    and (replication_peers(topology, r) or (None, None))[1] == rank), None)
     if holder is not None:
-        found[statuses[holder].held_start] = ("peer", holder)
-    if mine.shm_start >= 0:
-        found[mine.shm_start] = ("shm", None)
+        found[statuses[holder].held_start] = (RestoreSource.PEER, holder)
+    if mine.shm_start is not None:
+        found[mine.shm_start] = (RestoreSource.SHM, None)
     return found
 
 
@@ -204,6 +209,6 @@ def _talks_to(rank: int, topology: PipeTopology, tied_stages: dict[str, list[int
 
 def _newest(statuses: list[RankStatus], ranks: list[int]) -> str:
     persisted = [statuses[r].disk_start for r in ranks]
-    if all(p >= 0 for p in persisted):
+    if all(p is not None for p in persisted):
         return f"; the newest window persisted for it starts at iteration {min(persisted)}"
     return "; no window of it was persisted (set snapshot.persist_dir to allow a restart)"

@@ -13,8 +13,10 @@ import torch
 import torch.distributed as dist
 
 from moetion.errors import PeerFailure
+from moetion.recovery.stage import StageState
 from moetion.snapshot.image import WindowImage
 from moetion.snapshot.replica import recv_image, send_image
+from moetion.upstream_log import IterationScalars
 
 
 def send_bytes(data: bytes, dst: int, *, what: str) -> None:
@@ -41,18 +43,34 @@ def recv_window(src: int) -> WindowImage | None:
     return _guard(lambda: recv_image(src), what=f"receiving a window replica from rank {src}")
 
 
-def send_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer, history: dict[int, torch.Tensor],
-               dst: int) -> None:
+def send_state(state: StageState, dst: int) -> None:
     """A live data-parallel replica's exact state (torch.save keeps every bit, Adam's step included)
     and its history (iteration -> logged scalars)."""
     buffer = io.BytesIO()
-    torch.save({"model": module.state_dict(), "optimizer": optimizer.state_dict(), "history": history}, buffer)
+    history = {t: scalars.to_tensor() for t, scalars in state.history.items()}
+    torch.save({"model": state.model, "optimizer": state.optimizer, "history": history}, buffer)
     send_bytes(buffer.getvalue(), dst, what="replica state")
 
 
-def recv_state(src: int, *, timeout_s: float) -> dict:
+def recv_state(src: int, *, timeout_s: float) -> StageState:
     data = recv_bytes(src, timeout_s=timeout_s, what="replica state")
-    return torch.load(io.BytesIO(data), weights_only=True)
+    raw = torch.load(io.BytesIO(data), weights_only=True)
+    history = {t: IterationScalars.from_tensor(v) for t, v in raw["history"].items()}
+    return StageState(raw["model"], raw["optimizer"], history)
+
+
+def send_losses(losses: dict[int, float], dst: int) -> None:
+    """The job's loss per committed iteration, so that the record survives any number of replacements."""
+    pairs = torch.tensor(sorted(losses.items()), dtype=torch.float64).reshape(-1, 2)
+    send_bytes(pairs.numpy().tobytes(), dst, what="loss history")
+
+
+def recv_losses(src: int, *, timeout_s: float) -> dict[int, float]:
+    data = recv_bytes(src, timeout_s=timeout_s, what="loss history")
+    if len(data) % 16:
+        raise PeerFailure(f"receiving the loss history from rank {src}: {len(data)} bytes is not a whole number of pairs")
+    pairs = torch.frombuffer(bytearray(data), dtype=torch.float64).reshape(-1, 2) if data else torch.empty(0, 2)
+    return {int(t): float(loss) for t, loss in pairs.tolist()}
 
 
 def _wait(work: dist.Work, timeout_s: float, *, what: str) -> None:

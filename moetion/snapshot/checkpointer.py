@@ -25,7 +25,6 @@ from __future__ import annotations
 import enum
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -38,7 +37,6 @@ from moetion.config import SnapshotConfig
 from moetion.errors import ConfigError
 from moetion.faults import fault_point, register_memory
 from moetion.operators import Operator, discover_operators
-from moetion.run_identity import RUN_ID_ENV, check_run_id, default_run_id
 from moetion.snapshot.capture import CaptureWorker
 from moetion.snapshot.image import Capture, Entry, SnapshotError, WindowImage, WindowManifest, checksum
 from moetion.snapshot.layout import WindowLayout, plan_layout
@@ -334,16 +332,6 @@ class SparseCheckpointer:
             m = image.manifest
             logs = self.log_exporter(m.start_iteration, m.end_iteration + 1) if self.log_exporter else None
             self.persister.submit(image, logs=logs)
-
-
-def run_id(config: SnapshotConfig) -> str:
-    """The job's name in shared memory and on disk; identical on every rank and on replacements
-    (a plain directory name: see :func:`moetion.run_identity.check_run_id`)."""
-    if config.run_id:
-        return check_run_id(config.run_id)
-    if os.environ.get(RUN_ID_ENV):
-        return check_run_id(os.environ[RUN_ID_ENV], what=RUN_ID_ENV)
-    return default_run_id()
 
 
 def _with_checksum(entry: Entry, blob: torch.Tensor) -> Entry:

@@ -15,11 +15,11 @@ from typing import Any
 
 from moetion.config import Config
 from moetion.errors import ConfigError
+from moetion.run_layout import RUN_CONFIG
 from moetion.private_files import check_private_file, private_dir, write_atomically
 from moetion.snapshot.image import SnapshotError
 from moetion.snapshot.persist import list_persisted
 
-RUN_CONFIG = "config.json"
 NONCE_KEY = "job_nonce"
 MAX_RUN_CONFIG_BYTES = 1 << 20
 log = logging.getLogger(__name__)

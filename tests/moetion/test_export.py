@@ -19,6 +19,8 @@ from moetion.models import GPTMoEConfig, build_gpt_moe_layers, gpt_moe_loss
 from moetion.reference import train_reference
 from window_image_helpers import rewrite_manifest
 
+pytestmark = pytest.mark.slow  # real ranks over gloo
+
 STAGES, SEED = 4, 2
 MODEL = GPTMoEConfig(seq_len=8, d_model=16, n_heads=2, n_layers=4, d_hidden=32, num_experts=4,
                      capacity_factor=1.0, router_noise=0.1, dropout=0.1)

@@ -9,6 +9,8 @@ import moetion
 from moetion.launcher import run_workers
 from moetion.models import GPTMoEConfig, build_gpt_moe_layers, gpt_moe_loss
 
+pytestmark = pytest.mark.slow  # real ranks over gloo
+
 MODEL = GPTMoEConfig(seq_len=8, d_model=16, n_heads=2, n_layers=2, d_hidden=16, num_experts=2)
 
 

@@ -4,7 +4,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from recovering_script import recovering_script
+
+pytestmark = pytest.mark.slow  # real ranks over gloo
 
 SCRIPT = recovering_script(stages=3, iterations=9)
 

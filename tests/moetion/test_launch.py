@@ -6,6 +6,8 @@ import textwrap
 
 import pytest
 
+pytestmark = pytest.mark.slow  # real ranks over gloo
+
 SCRIPT = textwrap.dedent('''
     import sys, torch, moetion
     from moetion.models import GPTMoEConfig, build_gpt_moe_layers, gpt_moe_loss

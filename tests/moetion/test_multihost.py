@@ -9,7 +9,11 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 from recovering_script import recovering_script
+
+pytestmark = pytest.mark.slow  # real ranks over gloo
 
 SCRIPT = recovering_script(stages=4, iterations=9, tail='''
     digest = hashlib.sha256(b"".join(t.numpy().tobytes() for t in module.state_dict().values())).hexdigest()

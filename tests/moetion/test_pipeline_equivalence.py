@@ -3,12 +3,15 @@
 Dropout and router noise on, capacity dropping and clipping active, warm-up then cosine LR, and
 an LR of 1e-2 so that one step visibly moves every weight.
 """
+import pytest
 import torch
 
 import moetion
 from moetion.launcher import run_workers
 from moetion.models import GPTMoEConfig, build_gpt_moe_layers, gpt_moe_loss
 from moetion.reference import train_reference
+
+pytestmark = pytest.mark.slow  # real ranks over gloo
 
 ITERATIONS = 6
 MODEL = GPTMoEConfig(seq_len=16, d_model=32, n_heads=2, n_layers=4, d_hidden=64, num_experts=4,

@@ -5,13 +5,17 @@ recovering supervisor through the fault harness, which compares every rank's fin
 optimizer state and every iteration's loss with ``torch.equal`` / exact floats. Snapshot window
 W=3: windows 1..3, 4..6, 7..9, 10..12, 13..15 (captures and replication fire at window ends).
 """
+import dataclasses
+
 import pytest
 
 from moetion.demo import DemoSettings
 from moetion.errors import LaunchError
 from moetion.harness.runner import FaultHarness, Job
-from moetion.recovery import coordinator
 from moetion import replay
+from moetion.iteration import StepHooks
+
+pytestmark = pytest.mark.slow  # real ranks over gloo
 
 ITERATIONS = 16
 
@@ -57,6 +61,15 @@ def test_a_stage_lost_after_the_last_commit_is_restored_while_the_others_finish(
     assert_identical(report, sources=["shm"])
 
 
+def test_the_loss_record_survives_every_stage_being_replaced(pipeline):
+    """Each replacement replays only from its window (iterations 2..), so before it received the
+    job's loss history the losses of iterations 0 and 1 died with the last rank that trained them."""
+    report = pipeline.run(["stage=0,iter=5,phase=forward", "stage=1,iter=6,phase=backward",
+                           "stage=2,iter=7,phase=step", "stage=3,iter=8,phase=forward"])
+    assert_identical(report, sources=["shm"] * 4)
+    assert report.verdict.iterations == ITERATIONS
+
+
 def test_replacement_killed_during_its_replay_restarts_the_recovery(pipeline):
     report = pipeline.run(["stage=1,iter=10,phase=backward", "stage=1,iter=8,phase=replay"])
     assert report.verdict.identical, "\n".join(report.lines())
@@ -93,25 +106,46 @@ def test_memory_lost_without_any_other_copy_names_what_is_missing(tmp_path):
         harness.run(["stage=2,iter=10,phase=backward,memory=lost"])
 
 
-def test_negative_control_without_snapshot_promotion_the_harness_reports_a_mismatch(pipeline, monkeypatch):
+@pytest.fixture
+def replay_fault():
+    """Injects a fault into every replay of the ranks the test forks, through the public port hook."""
+    yield replay.adapt_replay_ports
+    replay.clear_replay_port_adapters()
+
+
+class _NeverPromoted(StepHooks):
     """Frozen operators never get their full snapshots: the replica is not the lost state."""
-    load = replay._StageState.load
-    monkeypatch.setattr(replay._StageState, "load", lambda self, j: load(self, 0) if j == 0 else self.set_trainable(1))
-    report = pipeline.run(["stage=2,iter=8,phase=backward"])
-    assert not report.verdict.identical and not report.verdict.weights_equal
 
 
-def test_negative_control_without_log_shipping_the_harness_reports_a_mismatch(pipeline, monkeypatch):
-    """No logs, no replay: the replacement resumes from its window's snapshots as they are."""
-    def resume_from_snapshots(*, module, optimizer, window, precision, **_):
-        state = replay._StageState(module, precision, optimizer, window)
-        for j in range(window.manifest.window):
-            state.load(j)
-        state.set_trainable(len(window.manifest.slots))
-        return None
+class _PerturbedActivation:
+    def __init__(self, inputs):
+        self.inputs = inputs
 
-    monkeypatch.setattr(coordinator.transfer, "send_bytes", lambda *args, **kwargs: None)
-    monkeypatch.setattr(coordinator.Recovery, "_receive_logs", lambda self, restore: ({}, 0))
-    monkeypatch.setattr(coordinator, "replay_stage", resume_from_snapshots)
+    def activation(self, iteration, micro_batch):
+        x = self.inputs.activation(iteration, micro_batch)
+        return x + 1e-3 if (iteration, micro_batch) == (6, 1) else x
+
+    def gradient(self, iteration, micro_batch, like):
+        return self.inputs.gradient(iteration, micro_batch, like)
+
+
+class _WrongLR:
+    def __init__(self, decisions):
+        self.decisions = decisions
+
+    def reduce_tied(self, iteration, key, params):
+        self.decisions.reduce_tied(iteration, key, params)
+
+    def decide(self, iteration, *, loss_sum):
+        return dataclasses.replace(self.decisions.decide(iteration, loss_sum=loss_sum), lr_factor=0.5)
+
+
+@pytest.mark.parametrize("fault", [
+    lambda ports: dataclasses.replace(ports, hooks=_NeverPromoted()),
+    lambda ports: dataclasses.replace(ports, inputs=_PerturbedActivation(ports.inputs)),
+    lambda ports: dataclasses.replace(ports, decisions=_WrongLR(ports.decisions)),
+], ids=["frozen-slots-never-promoted", "perturbed-logged-activation", "wrong-logged-lr-factor"])
+def test_negative_control_a_faulty_replay_makes_the_harness_report_a_mismatch(pipeline, replay_fault, fault):
+    replay_fault(fault)
     report = pipeline.run(["stage=2,iter=8,phase=backward"])
     assert not report.verdict.identical and not report.verdict.weights_equal

@@ -1,24 +1,25 @@
 """The recovery plan: which tier restores a lost rank, and the clear errors when none can."""
 import pytest
 
-from moetion.recovery.plan import NOT_LOGGING, RankStatus, RecoveryImpossible, plan_recovery
+from moetion.recovery.plan import RankStatus, RecoveryImpossible, plan_recovery
 from moetion.topology import PipeTopology
 
 PIPE4 = PipeTopology.from_world(world_size=4, num_stages=4)
 
 
-def survivor(iteration=20, *, held=-1, kept=10, window=(16, 4)):
+def survivor(iteration=20, *, held=None, kept=10, window=(16, 4)):
     return RankStatus(iteration, False, held_start=held, window_start=window[0], window=window[1], log_kept_from=kept)
 
 
-def lost(*, shm=-1, disk=-1):
-    return RankStatus(-1, True, shm_start=shm, disk_start=disk)
+def lost(*, shm=None, disk=None):
+    return RankStatus(None, True, shm_start=shm, disk_start=disk)
 
 
 def test_status_round_trips_through_a_tensor():
-    status = RankStatus(7, True, shm_start=3, held_start=-1, window_start=4, window=2, log_kept_from=1, disk_start=0)
+    status = RankStatus(7, True, shm_start=3, held_start=None, window_start=4, window=2, log_kept_from=1, disk_start=0)
     assert RankStatus.from_tensor(status.to_tensor()) == status
-    assert status.to_tensor().numel() == RankStatus.width()
+    done = RankStatus(9, False, finished=True)
+    assert RankStatus.from_tensor(done.to_tensor()) == done
 
 
 def test_own_shared_memory_first_with_logs_from_both_neighbours():
@@ -101,7 +102,7 @@ def test_survivors_at_different_iterations_are_refused():
 
 
 def test_no_logging_means_no_window_replay():
-    statuses = [survivor(kept=NOT_LOGGING), lost(shm=12), survivor(kept=NOT_LOGGING), survivor()]
+    statuses = [survivor(kept=None), lost(shm=12), survivor(kept=None), survivor()]
     with pytest.raises(RecoveryImpossible, match=r"log from \{0: 'nothing \(upstream_log is off\)'"):
         plan_recovery(statuses, topology=PIPE4, tied_stages={})
 

@@ -18,6 +18,8 @@ from moetion.snapshot.shm import SharedMemoryTier
 from moetion.upstream_log import IterationScalars, LogReader
 from window_image_helpers import make_image
 
+pytestmark = pytest.mark.slow  # real ranks over gloo
+
 STAGES = 4
 MODEL = GPTMoEConfig(seq_len=8, d_model=16, n_heads=2, n_layers=4, d_hidden=32, num_experts=4,
                      capacity_factor=1.0, router_noise=0.1, dropout=0.1)

@@ -10,6 +10,8 @@ import moetion
 from moetion.launcher import run_workers
 from moetion.models import GPTMoEConfig, build_gpt_moe_layers, gpt_moe_loss
 
+pytestmark = pytest.mark.slow  # real ranks over gloo
+
 RANKS, ITERATIONS = 4, 12
 RESUME = {"MOETION_RESUME": "1"}  # as `moetion launch --resume` sets it: continue the run persisted there
 MODEL = GPTMoEConfig(seq_len=8, d_model=16, n_heads=2, n_layers=4, d_hidden=32, num_experts=4,

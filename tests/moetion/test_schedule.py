@@ -51,7 +51,8 @@ def test_all_stages_finish_and_run_each_pass_once_in_order(num_stages, micro_bat
         assert backwards == list(range(micro_batches)), "gradients must accumulate in micro-batch order"
         for m in range(micro_batches):
             assert stream.index(s.ForwardPass(m)) < stream.index(s.BackwardPass(m))
-        assert [type(i) for i in stream[-3:]] == [s.ReduceTiedGrads, s.ReduceGrads, s.OptimizerStep]
+        assert [type(i) for i in stream[-4:]] == [s.WaitSends, s.ReduceTiedGrads, s.ReduceGrads, s.OptimizerStep]
+        assert not any(isinstance(i, (s.SendActivation, s.SendGrad)) for i in stream[stream.index(s.WaitSends()):])
 
 
 def test_1f1b_bounds_in_flight_micro_batches():

@@ -16,6 +16,8 @@ from moetion.snapshot.image import SnapshotError
 from moetion.snapshot.persist import load_persisted
 from moetion.snapshot.shm import SharedMemoryTier
 
+pytestmark = pytest.mark.slow  # real ranks over gloo
+
 MODEL = GPTMoEConfig(seq_len=8, d_model=16, n_heads=2, n_layers=4, d_hidden=32, num_experts=4, capacity_factor=1.0)
 
 

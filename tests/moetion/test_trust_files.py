@@ -15,7 +15,7 @@ from moetion.errors import ConfigError
 from moetion.export import _save_atomically
 from moetion.job_secret import new_secret
 from moetion.snapshot import persist
-from moetion.snapshot.checkpointer import run_id
+from moetion.run_layout import run_id
 from moetion.snapshot.image import SnapshotError
 from moetion.snapshot.inspect import inspect_command
 from moetion.snapshot.persist import AsyncPersister, list_persisted, load_window, persist_window, window_path

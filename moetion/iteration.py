@@ -1,0 +1,302 @@
+"""One iteration on one stage: the body that training and replay both run.
+
+Bitwise recovery rests on replay doing exactly what training did, so the arithmetic of an
+iteration lives here once: the 1F1B instruction stream in schedule order, the global micro-batch
+index, the step context of every forward, loss scaling by ``1/M``, the gradient fill, the tied and
+data-parallel reductions, clipping, the learning rate and the optimizer step.
+
+The body talks to the world only through small ports:
+
+- :class:`InputPort`: where a micro-batch's input activation and output gradient come from (live
+  links from the neighbours while training; the neighbours' logs, or a chain member's live link,
+  in replay);
+- :class:`OutputPort`: where what the stage computes goes (the links, teed into the upstream log;
+  in replay, the replacement's own log);
+- :class:`DecisionPort`: the iteration's global decisions (tied-weight gradient sums, grad norm,
+  clip coefficient, LR factor, loss): the commit all-gather while training, the logged decisions
+  in replay;
+- :class:`StepHooks`: what happens around the optimizer step (sparse capture while training, the
+  promotion of frozen operators in replay) and what rides on the data-parallel all-reduce.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moetion import gradients, schedule
+from moetion.data import DataSource
+from moetion.errors import DataError, PeerFailure
+from moetion.lr_schedule import set_lr_factor
+from moetion.module import PipelineModule
+from moetion.moe import MoELayer
+from moetion.precision import StagePrecision
+from moetion.random import StepContext, step_context
+from moetion.upstream_log import IterationScalars
+
+
+class InputPort(Protocol):
+    """Where a stage's inputs from its neighbours come from."""
+
+    def activation(self, iteration: int, micro_batch: int) -> torch.Tensor: ...
+    def gradient(self, iteration: int, micro_batch: int, like: torch.Tensor) -> torch.Tensor: ...
+
+
+class OutputPort(Protocol):
+    """Where what a stage sends to its neighbours goes."""
+
+    def send_activation(self, iteration: int, micro_batch: int, tensor: torch.Tensor) -> None: ...
+    def send_gradient(self, iteration: int, micro_batch: int, tensor: torch.Tensor) -> None: ...
+    def wait_sends(self) -> None: ...
+
+
+class DecisionPort(Protocol):
+    """The iteration's decisions that no stage can take from its own view."""
+
+    def reduce_tied(self, iteration: int, key: str, params: list[nn.Parameter]) -> None:
+        """Leaves in each ``p.grad`` the sum over every stage sharing the tied weight ``key``."""
+
+    def decide(self, iteration: int, *, loss_sum: torch.Tensor) -> IterationScalars:
+        """The global grad norm, clip coefficient, LR factor and loss of ``iteration``."""
+
+
+class StepHooks:
+    """What happens around an iteration besides its arithmetic; the defaults do nothing."""
+
+    def begin(self, iteration: int) -> None:
+        """Before the first instruction."""
+
+    def riders(self, token_counts: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Values summed across data-parallel replicas together with the gradients."""
+        return None
+
+    def absorb_riders(self, summed: torch.Tensor) -> None:
+        """The riders summed over the replicas."""
+
+    def before_step(self) -> None:
+        """After the decisions, before the optimizer writes the weights."""
+
+    def after_step(self, iteration: int) -> None:
+        """After the optimizer step and the compute-copy refresh."""
+
+
+def no_fault(phase: str, iteration: int) -> None:
+    """The fault hook of a stage with no fault armed."""
+
+
+@dataclass
+class IterationStats:
+    """What one iteration produced; ``loss`` is the mean over micro-batches and replicas."""
+
+    iteration: int
+    loss: float
+    grad_norm: float
+    clip_coef: float
+    lr_factor: float
+    seconds: float
+
+
+@dataclass
+class _InFlight:
+    """Tensors alive between a micro-batch's instructions, keyed by micro-batch index."""
+
+    loss_sum: torch.Tensor
+    inputs: dict[int, torch.Tensor] = field(default_factory=dict)
+    labels: dict[int, torch.Tensor] = field(default_factory=dict)
+    outputs: dict[int, torch.Tensor] = field(default_factory=dict)
+    output_grads: dict[int, torch.Tensor] = field(default_factory=dict)
+    input_grads: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the stage sits: its replica index among ``replicas`` and the group that averages them."""
+
+    replica: int = 0
+    replicas: int = 1
+    data_group: dist.ProcessGroup | None = None
+    device: torch.device = torch.device("cpu")
+
+
+class StageIteration:
+    """Runs iterations of one stage through its ports; construct once, call :meth:`run` per iteration.
+
+    ``faults(phase, iteration)`` is called at the phases a fault may be injected at
+    (``"iteration"``, ``"forward"``, ``"backward"``, ``"step"``).
+    """
+
+    def __init__(
+        self,
+        *,
+        module: PipelineModule,
+        precision: StagePrecision,
+        optimizer: torch.optim.Optimizer,
+        seed: int,
+        micro_batches: int,
+        placement: Placement,
+        inputs: InputPort,
+        outputs: OutputPort,
+        decisions: DecisionPort,
+        hooks: StepHooks | None = None,
+        faults: Callable[[str, int], None] = no_fault,
+    ) -> None:
+        self.module, self.precision, self.optimizer = module, precision, optimizer
+        self.seed, self.micro_batches, self.placement = seed, micro_batches, placement
+        self.inputs, self.outputs, self.decisions = inputs, outputs, decisions
+        self.hooks = hooks or StepHooks()
+        self.faults = faults
+        self.token_counts: dict[str, torch.Tensor] = {}
+        self._moe_layers = [(n, m) for n, m in precision.compute.named_modules() if isinstance(m, MoELayer)]
+        self._iteration = -1
+        self._data: DataSource | None = None
+        self._mb: _InFlight | None = None
+        self._stats: IterationStats | None = None
+
+    def run(self, iteration: int, data: DataSource) -> IterationStats:
+        """Runs ``iteration`` to its commit; raises :class:`PeerFailure` if a port loses a peer."""
+        start = time.perf_counter()
+        self._iteration, self._data = iteration, data
+        self._mb = _InFlight(loss_sum=torch.zeros((), dtype=torch.float32, device=self.placement.device))
+        self.optimizer.zero_grad(set_to_none=True)
+        self.faults("iteration", iteration)
+        self.hooks.begin(iteration)
+        for instruction in schedule.train_schedule(
+            stage=self.module.stage_id, num_stages=self.module.num_stages, micro_batches=self.micro_batches
+        ):
+            _DISPATCH[type(instruction)](self, instruction.micro_batch)
+        stats, self._stats, self._mb = self._stats, None, None
+        stats.seconds = time.perf_counter() - start
+        return stats
+
+    def abandon(self) -> None:
+        """Forgets an interrupted iteration's gradients and routing counts; weights are untouched."""
+        self._mb = None
+        self.optimizer.zero_grad(set_to_none=True)
+        self.precision.discard_grads()
+        self._pop_token_counts()
+
+    def trainable(self) -> list[nn.Parameter]:
+        """The master parameters that train this iteration (frozen operators of a replay do not)."""
+        return [p for p in self.module.parameters() if p.requires_grad]
+
+    def global_index(self, m: int) -> int:
+        """Micro-batch ``m`` of this replica, numbered across replicas: replica ``r`` owns ``r*M .. r*M+M-1``."""
+        return self.placement.replica * self.micro_batches + m
+
+    # -- micro-batch instructions ------------------------------------------------------------------
+    def _load_micro_batch(self, m: int | None) -> None:
+        index = self.global_index(m)
+        try:
+            inputs, labels = self._data.micro_batch(self._iteration, index)
+        except DataError:
+            raise
+        except Exception as error:
+            raise DataError(f"data source failed for iteration {self._iteration}, micro-batch {index}: {error}") from error
+        device = self.placement.device
+        if self.module.is_first_stage:
+            self._mb.inputs[m] = inputs.to(device)
+        if self.module.is_last_stage:
+            self._mb.labels[m] = labels.to(device)
+
+    def _recv_activation(self, m: int | None) -> None:
+        x = self.inputs.activation(self._iteration, m)
+        self._mb.inputs[m] = x.requires_grad_(x.is_floating_point())
+
+    def _forward(self, m: int | None) -> None:
+        self.faults("forward", self._iteration)
+        context = StepContext(seed=self.seed, iteration=self._iteration, micro_batch=self.global_index(m),
+                              loss_scale=1.0 / self.micro_batches)
+        with step_context(context):
+            out = self.precision.compute(self._mb.inputs[m])
+        if self.module.is_last_stage:
+            loss = self.module.loss_fn(out, self._mb.labels.pop(m))
+            self._mb.loss_sum += loss.detach().float()
+            out = loss / self.micro_batches
+        self._mb.outputs[m] = out
+
+    def _send_activation(self, m: int | None) -> None:
+        self.outputs.send_activation(self._iteration, m, self._mb.outputs[m].detach())
+
+    def _recv_grad(self, m: int | None) -> None:
+        self._mb.output_grads[m] = self.inputs.gradient(self._iteration, m, like=self._mb.outputs[m])
+
+    def _backward(self, m: int | None) -> None:
+        self.faults("backward", self._iteration)
+        out = self._mb.outputs.pop(m)
+        if out.requires_grad:  # a stage whose every operator is frozen has nothing to differentiate
+            torch.autograd.backward(out, grad_tensors=self._mb.output_grads.pop(m, None))
+        self.precision.after_backward()
+        x = self._mb.inputs.pop(m)
+        if not self.module.is_first_stage:
+            self._mb.input_grads[m] = x.grad if x.grad is not None else torch.zeros_like(x)
+
+    def _send_grad(self, m: int | None) -> None:
+        self.outputs.send_gradient(self._iteration, m, self._mb.input_grads.pop(m))
+
+    def _wait_sends(self, _: int | None) -> None:
+        self.outputs.wait_sends()
+
+    # -- per-iteration instructions -----------------------------------------------------------------
+    def _reduce_tied_grads(self, _: int | None) -> None:
+        gradients.fill_missing_grads(self.trainable())
+        for key in self.module.tied_stages():
+            if key in self.module.tied:
+                self.decisions.reduce_tied(self._iteration, key, list(self.module.tied[key].parameters()))
+
+    def _reduce_grads(self, _: int | None) -> None:
+        """Averages gradients across replicas; the loss and the hooks' riders ride along."""
+        self.token_counts = self._pop_token_counts()
+        riders = self.hooks.riders(self.token_counts)
+        extra = [self._mb.loss_sum.reshape(1)] + ([] if riders is None else [riders.to(self.placement.device)])
+        if self.placement.replicas > 1:
+            params = self.trainable()
+            flat = gradients.flatten_grads(params, extra)
+            try:
+                dist.all_reduce(flat, group=self.placement.data_group)
+            except RuntimeError as error:
+                raise PeerFailure(f"stage {self.module.stage_id} lost a replica while averaging gradients in "
+                                  f"iteration {self._iteration}: {str(error).splitlines()[0]}") from None
+            rest = gradients.unflatten_mean(params, flat, replicas=self.placement.replicas)
+            extra = [rest[:1], rest[1:]]
+        self._mb.loss_sum = extra[0][0]
+        if riders is not None:
+            self.hooks.absorb_riders(extra[1].cpu())
+
+    def _optimizer_step(self, _: int | None) -> None:
+        """The commit: global decisions, clip, LR, step, refresh the compute copy."""
+        scalars = self.decisions.decide(self._iteration, loss_sum=self._mb.loss_sum)
+        params = self.trainable()
+        gradients.scale_grads(params, scalars.clip_coef)
+        set_lr_factor(self.optimizer, scalars.lr_factor)
+        self.hooks.before_step()
+        self.faults("step", self._iteration)
+        self.optimizer.step()
+        self.precision.after_step()
+        self.hooks.after_step(self._iteration)
+        self._stats = IterationStats(self._iteration, scalars.loss, scalars.grad_norm, scalars.clip_coef,
+                                     scalars.lr_factor, 0.0)
+
+    def _pop_token_counts(self) -> dict[str, torch.Tensor]:
+        return {name: layer.pop_token_counts() for name, layer in self._moe_layers}
+
+
+# Instruction type -> handler. Kept on the class, not the instance: a bound-method table would make
+# every body a reference cycle, and a body dropped on leaving a group must free its links (their
+# pending sends hold the old group's sockets open) at once, not at the next garbage collection.
+_DISPATCH: dict[type[schedule.Instruction], Callable[[StageIteration, int | None], None]] = {
+    schedule.LoadMicroBatch: StageIteration._load_micro_batch,
+    schedule.RecvActivation: StageIteration._recv_activation,
+    schedule.ForwardPass: StageIteration._forward,
+    schedule.SendActivation: StageIteration._send_activation,
+    schedule.RecvGrad: StageIteration._recv_grad,
+    schedule.BackwardPass: StageIteration._backward,
+    schedule.SendGrad: StageIteration._send_grad,
+    schedule.WaitSends: StageIteration._wait_sends,
+    schedule.ReduceTiedGrads: StageIteration._reduce_tied_grads,
+    schedule.ReduceGrads: StageIteration._reduce_grads,
+    schedule.OptimizerStep: StageIteration._optimizer_step,
+}

@@ -1,0 +1,109 @@
+"""What recovery needs from a stage: the narrow protocol the engine implements.
+
+Recovery never reaches into the engine. It sees a stage through this protocol, as torchft's
+Manager sees a trainer only through registered callbacks: where the stage sits, what it holds
+(committed iteration, windows, logs), and the few operations that move it (abandon the in-flight
+iteration, leave and join the job's group, load state, replay).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from moetion.boundary import Recorder
+from moetion.control import ControlPlane
+from moetion.data import DataSource
+from moetion.iteration import InputPort, OutputPort
+from moetion.replay import ReplayReport
+from moetion.snapshot.image import WindowImage
+from moetion.topology import PipeTopology
+from moetion.upstream_log import IterationScalars, LogReader
+
+
+@dataclass(frozen=True)
+class Seat:
+    """Where a stage sits in the job."""
+
+    rank: int
+    stage: int
+    replica: int
+    topology: PipeTopology
+    device: torch.device
+    tied_stages: dict[str, list[int]]
+
+
+@dataclass(frozen=True)
+class StageState:
+    """A stage's exact state as a live replica hands it over: weights, full optimizer state, and
+    the logged scalars of the iterations it saw."""
+
+    model: dict
+    optimizer: dict
+    history: dict[int, IterationScalars]
+
+
+class RecoverableStage(Protocol):
+    """The engine, as recovery sees it."""
+
+    def seat(self) -> Seat: ...
+
+    # -- the committed iteration ---------------------------------------------------------------
+    @property
+    def iteration(self) -> int:
+        """The next iteration this stage runs; every iteration before it is committed."""
+
+    def in_flight_since(self) -> float:
+        """Wall-clock time the in-flight iteration started (its work is lost when abandoned)."""
+
+    def loss_history(self) -> dict[int, float]:
+        """The loss of every committed iteration this stage knows of."""
+
+    def adopt_losses(self, losses: dict[int, float]) -> None:
+        """Takes over losses of iterations committed before this stage's process existed."""
+
+    def abandon_iteration(self) -> None:
+        """Forgets the in-flight iteration; weights and optimizer state are untouched."""
+
+    # -- membership ---------------------------------------------------------------------------
+    def leave_group(self) -> None: ...
+    def join_group(self, control: ControlPlane, generation: int) -> bool:
+        """Joins ``generation``'s group; False when a newer generation superseded it first."""
+
+    # -- what the stage holds -------------------------------------------------------------------
+    def window_schedule(self) -> tuple[int, int]:
+        """(start, W) of the job's window in progress ((-1, 0) without snapshots)."""
+
+    def held_replica(self) -> WindowImage | None:
+        """The window replica this stage holds for the replica it receives from."""
+
+    def shm_window(self) -> WindowImage | None:
+        """This stage's newest intact window in node-local shared memory."""
+
+    def persist_root(self) -> Path | None: ...
+
+    def logs_kept_from(self) -> int | None:
+        """Every iteration from here on is in this stage's upstream log (None: not logging)."""
+
+    def export_logs(self, start: int, stop: int) -> bytes: ...
+
+    def recorder(self) -> Recorder | None:
+        """Where a replay records what the stage sends and decides (its upstream log)."""
+
+    def state(self) -> StageState: ...
+
+    def reoffer_window(self, restoring: list[int]) -> None:
+        """Sends this stage's newest window again to its replication peer if that peer is restoring."""
+
+    # -- restoring ----------------------------------------------------------------------------
+    def load_state(self, state: StageState, *, resume: int) -> None:
+        """Takes over a live replica's exact state; training continues at ``resume``."""
+
+    def replay(self, window: WindowImage | None, logs: LogReader, data: DataSource, *, resume: int,
+               inputs: InputPort | None = None, outputs: OutputPort | None = None) -> ReplayReport | None:
+        """Replays from ``window`` (None: the initial state) to just before ``resume``, recording what
+        it sends and decides into its own log; training continues at ``resume``."""
+
+    def adopt_schedule(self, *, start: int, window: int, resume: int, restored_start: int) -> None: ...
