@@ -10,6 +10,7 @@ Typical use, in a script started by ``moetion launch`` or ``torchrun``::
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from pathlib import Path
@@ -21,7 +22,7 @@ from moetion import log as _log
 from moetion.config import Config, LRScheduleConfig
 from moetion.data import ByteCorpus, DataSource, TensorDataSource
 from moetion.control import ControlPlane, start_generation, supervised
-from moetion.distributed import build_context, init_process_group, join_job
+from moetion.distributed import build_context, init_process_group, join_job, leave_process_group
 from moetion.engine import IterationStats, PipelineEngine
 from moetion.errors import ConfigError, DataError, LaunchError, MoetionError, PartitionError, PeerFailure
 from moetion.module import LayerSpec, PipelineModule, TiedLayerSpec
@@ -101,6 +102,9 @@ def _join(config: Config) -> tuple[ControlPlane | None, int]:
         init_process_group(timeout_s=config.peer_timeout_s)
         return None, 0
     control = ControlPlane.from_env(timeout_s=config.peer_timeout_s)
+    # The group's store is a Python object (values are signed): tear the group down while the
+    # interpreter still runs, not in C++ static destructors after it has finalized (which hangs).
+    atexit.register(leave_process_group)
     generation = start_generation()
     while not join_job(control, generation, timeout_s=config.peer_timeout_s):
         generation = control.generation()  # superseded while starting: join the newest
