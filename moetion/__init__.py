@@ -10,6 +10,7 @@ Typical use, in a script started by ``moetion launch`` or ``torchrun``::
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from pathlib import Path
@@ -23,7 +24,7 @@ from moetion.data import ByteCorpus, DataSource, TensorDataSource
 from moetion import failure_notice
 from moetion.control import ControlPlane, start_generation, supervised
 from moetion.determinism import enable_strict_mode
-from moetion.distributed import build_context, init_process_group, join_job
+from moetion.distributed import build_context, init_process_group, join_job, leave_process_group
 from moetion.engine import IterationStats, PipelineEngine
 from moetion.errors import ConfigError, DataError, LaunchError, MoetionError, PartitionError, PeerFailure
 from moetion.module import LayerSpec, PipelineModule, TiedLayerSpec
@@ -106,6 +107,9 @@ def _join(config: Config) -> tuple[ControlPlane | None, int]:
         return None, 0
     check_rank(peer_timeout_s=config.peer_timeout_s)
     control = ControlPlane.from_env(timeout_s=config.peer_timeout_s)
+    # The group's store is a Python object (values are signed): tear the group down while the
+    # interpreter still runs, not in C++ static destructors after it has finalized (which hangs).
+    atexit.register(leave_process_group)
     generation = start_generation()
     # Both open their store connections before any group exists: the notice never shuts them.
     control.start_heartbeat(int(os.environ["RANK"]), generation)

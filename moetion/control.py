@@ -199,7 +199,8 @@ class ControlPlane:
         self.store.set(f"events/{generation}/{rank}", events.to_json())
 
     def records(self, generation: int, ranks: range) -> dict[int, RecoveryEvents]:
-        """The ranks' recovery events of ``generation``; a forged, torn or malformed record is a warning."""
+        """Every rank's recovery events of ``generation``; a forged, torn or malformed record is
+        skipped with a warning."""
         found = {}
         for rank in ranks:
             value = self._signed(f"events/{generation}/{rank}")

@@ -10,11 +10,10 @@ import pytest
 import torch.distributed as dist
 
 from moetion.control import ControlPlane, serve_store, start_generation
-from moetion.job_secret import new_secret
+from moetion.job_secret import derive, new_secret
 from moetion.launcher import supervise_workers
-from moetion.signed_store import ForgedValue, SignedStore
-from moetion.job_secret import derive
 from moetion.recovery.records import RecoveryEvents, Role
+from moetion.signed_store import ForgedValue, SignedStore
 
 HEARTBEAT_TIMEOUT_S = 3.0
 
@@ -61,7 +60,7 @@ def test_values_written_without_the_secret_are_refused_and_reads_never_raise():
         stranger.set("generation", "9:forged")
         assert job.generation() == 1
         stranger.set("events/1/0", "{not json")
-        wrong.record(1, 1, RecoveryEvents(Role.SURVIVOR, cause="forged"))
+        wrong.record(1, 1, RecoveryEvents(Role.REPLACEMENT, resumed_at=9.0))
         job.record(1, 2, RecoveryEvents(Role.SURVIVOR, resumed_at=1.0))
         assert job.records(1, range(3)) == {2: RecoveryEvents(Role.SURVIVOR, resumed_at=1.0)}
         # gloo's rendezvous keys of a generation: a stranger's address is never handed to a rank

@@ -54,7 +54,7 @@ def test_killed_job_resumes_bit_identically(tmp_path, stages):
 
 
 def test_restart_without_persisted_windows_is_a_clear_error(tmp_path):
-    (tmp_path / "disk" / "restart").mkdir(parents=True)
+    (tmp_path / "disk" / "restart").mkdir(parents=True, mode=0o700)  # moetion refuses a run directory others can enter
     with pytest.raises(moetion.LaunchError, match="holds no run to resume"):
         run_workers(_resumed, nproc=RANKS, args=(tmp_path, 4), timeout_s=120, grace_s=2, env=RESUME)
 
