@@ -147,12 +147,12 @@ def launch_script(
         return Worker(rank, subprocess.Popen([sys.executable, "-m", "moetion.rank_entry", script, *script_args],
                                              env=full), kind="fresh")
 
-    resume = resume_command(script=script, script_args=list(script_args), nproc=nproc, nnodes=nodes.nnodes,
-                            master_addr=nodes.master_addr, master_port=nodes.master_port)
+    resume_hint = resume_command(script=script, script_args=list(script_args), nproc=nproc, nnodes=nodes.nnodes,
+                                 master_addr=nodes.master_addr, master_port=nodes.master_port)
     try:
         return _supervise(spawn, nproc=nproc, nodes=nodes, secret=secret, recover=recover, max_restarts=max_restarts,
                           fault_log=fault_log, heartbeat_timeout_s=heartbeat_timeout_s, timeout_s=timeout_s,
-                          grace_s=grace_s, resume_command=resume)
+                          grace_s=grace_s, resume_command=resume_hint)
     finally:
         pool.close()
 
