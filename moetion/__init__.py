@@ -113,7 +113,7 @@ def _join(config: Config) -> tuple[ControlPlane | None, int]:
     generation = start_generation()
     # Both open their store connections before any group exists: the notice never shuts them.
     control.start_heartbeat(int(os.environ["RANK"]), generation)
-    failure_notice.start(control)
+    failure_notice.start(control, int(os.environ["RANK"]))
     while not join_job(control, generation, timeout_s=config.peer_timeout_s):
         generation = control.generation()  # superseded while starting: join the newest
     return control, generation

@@ -67,6 +67,12 @@ def start_generation() -> int:
     return int(os.environ.get(GENERATION_ENV, "0"))
 
 
+def wake_key(rank: int, generation: int) -> str:
+    """The key ``rank``'s failure-notice watcher waits on while in the generation before ``generation``:
+    set by the supervisor for every rank with the notice, or by the rank itself when it exits."""
+    return f"wake/{rank}/{generation}"
+
+
 class ControlPlane:
     """A client of the job's control store (a rank's or a supervisor's view)."""
 
@@ -110,11 +116,14 @@ class ControlPlane:
         raise JobAborted(f"the control store's generation changed under {MAX_BUMP_ATTEMPTS} attempts to publish the "
                          "next one: is a client without the job secret writing it? Firewall the control-store port")
 
-    def announce_generation(self, why: str) -> int:
-        """Supervisor: :meth:`new_generation`, plus its failure notice (``notice/{g}``: ``why``),
-        which every rank of the previous generation is blocked on (see :mod:`moetion.failure_notice`)."""
+    def announce_generation(self, why: str, *, world_size: int) -> int:
+        """Supervisor: :meth:`new_generation`, plus its failure notice: the reason (``notice/{g}``)
+        and every rank's wake-up key (``wake/{rank}/{g}``), on which each rank's watcher of the
+        previous generation is blocked (see :mod:`moetion.failure_notice`)."""
         generation = self.new_generation()
         self.store.set(f"notice/{generation}", why[:_MAX_NOTICE_CHARS])
+        for rank in range(world_size):
+            self.store.set(wake_key(rank, generation), "notice")
         return generation
 
     def group_store(self, generation: int) -> dist.Store:

@@ -4,9 +4,10 @@ it is blocked, and stops waiting at once instead of at ``peer_timeout_s``.
 Why: a stage two hops from a dead one may sit in a receive from a live neighbour that has paused;
 nothing on its own connections tells it the job is being rebuilt. The supervisor publishes every
 new generation with a notice key (``notice/{g}``, see :meth:`ControlPlane.announce_generation`).
-Each supervised rank runs one daemon thread that blocks on the notice key of the generation after
-its own (a server-side wait on its own store connection: nothing on the iteration's path, no
-collective). When the notice appears, the thread shuts down (``shutdown(SHUT_RDWR)``) the TCP
+Each supervised rank runs one daemon thread that blocks on its wake-up key of the generation after
+its own (``wake/{rank}/{g}``, set for every rank with the notice, and by the rank itself when it
+exits, so that no thread is left blocked in the store while the interpreter finalizes): a
+server-side wait on its own store connection, nothing on the iteration's path, no collective. When the notice appears, the thread shuts down (``shutdown(SHUT_RDWR)``) the TCP
 connections of the rank's current process groups, so whatever the training thread, a replication
 thread or a transfer is blocked in fails at once with a connection error; the code that turns that
 error into a :class:`~moetion.errors.PeerFailure` asks :func:`explain` and reports the notice as the
@@ -29,6 +30,7 @@ reused descriptor is never shut by mistake (each descriptor's inode is also chec
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import socket
@@ -37,7 +39,7 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 
-from moetion.control import ControlPlane
+from moetion.control import ControlPlane, wake_key
 from moetion.signed_store import ForgedValue
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,7 @@ NOTICE_KEY = "notice/{generation}"
 # leaves the server's late answer in the connection, corrupting the next request. The key it waits
 # for always appears (every generation is announced) or the store goes away with the job.
 _NO_DEADLINE = timedelta(days=365)
+_STOP_JOIN_S = 2.0  # how long exit waits for the watcher to leave its wait
 _FORGED_RETRY_S = 0.1  # how often a notice key holding a forged value is read again
 NOTICE_GRACE_S = 2.0  # how long a broken wait waits for the notice that explains it
 DISABLE_ENV = "MOETION_FAILURE_NOTICE"  # "0": no notice thread (benchmark A/B and negative controls only)
@@ -74,15 +77,33 @@ def notice_key(generation: int) -> str:
 class FailureNotice:
     """One rank's watcher; see the module docstring for its lifecycle."""
 
-    def __init__(self, control: ControlPlane) -> None:
+    def __init__(self, control: ControlPlane, rank: int) -> None:
         self._store = control.connect(timeout=_NO_DEADLINE)  # values are signed with the job secret
+        self._rank = rank
+        self._stopping = False
+        self._waiting: int | None = None  # the generation whose wake-up key the watcher waits on
         self._lock = threading.Lock()
         self._armed = threading.Condition(self._lock)
         self._generation: int | None = None  # armed for this generation, None while not in a group
         self._joining: tuple[int, dict[int, str]] | None = None
         self._sockets: dict[int, str] = {}
         self.notice: Notice | None = None  # the last notice received, kept until the next group is joined
-        threading.Thread(target=self._watch, name="moetion-failure-notice", daemon=True).start()
+        self._thread = threading.Thread(target=self._watch, name="moetion-failure-notice", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Ends the watcher before the interpreter finalizes: a thread still blocked in the store's
+        wait while its C++ objects are torn down aborts the process (SIGABRT instead of the rank's
+        own exit status). The rank sets its own wake-up key, so the wait returns at once."""
+        with self._lock:
+            waiting, self._generation, self._sockets, self._stopping = self._waiting, None, {}, True
+            self._armed.notify_all()
+        if waiting is not None:
+            try:
+                self._store.set(wake_key(self._rank, waiting), "exit")
+            except RuntimeError:
+                return  # the store is gone, and with it the wait
+        self._thread.join(timeout=_STOP_JOIN_S)
 
     def joining(self, generation: int) -> None:
         """Call right before forming ``generation``'s process group."""
@@ -121,12 +142,16 @@ class FailureNotice:
     def _watch(self) -> None:
         while True:
             with self._lock:
-                self._armed.wait_for(lambda: self._generation is not None)
+                self._armed.wait_for(lambda: self._generation is not None or self._stopping)
+                if self._stopping:
+                    return
                 generation = self._generation
-            key = notice_key(generation + 1)
+                self._waiting = generation + 1
             try:
-                self._store.wait([key])
-                why = self._verified(key)
+                self._store.wait([wake_key(self._rank, generation + 1)])
+                if self._stopping:
+                    return
+                why = self._verified(notice_key(generation + 1))
             except RuntimeError:
                 return  # the store is gone: the job is over
             self._fire(generation, generation + 1, why)
@@ -195,11 +220,12 @@ def _shutdown(fd: int, node: str) -> bool:
 _active: FailureNotice | None = None
 
 
-def start(control: ControlPlane) -> None:
+def start(control: ControlPlane, rank: int) -> None:
     """Starts this process's watcher (supervised ranks; once). ``MOETION_FAILURE_NOTICE=0`` skips it."""
     global _active
     if _active is None and os.environ.get(DISABLE_ENV, "1") != "0":
-        _active = FailureNotice(control)
+        _active = FailureNotice(control, rank)
+        atexit.register(_active.stop)
 
 
 def joining(generation: int) -> None:

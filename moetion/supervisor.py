@@ -217,7 +217,7 @@ class Supervisor:
         dead = [r for r, w in workers.items() if w.exit_code() is not None and w.exit_code() < 0]
         causes = {r: _describe_exit(workers[r].exit_code()) for r in dead}
         why = "; ".join(f"rank {r} {causes[r]}" for r in dead)
-        self.generation = self.control.announce_generation(why)
+        self.generation = self.control.announce_generation(why, world_size=self.world_size)
         for rank in dead:
             workers[rank].reap()
             workers[rank] = self.spawn(rank, self.generation, self.control.port)

@@ -19,13 +19,13 @@ def blocked_receiver() -> str:
     """Rank 2 receives from rank 1, which never sends; rank 0 announces generation 1 meanwhile."""
     rank = int(os.environ["RANK"])
     control = ControlPlane.from_env(timeout_s=30)
-    failure_notice.start(control)
+    failure_notice.start(control, rank)
     assert join_job(control, 0, timeout_s=30)
     context = build_context(num_stages=3, tied_stages={})
     outcome = "no failure"
     if rank == 0:
         time.sleep(1.0)  # rank 2 is in its receive by now
-        control.announce_generation("rank 1 declared lost by the test")
+        control.announce_generation("rank 1 declared lost by the test", world_size=3)
     elif rank == 1:  # alive and paused, in the group, never sending: until rank 2 is done
         control.store.wait(["test/receiver-done"])
     else:
