@@ -185,6 +185,7 @@ class Recovery:
         events.source = restore.source
         if restore.source is RestoreSource.REPLICA:
             state = transfer.recv_state(restore.donor, timeout_s=self.timeout_s)
+            self._receive_losses(plan)
             self.stage.load_state(state, resume=plan.resume)
             events.state_loaded_at = events.logs_received_at = time.time()
         else:
@@ -194,6 +195,7 @@ class Recovery:
             stores, events.bytes_received = self._receive_logs(restore)
             events.logs_received_at = time.time()
             try:
+                self._receive_losses(plan)
                 reader = LogReader(stores, stage=self.stage.seat().stage)
                 inputs, outputs = self._chain_ports(restore, reader)
                 report = self.stage.replay(image, reader, data, resume=plan.resume, inputs=inputs, outputs=outputs)
@@ -202,11 +204,15 @@ class Recovery:
                     store.close()
             if report is not None:
                 events.replayed, events.replay_s = report.iterations_replayed, report.seconds
-        self.stage.adopt_losses(transfer.recv_losses(plan.history_donor, timeout_s=self.timeout_s))
         self.stage.adopt_schedule(start=plan.window_start, window=plan.window, resume=plan.resume,
                                   restored_start=restore.start)
         log.warning("restored stage %d from %s (window %d) to iteration %d", self.stage.seat().stage,
                     restore.source.value, restore.start, plan.resume)
+
+    def _receive_losses(self, plan: RecoveryPlan) -> None:
+        """The job's loss history, received in the donor's send order (after its logs, before any
+        replay: members of a chain replay together, so none may wait on a send that waits on it)."""
+        self.stage.adopt_losses(transfer.recv_losses(plan.history_donor, timeout_s=self.timeout_s))
 
     def _chain_ports(self, restore: Restore, reader: LogReader) -> tuple[BoundaryInputs | None, BoundaryOutputs | None]:
         """Inside a chain of lost stages, replay talks live to the members beside it; else the
