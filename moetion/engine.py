@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from logging_store import LogStoreConfig
 
 from moetion.boundary import BoundaryInputs, BoundaryOutputs
 from moetion.config import Config
@@ -235,6 +236,9 @@ class PipelineEngine:
 
     def export_logs(self, start: int, stop: int) -> bytes:
         return self.upstream.export(start, stop) if self.upstream is not None else b""
+
+    def received_log_config(self) -> LogStoreConfig | None:
+        return self.upstream.store.config if self.upstream is not None else None
 
     def recorder(self) -> UpstreamLog | None:
         return self.upstream

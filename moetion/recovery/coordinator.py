@@ -245,7 +245,7 @@ class Recovery:
             for source in restore.log_sources:
                 data = transfer.recv_bytes(source, timeout_s=self.timeout_s, what="upstream logs")
                 received += len(data)
-                store = stores[topology.stage_of(source)] = LogStore(self.engine.upstream.store.config)  # its budget
+                store = stores[topology.stage_of(source)] = LogStore(self.stage.received_log_config())  # its budget
                 store.import_(data)
         except BaseException:
             for store in stores.values():

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+from logging_store import LogStoreConfig
 
 from moetion.boundary import Recorder
 from moetion.control import ControlPlane
@@ -89,6 +90,9 @@ class RecoverableStage(Protocol):
         """Every iteration from here on is in this stage's upstream log (None: not logging)."""
 
     def export_logs(self, start: int, stop: int) -> bytes: ...
+
+    def received_log_config(self) -> LogStoreConfig | None:
+        """How logs received from neighbours are held: under this stage's own host-memory budget."""
 
     def recorder(self) -> Recorder | None:
         """Where a replay records what the stage sends and decides (its upstream log)."""
