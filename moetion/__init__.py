@@ -20,6 +20,8 @@ import torch
 from moetion import log as _log
 from moetion.config import Config, LRScheduleConfig
 from moetion.data import ByteCorpus, DataSource, TensorDataSource
+from moetion.dataset_source import DatasetSource
+from moetion.token_file import token_file_source
 from moetion.control import ControlPlane, start_generation, supervised
 from moetion.distributed import build_context, init_process_group, join_job
 from moetion.engine import IterationStats, PipelineEngine
@@ -33,6 +35,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "DataSource",
+    "DatasetSource",
     "IterationStats",
     "LaunchError",
     "LayerSpec",
@@ -45,6 +48,7 @@ __all__ = [
     "TensorDataSource",
     "TiedLayerSpec",
     "initialize",
+    "token_file_source",
     "resume_requested",
 ]
 
