@@ -26,6 +26,7 @@ from moetion.control import ControlPlane, start_generation, supervised
 from moetion.distributed import build_context, init_process_group, join_job
 from moetion.engine import IterationStats, PipelineEngine
 from moetion.errors import ConfigError, DataError, LaunchError, MoetionError, PartitionError, PeerFailure
+from moetion.lr_scheduler import SchedulerSpec, build_lr_scheduler
 from moetion.module import LayerSpec, PipelineModule, TiedLayerSpec
 from moetion.threads import pin_threads
 
@@ -60,6 +61,7 @@ def initialize(
     *,
     optimizer: torch.optim.Optimizer | Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer],
     config: Config | Mapping[str, Any] | str | Path | None = None,
+    lr_scheduler: SchedulerSpec | None = None,
 ) -> PipelineEngine:
     """Joins the job, pins this rank's threads, and returns the engine for this stage.
 
@@ -67,6 +69,10 @@ def initialize(
         module: this rank's :class:`PipelineModule` (built with the job's ``num_stages``).
         optimizer: an optimizer over ``module.parameters()``, or a factory taking the parameters.
         config: a :class:`Config`, a dict of its keys, or the path of a JSON file.
+        lr_scheduler: a ``torch.optim.lr_scheduler.LRScheduler`` built on ``optimizer``, or a factory
+            taking the optimizer (needed when ``optimizer`` is a factory). It steps once per committed
+            iteration (``ReduceLROnPlateau`` with the iteration's loss) and is recovered exactly; it
+            replaces the ``lr_schedule`` config, which must then stay at its default.
     """
     config = _as_config(config)
     if module.loss_fn is None and module.is_last_stage:
@@ -87,6 +93,7 @@ def initialize(
     module.to(context.device)
     if not isinstance(optimizer, torch.optim.Optimizer):
         optimizer = optimizer(module.parameters())
+    scheduler = build_lr_scheduler(lr_scheduler, optimizer, config.lr_schedule)
     _log_module.info(
         "stage %d/%d replica %d/%d: layers %d..%d, %d parameters, %d intra-op threads, %s",
         context.stage, module.num_stages, context.replica, context.topology.data_parallel,
@@ -94,7 +101,8 @@ def initialize(
         sum(p.numel() for p in module.parameters()), threads, config.precision,
     )
     return PipelineEngine(module=module, optimizer=optimizer, config=config, dist_context=context, threads=threads,
-                          control=control, generation=generation, replacement=start_generation() > 0)
+                          control=control, generation=generation, replacement=start_generation() > 0,
+                          lr_scheduler=scheduler)
 
 
 def _join(config: Config) -> tuple[ControlPlane | None, int]:

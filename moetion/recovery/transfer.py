@@ -7,6 +7,7 @@ becomes a :class:`~moetion.errors.PeerFailure` and the recovery starts over in a
 from __future__ import annotations
 
 import io
+import json
 from datetime import timedelta
 
 import torch
@@ -48,7 +49,9 @@ def send_state(state: StageState, dst: int) -> None:
     and its history (iteration -> logged scalars)."""
     buffer = io.BytesIO()
     history = {t: scalars.to_tensor() for t, scalars in state.history.items()}
-    torch.save({"model": state.model, "optimizer": state.optimizer, "history": history}, buffer)
+    scheduler = json.dumps(state.lr_scheduler)  # plain data as text: nothing for torch.load to unpickle
+    torch.save({"model": state.model, "optimizer": state.optimizer, "history": history, "lr_scheduler": scheduler},
+               buffer)
     send_bytes(buffer.getvalue(), dst, what="replica state")
 
 
@@ -56,7 +59,7 @@ def recv_state(src: int, *, timeout_s: float) -> StageState:
     data = recv_bytes(src, timeout_s=timeout_s, what="replica state")
     raw = torch.load(io.BytesIO(data), weights_only=True)
     history = {t: IterationScalars.from_tensor(v) for t, v in raw["history"].items()}
-    return StageState(raw["model"], raw["optimizer"], history)
+    return StageState(raw["model"], raw["optimizer"], history, json.loads(raw["lr_scheduler"]))
 
 
 def _wait(work: dist.Work, timeout_s: float, *, what: str) -> None:

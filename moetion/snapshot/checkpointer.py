@@ -115,6 +115,10 @@ class SparseCheckpointer:
         # Set by the engine when upstream logging is on: (start, stop) -> this stage's logs of those
         # iterations, persisted with each window so it can be replayed offline.
         self.log_exporter: Callable[[int, int], bytes] | None = None
+        # Small JSON state recorded with each window as of its first capture, by name (the user's
+        # LR scheduler): a replay restores it before re-running the window's iterations.
+        self.window_state: dict[str, Callable[[], dict]] = {}
+        self._window_extra: dict[str, dict] = {}
         self.persister = (
             AsyncPersister(Path(config.persist_dir) / identity.run_id, keep=config.keep_persisted)
             if config.persist_dir else None
@@ -261,15 +265,18 @@ class SparseCheckpointer:
             self._layout = plan_layout(plan=self.plan, operators=self.operators, master=self.master,
                                        compute=self.compute, optimizer=self.optimizer)
             self._blob = self.shm.new_blob(self.window_start, self._layout.blob_bytes)
+            self._window_extra = {name: state() for name, state in self.window_state.items()}
         copies = [
             (source, self._blob[e.offset : e.offset + e.nbytes])
             for source, e in zip(self._layout.sources[i], self._layout.entries[i])
         ]
         last = i == self.plan.window - 1
-        finish = self._publisher(self.plan, self.window_start, self._layout, self._blob, iteration) if last else None
+        finish = (self._publisher(self.plan, self.window_start, self._layout, self._blob, iteration, self._window_extra)
+                  if last else None)
         self.worker.submit(copies, then=finish)
 
-    def _publisher(self, plan: SlotPlan, start: int, layout: WindowLayout, blob: torch.Tensor, iteration: int):
+    def _publisher(self, plan: SlotPlan, start: int, layout: WindowLayout, blob: torch.Tensor, iteration: int,
+                   extra: dict[str, dict]):
         """The publish step of one window, bound to that window's own plan, layout and blob: it runs
         on the capture thread while the training thread may already be planning the next window."""
         identity = self.identity
@@ -284,7 +291,7 @@ class SparseCheckpointer:
                 run_id=identity.run_id, stage=identity.stage, replica=identity.replica, start_iteration=start,
                 slots=plan.slots, precision=identity.precision, threads=identity.threads,
                 captures=captures, blob_bytes=layout.blob_bytes,
-                extra={"data_parallel": identity.data_parallel},
+                extra={"data_parallel": identity.data_parallel, **extra},
             )
             self.shm.publish(manifest)
             self.last_complete = manifest
