@@ -21,6 +21,7 @@ from moetion import log as _log
 from moetion.config import Config, LRScheduleConfig
 from moetion.data import ByteCorpus, DataSource, TensorDataSource
 from moetion.dataset_source import DatasetSource
+from moetion.prefetch import PrefetchingSource
 from moetion.token_file import token_file_source
 from moetion.control import ControlPlane, start_generation, supervised
 from moetion.distributed import build_context, init_process_group, join_job
@@ -46,6 +47,7 @@ __all__ = [
     "PeerFailure",
     "PipelineEngine",
     "PipelineModule",
+    "PrefetchingSource",
     "TensorDataSource",
     "TiedLayerSpec",
     "initialize",

@@ -118,10 +118,12 @@ class DatasetSource:
         return batch[0], batch[1]
 
     def _permutation(self, epoch: int) -> torch.Tensor:
-        if self._order is None or self._order[0] != epoch:
+        order = self._order  # one read: prefetch threads may replace it concurrently
+        if order is None or order[0] != epoch:
             gen = torch.Generator().manual_seed(derive_seed(DOMAIN_DATA, "dataset-shuffle", self.seed, epoch))
-            self._order = (epoch, torch.randperm(self.length, generator=gen))
-        return self._order[1]
+            order = (epoch, torch.randperm(self.length, generator=gen))
+            self._order = order
+        return order[1]
 
 
 def _check_alike(items: Sequence[Any], ids: Sequence[int]) -> None:
