@@ -83,13 +83,17 @@ def restore_scheduler(scheduler: LRScheduler, state: dict[str, Any]) -> None:
             group[key] = tuple(value) if isinstance(group.get(key), tuple) else value
 
 
-def restore_from_window(scheduler: LRScheduler, window: WindowImage) -> None:
-    """The scheduler as of the window's first capture; a window without one was trained without it."""
+def restore_from_window(scheduler: LRScheduler | None, window: WindowImage) -> None:
+    """The scheduler as of the window's first capture; a replay must have one exactly when the run did."""
     state = window.manifest.extra.get(STATE_KEY)
-    if state is None:
-        raise SchedulerStateError(f"window {window.manifest.start_iteration} of stage {window.manifest.stage} "
-                                  "holds no lr_scheduler state: the run it comes from had none, so pass none")
-    restore_scheduler(scheduler, state)
+    where = f"window {window.manifest.start_iteration} of stage {window.manifest.stage}"
+    if state is None and scheduler is not None:
+        raise SchedulerStateError(f"{where} holds no lr_scheduler state: the run it comes from had none, so pass none")
+    if state is not None and scheduler is None:
+        raise SchedulerStateError(f"{where} was trained with an lr_scheduler: pass the same lr_scheduler "
+                                  "factory to replay it, or its learning rates would be wrong")
+    if state is not None:
+        restore_scheduler(scheduler, state)
 
 
 def _is_plain(value: Any) -> bool:

@@ -44,7 +44,7 @@ from moetion.faults import fault_point, faults_armed
 from moetion.module import LayerSpec, PipelineModule
 from moetion.operators import discover_operators
 from moetion.decisions import LoggedDecisions
-from moetion.lr_scheduler import restore_from_window
+from moetion.lr_scheduler import build_lr_scheduler, restore_from_window
 from moetion.iteration import (DecisionPort, InputPort, IterationStats, OutputPort, Placement, StageIteration,
                                StepHooks, no_fault)
 from moetion.precision import StagePrecision
@@ -124,7 +124,7 @@ def replay_stage(
     replica = 0 if replica_group is None else dist.get_rank(replica_group)
     replicas = 1 if replica_group is None else dist.get_world_size(replica_group)
     slots = FrozenSlots(module, precision, optimizer, window)
-    if lr_scheduler is not None and window is not None:
+    if window is not None:
         restore_from_window(lr_scheduler, window)
     where = f"replay of stage {module.stage_id}"
     ports = ReplayPorts(inputs or BoundaryInputs(None, logs, where=where), outputs or BoundaryOutputs(None, record, where=where),
@@ -258,20 +258,24 @@ def dense_state_from_persisted(
     until: int | None = None,
     partition_method: str = "parameters",
     module_seed: int = 0,
+    lr_scheduler: Callable[[torch.optim.Optimizer], LRScheduler] | None = None,
 ) -> dict:
     """The converter: one stage's dense state from its persisted window and its neighbours'
     persisted logs (offline; recovery calls :func:`replay_stage` with live logs instead).
 
     ``root`` is a run's persist directory (``persist_dir/<run_id>``). Returns
     ``{"iteration", "model", "optimizer"}`` state dicts at ``until`` (default: the window's end).
+    A run trained with an LR scheduler needs the same factory as ``lr_scheduler``.
     """
     module = PipelineModule(layers, num_stages, loss_fn=loss_fn, partition_method=partition_method,
                             stage_id=stage, seed=module_seed)
     opt = optimizer(module.parameters())
+    scheduler = build_lr_scheduler(lr_scheduler, opt, config.lr_schedule)
     window = load_persisted(root, stage=stage, replica=0, iteration=start_iteration)
     until = window.manifest.end_iteration if until is None else until
     with persisted_neighbour_logs(root, module=module, start_iteration=start_iteration) as logs:
-        replay_stage(module=module, optimizer=opt, config=config, window=window, logs=logs, data=data, until=until)
+        replay_stage(module=module, optimizer=opt, config=config, window=window, logs=logs, data=data, until=until,
+                     lr_scheduler=scheduler)
     return {"iteration": until, "model": module.state_dict(), "optimizer": opt.state_dict()}
 
 

@@ -77,3 +77,20 @@ def test_scheduler_and_lr_schedule_config_together_are_refused():
         build_lr_scheduler(one_cycle, optimizer(), LRScheduleConfig(warmup_iterations=2))
     with pytest.raises(ConfigError, match="must be a torch.optim.lr_scheduler.LRScheduler"):
         build_lr_scheduler(lambda opt: "cosine", optimizer(), LRScheduleConfig())
+
+
+def test_replay_needs_a_scheduler_exactly_when_the_run_had_one():
+    from types import SimpleNamespace
+
+    from moetion.lr_scheduler import SchedulerStateError, restore_from_window
+
+    opt = optimizer()
+    scheduler = build_lr_scheduler(one_cycle, opt, LRScheduleConfig())
+    with_state = SimpleNamespace(manifest=SimpleNamespace(start_iteration=4, stage=1,
+                                                          extra={"lr_scheduler": scheduler_state(scheduler)}))
+    without = SimpleNamespace(manifest=SimpleNamespace(start_iteration=4, stage=1, extra={}))
+    with pytest.raises(SchedulerStateError, match="window 4 of stage 1 was trained with an lr_scheduler"):
+        restore_from_window(None, with_state)
+    with pytest.raises(SchedulerStateError, match="holds no lr_scheduler state"):
+        restore_from_window(scheduler, without)
+    restore_from_window(None, without)
