@@ -91,8 +91,8 @@ class DatasetSource:
     def indices(self, iteration: int, index: int) -> list[int]:
         """The dataset indices of micro-batch ``index`` of ``iteration``."""
         if iteration < 0 or not 0 <= index < self.per_iteration:
-            raise DataError(f"(iteration, micro-batch) must be >= 0 with micro-batch < {self.per_iteration}, "
-                            f"got ({iteration}, {index})")
+            raise DataError(f"(iteration, micro-batch) must be >= 0 with micro-batch < {self.per_iteration}, got "
+                            f"({iteration}, {index}): micro_batches_per_iteration counts every replica's micro-batches")
         epoch, position = divmod(iteration * self.per_iteration + index, self.micro_batches_per_epoch)
         start = position * self.micro_batch_size
         stop = min(start + self.micro_batch_size, self.length)
