@@ -76,7 +76,7 @@ class PipelineEngine:
         self.threads = threads
         self.iteration = 0
         self.last_stats: IterationStats | None = None
-        self.losses: dict[int, float] = {}  # every iteration's loss this process saw commit
+        self.losses: dict[int, float] = {}  # every committed iteration's loss this process knows
         self._started_at = time.time()
         self.precision = StagePrecision(module, config.precision)
         self.dist = dist_context
@@ -175,6 +175,13 @@ class PipelineEngine:
     def seat(self) -> Seat:
         return Seat(self.dist.rank, self.stage, self.dist.replica, self.dist.topology, self.dist.device,
                     self.module.tied_stages())
+
+    def loss_history(self) -> dict[int, float]:
+        return dict(self.losses)
+
+    def adopt_losses(self, losses: dict[int, float]) -> None:
+        for t, loss in losses.items():
+            self.losses.setdefault(t, loss)
 
     def in_flight_since(self) -> float:
         return self._started_at

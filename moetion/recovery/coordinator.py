@@ -169,6 +169,8 @@ class Recovery:
                 logs = self.stage.export_logs(restore.replay_from, plan.resume)
                 transfer.send_bytes(logs, restore.rank, what="upstream logs")
                 sent += len(logs)
+            if rank == plan.history_donor:
+                transfer.send_losses(self.stage.loss_history(), restore.rank)
         # The replica a replacement held for us died with its predecessor: send our window again.
         self.stage.reoffer_window(plan.restoring_ranks)
         return sent
@@ -194,6 +196,7 @@ class Recovery:
                     store.close()
             if report is not None:
                 events.replayed, events.replay_s = report.iterations_replayed, report.seconds
+        self.stage.adopt_losses(transfer.recv_losses(plan.history_donor, timeout_s=self.timeout_s))
         self.stage.adopt_schedule(start=plan.window_start, window=plan.window, resume=plan.resume,
                                   restored_start=restore.start)
         log.warning("restored stage %d from %s (window %d) to iteration %d", self.stage.seat().stage,

@@ -83,6 +83,7 @@ class RecoveryPlan:
     window: int
     restores: tuple[Restore, ...]
     finished: bool = False  # every survivor had finished training: restore, then only close
+    history_donor: int | None = None  # the survivor that sends every restoring rank the job's loss history
 
     def restore_of(self, rank: int) -> Restore | None:
         return next((r for r in self.restores if r.rank == rank), None)
@@ -115,7 +116,7 @@ def plan_recovery(statuses: list[RankStatus], *, topology: PipeTopology,
         restores += _restore_chain(chain, statuses, survivors, resume, topology, tied_stages)
     finished = all(statuses[r].finished for r in survivors)
     return RecoveryPlan(resume, -1 if window_start is None else window_start, window,
-                        tuple(sorted(restores, key=lambda r: r.rank)), finished)
+                        tuple(sorted(restores, key=lambda r: r.rank)), finished, history_donor=min(survivors))
 
 
 def _chains(restoring: list[int], topology: PipeTopology) -> list[list[int]]:

@@ -59,6 +59,12 @@ class RecoverableStage(Protocol):
     def in_flight_since(self) -> float:
         """Wall-clock time the in-flight iteration started (its work is lost when abandoned)."""
 
+    def loss_history(self) -> dict[int, float]:
+        """The loss of every committed iteration this stage knows of."""
+
+    def adopt_losses(self, losses: dict[int, float]) -> None:
+        """Takes over losses of iterations committed before this stage's process existed."""
+
     def abandon_iteration(self) -> None:
         """Forgets the in-flight iteration; weights and optimizer state are untouched."""
 

@@ -62,6 +62,20 @@ def recv_state(src: int, *, timeout_s: float) -> StageState:
     return StageState(raw["model"], raw["optimizer"], history, json.loads(raw["lr_scheduler"]))
 
 
+def send_losses(losses: dict[int, float], dst: int) -> None:
+    """The job's loss per committed iteration, so that the record survives any number of replacements."""
+    pairs = torch.tensor(sorted(losses.items()), dtype=torch.float64).reshape(-1, 2)
+    send_bytes(pairs.numpy().tobytes(), dst, what="loss history")
+
+
+def recv_losses(src: int, *, timeout_s: float) -> dict[int, float]:
+    data = recv_bytes(src, timeout_s=timeout_s, what="loss history")
+    if len(data) % 16:
+        raise PeerFailure(f"receiving the loss history from rank {src}: {len(data)} bytes is not a whole number of pairs")
+    pairs = torch.frombuffer(bytearray(data), dtype=torch.float64).reshape(-1, 2) if data else torch.empty(0, 2)
+    return {int(t): float(loss) for t, loss in pairs.tolist()}
+
+
 def _wait(work: dist.Work, timeout_s: float, *, what: str) -> None:
     try:
         answered = work.wait(timedelta(seconds=timeout_s)) is not False

@@ -61,6 +61,15 @@ def test_a_stage_lost_after_the_last_commit_is_restored_while_the_others_finish(
     assert_identical(report, sources=["shm"])
 
 
+def test_the_loss_record_survives_every_stage_being_replaced(pipeline):
+    """Each replacement replays only from its window (iterations 2..), so before it received the
+    job's loss history the losses of iterations 0 and 1 died with the last rank that trained them."""
+    report = pipeline.run(["stage=0,iter=5,phase=forward", "stage=1,iter=6,phase=backward",
+                           "stage=2,iter=7,phase=step", "stage=3,iter=8,phase=forward"])
+    assert_identical(report, sources=["shm"] * 4)
+    assert report.verdict.iterations == ITERATIONS
+
+
 def test_replacement_killed_during_its_replay_restarts_the_recovery(pipeline):
     report = pipeline.run(["stage=1,iter=10,phase=backward", "stage=1,iter=8,phase=replay"])
     assert report.verdict.identical, "\n".join(report.lines())
