@@ -6,7 +6,6 @@ from the tensors themselves.
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -108,5 +107,4 @@ def script_main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     script_main()
