@@ -22,11 +22,15 @@ from moetion import log as _log
 from moetion.config import Config, LRScheduleConfig
 from moetion.data import ByteCorpus, DataSource, TensorDataSource
 from moetion import failure_notice
+from moetion.dataset_source import DatasetSource
+from moetion.prefetch import PrefetchingSource
+from moetion.token_file import token_file_source
 from moetion.control import ControlPlane, start_generation, supervised
 from moetion.determinism import enable_strict_mode
 from moetion.distributed import build_context, init_process_group, join_job, leave_process_group
 from moetion.engine import IterationStats, PipelineEngine
 from moetion.errors import ConfigError, DataError, LaunchError, MoetionError, PartitionError, PeerFailure
+from moetion.lr_scheduler import SchedulerSpec, build_lr_scheduler
 from moetion.module import LayerSpec, PipelineModule, TiedLayerSpec
 from moetion.run_identity import resume_requested
 from moetion.threads import pin_threads
@@ -38,6 +42,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "DataSource",
+    "DatasetSource",
     "IterationStats",
     "LaunchError",
     "LayerSpec",
@@ -47,9 +52,11 @@ __all__ = [
     "PeerFailure",
     "PipelineEngine",
     "PipelineModule",
+    "PrefetchingSource",
     "TensorDataSource",
     "TiedLayerSpec",
     "initialize",
+    "token_file_source",
     "resume_requested",
 ]
 
@@ -61,6 +68,7 @@ def initialize(
     *,
     optimizer: torch.optim.Optimizer | Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer],
     config: Config | Mapping[str, Any] | str | Path | None = None,
+    lr_scheduler: SchedulerSpec | None = None,
 ) -> PipelineEngine:
     """Joins the job, pins this rank's threads, and returns the engine for this stage.
 
@@ -68,6 +76,10 @@ def initialize(
         module: this rank's :class:`PipelineModule` (built with the job's ``num_stages``).
         optimizer: an optimizer over ``module.parameters()``, or a factory taking the parameters.
         config: a :class:`Config`, a dict of its keys, or the path of a JSON file.
+        lr_scheduler: a ``torch.optim.lr_scheduler.LRScheduler`` built on ``optimizer``, or a factory
+            taking the optimizer (needed when ``optimizer`` is a factory). It steps once per committed
+            iteration (``ReduceLROnPlateau`` with the iteration's loss) and is recovered exactly; it
+            replaces the ``lr_schedule`` config, which must then stay at its default.
     """
     config = _as_config(config)
     enable_strict_mode(config.determinism)
@@ -89,6 +101,7 @@ def initialize(
     module.to(context.device)
     if not isinstance(optimizer, torch.optim.Optimizer):
         optimizer = optimizer(module.parameters())
+    scheduler = build_lr_scheduler(lr_scheduler, optimizer, config.lr_schedule)
     _log_module.info(
         "stage %d/%d replica %d/%d: layers %d..%d, %d parameters, %d intra-op threads, %s",
         context.stage, module.num_stages, context.replica, context.topology.data_parallel,
@@ -96,7 +109,8 @@ def initialize(
         sum(p.numel() for p in module.parameters()), threads, config.precision,
     )
     return PipelineEngine(module=module, optimizer=optimizer, config=config, dist_context=context, threads=threads,
-                          control=control, generation=generation, replacement=start_generation() > 0)
+                          control=control, generation=generation, replacement=start_generation() > 0,
+                          lr_scheduler=scheduler)
 
 
 def _join(config: Config) -> tuple[ControlPlane | None, int]:

@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 from logging_store import LogStoreConfig
+from torch.optim.lr_scheduler import LRScheduler
 
 from moetion.boundary import BoundaryInputs, BoundaryOutputs
 from moetion.config import Config
@@ -26,6 +27,7 @@ from moetion.distributed import DistContext, build_context, join_job, leave_proc
 from moetion.errors import ConfigError, PeerFailure
 from moetion.faults import fault_point, faults_armed
 from moetion.iteration import InputPort, IterationStats, OutputPort, Placement, StageIteration, no_fault
+from moetion.lr_scheduler import STATE_KEY as SCHEDULER_KEY, restore_scheduler, scheduler_state
 from moetion.metrics import open_rank_metrics
 from moetion.module import PipelineModule
 from moetion.p2p import StageLinks
@@ -69,9 +71,11 @@ class PipelineEngine:
         control: ControlPlane | None = None,
         generation: int = 0,
         replacement: bool = False,
+        lr_scheduler: LRScheduler | None = None,
     ) -> None:
         self.module = module
         self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
         self.config = config
         self.threads = threads
         self.iteration = 0
@@ -81,6 +85,8 @@ class PipelineEngine:
         self.precision = StagePrecision(module, config.precision)
         self.dist = dist_context
         self.checkpointer = self._build_checkpointer() if config.snapshot.enabled else None
+        if self.checkpointer is not None and lr_scheduler is not None:
+            self.checkpointer.window_state[SCHEDULER_KEY] = lambda: scheduler_state(lr_scheduler)
         if self.checkpointer is not None and not replacement:
             self.checkpointer.shm.clear()  # a replacement restores from these; anyone else starts afresh
         self.upstream = self._build_upstream_log() if config.upstream_log.enabled else None
@@ -154,7 +160,7 @@ class PipelineEngine:
         with persisted_neighbour_logs(root, module=self.module, start_iteration=start, replica=replica) as logs:
             replay_stage(module=self.module, optimizer=self.optimizer, config=self.config, window=window,
                          logs=logs, data=data, until=window.manifest.end_iteration, precision=self.precision,
-                         replica_group=self.dist.data_group if replicas > 1 else None)
+                         replica_group=self.dist.data_group if replicas > 1 else None, lr_scheduler=self.lr_scheduler)
         self.iteration = window.manifest.end_iteration + 1
         log.info("restarted from window %d..%d under %s; continuing at iteration %d",
                  start, window.manifest.end_iteration, root, self.iteration)
@@ -249,7 +255,8 @@ class PipelineEngine:
         if self.last_stats is not None:
             s = self.last_stats
             history[s.iteration] = IterationScalars(s.lr_factor, s.grad_norm, s.clip_coef, s.loss)
-        return StageState(self.module.state_dict(), self.optimizer.state_dict(), history)
+        scheduler = scheduler_state(self.lr_scheduler) if self.lr_scheduler is not None else None
+        return StageState(self.module.state_dict(), self.optimizer.state_dict(), history, scheduler)
 
     def reoffer_window(self, restoring: list[int]) -> None:
         ckpt = self.checkpointer
@@ -262,6 +269,8 @@ class PipelineEngine:
     def load_state(self, state: StageState, *, resume: int) -> None:
         self.module.load_state_dict(state.model)
         self.optimizer.load_state_dict(state.optimizer)
+        if self.lr_scheduler is not None:
+            restore_scheduler(self.lr_scheduler, state.lr_scheduler)
         self.precision.refresh()
         self._adopt_history(state.history, last=None)
         if self.upstream is not None:
@@ -274,7 +283,7 @@ class PipelineEngine:
         if resume > 0:
             report = replay_stage(module=self.module, optimizer=self.optimizer, config=self.config, window=window,
                                   logs=logs, data=data, until=resume - 1, precision=self.precision,
-                                  record=self.upstream, inputs=inputs, outputs=outputs)
+                                  record=self.upstream, inputs=inputs, outputs=outputs, lr_scheduler=self.lr_scheduler)
             first = report.start_iteration + 1
             self._adopt_history({t: logs.scalars(t) for t in range(first, resume)}, last=report.last)
         if self.upstream is not None:
@@ -321,7 +330,7 @@ class PipelineEngine:
                 lr_schedule=self.config.lr_schedule, loss_divisor=self.config.micro_batches * replicas,
                 checkpointer=self.checkpointer, log=self.upstream, device=context.device, where=where),
             hooks=SnapshotHooks(self.checkpointer, self.upstream) if self.checkpointer is not None else None,
-            faults=self._fault_point if faults_armed() else no_fault,
+            faults=self._fault_point if faults_armed() else no_fault, lr_scheduler=self.lr_scheduler,
         )
         if self.checkpointer is not None:
             self.checkpointer.replace_replicator(self._build_replicator())

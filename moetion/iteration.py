@@ -27,6 +27,7 @@ from typing import Callable, ContextManager, Protocol
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 
 from moetion import failure_notice, gradients, schedule
 from moetion.config import Config
@@ -34,6 +35,7 @@ from moetion.data import DataSource
 from moetion.determinism import Pass, unit_of_work
 from moetion.errors import DataError, PeerFailure
 from moetion.lr_schedule import set_lr_factor
+from moetion.lr_scheduler import step_lr_scheduler
 from moetion.module import PipelineModule
 from moetion.moe import MoELayer
 from moetion.precision import StagePrecision
@@ -128,7 +130,8 @@ class StageIteration:
     """Runs iterations of one stage through its ports; construct once, call :meth:`run` per iteration.
 
     ``faults(phase, iteration)`` is called at the phases a fault may be injected at
-    (``"iteration"``, ``"forward"``, ``"backward"``, ``"step"``).
+    (``"iteration"``, ``"forward"``, ``"backward"``, ``"step"``). A user's ``lr_scheduler`` replaces
+    the LR factor: it steps once after each optimizer step, with the iteration's decided loss.
     """
 
     def __init__(
@@ -144,8 +147,10 @@ class StageIteration:
         decisions: DecisionPort,
         hooks: StepHooks | None = None,
         faults: Callable[[str, int], None] = no_fault,
+        lr_scheduler: LRScheduler | None = None,
     ) -> None:
         self.module, self.precision, self.optimizer = module, precision, optimizer
+        self.lr_scheduler = lr_scheduler
         self.config, self.micro_batches, self.placement = config, config.micro_batches, placement
         self.inputs, self.outputs, self.decisions = inputs, outputs, decisions
         self.hooks = hooks or StepHooks()
@@ -272,11 +277,14 @@ class StageIteration:
         scalars = self.decisions.decide(self._iteration, loss_sum=self._mb.loss_sum)
         params = self.trainable()
         gradients.scale_grads(params, scalars.clip_coef)
-        set_lr_factor(self.optimizer, scalars.lr_factor)
+        if self.lr_scheduler is None:
+            set_lr_factor(self.optimizer, scalars.lr_factor)
         self.hooks.before_step()
         self.faults("step", self._iteration)
         self.optimizer.step()
         self.precision.after_step()
+        if self.lr_scheduler is not None:  # before the hooks: a window's first capture sees the stepped state
+            step_lr_scheduler(self.lr_scheduler, scalars.loss)
         self.hooks.after_step(self._iteration)
         self._stats = IterationStats(self._iteration, scalars.loss, scalars.grad_norm, scalars.clip_coef,
                                      scalars.lr_factor, 0.0)

@@ -15,11 +15,13 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 
 from moetion import gradients
 from moetion.config import Config
 from moetion.data import DataSource
 from moetion.lr_schedule import lr_factor, set_lr_factor
+from moetion.lr_scheduler import build_lr_scheduler, step_lr_scheduler
 from moetion.module import LayerSpec, PipelineModule
 from moetion.precision import StagePrecision
 from moetion.determinism import Pass, enable_strict_mode, unit_of_work
@@ -32,6 +34,7 @@ class ReferenceRun:
     losses: list[float]
     stages: list[PipelineModule]
     optimizers: list[torch.optim.Optimizer]
+    schedulers: list[LRScheduler | None]
 
 
 def train_reference(
@@ -46,14 +49,18 @@ def train_reference(
     data_parallel: int = 1,
     partition_method: str = "parameters",
     module_seed: int = 0,
+    lr_scheduler: Callable[[torch.optim.Optimizer], LRScheduler] | None = None,
 ) -> ReferenceRun:
-    """Trains ``iterations`` steps in this process; run it with the pipeline's thread count."""
+    """Trains ``iterations`` steps in this process; run it with the pipeline's thread count.
+
+    ``lr_scheduler`` builds each stage's scheduler from its optimizer, as the pipeline's factory does."""
     stages = [
         PipelineModule(layers, num_stages, loss_fn=loss_fn, partition_method=partition_method, stage_id=s, seed=module_seed)
         for s in range(num_stages)
     ]
     enable_strict_mode(config.determinism)
     optimizers = [optimizer(stage.parameters()) for stage in stages]
+    schedulers = [build_lr_scheduler(lr_scheduler, opt, config.lr_schedule) for opt in optimizers]
     precisions = [StagePrecision(stage, config.precision) for stage in stages]
     params = [[p for p in stage.parameters() if p.requires_grad] for stage in stages]
     tied = stages[0].tied_stages()
@@ -103,13 +110,16 @@ def train_reference(
                     p.grad = total.div_(data_parallel)
         norm = gradients.total_norm([gradients.squared_norm(ps) for ps in norm_params])
         coef = gradients.clip_coefficient(norm, config.grad_clip)
+        losses.append(float(loss_sum) / (micro * data_parallel))
         for s, opt in enumerate(optimizers):
             gradients.scale_grads(params[s], coef)
-            set_lr_factor(opt, lr_factor(config.lr_schedule, iteration))
+            if schedulers[s] is None:
+                set_lr_factor(opt, lr_factor(config.lr_schedule, iteration))
             opt.step()
             precisions[s].after_step()
-        losses.append(float(loss_sum) / (micro * data_parallel))
-    return ReferenceRun(losses=losses, stages=stages, optimizers=optimizers)
+            if schedulers[s] is not None:
+                step_lr_scheduler(schedulers[s], losses[-1])
+    return ReferenceRun(losses=losses, stages=stages, optimizers=optimizers, schedulers=schedulers)
 
 
 def _sum_tied(stages: list[PipelineModule], tied: dict[str, list[int]]) -> None:

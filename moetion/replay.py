@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from logging_store import LogStore
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 
 from moetion.boundary import BoundaryInputs, BoundaryOutputs, Recorder
 from moetion.config import Config
@@ -43,6 +44,7 @@ from moetion.faults import fault_point, faults_armed
 from moetion.module import LayerSpec, PipelineModule
 from moetion.operators import discover_operators
 from moetion.decisions import LoggedDecisions
+from moetion.lr_scheduler import build_lr_scheduler, restore_from_window
 from moetion.iteration import (DecisionPort, InputPort, IterationStats, OutputPort, Placement, StageIteration,
                                StepHooks, no_fault)
 from moetion.precision import StagePrecision
@@ -100,6 +102,7 @@ def replay_stage(
     record: Recorder | None = None,
     inputs: InputPort | None = None,
     outputs: OutputPort | None = None,
+    lr_scheduler: LRScheduler | None = None,
 ) -> ReplayReport:
     """Brings ``module`` and ``optimizer`` (freshly built for the window's stage) to ``S_until``.
 
@@ -111,7 +114,8 @@ def replay_stage(
     training's) and each replica's own ``logs``. ``record`` receives what the stage would have sent
     and the iteration's decisions, so a replacement can serve its own neighbours' replays later.
     ``inputs``/``outputs`` replace the default ports (the logs in, ``record`` out), e.g. by live
-    links to the other members of a chain of lost stages replaying together.
+    links to the other members of a chain of lost stages replaying together. ``lr_scheduler`` (the
+    stage's, freshly built like ``optimizer``) is restored from the window and stepped as in training.
     """
     precision = precision or StagePrecision(module, config.precision)
     if window is not None:
@@ -120,6 +124,8 @@ def replay_stage(
     replica = 0 if replica_group is None else dist.get_rank(replica_group)
     replicas = 1 if replica_group is None else dist.get_world_size(replica_group)
     slots = FrozenSlots(module, precision, optimizer, window)
+    if window is not None:
+        restore_from_window(lr_scheduler, window)
     where = f"replay of stage {module.stage_id}"
     ports = ReplayPorts(inputs or BoundaryInputs(None, logs, where=where), outputs or BoundaryOutputs(None, record, where=where),
                         LoggedDecisions(logs, record), slots)
@@ -129,7 +135,7 @@ def replay_stage(
         module=module, precision=precision, optimizer=optimizer, config=config,
         placement=Placement(replica=replica, replicas=replicas, data_group=replica_group),
         inputs=ports.inputs, outputs=ports.outputs, decisions=ports.decisions, hooks=ports.hooks,
-        faults=_replay_fault_point(module.stage_id, replica),
+        faults=_replay_fault_point(module.stage_id, replica), lr_scheduler=lr_scheduler,
     )
     start = time.perf_counter()
     last = None
@@ -251,20 +257,24 @@ def dense_state_from_persisted(
     until: int | None = None,
     partition_method: str = "parameters",
     module_seed: int = 0,
+    lr_scheduler: Callable[[torch.optim.Optimizer], LRScheduler] | None = None,
 ) -> dict:
     """The converter: one stage's dense state from its persisted window and its neighbours'
     persisted logs (offline; recovery calls :func:`replay_stage` with live logs instead).
 
     ``root`` is a run's persist directory (``persist_dir/<run_id>``). Returns
     ``{"iteration", "model", "optimizer"}`` state dicts at ``until`` (default: the window's end).
+    A run trained with an LR scheduler needs the same factory as ``lr_scheduler``.
     """
     module = PipelineModule(layers, num_stages, loss_fn=loss_fn, partition_method=partition_method,
                             stage_id=stage, seed=module_seed)
     opt = optimizer(module.parameters())
+    scheduler = build_lr_scheduler(lr_scheduler, opt, config.lr_schedule)
     window = load_persisted(root, stage=stage, replica=0, iteration=start_iteration)
     until = window.manifest.end_iteration if until is None else until
     with persisted_neighbour_logs(root, module=module, start_iteration=start_iteration) as logs:
-        replay_stage(module=module, optimizer=opt, config=config, window=window, logs=logs, data=data, until=until)
+        replay_stage(module=module, optimizer=opt, config=config, window=window, logs=logs, data=data, until=until,
+                     lr_scheduler=scheduler)
     return {"iteration": until, "model": module.state_dict(), "optimizer": opt.state_dict()}
 
 

@@ -2,7 +2,7 @@
 
 When ``MOETION_HARNESS_OUT`` names a directory, the launcher registers :func:`record_final_state`
 as a close hook of each rank (``moetion.engine.on_close``): closing the engine then writes the
-rank's weights, full optimizer state and every loss it saw to ``rank-NNNNN.pt`` there (atomically),
+rank's weights, full optimizer state (with the LR scheduler's) and every loss it saw to ``rank-NNNNN.pt`` there (atomically),
 so any training script that closes its engine can run under the harness unchanged.
 """
 from __future__ import annotations
@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from moetion.lr_scheduler import scheduler_state
 
 if TYPE_CHECKING:
     from moetion.engine import PipelineEngine
@@ -25,7 +27,8 @@ def record_final_state(engine: "PipelineEngine") -> None:
     rank = engine.dist.rank
     state = {"rank": rank, "stage": engine.stage, "replica": engine.dist.replica, "iteration": engine.iteration,
              "model": engine.module.state_dict(), "optimizer": engine.optimizer.state_dict(),
-             "losses": dict(engine.losses)}
+             "losses": dict(engine.losses),
+             "lr_scheduler": scheduler_state(engine.lr_scheduler) if engine.lr_scheduler is not None else None}
     path = Path(out) / f"rank-{rank:05d}.pt"
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
@@ -74,7 +77,8 @@ def compare_runs(reference: dict[int, dict[str, Any]], faulty: dict[int, dict[st
             if not torch.equal(tensor, got["model"].get(name, torch.empty(0))):
                 mismatches.append(f"rank {rank}: weight {name} differs")
                 weights = False
-        for where in _tensor_differences(ref["optimizer"], got["optimizer"], f"rank {rank}: optimizer"):
+        for where in (_tensor_differences(ref["optimizer"], got["optimizer"], f"rank {rank}: optimizer")
+                      + _tensor_differences(ref["lr_scheduler"], got["lr_scheduler"], f"rank {rank}: lr_scheduler")):
             mismatches.append(where)
             optimizer = False
     expected = _losses(reference)

@@ -39,12 +39,13 @@ class Seat:
 
 @dataclass(frozen=True)
 class StageState:
-    """A stage's exact state as a live replica hands it over: weights, full optimizer state, and
-    the logged scalars of the iterations it saw."""
+    """A stage's exact state as a live replica hands it over: weights, full optimizer state, the
+    logged scalars of the iterations it saw, and its LR scheduler's state (JSON-safe) if it has one."""
 
     model: dict
     optimizer: dict
     history: dict[int, IterationScalars]
+    lr_scheduler: dict | None = None
 
 
 class RecoverableStage(Protocol):

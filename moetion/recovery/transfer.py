@@ -6,6 +6,7 @@ becomes a :class:`~moetion.errors.PeerFailure` and the recovery starts over in a
 """
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 
 import torch
@@ -54,7 +55,8 @@ def send_state(state: StageState, dst: int) -> None:
     """A live data-parallel replica's exact state (every bit, Adam's step included) and its history
     (iteration -> logged scalars), as a tensor tree: no pickle crosses the wire."""
     history = {t: scalars.to_tensor() for t, scalars in state.history.items()}
-    tree = {"model": state.model, "optimizer": state.optimizer, "history": history}
+    tree = {"model": state.model, "optimizer": state.optimizer, "history": history,
+            "lr_scheduler": json.dumps(state.lr_scheduler)}  # plain data as text
     send_bytes(tensor_tree.encode(tree), dst, what="replica state")
 
 
@@ -65,10 +67,14 @@ def recv_state(src: int, *, timeout_s: float) -> StageState:
         tree = tensor_tree.decode(data, source=f"replica state from rank {src}")
     except MoetionError as error:
         raise PeerFailure(str(error)) from None
-    if not isinstance(tree, dict) or not {"model", "optimizer", "history"} <= set(tree):
-        raise PeerFailure(f"replica state from rank {src} lacks model, optimizer or history")
-    history = {t: IterationScalars.from_tensor(v) for t, v in tree["history"].items()}
-    return StageState(tree["model"], tree["optimizer"], history)
+    if not isinstance(tree, dict) or not {"model", "optimizer", "history", "lr_scheduler"} <= set(tree):
+        raise PeerFailure(f"replica state from rank {src} lacks model, optimizer, history or lr_scheduler")
+    try:
+        scheduler = json.loads(tree["lr_scheduler"])
+        history = {int(t): IterationScalars.from_tensor(v) for t, v in tree["history"].items()}
+    except (TypeError, ValueError) as error:
+        raise PeerFailure(f"replica state from rank {src} is malformed: {error}") from None
+    return StageState(tree["model"], tree["optimizer"], history, scheduler)
 
 
 def send_losses(losses: dict[int, float], dst: int) -> None:

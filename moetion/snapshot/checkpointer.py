@@ -120,6 +120,9 @@ class SparseCheckpointer:
         # Set by the engine when upstream logging is on: (start, stop) -> this stage's logs of those
         # iterations, persisted with each window so it can be replayed offline.
         self.log_exporter: Callable[[int, int], bytes] | None = None
+        # Small JSON state recorded with each window as of its first capture, by name (the user's
+        # LR scheduler): a replay restores it before re-running the window's iterations.
+        self.window_state: dict[str, Callable[[], dict]] = {}
         self.persister = (
             AsyncPersister(Path(config.persist_dir) / identity.run_id, keep=config.keep_persisted)
             if config.persist_dir else None
@@ -275,7 +278,9 @@ class SparseCheckpointer:
         find them in the window's buffers."""
         i = iteration - self.window_start
         if i == 0:
-            self._window = _WindowBuffers(self.plan, self.window_start)
+            # State besides the copies (an LR scheduler's), taken on the training thread after step t0.
+            extra = {name: state() for name, state in self.window_state.items()}
+            self._window = _WindowBuffers(self.plan, self.window_start, extra)
         window = self._window
         last = i == self.plan.window - 1
         finish = self._publisher(window, iteration) if last else None
@@ -324,7 +329,7 @@ class SparseCheckpointer:
                 start_iteration=start,
                 slots=plan.slots, precision=identity.precision, threads=identity.threads,
                 captures=captures, blob_bytes=layout.blob_bytes,
-                extra={"data_parallel": identity.data_parallel},
+                extra={"data_parallel": identity.data_parallel, **window.extra},
             )
             self.shm.publish(manifest)
             LEDGER.add_bytes(STORED, manifest.blob_bytes)
@@ -376,6 +381,7 @@ class _WindowBuffers:
 
     plan: SlotPlan
     start: int
+    extra: dict[str, dict]  # window_state taken at the window's first capture
     layout: WindowLayout | None = None
     blob: torch.Tensor | None = None
 
