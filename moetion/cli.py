@@ -82,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     _model_options(faults)
     faults.add_argument("--kill", action="append", default=[], metavar="SPEC",
                         help=KILL_HELP + " Without any: two fault-free runs, the first check of a new model.")
+    faults.add_argument("--random-kills", type=_int_at_least(1), default=None, metavar="N",
+                        help="also draw N kills at random (seeded by --kill-seed), each where its phase can fire; "
+                             "the drawn kills are printed as --kill flags first. With --script, --stages, "
+                             "--data-parallel, --iterations (and --window for window-end phases) must describe it")
+    faults.add_argument("--kill-seed", type=int, default=0, help="seed of --random-kills")
     faults.add_argument("--script", default=None, help="a training script to run instead of the built-in model")
     faults.add_argument("--nproc", type=_int_at_least(1), default=None, help="ranks of --script")
     faults.add_argument("--timeout", type=_positive_seconds, default=600.0, help="seconds each run may take")
@@ -130,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     try:
+        _draw_random_kills(args)
         _check_before_start(args)
     except ConfigError as error:  # the command line itself is wrong: nothing has started
         print(f"moetion {args.command}: error: {error}", file=sys.stderr)
@@ -186,6 +192,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"moetion {args.command}: error: {error}", file=sys.stderr)
         return RUNTIME_ERROR
     return 0
+
+
+def _draw_random_kills(args: argparse.Namespace) -> None:
+    """``faults --random-kills N``: adds the drawn kills to ``--kill`` and prints them as flags."""
+    if args.command != "faults" or args.random_kills is None:
+        return
+    from moetion.harness.campaign import CampaignShape, draw_kills
+
+    shape = CampaignShape(stages=args.stages, replicas=args.data_parallel, iterations=args.iterations,
+                          window=args.window)
+    drawn = [k.to_text() for k in draw_kills(shape, count=args.random_kills, seed=args.kill_seed)]
+    print(f"moetion faults: {len(drawn)} kill(s) drawn with --kill-seed {args.kill_seed}: "
+          + " ".join(f"--kill {k}" for k in drawn), flush=True)
+    args.kill = list(args.kill) + drawn
 
 
 def _check_before_start(args: argparse.Namespace) -> None:
