@@ -79,7 +79,7 @@ class FailureNotice:
 
     def __init__(self, control: ControlPlane, rank: int) -> None:
         self._store = control.connect(timeout=_NO_DEADLINE)  # values are signed with the job secret
-        self._rank = rank
+        self._control, self._rank = control, rank
         self._stopping = False
         self._waiting: int | None = None  # the generation whose wake-up key the watcher waits on
         self._lock = threading.Lock()
@@ -100,7 +100,8 @@ class FailureNotice:
             self._armed.notify_all()
         if waiting is not None:
             try:
-                self._store.set(wake_key(self._rank, waiting), "exit")
+                # Through the rank's own connection: the watcher's is busy in its wait.
+                self._control.store.set(wake_key(self._rank, waiting), "exit")
             except RuntimeError:
                 return  # the store is gone, and with it the wait
         self._thread.join(timeout=_STOP_JOIN_S)
