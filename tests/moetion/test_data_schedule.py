@@ -144,7 +144,8 @@ def test_whole_job_restart_sees_every_sample_exactly_once(tmp_path):
     straight = run_workers(_straight, nproc=STAGES, args=(tmp_path / "a",), timeout_s=180)
     with pytest.raises(moetion.LaunchError, match="killed by SIGKILL"):
         run_workers(_killed, nproc=STAGES, args=(tmp_path / "b",), timeout_s=180, grace_s=2)
-    resumed = run_workers(_resumed, nproc=STAGES, args=(tmp_path / "b",), timeout_s=180)
+    resumed = run_workers(_resumed, nproc=STAGES, args=(tmp_path / "b",), timeout_s=180,
+                          env={"MOETION_RESUME": "1"})  # as `moetion launch --resume` sets it
     start = resumed[0]["start"]
     assert 0 < start < 10, "resumed from a persisted window, not from scratch"
     first = [json.loads(line) for line in (tmp_path / "b" / "ids-first-rank0.jsonl").read_text().splitlines()]
