@@ -69,7 +69,7 @@ def harness(tmp_path, form, scheduler, token_path, flags):
     script = str(Path(job.__file__))
     return FaultHarness(Job(script=script, nproc=STAGES,
                             script_args=[str(tmp_path / "shm"), form, scheduler, str(ITERATIONS), token_path, str(flags)]),
-                        work_dir=tmp_path / "work", timeout_s=240)
+                        work_dir=tmp_path / "work", timeout_s=400)
 
 
 # First and last stage, at forward and at step, two kills in each faulty run.
