@@ -170,6 +170,8 @@ class PipelineEngine:
         """Waits for background snapshot work and stops its threads, then runs the hooks registered
         with :func:`on_close`. Under the supervisor it first waits for every rank to finish, serving
         the restore of one lost after the last commit."""
+        if self.checkpointer is not None:
+            self.checkpointer.drain(timeout_s=self.config.peer_timeout_s)
         if self.recovery is not None:
             self.recovery.finish()
         if self.checkpointer is not None:

@@ -240,6 +240,17 @@ class SparseCheckpointer:
         except SnapshotError:
             return None
 
+    def drain(self, *, timeout_s: float) -> None:
+        """Finishes the capture in flight and sends and writes every window offered so far, threads
+        kept running: a rank that finished training does this before it says so, so that a failure
+        in this work (a kill at the last window's capture, replication or persistence) happens while
+        the other ranks still wait for it, and is recovered like any other."""
+        self.worker.fence()
+        if self.replicator is not None:
+            self.replicator.wait_sent(timeout_s=timeout_s)
+        if self.persister is not None:
+            self.persister.wait()
+
     def close(self) -> None:
         """Finishes the capture in flight and the tiers' background work, then stops the threads."""
         self.worker.fence()

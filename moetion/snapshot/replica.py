@@ -92,11 +92,17 @@ class PeerReplicator:
         group fail when it closes and exit (they keep only a message, no live exception)."""
         with self._wake:
             self._abandoned = True
-            self._wake.notify()
+            self._wake.notify_all()
 
     def bytes_held(self) -> int:
         held = self._held
         return 0 if held is None else held.manifest.blob_bytes
+
+    def wait_sent(self, *, timeout_s: float) -> None:
+        """Blocks until every offered window has been sent (or sending failed, or ``timeout_s`` passed)."""
+        with self._wake:
+            self._wake.wait_for(lambda: (self._pending is None and self._sending is None) or self.error is not None
+                                or self._abandoned or not self._sender.is_alive(), timeout=timeout_s)
 
     def close(self) -> None:
         """Sends what is pending, then the close header, and waits for the peer's close."""
@@ -121,9 +127,12 @@ class PeerReplicator:
                 self._send(image)
                 with self._wake:
                     self._sending = None
+                    self._wake.notify_all()
         except Exception as error:  # noqa: BLE001 - a torn-down group raises RuntimeError or ValueError
             self.error = failure_notice.explain(f"replication to rank {self.send_to} failed: {str(error).splitlines()[0]}")
             log.info(self.error)
+            with self._wake:
+                self._wake.notify_all()
 
     def _send(self, image: WindowImage) -> None:
         point = lambda: fault_point("replication", stage=self.stage, replica=self.replica,  # noqa: E731
