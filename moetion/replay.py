@@ -40,6 +40,7 @@ from moetion.config import Config
 from moetion.data import DataSource
 from moetion.errors import MoetionError
 from moetion.faults import fault_point, faults_armed
+from moetion.model_state import load_state_tensors
 from moetion.module import LayerSpec, PipelineModule
 from moetion.operators import discover_operators
 from moetion.decisions import LoggedDecisions
@@ -182,7 +183,8 @@ class FrozenSlots(StepHooks):
     """Replay's own part: the stage's parameters by snapshot slot, frozen until their full state appears.
 
     Before replay, slot 0 is loaded from the window's first capture and every later slot holds its
-    compute weights, frozen. After step ``t0 + j`` slot ``j`` is promoted from its full snapshot and
+    compute weights, frozen; the stage's buffers and frozen parameters come from that capture too and
+    then evolve as in training (the same forwards, the same optimizer hooks). After step ``t0 + j`` slot ``j`` is promoted from its full snapshot and
     the still-frozen slots get their compute weights of that step. Without a window (replay from the
     initial state) every parameter trains from the start.
     """
@@ -225,6 +227,8 @@ class FrozenSlots(StepHooks):
                     self.optimizer.state[self.masters[entry.param]][entry.role[len("optim."):]] = value
                 elif entry.role == "compute":
                     self.computes[entry.param].copy_(value)
+                elif entry.role == "state":
+                    load_state_tensors(self.module, {entry.param: value})
             if self.precision.compute is not self.module:
                 for name in promoted:
                     self.computes[name].copy_(self.masters[name])

@@ -36,6 +36,7 @@ from torch import nn
 from moetion.config import SnapshotConfig
 from moetion.errors import ConfigError
 from moetion.faults import fault_point, register_memory
+from moetion.model_state import state_tensors
 from moetion.operators import Operator, discover_operators
 from moetion.snapshot.capture import CaptureWorker
 from moetion.snapshot.image import Capture, Entry, SnapshotError, WindowImage, WindowManifest, checksum
@@ -258,8 +259,9 @@ class SparseCheckpointer:
     def _capture(self, iteration: int) -> None:
         i = iteration - self.window_start
         if i == 0:
+            state = {name: t.detach().clone() for name, t in state_tensors(self.master).items()}
             self._layout = plan_layout(plan=self.plan, operators=self.operators, master=self.master,
-                                       compute=self.compute, optimizer=self.optimizer)
+                                       compute=self.compute, optimizer=self.optimizer, state=state)
             self._blob = self.shm.new_blob(self.window_start, self._layout.blob_bytes)
         copies = [
             (source, self._blob[e.offset : e.offset + e.nbytes])

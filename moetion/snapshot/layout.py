@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 from torch import nn
@@ -9,6 +10,8 @@ from torch import nn
 from moetion.operators import Operator
 from moetion.snapshot.image import Entry, aligned, dtype_name
 from moetion.window import SlotPlan
+
+STATE_OPERATOR = "stage-state"  # the entries of a stage's buffers and frozen parameters (role "state")
 
 
 @dataclass
@@ -27,8 +30,11 @@ def plan_layout(
     master: nn.Module,
     compute: nn.Module,
     optimizer: torch.optim.Optimizer,
+    state: Mapping[str, torch.Tensor],
 ) -> WindowLayout:
-    """Lays out capture ``i``: full snapshots of slot ``i``, compute snapshots of later slots.
+    """Lays out capture ``i``: full snapshots of slot ``i``, compute snapshots of later slots; capture
+    0 also holds ``state`` (the stage's buffers and frozen parameters, cloned at that commit: forward
+    changes them while the capture thread copies), from which a replay of the window starts.
 
     Call after the window's first optimizer step, when the optimizer state exists.
     """
@@ -47,6 +53,9 @@ def plan_layout(
 
     for i, slot in enumerate(plan.slots):
         capture, capture_sources = [], []
+        if i == 0:
+            for name, tensor in state.items():
+                add(capture, capture_sources, STATE_OPERATOR, name, "state", tensor)
         for op in slot:
             for name in operators[op].param_names:
                 add(capture, capture_sources, op, name, "weight", masters[name])
