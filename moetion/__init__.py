@@ -24,7 +24,9 @@ from moetion.control import ControlPlane, start_generation, supervised
 from moetion.distributed import build_context, init_process_group, join_job
 from moetion.engine import IterationStats, PipelineEngine
 from moetion.errors import ConfigError, DataError, LaunchError, MoetionError, PartitionError, PeerFailure
+from moetion.experts import ExpertLayout, experts
 from moetion.module import LayerSpec, PipelineModule, TiedLayerSpec
+from moetion.moe import attach_aux_loss
 from moetion.threads import pin_threads
 
 __all__ = [
@@ -33,6 +35,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "DataSource",
+    "ExpertLayout",
     "IterationStats",
     "LaunchError",
     "LayerSpec",
@@ -44,6 +47,8 @@ __all__ = [
     "PipelineModule",
     "TensorDataSource",
     "TiedLayerSpec",
+    "attach_aux_loss",
+    "experts",
     "initialize",
     "resume_requested",
 ]
