@@ -115,12 +115,13 @@ class SwiGLUExpert(nn.Module):
 
 
 class ListMoE(nn.Module):
-    """A ModuleList of user-class experts and a gate: found by detection."""
+    """A ModuleList of user-class experts and a gate: found by detection. ``h`` is the hidden size of
+    a two-matrix expert of the same parameter count (SwiGLU's three matrices get ``2h/3``)."""
 
-    def __init__(self, d: int = D_MODEL, experts: int = EXPERTS) -> None:
+    def __init__(self, d: int = D_MODEL, experts: int = EXPERTS, h: int = HIDDEN) -> None:
         super().__init__()
         self.gate = nn.Linear(d, experts, bias=False)
-        self.experts = nn.ModuleList(SwiGLUExpert(d) for _ in range(experts))
+        self.experts = nn.ModuleList(SwiGLUExpert(d, 2 * h // 3) for _ in range(experts))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _, _, expert_of, token_of, weight_of, kept = top_k_dispatch(self.gate(x), len(self.experts))
