@@ -15,7 +15,7 @@ def layout_script(*, layers: str, stages: int, iterations: int, window: int, hoo
         import layout_models as models
         module = moetion.PipelineModule(models.{layers}({stages}), {stages}, loss_fn=models.mse, partition_method="uniform")
         engine = moetion.initialize(module, optimizer=lambda ps: {optimizer}, config={{
-            "micro_batches": 2, "snapshot": {{"enabled": True, "window": {window}, "shm_dir": sys.argv[1], "replicate": False}},
+            "micro_batches": 2, "snapshot": {{"enabled": True, "window": {window}, "shm_dir": sys.argv[1]}},
             "upstream_log": {{"enabled": True}}}})
         {f"models.{hook}(engine.optimizer, module)" if hook else ""}
         data = models.RegressionData()
