@@ -30,8 +30,10 @@ from moetion.determinism import enable_strict_mode
 from moetion.distributed import build_context, init_process_group, join_job, leave_process_group
 from moetion.engine import IterationStats, PipelineEngine
 from moetion.errors import ConfigError, DataError, LaunchError, MoetionError, PartitionError, PeerFailure
+from moetion.experts import ExpertLayout, experts
 from moetion.lr_scheduler import SchedulerSpec, build_lr_scheduler
 from moetion.module import LayerSpec, PipelineModule, TiedLayerSpec
+from moetion.moe import attach_aux_loss
 from moetion.run_identity import resume_requested
 from moetion.threads import pin_threads
 from moetion.timeouts import check_rank
@@ -43,6 +45,7 @@ __all__ = [
     "DataError",
     "DataSource",
     "DatasetSource",
+    "ExpertLayout",
     "IterationStats",
     "LaunchError",
     "LayerSpec",
@@ -55,6 +58,8 @@ __all__ = [
     "PrefetchingSource",
     "TensorDataSource",
     "TiedLayerSpec",
+    "attach_aux_loss",
+    "experts",
     "initialize",
     "token_file_source",
     "resume_requested",

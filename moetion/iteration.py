@@ -36,6 +36,7 @@ from moetion.determinism import Pass, unit_of_work
 from moetion.errors import DataError, PeerFailure
 from moetion.lr_schedule import set_lr_factor
 from moetion.lr_scheduler import step_lr_scheduler
+from moetion.model_state import CommittedState
 from moetion.module import PipelineModule
 from moetion.moe import MoELayer
 from moetion.precision import StagePrecision
@@ -157,6 +158,7 @@ class StageIteration:
         self.faults = faults
         self.token_counts: dict[str, torch.Tensor] = {}
         self._moe_layers = [(n, m) for n, m in precision.compute.named_modules() if isinstance(m, MoELayer)]
+        self.committed = CommittedState(module)  # buffers and frozen parameters, to undo an abandoned iteration
         self._iteration = -1
         self._data: DataSource | None = None
         self._mb: _InFlight | None = None
@@ -167,6 +169,7 @@ class StageIteration:
         start = time.perf_counter()
         self._iteration, self._data = iteration, data
         self._mb = _InFlight(loss_sum=torch.zeros((), dtype=torch.float32, device=self.placement.device))
+        self.committed.commit()
         self.optimizer.zero_grad(set_to_none=True)
         self.faults("iteration", iteration)
         self.hooks.begin(iteration)
@@ -179,8 +182,10 @@ class StageIteration:
         return stats
 
     def abandon(self) -> None:
-        """Forgets an interrupted iteration's gradients and routing counts; weights are untouched."""
+        """Forgets an interrupted iteration's gradients and routing counts and puts back the buffers
+        (and frozen parameters) its forwards changed; weights are untouched."""
         self._mb = None
+        self.committed.rollback()
         self.optimizer.zero_grad(set_to_none=True)
         self.precision.discard_grads()
         self._pop_token_counts()

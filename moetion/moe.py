@@ -59,6 +59,17 @@ class _AttachAuxLoss(torch.autograd.Function):
         return grad_output, aux_grad, None
 
 
+def attach_aux_loss(output: torch.Tensor, aux: torch.Tensor, *, coef: float) -> torch.Tensor:
+    """Adds ``coef * aux`` (a scalar load-balancing loss) to the training objective from inside a layer.
+
+    Returns ``output`` unchanged (an identity op); its backward feeds ``coef`` times the main loss's
+    scale (``1/micro_batches``) as the gradient of ``aux``, so the auxiliary loss enters backward on
+    the stage that computed it and never crosses a stage boundary. Call it in ``forward`` on the
+    layer's output, while training, as the built-in :class:`MoELayer` does.
+    """
+    return _AttachAuxLoss.apply(output, aux, coef * mrandom.current().loss_scale)
+
+
 class MoELayer(nn.Module):
     """Top-k routed experts with a capacity limit and a load-balancing auxiliary loss.
 
@@ -138,6 +149,5 @@ class MoELayer(nn.Module):
             fraction = torch.bincount(choices[:, 0], minlength=self.num_experts).float() / n
             aux = self.num_experts * (fraction * probs.mean(dim=0)).sum()
             self.last_aux_loss = aux.detach()
-            scale = self.aux_loss_coef * mrandom.current().loss_scale
-            out = _AttachAuxLoss.apply(out, aux, scale)
+            out = attach_aux_loss(out, aux, coef=self.aux_loss_coef)
         return out.reshape(shape)

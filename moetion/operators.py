@@ -1,8 +1,11 @@
 """Operators: the units of sparse snapshotting on a stage.
 
-One operator per expert of every MoE layer, one per router, and one per layer for the layer's
-remaining (dense) parameters; a tied module is one dense operator. Every trainable parameter
-belongs to exactly one operator, which :func:`discover_operators` asserts.
+One operator per expert of every MoE layer (whatever its layout, see :mod:`moetion.experts`), one
+per router, and one per layer for the layer's remaining (dense) parameters; a tied module is one
+dense operator. An expert of a stacked layout is a *slice* operator: the slice ``[e]`` of each of
+the layer's stacked parameters and of their per-element optimizer state. Every trainable parameter
+belongs to exactly one operator, or, when stacked, to one slice operator per expert, which
+:func:`discover_operators` asserts.
 """
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from moetion.moe import MoELayer
+from moetion.experts import layout_of, looks_like_moe, num_stacked_experts, warn_unmapped
 
 KINDS = ("expert", "router", "dense")
 _ADAM_STEP_BYTES = 4  # torch keeps Adam's ``step`` as a float32 scalar per parameter
@@ -21,7 +24,10 @@ class Operator:
     """A named group of parameters snapshotted together.
 
     ``param_names`` are names in the stage module's ``named_parameters()``; ``numel`` their total
-    element count; ``num_tensors`` how many parameter tensors (each has its own Adam ``step``).
+    element count (of the slice, for a slice operator); ``num_tensors`` how many parameter tensors
+    have an Adam ``step`` of their own (0 for a slice: the stacked tensor's step is shared by its
+    experts). ``layer`` and ``expert`` place an expert in its MoE layer (token counts are indexed by
+    ``expert``); ``sliced`` says the operator is the slice ``[expert]`` of stacked ``param_names``.
     """
 
     name: str
@@ -29,6 +35,9 @@ class Operator:
     param_names: tuple[str, ...]
     numel: int
     num_tensors: int
+    layer: str = ""
+    expert: int | None = None
+    sliced: bool = False
 
     def full_bytes(self, *, optimizer_bytes_per_param: int = 8) -> int:
         """fp32 master weights plus every optimizer tensor (Adam: exp_avg, exp_avg_sq, step)."""
@@ -42,26 +51,57 @@ class Operator:
 def discover_operators(module: nn.Module) -> list[Operator]:
     """The operators of a stage module, in module order (experts, router, then dense per layer)."""
     params = {name: p for name, p in module.named_parameters() if p.requires_grad}
-    groups: dict[str, tuple[str, list[str]]] = {}
+    operators: list[Operator] = []
+    claimed: set[str] = set()
+    mapped: list[str] = []
     for name, sub in module.named_modules():
-        if isinstance(sub, MoELayer):
-            for e in range(sub.num_experts):
-                prefix = f"{name}.experts.{e}."
-                groups[f"{name}.experts.{e}"] = ("expert", [n for n in params if n.startswith(prefix)])
-            groups[f"{name}.router"] = ("router", [n for n in params if n.startswith(f"{name}.router.")])
-    claimed = {n for _, names in groups.values() for n in names}
+        if any(name.startswith(f"{m}.") for m in mapped):
+            continue  # inside a mapped MoE layer: its experts' own gates are not routers
+        layout = layout_of(sub)
+        if layout is None:
+            if looks_like_moe(sub) and any(p.requires_grad for p in sub.parameters()):
+                warn_unmapped(name, sub)
+            continue
+        mapped.append(name)
+        prefix = f"{name}." if name else ""
+        for e, child in enumerate(layout.modules):
+            names = [n for n in params if n.startswith(f"{prefix}{child}.")]
+            operators.append(Operator(f"{prefix}{child}", "expert", tuple(names), sum(params[n].numel() for n in names),
+                                      len(names), layer=name, expert=e))
+        if layout.stacked:
+            names = tuple(f"{prefix}{n}" for n in layout.stacked if f"{prefix}{n}" in params)
+            count = num_stacked_experts(sub, layout)
+            for e in range(count):
+                operators.append(Operator(f"{prefix}experts.{e}", "expert", names,
+                                          sum(params[n].numel() // count for n in names), 0,
+                                          layer=name, expert=e, sliced=True))
+        router = [n for n in params if any(n == f"{prefix}{r}" or n.startswith(f"{prefix}{r}.") for r in layout.router)]
+        operators.append(Operator(f"{prefix}router", "router", tuple(router), sum(params[n].numel() for n in router),
+                                  len(router), layer=name))
+        claimed |= {n for op in operators for n in op.param_names}
+    dense: dict[str, list[str]] = {}
     for name in params:
         if name not in claimed:
-            layer = _layer_prefix(name)
-            groups.setdefault(layer, ("dense", []))[1].append(name)
-    operators = [
-        Operator(op, kind, tuple(names), sum(params[n].numel() for n in names), len(names))
-        for op, (kind, names) in groups.items()
-        if names
+            dense.setdefault(_layer_prefix(name), []).append(name)
+    operators = [op for op in operators if op.param_names] + [
+        Operator(layer, "dense", tuple(names), sum(params[n].numel() for n in names), len(names))
+        for layer, names in dense.items()
     ]
-    owned = [n for op in operators for n in op.param_names]
-    assert sorted(owned) == sorted(params), "every trainable parameter must belong to exactly one operator"
+    whole = sorted(n for op in operators if not op.sliced for n in op.param_names)
+    stacked = {n for op in operators if op.sliced for n in op.param_names}
+    assert sorted(whole + sorted(stacked)) == sorted(params) and not stacked & set(whole), \
+        "every trainable parameter must belong to exactly one operator (or, stacked, to one slice per expert)"
     return operators
+
+
+def stacked_parameters(operators: list[Operator]) -> dict[str, int]:
+    """Every stacked parameter of the stage and how many experts slice it."""
+    counts: dict[str, int] = {}
+    for op in operators:
+        if op.sliced:
+            for name in op.param_names:
+                counts[name] = counts.get(name, 0) + 1
+    return counts
 
 
 def _layer_prefix(param_name: str) -> str:

@@ -41,14 +41,16 @@ from moetion.config import Config
 from moetion.data import DataSource
 from moetion.errors import MoetionError
 from moetion.faults import fault_point, faults_armed
+from moetion.model_state import load_state_tensors
 from moetion.module import LayerSpec, PipelineModule
-from moetion.operators import discover_operators
+from moetion.operators import Operator, discover_operators
 from moetion.decisions import LoggedDecisions
 from moetion.lr_scheduler import build_lr_scheduler, restore_from_window
 from moetion.iteration import (DecisionPort, InputPort, IterationStats, OutputPort, Placement, StageIteration,
                                StepHooks, no_fault)
 from moetion.precision import StagePrecision
 from moetion.snapshot.image import WindowImage
+from moetion.snapshot.layout import expert_view
 from moetion.snapshot.persist import list_persisted, load_persisted, load_window_logs, window_path
 from moetion.upstream_log import LogReader
 
@@ -187,9 +189,17 @@ class FrozenSlots(StepHooks):
     """Replay's own part: the stage's parameters by snapshot slot, frozen until their full state appears.
 
     Before replay, slot 0 is loaded from the window's first capture and every later slot holds its
-    compute weights, frozen. After step ``t0 + j`` slot ``j`` is promoted from its full snapshot and
-    the still-frozen slots get their compute weights of that step. Without a window (replay from the
-    initial state) every parameter trains from the start.
+    compute weights, frozen; the stage's buffers and frozen parameters come from that capture too and
+    then evolve as in training (the same forwards, the same optimizer hooks). After step ``t0 + j``
+    slot ``j`` is promoted from its full snapshot and the still-frozen slots get their compute weights
+    of that step. Without a window (replay from the initial state) every parameter trains from the start.
+
+    A stacked parameter cannot freeze a slice by ``requires_grad``: it trains whole, every iteration,
+    so its shared optimizer state (Adam's ``step``, loaded from capture 0) advances exactly as in
+    training, and after each step the still-frozen slices get their compute weights back (the
+    optimizer's update of them is discarded), while a promoted slice gets its weight and its
+    per-element optimizer state from its full snapshot. Any optimizer works this way (plain,
+    ``foreach``, fused): only the step's outcome on the frozen slices is overwritten.
     """
 
     def __init__(self, module: PipelineModule, precision: StagePrecision, optimizer: torch.optim.Optimizer,
@@ -197,17 +207,22 @@ class FrozenSlots(StepHooks):
         self.module, self.precision, self.optimizer, self.window = module, precision, optimizer, window
         self.masters = dict(module.named_parameters())
         self.computes = dict(precision.compute.named_parameters())
+        self.active_slots = 1
         if window is None:  # the initial state: one slot, every operator active
             self.slot_params = [[n for n, p in module.named_parameters() if p.requires_grad]]
+            self.slot_slices: list[list[Operator]] = [[]]
             return
-        operators = {op.name: op for op in discover_operators(module)}
+        self.operators = {op.name: op for op in discover_operators(module)}
         slotted = {op for slot in window.manifest.slots for op in slot}
-        if slotted != set(operators):
+        if slotted != set(self.operators):
             raise MoetionError(
-                f"the window's operators do not match the model: only in the window {sorted(slotted - set(operators))}, "
-                f"only in the model {sorted(set(operators) - slotted)}"
+                f"the window's operators do not match the model: only in the window {sorted(slotted - set(self.operators))}, "
+                f"only in the model {sorted(set(self.operators) - slotted)}"
             )
-        self.slot_params = [[n for op in slot for n in operators[op].param_names] for slot in window.manifest.slots]
+        slots = [[self.operators[op] for op in slot] for slot in window.manifest.slots]
+        self.slot_params = [[n for op in slot if not op.sliced for n in op.param_names] for slot in slots]
+        self.slot_slices = [[op for op in slot if op.sliced] for slot in slots]
+        self._shape_stacked_state()
         self.load(0)
 
     def after_step(self, iteration: int) -> None:
@@ -217,30 +232,61 @@ class FrozenSlots(StepHooks):
         if j < self.window.manifest.window:
             self.load(j)
 
+    def frozen_slices(self) -> list[tuple[str, int]]:
+        """(stacked parameter, expert) of every slice still frozen: their values are compute weights."""
+        return [(name, op.expert) for slot in self.slot_slices[self.active_slots:] for op in slot
+                for name in op.param_names]
+
     def load(self, j: int) -> None:
         """After step t0+j: slot j becomes active from its full snapshot; later slots get compute weights."""
         capture = self.window.manifest.captures[j]
-        promoted = set(self.slot_params[j])
         with torch.no_grad():
             for entry in capture.entries:
                 value = self.window.tensor(entry)
+                operator = self.operators.get(entry.operator)  # None for the stage-state entries
                 if entry.role == "weight":
-                    self.masters[entry.param].copy_(value)
+                    expert_view(operator, self.masters[entry.param]).copy_(value)
                 elif entry.role.startswith("optim."):
-                    self.optimizer.state[self.masters[entry.param]][entry.role[len("optim."):]] = value
+                    key = entry.role[len("optim."):]
+                    state = self.optimizer.state[self.masters[entry.param]]
+                    if operator is not None and operator.sliced:
+                        expert_view(operator, state[key]).copy_(value)
+                    else:
+                        state[key] = value
                 elif entry.role == "compute":
-                    self.computes[entry.param].copy_(value)
+                    expert_view(operator, self.computes[entry.param]).copy_(value)
+                elif entry.role == "state":
+                    load_state_tensors(self.module, {entry.param: value})
             if self.precision.compute is not self.module:
-                for name in promoted:
+                for name in self.slot_params[j]:
                     self.computes[name].copy_(self.masters[name])
+                for op in self.slot_slices[j]:
+                    for name in op.param_names:
+                        expert_view(op, self.computes[name]).copy_(expert_view(op, self.masters[name]))
         self.set_trainable(j + 1)
 
     def set_trainable(self, active_slots: int) -> None:
         """Slots below ``active_slots`` train; the rest are frozen (forward and input-gradients only)."""
+        self.active_slots = active_slots
         for i, names in enumerate(self.slot_params):
             for name in names:
                 self.masters[name].requires_grad_(i < active_slots)
                 self.computes[name].requires_grad_(i < active_slots)
+
+    def _shape_stacked_state(self) -> None:
+        """Gives every stacked parameter its full optimizer state before the first replayed step:
+        zeros where slices are still to be promoted (their values are loaded then), so the optimizer
+        never initialises it lazily (which would restart the shared ``step`` at 0)."""
+        for capture in self.window.manifest.captures:
+            for entry in capture.entries:
+                operator = self.operators.get(entry.operator)
+                if operator is not None and operator.sliced and entry.role.startswith("optim."):
+                    param = self.masters[entry.param]
+                    state = self.optimizer.state[param]
+                    key = entry.role[len("optim."):]
+                    if key not in state:
+                        state[key] = torch.zeros(param.shape, dtype=getattr(torch, entry.dtype.split(".")[-1]),
+                                                 device=param.device)
 
 
 def dense_state_from_persisted(

@@ -2,7 +2,7 @@
 
 When ``MOETION_HARNESS_OUT`` names a directory, the launcher registers :func:`record_final_state`
 as a close hook of each rank (``moetion.engine.on_close``): closing the engine then writes the
-rank's weights, full optimizer state (with the LR scheduler's) and every loss it saw to ``rank-NNNNN.pt`` there (atomically),
+rank's weights, buffers and frozen parameters, full optimizer state (with the LR scheduler's) and every loss it saw to ``rank-NNNNN.pt`` there (atomically),
 so any training script that closes its engine can run under the harness unchanged.
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from moetion.lr_scheduler import scheduler_state
+from moetion.model_state import state_tensors
 
 if TYPE_CHECKING:
     from moetion.engine import PipelineEngine
@@ -28,7 +29,8 @@ def record_final_state(engine: "PipelineEngine") -> None:
     state = {"rank": rank, "stage": engine.stage, "replica": engine.dist.replica, "iteration": engine.iteration,
              "model": engine.module.state_dict(), "optimizer": engine.optimizer.state_dict(),
              "losses": dict(engine.losses),
-             "lr_scheduler": scheduler_state(engine.lr_scheduler) if engine.lr_scheduler is not None else None}
+             "lr_scheduler": scheduler_state(engine.lr_scheduler) if engine.lr_scheduler is not None else None,
+             "buffers": sorted(state_tensors(engine.module))}  # which state-dict keys are not trained weights
     path = Path(out) / f"rank-{rank:05d}.pt"
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
@@ -48,14 +50,16 @@ class Verdict:
     losses_equal: bool
     iterations: int
     mismatches: list[str] = field(default_factory=list)
+    buffers_equal: bool = True  # persistent buffers and frozen parameters
 
     @property
     def identical(self) -> bool:
-        return self.weights_equal and self.optimizer_equal and self.losses_equal
+        return self.weights_equal and self.buffers_equal and self.optimizer_equal and self.losses_equal
 
     def summary(self) -> str:
         verdict = "BIT-IDENTICAL" if self.identical else "MISMATCH"
         parts = [f"weights {'equal' if self.weights_equal else 'DIFFER'}",
+                 f"buffers {'equal' if self.buffers_equal else 'DIFFER'}",
                  f"optimizer state {'equal' if self.optimizer_equal else 'DIFFERS'}",
                  f"{self.iterations} per-iteration losses {'equal' if self.losses_equal else 'DIFFER'}"]
         return f"{verdict} to the fault-free run: " + ", ".join(parts)
@@ -67,16 +71,21 @@ def compare_runs(reference: dict[int, dict[str, Any]], faulty: dict[int, dict[st
     mismatches: list[str] = []
     if set(reference) != set(faulty):
         mismatches.append(f"ranks that finished: reference {sorted(reference)}, faulty {sorted(faulty)}")
-    weights = optimizer = True
+    weights = buffers = optimizer = True
     for rank in sorted(set(reference) & set(faulty)):
         ref, got = reference[rank], faulty[rank]
         if ref["iteration"] != got["iteration"]:
             mismatches.append(f"rank {rank}: ended at iteration {got['iteration']}, reference {ref['iteration']}")
             weights = False
+        state_keys = set(ref.get("buffers", ()))
         for name, tensor in ref["model"].items():
             if not torch.equal(tensor, got["model"].get(name, torch.empty(0))):
-                mismatches.append(f"rank {rank}: weight {name} differs")
-                weights = False
+                if name in state_keys:
+                    mismatches.append(f"rank {rank}: buffer {name} differs")
+                    buffers = False
+                else:
+                    mismatches.append(f"rank {rank}: weight {name} differs")
+                    weights = False
         for where in (_tensor_differences(ref["optimizer"], got["optimizer"], f"rank {rank}: optimizer")
                       + _tensor_differences(ref["lr_scheduler"], got["lr_scheduler"], f"rank {rank}: lr_scheduler")):
             mismatches.append(where)
@@ -94,7 +103,8 @@ def compare_runs(reference: dict[int, dict[str, Any]], faulty: dict[int, dict[st
     if missing:
         mismatches.append(f"no rank of the faulty run reported the loss of iterations {missing}")
         losses = False
-    return Verdict(weights and not set(reference) ^ set(faulty), optimizer, losses, len(expected), mismatches)
+    return Verdict(weights and not set(reference) ^ set(faulty), optimizer, losses, len(expected), mismatches,
+                   buffers_equal=buffers)
 
 
 def _losses(states: dict[int, dict[str, Any]]) -> dict[int, float]:

@@ -36,6 +36,7 @@ from torch import nn
 from moetion.config import SnapshotConfig
 from moetion.errors import ConfigError
 from moetion.faults import fault_point, register_memory
+from moetion.model_state import state_tensors
 from moetion.operators import Operator, discover_operators
 from moetion.profiling import CAPTURE, FENCE, LEDGER, PROPOSE, STORED
 from moetion.snapshot.capture import CaptureWorker, CopyJob
@@ -289,9 +290,11 @@ class SparseCheckpointer:
         find them in the window's buffers."""
         i = iteration - self.window_start
         if i == 0:
-            # State besides the copies (an LR scheduler's), taken on the training thread after step t0.
+            # State besides the copies, taken on the training thread after step t0: an LR scheduler's,
+            # and the model's buffers and frozen parameters (cloned: training goes on meanwhile).
             extra = {name: state() for name, state in self.window_state.items()}
-            self._window = _WindowBuffers(self.plan, self.window_start, extra)
+            model_state = {name: t.detach().clone() for name, t in state_tensors(self.master).items()}
+            self._window = _WindowBuffers(self.plan, self.window_start, extra, model_state)
         window = self._window
         last = i == self.plan.window - 1
         finish = self._publisher(window, iteration) if last else None
@@ -300,22 +303,23 @@ class SparseCheckpointer:
     def _copy_jobs(self, window: "_WindowBuffers", i: int) -> Iterator[CopyJob]:
         """Capture ``i``'s (source, blob view) pairs, made lazily on the capture thread."""
         if i == 0:
-            window.layout = self._layout_for(window.plan)
+            window.layout = self._layout_for(window.plan, window.model_state)
             window.blob = self.shm.new_blob(window.start, window.layout.blob_bytes, in_use=self._read_by_tiers)
         for source, e in zip(window.layout.sources[i], window.layout.entries[i]):
             yield source, window.blob[e.offset : e.offset + e.nbytes]
 
-    def _layout_for(self, plan: SlotPlan) -> WindowLayout:
+    def _layout_for(self, plan: SlotPlan, model_state: dict[str, torch.Tensor]) -> WindowLayout:
         """The layout of a window with ``plan``: the previous window's when every slot holds the same
         operators (their order inside a slot does not change what a capture holds) and every source
         tensor is the same object (steady state); planned afresh otherwise (W or slot membership
         changed, or the optimizer state was replaced by a restore)."""
         state = self.optimizer.state
         sources = [id(v) for p in self._master_params if p in state for v in state[p].values()]
+        sources += [id(t) for t in model_state.values()]  # fresh clones each window: no reuse with buffers
         key = (tuple(frozenset(slot) for slot in plan.slots), tuple(sources))
         if key != self._layout_key:
             self._layout = plan_layout(plan=plan, operators=self.operators, master=self.master,
-                                       compute=self.compute, optimizer=self.optimizer)
+                                       compute=self.compute, optimizer=self.optimizer, state=model_state)
             self._layout_key = key
         return self._layout
 
@@ -393,6 +397,7 @@ class _WindowBuffers:
     plan: SlotPlan
     start: int
     extra: dict[str, dict]  # window_state taken at the window's first capture
+    model_state: dict[str, torch.Tensor]  # buffers and frozen parameters at the window's first capture
     layout: WindowLayout | None = None
     blob: torch.Tensor | None = None
 
