@@ -38,7 +38,7 @@ def run_dir(tmp_path_factory):
     env = {KILL_ENV: f"stage={KILLED},iter=5,phase=backward", "MOETION_RUN_ID": run_id}
     try:
         report = supervise_workers(rank_main, nproc=STAGES, args=(settings, run_id), recover=True, env=env,
-                                   timeout_s=240)
+                                   timeout_s=400)
     finally:
         shutil.rmtree(Path(SHM_ROOT) / run_id, ignore_errors=True)
     assert len(report.recoveries) == 1
