@@ -16,6 +16,7 @@ from moetion.iteration import StepHooks
 from moetion.launcher import run_workers
 from moetion.reference import train_reference
 from moetion.replay import replay_stage
+from moetion.run_identity import fresh_job_nonce
 from moetion.snapshot.image import WindowImage, WindowManifest
 from moetion.snapshot.shm import SharedMemoryTier
 from moetion.upstream_log import LogReader
@@ -50,7 +51,7 @@ def train(kind, iterations, shm_dir, grab_after, hook):
     engine = moetion.initialize(module, optimizer=make_optimizer(kind), config=config(shm_dir))
     if hook:
         models.balance_before_each_step(engine.optimizer, module)
-    tier = SharedMemoryTier(shm_dir, run_id="layouts", stage=engine.stage, replica=0)
+    tier = SharedMemoryTier(shm_dir, run_id="layouts", job_nonce=fresh_job_nonce(), stage=engine.stage, replica=0)
     source, image, logs, losses = models.RegressionData(), None, [], []
     for t in range(iterations):
         losses.append(engine.train_batch(source))
