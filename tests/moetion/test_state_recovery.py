@@ -16,7 +16,7 @@ def test_buffers_and_an_optimizer_pre_hook_recover_bit_identically_survivors_inc
     script.write_text(layout_script(layers="buffered_layers", stages=3, iterations=10, window=3,
                                     hook="balance_before_each_step"))
     harness = FaultHarness(Job(script=str(script), script_args=[str(tmp_path / "shm")], nproc=3),
-                           work_dir=tmp_path / "faults", timeout_s=300)
+                           work_dir=tmp_path / "faults", timeout_s=400)
     report = harness.run(["stage=0,iter=3,phase=forward", "stage=1,iter=6,phase=backward",
                           "stage=2,iter=8,phase=step"])
     assert report.verdict.identical and report.verdict.buffers_equal, "\n".join(report.lines())
