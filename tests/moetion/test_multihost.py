@@ -89,10 +89,11 @@ def test_a_lost_host_without_a_standby_ends_the_job_naming_the_host_and_the_resu
     script.write_text(LONG_SCRIPT)
     shm = tmp_path / "shm"
     port = free_port()
+    env = {**os.environ, "MOETION_JOB_SECRET": secrets.token_hex(32)}  # the operator forwards one secret to every host
     hosts = [subprocess.Popen([sys.executable, "-m", "moetion.cli", "launch", "--timeout", "400", "--heartbeat-timeout",
                                "3", "--nproc", "2", "--nnodes", "2", "--node-rank", str(node), "--master-port", str(port),
                                str(script), str(shm)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)
              for node in (0, 1)]
     deadline = time.monotonic() + 300
     while not Path(f"{shm}.rank2-running").exists():
