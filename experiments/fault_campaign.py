@@ -63,6 +63,7 @@ def campaign(config: Configuration, seeds: list[int], *, iterations: int, window
                 rows.append({"config": config.name, "seed": seed, "kills": flags, "fired": None, "generations": None,
                              "verdict": f"ERROR: {str(error).splitlines()[0][:200]}", "resumed_s": [],
                              "seconds": time.perf_counter() - started})
+                print(_line(rows[-1]), flush=True)
                 continue
             rows.append({"config": config.name, "seed": seed, "kills": flags, "fired": len(drawn),
                          "generations": len(report.timelines),
