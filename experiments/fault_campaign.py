@@ -51,7 +51,8 @@ def campaign(config: Configuration, seeds: list[int], *, iterations: int, window
                             precision=config.precision, window=window, progress=False, lr=1e-2)
     shape = CampaignShape(stages=config.stages, replicas=config.replicas, iterations=iterations, window=window)
     rows = []
-    with FaultHarness(Job(demo=settings), timeout_s=900) as harness:
+    # Every drawn kill is a replacement: allow them all, and a margin (the supervisor's default is 8).
+    with FaultHarness(Job(demo=settings), timeout_s=900, max_restarts=kills[1] + 2) as harness:
         harness.reference()
         for seed in seeds:
             drawn = draw_kills(shape, count=random.Random(seed).randint(*kills), seed=seed)
