@@ -63,7 +63,7 @@ from moetion.harness.timeline import timeline
 from moetion.launcher import supervise_workers
 from moetion.models import build_gpt_moe_layers, gpt_moe_loss
 
-from measure import RESULTS, write_results
+from measure import RESULTS, save_figure, write_results
 
 STAGES = 4
 TARGET_RATIO = 31.0
@@ -354,11 +354,7 @@ def plot_timelines(rows: list[dict], moe: dict) -> None:
     axis.set_yticks(range(len(rows)), [r["approach"] for r in rows])
     axis.set_xlabel("seconds from the kill until back at the killed iteration")
     axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), title="moetion (last repeat)")
-    fig.tight_layout()
-    path = RESULTS / "bench_recovery_timelines.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    print(f"wrote {path}")
+    save_figure(fig, "bench_recovery_timelines")
 
 
 def plot_curves(curves: list[dict]) -> None:
@@ -380,11 +376,7 @@ def plot_curves(curves: list[dict]) -> None:
     axis.set_xlabel("checkpoint interval (iterations)")
     axis.set_ylabel("work lost / moetion's")
     axis.legend(fontsize=7)
-    fig.tight_layout()
-    path = RESULTS / "bench_recovery_model.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    print(f"wrote {path}")
+    save_figure(fig, "bench_recovery_model")
 
 
 def timeline_lines(row: dict) -> list[str]:

@@ -27,7 +27,7 @@ from moetion.demo import demo_model_config
 from moetion.launcher import run_workers
 from moetion.models import GPTMoEConfig, build_gpt_moe_layers, gpt_moe_loss
 
-from measure import RESULTS, StageProbe, interleave, summarize, with_aa, write_results
+from measure import StageProbe, interleave, save_figure, summarize, with_aa, write_results
 
 AXES = {"d_hidden": (128, 256, 512, 1024), "num_experts": (4, 8, 16, 32), "micro_batches": (2, 4, 8)}
 QUICK_AXES = {"d_hidden": (128, 512, 1024), "num_experts": (4, 16, 32), "micro_batches": (4, 8)}
@@ -128,11 +128,7 @@ def plot(rows: list[dict]) -> None:
     right.set_ylabel("training thread blocked, ms per iteration")
     left.legend(fontsize=7)
     right.legend(fontsize=7)
-    fig.tight_layout()
-    path = RESULTS / "bench_sweep.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    print(f"wrote {path}")
+    save_figure(fig, "bench_sweep")
 
 
 if __name__ == "__main__":

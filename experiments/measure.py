@@ -221,6 +221,13 @@ def plot_rows(rows: list[Row], *, name: str, title: str) -> Path | None:
     for axis in (left, right):
         axis.tick_params(axis="x", rotation=60)
     fig.suptitle(title)
+    return save_figure(fig, name)
+
+
+def save_figure(fig, name: str) -> Path:
+    """Writes ``fig`` to experiments/results/<name>.png, closes it and says where."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.png"
