@@ -28,6 +28,7 @@ heartbeat thread once a second.
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import multiprocessing as mp
 import os
@@ -49,6 +50,7 @@ from moetion.signed_store import ForgedValue, SignedStore
 GENERATION_ENV = "MOETION_GENERATION"  # the generation a process was started into
 SUPERVISED_ENV = "MOETION_SUPERVISED"  # "1": a supervisor will replace dead ranks
 HEARTBEAT_S = 1.0
+HEARTBEAT_STOP_S = 15.0  # how long exit waits for a heartbeat caught in a slow store call
 POLL_S = 0.02
 MAX_BUMP_ATTEMPTS = 100  # compare-and-set races lost in a row before publishing a generation gives up
 _MAX_NOTICE_CHARS = 1000
@@ -167,6 +169,10 @@ class ControlPlane:
         keys = [f"gen{generation}/done/{r}" for r in range(world_size)]
         return self._wait_keys(keys, generation, timeout_s=timeout_s, what="every rank to finish")
 
+    def all_done(self, generation: int, world_size: int) -> bool:
+        """Whether every rank has finished training in ``generation`` (see :meth:`wait_done`)."""
+        return self._all_signed([f"gen{generation}/done/{r}" for r in range(world_size)])
+
     def host_finished(self, node_rank: int) -> None:
         """A host's supervisor is done with the store (its ranks exited, its records read)."""
         self.store.set(f"host/{node_rank}/finished", "1")
@@ -238,22 +244,12 @@ class ControlPlane:
         return SignedStore(dist.TCPStore(self.host, self.port, is_master=False, wait_for_workers=False, **options),
                            self._key)
 
-    def start_heartbeat(self, rank: int, generation: int) -> None:
+    def start_heartbeat(self, rank: int, generation: int) -> "Heartbeat":
         """Writes ``heartbeat/{rank}`` = (``generation``, beats so far) every second from a daemon
-        thread with its own connection."""
-        store = self.connect()
-
-        def beat() -> None:
-            count = 0
-            while True:
-                count += 1
-                try:
-                    store.set(f"heartbeat/{rank}", f"{generation}:{count}")
-                except RuntimeError:
-                    return  # the store is gone: the job is over
-                time.sleep(HEARTBEAT_S)
-
-        threading.Thread(target=beat, name="moetion-heartbeat", daemon=True).start()
+        thread with its own connection, until the interpreter exits."""
+        heartbeat = Heartbeat(self.connect(), rank, generation)
+        atexit.register(heartbeat.stop)
+        return heartbeat
 
     # -- reading signed values ------------------------------------------------------------------------
     def _signed(self, key: str) -> bytes | None:
@@ -346,3 +342,29 @@ def _listen(address: str, port: int) -> socket.socket:
     listener.bind(sockaddr)
     listener.listen(socket.SOMAXCONN)
     return listener
+
+
+class Heartbeat:
+    """One rank's heartbeat thread. It is stopped before the interpreter finalizes: a daemon thread
+    caught inside a store call while the interpreter tears down aborts the process (SIGABRT in place
+    of the rank's own exit status, which the supervisor would take for a failure)."""
+
+    def __init__(self, store: SignedStore, rank: int, generation: int) -> None:
+        self._store, self._rank, self._generation = store, rank, generation
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="moetion-heartbeat", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(timeout=HEARTBEAT_STOP_S)
+
+    def _beat(self) -> None:
+        count = 0
+        while not self._stopping.is_set():
+            count += 1
+            try:
+                self._store.set(f"heartbeat/{self._rank}", f"{self._generation}:{count}")
+            except RuntimeError:
+                return  # the store is gone: the job is over
+            self._stopping.wait(HEARTBEAT_S)

@@ -49,7 +49,7 @@ NOTICE_KEY = "notice/{generation}"
 # leaves the server's late answer in the connection, corrupting the next request. The key it waits
 # for always appears (every generation is announced) or the store goes away with the job.
 _NO_DEADLINE = timedelta(days=365)
-_STOP_JOIN_S = 2.0  # how long exit waits for the watcher to leave its wait
+_STOP_JOIN_S = 15.0  # how long exit waits for the watcher to leave its wait (a loaded host is slow)
 _FORGED_RETRY_S = 0.1  # how often a notice key holding a forged value is read again
 NOTICE_GRACE_S = 2.0  # how long a broken wait waits for the notice that explains it
 DISABLE_ENV = "MOETION_FAILURE_NOTICE"  # "0": no notice thread (benchmark A/B and negative controls only)

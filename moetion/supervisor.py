@@ -190,6 +190,11 @@ class Supervisor:
         fatal = self.control.fatal()
         if fatal is not None:
             return now + self.grace_s, fatal
+        if dead and self._training_over(codes):  # a replacement would wait for peers that are leaving
+            why = (f"rank(s) {dead} {', '.join(_describe_exit(codes[r]) for r in dead)} after every rank had "
+                   "finished training: nothing is left to recover with (the others are exiting)")
+            self.control.declare_fatal(why)
+            return now + self.grace_s, why
         if failed or (dead and not self._may_replace()):
             self.control.declare_fatal(f"rank(s) {failed or dead} failed: "
                                        + ", ".join(_describe_exit(codes[r]) for r in failed or dead))
@@ -207,6 +212,10 @@ class Supervisor:
                 f"({str(error).splitlines()[0]}): no failure can be recovered without it, and a restarted store "
                 "would not know the job's generations, so every rank was stopped; restart the job from its "
                 "persisted windows with `moetion launch --resume`")
+
+    def _training_over(self, codes: dict[int, int | None]) -> bool:
+        """Every rank finished (a clean exit, or its engine closed): no group can form again."""
+        return any(c == 0 for c in codes.values()) or self.control.all_done(self.generation, self.world_size)
 
     def _may_replace(self) -> bool:
         return self.recover and len(self.recoveries) < self.max_restarts

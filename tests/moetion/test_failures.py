@@ -1,11 +1,13 @@
 """Bad input and dead peers end in clear errors that name the cause, never in a hang."""
 import os
 import signal
+import time
 
 import pytest
 import torch
 
 import moetion
+from moetion.control import ControlPlane
 from moetion.launcher import run_workers
 from moetion.models import GPTMoEConfig, build_gpt_moe_layers, gpt_moe_loss
 
@@ -77,3 +79,20 @@ def test_kill_spec_kills_the_named_stage_at_the_named_phase(monkeypatch, phase):
         run_workers(train, nproc=3, args=(3, 4), timeout_s=60, grace_s=3)
     report = str(failure.value)
     assert report.index("rank 1: killed by SIGKILL") < report.index("PeerFailure")
+
+
+def _die_after_every_rank_finished() -> None:
+    control = ControlPlane.from_env(timeout_s=30.0)
+    control.mark_done(0, int(os.environ["RANK"]))  # what a closed engine leaves
+    if int(os.environ["RANK"]) == 1:
+        time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(8.0)  # rank 0 is still exiting when rank 1 dies
+
+
+def test_a_rank_lost_after_every_rank_finished_ends_the_job_at_once():
+    """No replacement: it would wait for peers that are leaving (the job would hang to its timeout)."""
+    started = time.monotonic()
+    with pytest.raises(moetion.LaunchError, match=r"rank\(s\) \[1\] killed by SIGKILL after every rank had finished"):
+        run_workers(_die_after_every_rank_finished, nproc=2, recover=True, timeout_s=120, grace_s=2)
+    assert time.monotonic() - started < 60, "the supervisor waited for a replacement that could not recover"
