@@ -56,8 +56,8 @@ import moetion
 from moetion.data import ByteCorpus, stdlib_corpus
 from moetion.demo import SHM_ROOT, DemoSettings, demo_engine_config, demo_model_config, rank_main
 from moetion.errors import LaunchError
-from moetion.faults import ENV as KILL_ENV
-from moetion.faults import FAULT_LOG_ENV
+from moetion.env import KILLS as KILL_ENV
+from moetion.env import FAULT_LOG as FAULT_LOG_ENV
 from moetion.recovery.records import Role
 from moetion.harness.timeline import timeline
 from moetion.launcher import supervise_workers

@@ -28,8 +28,8 @@ import shutil
 from pathlib import Path
 
 from moetion.demo import SHM_ROOT, DemoSettings, rank_main
-from moetion.faults import ENV as KILL_ENV
-from moetion.faults import FAULT_LOG_ENV
+from moetion.env import KILLS as KILL_ENV
+from moetion.env import FAULT_LOG as FAULT_LOG_ENV
 from moetion.harness.timeline import timeline
 from moetion.launcher import supervise_workers
 from moetion.planner.cost import ApproachCost

@@ -28,9 +28,9 @@ import textwrap
 from pathlib import Path
 
 from moetion.demo import SHM_ROOT, DemoSettings, rank_main
-from moetion.failure_notice import DISABLE_ENV
-from moetion.faults import ENV as KILL_ENV
-from moetion.faults import FAULT_LOG_ENV
+from moetion.env import FAILURE_NOTICE as DISABLE_ENV
+from moetion.env import KILLS as KILL_ENV
+from moetion.env import FAULT_LOG as FAULT_LOG_ENV
 from moetion.harness.timeline import timeline
 from moetion.launcher import launch_script, supervise_workers
 from moetion.recovery.records import Role

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import atexit
 import logging
-import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
+from moetion import env
 from moetion import log as _log
 from moetion.config import Config, LRScheduleConfig
 from moetion.data import ByteCorpus, DataSource, TensorDataSource
@@ -131,8 +131,9 @@ def _join(config: Config) -> tuple[ControlPlane | None, int]:
     atexit.register(leave_process_group)
     generation = start_generation()
     # Both open their store connections before any group exists: the notice never shuts them.
-    control.start_heartbeat(int(os.environ["RANK"]), generation)
-    failure_notice.start(control, int(os.environ["RANK"]))
+    rank = env.rank_env().rank
+    control.start_heartbeat(rank, generation)
+    failure_notice.start(control, rank)
     while not join_job(control, generation, timeout_s=config.peer_timeout_s):
         generation = control.generation()  # superseded while starting: join the newest
     return control, generation

@@ -42,13 +42,12 @@ from typing import Any
 import torch.distributed as dist
 
 from moetion.errors import ConfigError, MoetionError
-from moetion.job_secret import SECRET_ENV, derive, secret_from_env
+from moetion import env
+from moetion.job_secret import derive, secret_from_env
 from moetion.proc_name import set_process_name
 from moetion.recovery.records import RecoveryEvents
 from moetion.signed_store import ForgedValue, SignedStore
 
-GENERATION_ENV = "MOETION_GENERATION"  # the generation a process was started into
-SUPERVISED_ENV = "MOETION_SUPERVISED"  # "1": a supervisor will replace dead ranks
 HEARTBEAT_S = 1.0
 HEARTBEAT_STOP_S = 15.0  # how long exit waits for a heartbeat caught in a slow store call
 POLL_S = 0.02
@@ -62,11 +61,11 @@ class JobAborted(MoetionError):
 
 
 def supervised() -> bool:
-    return os.environ.get(SUPERVISED_ENV) == "1"
+    return env.supervised()
 
 
 def start_generation() -> int:
-    return int(os.environ.get(GENERATION_ENV, "0"))
+    return env.start_generation()
 
 
 def wake_key(rank: int, generation: int) -> str:
@@ -91,9 +90,10 @@ class ControlPlane:
     def from_env(cls, *, timeout_s: float = 300.0) -> "ControlPlane":
         secret = secret_from_env()
         if secret is None:
-            raise ConfigError(f"{SECRET_ENV} is not set: a supervised rank gets the job secret from `moetion launch` "
+            raise ConfigError(f"{env.JOB_SECRET} is not set: a supervised rank gets the job secret from `moetion launch` "
                               "(on every host of a multi-host job, export the same value before launching)")
-        return cls(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), secret=secret, timeout_s=timeout_s)
+        where = env.rank_env()
+        return cls(where.master_addr, where.master_port, secret=secret, timeout_s=timeout_s)
 
     # -- generations ------------------------------------------------------------------------------
     def generation(self) -> int:

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 import moetion
+from moetion import env
 from moetion.config import DEFAULT_SHM_DIR
 from moetion.data import ByteCorpus, stdlib_corpus
 from moetion.errors import ConfigError
@@ -104,7 +105,7 @@ def run_demo(settings: DemoSettings, kills: list[str] | None = None) -> dict:
         f"{settings.micro_batches} micro-batches, {settings.iterations} iterations, {settings.precision}",
         flush=True,
     )
-    os.environ.setdefault("MOETION_LOG_LEVEL", "WARNING")  # progress lines only; INFO shows every rank's events
+    os.environ.setdefault(env.LOG_LEVEL, "WARNING")  # progress lines only; INFO shows every rank's events
     if kills:
         summary = _run_with_faults(settings, kills)
     else:

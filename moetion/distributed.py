@@ -5,13 +5,13 @@ those it belongs to.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from moetion import env
 from moetion import failure_notice
 from moetion.control import ControlPlane
 from moetion.errors import ConfigError
@@ -54,7 +54,7 @@ def init_process_group(*, timeout_s: float) -> None:
     """
     if dist.is_initialized():
         return
-    missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+    missing = env.missing_rendezvous()
     if missing:
         raise ConfigError(
             f"environment variables {missing} are not set: start training with `moetion launch` "
@@ -66,7 +66,8 @@ def init_process_group(*, timeout_s: float) -> None:
 def join_job(control: ControlPlane, generation: int, *, timeout_s: float) -> bool:
     """Joins the job's process group of ``generation`` (under a supervisor); False when a newer
     generation was published before every rank arrived (a rank of this one died first)."""
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    where = env.rank_env()
+    rank, world = where.rank, where.world_size
     if not control.arrive(generation, rank, world, timeout_s=timeout_s):
         return False
     failure_notice.joining(generation)  # the sockets that appear from here on are this generation's groups
@@ -90,9 +91,10 @@ def build_context(*, num_stages: int, tied_stages: dict[str, list[int]], replica
     ``replication`` a world-wide gloo group that only snapshot replication uses."""
     rank, world = dist.get_rank(), dist.get_world_size()
     topology = PipeTopology.from_world(world_size=world, num_stages=num_stages)
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    where = env.rank_env() if env.has_rendezvous() else None  # a group the user initialised may have none
+    local_world = where.local_world_size if where else world
     if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        device = torch.device("cuda", where.local_rank if where else 0)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")

@@ -28,6 +28,7 @@ from logging_store import LogStore
 from logging_store.errors import LogStoreError
 from torch import nn
 
+from moetion import env
 from moetion.config import Config
 from moetion.data import DataSource
 from moetion import tensor_tree
@@ -261,7 +262,7 @@ def _convert_all(run_dir: Path, *, job: JobSpec, config: Config, start: int, sta
 def _convert_share(run_dir: Path, job: JobSpec, config: Config, start: int, stage_dir: Path, nproc: int,
                    with_optimizer: bool, progress: Callable[[str], None]) -> dict:
     """One worker's stages; a bad input comes back as a message, not a traceback."""
-    rank, reports = int(os.environ["RANK"]), []
+    rank, reports = env.rank_env().rank, []
     torch.set_num_threads(1)  # no inherited OpenMP pool until replay sets the run's own thread count
     try:
         for stage in range(rank, job.num_stages, nproc):

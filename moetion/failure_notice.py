@@ -39,6 +39,7 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 
+from moetion import env
 from moetion.control import ControlPlane, wake_key
 from moetion.signed_store import ForgedValue
 
@@ -52,7 +53,6 @@ _NO_DEADLINE = timedelta(days=365)
 _STOP_JOIN_S = 15.0  # how long exit waits for the watcher to leave its wait (a loaded host is slow)
 _FORGED_RETRY_S = 0.1  # how often a notice key holding a forged value is read again
 NOTICE_GRACE_S = 2.0  # how long a broken wait waits for the notice that explains it
-DISABLE_ENV = "MOETION_FAILURE_NOTICE"  # "0": no notice thread (benchmark A/B and negative controls only)
 
 
 @dataclass(frozen=True)
@@ -222,9 +222,9 @@ _active: FailureNotice | None = None
 
 
 def start(control: ControlPlane, rank: int) -> None:
-    """Starts this process's watcher (supervised ranks; once). ``MOETION_FAILURE_NOTICE=0`` skips it."""
+    """Starts this process's watcher (supervised ranks; once). ``MOETION_FAILURE_NOTICE=0`` (:data:`moetion.env.FAILURE_NOTICE`) skips it."""
     global _active
-    if _active is None and os.environ.get(DISABLE_ENV, "1") != "0":
+    if _active is None and env.failure_notice_enabled():
         _active = FailureNotice(control, rank)
         atexit.register(_active.stop)
 

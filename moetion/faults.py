@@ -22,10 +22,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from moetion import env
 from moetion.errors import ConfigError
 
-ENV = "MOETION_KILL"
-FAULT_LOG_ENV = "MOETION_FAULT_LOG"
 PHASES = ("forward", "backward", "step", "capture", "replication", "persistence", "replay")
 # When a spec's ``iter`` matches: several phases happen only at some iterations, so a spec naming
 # another iteration never fires (the harness then fails the run naming it).
@@ -99,7 +98,7 @@ def _specs(raw: str) -> tuple[KillSpec, ...]:
 
 def faults_armed() -> bool:
     """Whether any kill is armed in this process; callers skip their fault points when not."""
-    return bool(os.environ.get(ENV))
+    return bool(env.armed_kills())
 
 
 def register_memory(directory: Path) -> None:
@@ -109,7 +108,7 @@ def register_memory(directory: Path) -> None:
 
 def fault_point(phase: str, *, stage: int, replica: int, iteration: int) -> None:
     """SIGKILLs this process if a kill spec names this (stage, replica, iteration, phase)."""
-    raw = os.environ.get(ENV)
+    raw = env.armed_kills()
     if not raw:
         return
     for spec in _specs(raw):
@@ -124,9 +123,10 @@ def fault_point(phase: str, *, stage: int, replica: int, iteration: int) -> None
 
 
 def _record(spec: KillSpec) -> None:
-    path = os.environ.get(FAULT_LOG_ENV)
+    path = env.fault_log()
     if path:
-        line = json.dumps({"rank": int(os.environ.get("RANK", -1)), "spec": spec.to_text(), "time": time.time()})
+        rank = env.rank_or_none()
+        line = json.dumps({"rank": -1 if rank is None else rank, "spec": spec.to_text(), "time": time.time()})
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
         with os.fdopen(os.open(path, flags, 0o600), "a") as log:  # 0600, never through a planted link
             log.write(line + "\n")
@@ -135,7 +135,7 @@ def _record(spec: KillSpec) -> None:
 def _fired_before(spec: KillSpec) -> bool:
     """A replacement re-runs the iteration its predecessor died in: a spec that killed the
     predecessor must not kill it again (the launcher always gives a job with kills a fault log)."""
-    path = os.environ.get(FAULT_LOG_ENV)
+    path = env.fault_log()
     if not path:
         return False
     return any(record.spec == spec.to_text() for record in read_fault_log(Path(path)))

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import secrets
 
+from moetion import env
 from moetion.errors import ConfigError
 
-SECRET_ENV = "MOETION_JOB_SECRET"
 MIN_SECRET_CHARS = 32  # 128 bits as hex
 
 
@@ -27,7 +26,7 @@ def new_secret() -> str:
 def check_secret(secret: str) -> str:
     """``secret`` if it is long enough to resist guessing; ConfigError (never echoing it) otherwise."""
     if not isinstance(secret, str) or len(secret) < MIN_SECRET_CHARS:
-        raise ConfigError(f"{SECRET_ENV} must be at least {MIN_SECRET_CHARS} characters of random text, got "
+        raise ConfigError(f"{env.JOB_SECRET} must be at least {MIN_SECRET_CHARS} characters of random text, got "
                           f"{len(secret) if isinstance(secret, str) else type(secret).__name__} characters; "
                           "generate one with `python -c 'import secrets; print(secrets.token_hex(32))'`")
     return secret
@@ -36,7 +35,7 @@ def check_secret(secret: str) -> str:
 def secret_from_env() -> str | None:
     """The job's secret from this process's environment, checked; None when the job has none
     (a plain ``torchrun`` job: no moetion control store to protect)."""
-    value = os.environ.get(SECRET_ENV)
+    value = env.job_secret()
     return None if value is None else check_secret(value)
 
 

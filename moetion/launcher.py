@@ -30,12 +30,11 @@ from typing import Any, Callable, Sequence
 
 import torch.distributed as dist
 
-from moetion.control import GENERATION_ENV, SUPERVISED_ENV, ControlPlane, serve_store
+from moetion import env as variables
+from moetion.control import ControlPlane, serve_store
 from moetion import tensor_tree
 from moetion.errors import LaunchError
-from moetion.job_secret import SECRET_ENV, new_secret, secret_from_env
-from moetion.run_identity import RESUME_ENV
-from moetion.faults import FAULT_LOG_ENV
+from moetion.job_secret import new_secret, secret_from_env
 from moetion.hosts import HostWatch, resume_command
 from moetion.rank_entry import install_hooks
 from moetion.spare import Identity, SparePool, warm_torch
@@ -70,7 +69,7 @@ def job_secret(nodes: Nodes) -> str:
     if secret is not None:
         return secret
     if nodes.nnodes > 1:
-        raise LaunchError(f"a multi-host job needs the same secret on every host: export {SECRET_ENV} (e.g. "
+        raise LaunchError(f"a multi-host job needs the same secret on every host: export {variables.JOB_SECRET} (e.g. "
                           "`python -c 'import secrets; print(secrets.token_hex(32))'`) on each host before launching")
     return new_secret()
 
@@ -79,19 +78,19 @@ def rank_env(*, rank: int, world_size: int, port: int, secret: str, generation: 
              nproc: int | None = None, nodes: Nodes = Nodes()) -> dict[str, str]:
     local_world = world_size if nproc is None else nproc
     env = {
-        "RANK": str(rank),
-        "WORLD_SIZE": str(world_size),
-        "LOCAL_RANK": str(rank % local_world),
-        "LOCAL_WORLD_SIZE": str(local_world),
+        variables.RANK: str(rank),
+        variables.WORLD_SIZE: str(world_size),
+        variables.LOCAL_RANK: str(rank % local_world),
+        variables.LOCAL_WORLD_SIZE: str(local_world),
         "GROUP_RANK": str(nodes.node_rank),
-        "MASTER_ADDR": nodes.master_addr,
-        "MASTER_PORT": str(port),
+        variables.MASTER_ADDR: nodes.master_addr,
+        variables.MASTER_PORT: str(port),
         "TORCHELASTIC_USE_AGENT_STORE": "True",
-        GENERATION_ENV: str(generation),
-        SECRET_ENV: secret,  # the environment only: never argv, never a log line
+        variables.GENERATION: str(generation),
+        variables.JOB_SECRET: secret,  # the environment only: never argv, never a log line
     }
     if supervised:
-        env[SUPERVISED_ENV] = "1"
+        env[variables.SUPERVISED] = "1"
     return env
 
 
@@ -131,7 +130,7 @@ def launch_script(
     extra = {**supervisor_env(heartbeat_timeout_s=heartbeat_timeout_s, job_timeout_s=timeout_s), **(env or {})}
     fault_log = _fault_log(extra)
     secret = job_secret(nodes)
-    base_env = {**os.environ, **extra, FAULT_LOG_ENV: fault_log}
+    base_env = {**os.environ, **extra, variables.FAULT_LOG: fault_log}
     pool = SparePool(script, count=spares if recover else 0, env=base_env)
 
     def spawn(rank: int, generation: int, port: int) -> Worker:
@@ -139,7 +138,7 @@ def launch_script(
                              generation=generation, supervised=recover, nproc=nproc, nodes=nodes)
         full = {**base_env, **rank_vars}
         if resume:
-            full[RESUME_ENV] = "1"
+            full[variables.RESUME] = "1"
         if generation > 0:  # a replacement: a warm spare if one is alive
             spare = pool.take(Identity(argv=(script, *script_args), env=full))
             if spare is not None:
@@ -191,7 +190,7 @@ def supervise_workers(
     _preload_for_forks()
     check_supervisor(heartbeat_timeout_s=heartbeat_timeout_s, job_timeout_s=timeout_s)
     extra = {**supervisor_env(heartbeat_timeout_s=heartbeat_timeout_s, job_timeout_s=timeout_s), **(env or {})}
-    extra[FAULT_LOG_ENV] = _fault_log(extra)
+    extra[variables.FAULT_LOG] = _fault_log(extra)
     secret = job_secret(Nodes())
 
     def spawn(rank: int, generation: int, port: int) -> Worker:
@@ -205,7 +204,7 @@ def supervise_workers(
 
     return _supervise(spawn, nproc=nproc, secret=secret, recover=recover, max_restarts=max_restarts,
                       heartbeat_timeout_s=heartbeat_timeout_s, timeout_s=timeout_s, grace_s=grace_s,
-                      fault_log=extra[FAULT_LOG_ENV])
+                      fault_log=extra[variables.FAULT_LOG])
 
 
 def _preload_for_forks() -> None:
@@ -218,7 +217,7 @@ def _preload_for_forks() -> None:
 def _fault_log(env: dict[str, str]) -> str:
     """Where kills are recorded: the caller's choice, else a fresh file that lives as long as the
     job (kills fire once per job: a replacement must not die again at its predecessor's point)."""
-    path = env.get(FAULT_LOG_ENV) or os.environ.get(FAULT_LOG_ENV)
+    path = env.get(variables.FAULT_LOG) or variables.fault_log()
     if path:
         return path
     handle, path = tempfile.mkstemp(prefix=_OWN_FAULT_LOG, suffix=".jsonl")

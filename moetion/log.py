@@ -2,15 +2,16 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
+
+from moetion import env
 
 _HANDLER_NAME = "moetion-rank"
 
 
 def configure(*, rank: int, stage: int) -> None:
     """Sends the ``moetion`` loggers' records to stderr, prefixed with this process's rank."""
-    level = os.environ.get("MOETION_LOG_LEVEL", "INFO").upper()
+    level = env.log_level()
     logger = logging.getLogger("moetion")
     for handler in list(logger.handlers):
         if handler.get_name() == _HANDLER_NAME:

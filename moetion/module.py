@@ -6,12 +6,12 @@ weights do not depend on how the model is partitioned or which process builds it
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
+from moetion import env
 from moetion import random as mrandom
 from moetion.errors import ConfigError, PartitionError
 from moetion.partition import balanced_partition, layer_weights
@@ -194,11 +194,10 @@ def _name(spec: LayerSpec | nn.Module) -> str:
 
 
 def _stage_from_env(num_stages: int) -> int:
-    try:
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    except KeyError:
+    rank, world = env.rank_or_none(), env.world_size_or_none()
+    if rank is None or world is None:
         raise ConfigError(
             "PipelineModule needs stage_id=... or the RANK and WORLD_SIZE environment variables "
             "(run under `moetion launch` or `torchrun`)"
-        ) from None
+        )
     return PipeTopology.from_world(world_size=world, num_stages=num_stages).stage_of(rank)

@@ -13,9 +13,10 @@ import sys
 
 def install_hooks() -> None:
     """Under the fault harness, each rank leaves its final state when its engine closes."""
-    from moetion.harness.final_state import OUT_ENV, record_final_state
+    from moetion import env
+    from moetion.harness.final_state import record_final_state
 
-    if os.environ.get(OUT_ENV):
+    if env.harness_out():
         from moetion.engine import on_close
 
         on_close(record_final_state)

@@ -12,14 +12,12 @@ then come from torchrun's rendezvous id (random under ``--standalone``) and the 
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 
+from moetion import env
 from moetion.errors import ConfigError
 from moetion.job_secret import derive, secret_from_env
 
-RUN_ID_ENV = "MOETION_RUN_ID"
-RESUME_ENV = "MOETION_RESUME"  # "1": this job continues a persisted run (``moetion launch --resume``)
 _RUN_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 
@@ -44,12 +42,12 @@ def fresh_job_nonce() -> str:
 def resume_requested() -> bool:
     """True when the job was started to resume (``moetion launch --resume``, or ``MOETION_RESUME=1``
     under torchrun): the script should then call ``engine.load_checkpoint(data)`` before training."""
-    return os.environ.get(RESUME_ENV) == "1"
+    return env.resume_requested()
 
 
 def _job_value(purpose: str) -> str:
     secret = secret_from_env()
     if secret is not None:
         return derive(secret, purpose).hex()
-    parts = [os.environ.get(v, "") for v in ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT")]
+    parts = env.elastic_identity()
     return hashlib.sha256("|".join([purpose, *parts]).encode()).hexdigest()

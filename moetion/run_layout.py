@@ -5,11 +5,11 @@ so this is the one place that names them.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from moetion.config import SnapshotConfig
-from moetion.run_identity import RUN_ID_ENV, check_run_id, default_run_id
+from moetion import env
+from moetion.run_identity import check_run_id, default_run_id
 
 RUN_CONFIG = "config.json"
 
@@ -18,8 +18,8 @@ def run_id(settings: SnapshotConfig) -> str:
     (a plain directory name, see :func:`moetion.run_identity.check_run_id`; unpredictable when unset)."""
     if settings.run_id:
         return check_run_id(settings.run_id)
-    if os.environ.get(RUN_ID_ENV):
-        return check_run_id(os.environ[RUN_ID_ENV], what=RUN_ID_ENV)
+    if env.run_id():
+        return check_run_id(env.run_id(), what=env.RUN_ID)
     return default_run_id()
 
 

@@ -18,13 +18,11 @@ a broken order is a :class:`~moetion.errors.ConfigError` naming both values, bef
 """
 from __future__ import annotations
 
-import os
 
+from moetion import env
 from moetion.control import HEARTBEAT_S
 from moetion.errors import ConfigError
 
-HEARTBEAT_TIMEOUT_ENV = "MOETION_HEARTBEAT_TIMEOUT_S"
-JOB_TIMEOUT_ENV = "MOETION_JOB_TIMEOUT_S"
 MIN_BEATS = 2  # heartbeats a heartbeat timeout must span
 
 
@@ -44,16 +42,16 @@ def check_supervisor(*, heartbeat_timeout_s: float, job_timeout_s: float | None)
 
 def supervisor_env(*, heartbeat_timeout_s: float, job_timeout_s: float | None) -> dict[str, str]:
     """What a rank needs to check its ``peer_timeout_s`` against the supervisor's timeouts."""
-    env = {HEARTBEAT_TIMEOUT_ENV: repr(float(heartbeat_timeout_s))}
+    variables = {env.HEARTBEAT_TIMEOUT_S: repr(float(heartbeat_timeout_s))}
     if job_timeout_s is not None:
-        env[JOB_TIMEOUT_ENV] = repr(float(job_timeout_s))
-    return env
+        variables[env.JOB_TIMEOUT_S] = repr(float(job_timeout_s))
+    return variables
 
 
 def check_rank(*, peer_timeout_s: float) -> None:
     """A supervised rank's pairs: heartbeat timeout < peer_timeout_s < job timeout."""
-    heartbeat = _env_seconds(HEARTBEAT_TIMEOUT_ENV)
-    job = _env_seconds(JOB_TIMEOUT_ENV)
+    heartbeat = env.seconds(env.HEARTBEAT_TIMEOUT_S)
+    job = env.seconds(env.JOB_TIMEOUT_S)
     if heartbeat is not None and peer_timeout_s <= heartbeat:
         raise ConfigError(
             f"peer_timeout_s ({peer_timeout_s:g} s) must exceed the supervisor's heartbeat timeout "
@@ -66,12 +64,3 @@ def check_rank(*, peer_timeout_s: float) -> None:
             "job is killed before a wait can report what it waited for; lower peer_timeout_s or raise --timeout"
         )
 
-
-def _env_seconds(name: str) -> float | None:
-    value = os.environ.get(name)
-    if value is None:
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        raise ConfigError(f"{name} must be a number of seconds, got {value!r}") from None

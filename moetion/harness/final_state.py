@@ -14,17 +14,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from moetion import env
 from moetion.lr_scheduler import scheduler_state
 from moetion.model_state import state_tensors
 
 if TYPE_CHECKING:
     from moetion.engine import PipelineEngine
 
-OUT_ENV = "MOETION_HARNESS_OUT"
-
-
 def record_final_state(engine: "PipelineEngine") -> None:
-    out = os.environ[OUT_ENV]
+    out = env.harness_out()
     rank = engine.dist.rank
     state = {"rank": rank, "stage": engine.stage, "replica": engine.dist.replica, "iteration": engine.iteration,
              "model": engine.module.state_dict(), "optimizer": engine.optimizer.state_dict(),

@@ -18,9 +18,9 @@ from typing import Any, Sequence
 
 from moetion.demo import SHM_ROOT, DemoSettings, rank_main
 from moetion.errors import ConfigError, MoetionError
-from moetion.faults import ENV as KILL_ENV
-from moetion.faults import FAULT_LOG_ENV, PHASE_RULES, KillSpec, read_fault_log
-from moetion.harness.final_state import OUT_ENV, Verdict, compare_runs, load_final_states
+from moetion import env as variables
+from moetion.faults import PHASE_RULES, KillSpec, read_fault_log
+from moetion.harness.final_state import Verdict, compare_runs, load_final_states
 from moetion.harness.timeline import Timeline, timeline
 from moetion.launcher import launch_script, supervise_workers
 from moetion.progress import Progress
@@ -149,9 +149,10 @@ class FaultHarness:
         out = run / "final"
         out.mkdir(parents=True)
         run_id = f"faults-{os.getpid()}-{self._runs}-{secrets.token_hex(4)}"
-        env = {**self.env, OUT_ENV: str(out), FAULT_LOG_ENV: str(run / "kills.jsonl"), "MOETION_RUN_ID": run_id}
+        env = {**self.env, variables.HARNESS_OUT: str(out), variables.FAULT_LOG: str(run / "kills.jsonl"),
+               variables.RUN_ID: run_id}
         if kills:
-            env[KILL_ENV] = ";".join(k.to_text() for k in kills)
+            env[variables.KILLS] = ";".join(k.to_text() for k in kills)
         start = time.perf_counter()
         try:
             if self.job.demo is not None:

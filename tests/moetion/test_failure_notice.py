@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from moetion import failure_notice
+from moetion import env, failure_notice
 from moetion.control import ControlPlane
 from moetion.distributed import build_context, join_job, leave_process_group
 from moetion.errors import PeerFailure
@@ -50,6 +50,6 @@ def test_a_receive_from_a_live_peer_ends_with_the_notice_as_its_reason():
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_negative_control_without_the_notice_the_receive_waits_out_its_timeout():
-    reason = run_workers(blocked_receiver, nproc=3, timeout_s=90, env={failure_notice.DISABLE_ENV: "0"})[2]
+    reason = run_workers(blocked_receiver, nproc=3, timeout_s=90, env={env.FAILURE_NOTICE: "0"})[2]
     assert "generation 1 published" not in reason
     assert f"no answer within {PEER_TIMEOUT_S:g} s" in reason, reason

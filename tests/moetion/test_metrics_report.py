@@ -18,7 +18,7 @@ import pytest
 from moetion.cli import main
 from moetion.demo import SHM_ROOT, DemoSettings, rank_main
 from moetion.errors import ConfigError
-from moetion.faults import ENV as KILL_ENV
+from moetion.env import KILLS as KILL_ENV
 from moetion.launcher import supervise_workers
 from moetion.metrics import (IterationRecord, MetricsError, RecoveryRecord, WindowRecord, metrics_path, parse_record,
                              read_run, to_line)
