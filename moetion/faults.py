@@ -25,7 +25,7 @@ from pathlib import Path
 from moetion import env
 from moetion.errors import ConfigError
 
-PHASES = ("forward", "backward", "step", "capture", "replication", "persistence", "replay")
+PHASES = ("forward", "backward", "step", "capture", "replication", "persistence", "replay", "paused", "handover")
 # When a spec's ``iter`` matches: several phases happen only at some iterations, so a spec naming
 # another iteration never fires (the harness then fails the run naming it).
 PHASE_RULES = {
@@ -38,6 +38,10 @@ PHASE_RULES = {
     "persistence": "only if iter is the last iteration of a persisted window (needs a persist dir; "
                    "every persist_every-th window)",
     "replay": "only while a replacement replays iteration iter (so only after an earlier kill of a neighbour)",
+    "paused": "only while a survivor is paused in iteration iter for another rank's recovery (so only with "
+              "another kill in iteration iter)",
+    "handover": "only while a survivor, paused in iteration iter, sends upstream logs to a replacement: after "
+                "their size, before their bytes (so only with a kill of a neighbour in iteration iter)",
 }
 _log = logging.getLogger(__name__)
 _memory: list[Path] = []  # this process's shared-memory directories, wiped by memory=lost

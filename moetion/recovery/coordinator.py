@@ -33,6 +33,7 @@ from moetion.boundary import BoundaryInputs, BoundaryOutputs
 from moetion.control import ControlPlane, JobAborted
 from moetion.data import DataSource
 from moetion.errors import PeerFailure
+from moetion.faults import fault_point, faults_armed
 from moetion.p2p import StageLinks
 from moetion.recovery import transfer
 from moetion.recovery.plan import RankStatus, RecoveryImpossible, RecoveryPlan, Restore, plan_recovery
@@ -71,6 +72,7 @@ class Recovery:
         log.warning("%s; pausing in place until the job is rebuilt", cause.split(": [")[0])
         self.stage.abandon_iteration()
         self.stage.leave_group()
+        self._fault_point("paused")
         self._rebuild(data, events, joined=False)
 
     def restore(self, data: DataSource) -> RecoveryPlan:
@@ -172,13 +174,19 @@ class Recovery:
                 sent += self._held.manifest.blob_bytes
             if rank in restore.log_sources:
                 logs = self.stage.export_logs(restore.replay_from, plan.resume)
-                transfer.send_bytes(logs, restore.rank, what="upstream logs")
+                transfer.send_bytes(logs, restore.rank, what="upstream logs",
+                                    after_size=lambda: self._fault_point("handover"))
                 sent += len(logs)
             if rank == plan.history_donor:
                 transfer.send_losses(self.stage.loss_history(), restore.rank)
         # The replica a replacement held for us died with its predecessor: send our window again.
         self.stage.reoffer_window(plan.restoring_ranks)
         return sent
+
+    def _fault_point(self, phase: str) -> None:
+        if faults_armed():
+            seat = self.stage.seat()
+            fault_point(phase, stage=seat.stage, replica=seat.replica, iteration=self.stage.iteration)
 
     # -- the restoring rank ----------------------------------------------------------------------------
     def _restore(self, plan: RecoveryPlan, restore: Restore, data: DataSource, events: RecoveryEvents) -> None:

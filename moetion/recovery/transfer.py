@@ -7,6 +7,7 @@ becomes a :class:`~moetion.errors.PeerFailure` and the recovery starts over in a
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import timedelta
 
 import torch
@@ -21,9 +22,11 @@ from moetion.snapshot.replica import recv_image, send_image
 from moetion.upstream_log import IterationScalars
 
 
-def send_bytes(data: bytes, dst: int, *, what: str) -> None:
+def send_bytes(data: bytes, dst: int, *, what: str, after_size: Callable[[], None] = lambda: None) -> None:
+    """``after_size`` runs between the size and the bytes (a fault point: a sender dying mid-transfer)."""
     payload = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
     _guard(lambda: dist.send(torch.tensor([payload.numel()], dtype=torch.int64), dst), what=f"sending {what} to rank {dst}")
+    after_size()
     if payload.numel():
         _guard(lambda: dist.send(payload, dst), what=f"sending {what} to rank {dst}")
 

@@ -106,6 +106,31 @@ def test_memory_lost_without_any_other_copy_names_what_is_missing(tmp_path):
         harness.run(["stage=2,iter=10,phase=backward,memory=lost"])
 
 
+def test_faults_during_recovery_two_stages_in_one_iteration_then_a_survivor_killed_while_paused(pipeline):
+    """Stages 0 and 2 (not adjacent) die in the same iteration; later, while the job is rebuilt
+    around stage 1, stage 3 dies paused: its recovery starts over with both."""
+    report = pipeline.run(["stage=0,iter=5,phase=forward", "stage=2,iter=5,phase=forward",
+                           "stage=1,iter=11,phase=backward", "stage=3,iter=11,phase=paused"])
+    assert report.verdict.identical, "\n".join(report.lines())
+    restored = [t for t in report.timelines if not t.superseded]
+    assert sorted(stage for t in restored for stage in t.sources) == [0, 1, 2, 3]
+
+
+def test_faults_during_recovery_a_log_sender_mid_transfer_then_the_only_replica_holder(tmp_path):
+    """Stage 1 dies after announcing the size of the logs it owes stage 2's replacement (that
+    recovery fails and starts over, replaying 1 and 2 as a chain); later stage 3, holding the only
+    replica of stage 2's window, dies paused before stage 2's replacement read it: the window
+    comes from disk."""
+    harness = FaultHarness(Job(demo=settings(persist_dir=str(tmp_path / "persist"))), work_dir=tmp_path / "faults",
+                           timeout_s=400)
+    report = harness.run(["stage=2,iter=5,phase=backward", "stage=1,iter=5,phase=handover",
+                          "stage=2,iter=11,phase=backward,memory=lost", "stage=3,iter=11,phase=paused"])
+    assert report.verdict.identical, "\n".join(report.lines())
+    restored = [t for t in report.timelines if not t.superseded]
+    assert [sorted(t.sources) for t in restored] == [[1, 2], [2, 3]]
+    assert restored[-1].sources[2] == "disk"
+
+
 @pytest.fixture
 def replay_fault():
     """Injects a fault into every replay of the ranks the test forks, through the public port hook."""
