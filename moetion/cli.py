@@ -66,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     launch.add_argument("--master-addr", default="127.0.0.1", help="node 0's address, reachable from every host")
     launch.add_argument("--master-port", type=_int_at_least(0), default=0,
                         help="the control store's port on node 0 (required with --nnodes > 1)")
+    launch.add_argument("--standby", action="store_true",
+                        help="join a running multi-host job as a standby host: take over the node rank of a host "
+                             "(1 or later) that stops answering (give --nnodes, --master-addr, --master-port; "
+                             "not --node-rank)")
     launch.add_argument("script")
     launch.add_argument("script_args", nargs=argparse.REMAINDER)
 
@@ -148,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
                           master_port=args.master_port)
             launch_script(args.script, args.script_args, nproc=args.nproc, timeout_s=args.timeout, resume=args.resume,
                           recover=not args.no_recover, max_restarts=args.max_restarts,
-                          heartbeat_timeout_s=args.heartbeat_timeout, nodes=nodes, spares=args.spares)
+                          heartbeat_timeout_s=args.heartbeat_timeout, nodes=nodes, spares=args.spares,
+                          standby=args.standby)
         elif args.command == "inspect":
             from pathlib import Path
 
@@ -210,6 +215,11 @@ def _draw_random_kills(args: argparse.Namespace) -> None:
 
 def _check_before_start(args: argparse.Namespace) -> None:
     """Checks what can be checked against the job before any process starts (ConfigError if wrong)."""
+    if args.command == "launch" and args.standby:
+        if args.node_rank:
+            raise ConfigError("--standby takes the node rank of the host it replaces: drop --node-rank")
+        if args.nnodes < 2:
+            raise ConfigError("--standby joins a multi-host job: give its --nnodes (>= 2), --master-addr and --master-port")
     if args.command not in ("demo", "faults"):
         return
     from moetion.faults import KillSpec

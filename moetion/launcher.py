@@ -35,7 +35,7 @@ from moetion.control import ControlPlane, serve_store
 from moetion import tensor_tree
 from moetion.errors import LaunchError
 from moetion.job_secret import new_secret, secret_from_env
-from moetion.hosts import HostWatch, resume_command
+from moetion.hosts import HostWatch, StandbyWatch, resume_command
 from moetion.rank_entry import install_hooks
 from moetion.spare import Identity, SparePool, warm_torch
 from moetion.supervisor import GRACE_S, JobReport, Spawn, Supervisor, Worker
@@ -109,6 +109,7 @@ def launch_script(
     env: dict[str, str] | None = None,
     nodes: Nodes = Nodes(),
     spares: int = 1,
+    standby: bool = False,
 ) -> JobReport:
     """Runs ``python script *script_args`` as ``nproc`` ranks on this host; raises LaunchError if
     the job fails.
@@ -118,6 +119,9 @@ def launch_script(
     added to the ranks' environment. With ``nodes``, this is one host of a multi-host job (run
     the same command on every host with its ``node_rank``). ``spares`` warm interpreters wait to
     become replacements (:mod:`moetion.spare`; 0: every replacement is a fresh interpreter).
+    With ``standby`` this host joins a running multi-host job as a standby: it waits until a host
+    (node 1 or later) stops answering, takes over its node rank and starts its ranks as
+    replacements (:mod:`moetion.hosts`); it returns at once if the job ends without needing it.
     """
     if nproc < 1:
         raise LaunchError(f"--nproc must be >= 1, got {nproc}")
@@ -130,6 +134,12 @@ def launch_script(
     extra = {**supervisor_env(heartbeat_timeout_s=heartbeat_timeout_s, job_timeout_s=timeout_s), **(env or {})}
     fault_log = _fault_log(extra)
     secret = job_secret(nodes)
+    first_generation = 0
+    if standby:
+        taken = _stand_by(nodes, secret=secret, heartbeat_timeout_s=heartbeat_timeout_s, nproc=nproc)
+        if taken is None:
+            return JobReport([], [])
+        nodes, first_generation = taken
     base_env = {**os.environ, **extra, variables.FAULT_LOG: fault_log}
     pool = SparePool(script, count=spares if recover else 0, env=base_env)
 
@@ -151,9 +161,27 @@ def launch_script(
     try:
         return _supervise(spawn, nproc=nproc, nodes=nodes, secret=secret, recover=recover, max_restarts=max_restarts,
                           fault_log=fault_log, heartbeat_timeout_s=heartbeat_timeout_s, timeout_s=timeout_s,
-                          grace_s=grace_s, resume_command=resume_hint)
+                          grace_s=grace_s, resume_command=resume_hint, first_generation=first_generation)
     finally:
         pool.close()
+
+
+def _stand_by(nodes: Nodes, *, secret: str, heartbeat_timeout_s: float, nproc: int) -> tuple[Nodes, int] | None:
+    """Waits as a standby host; once it took a lost host over: (that host's place, the generation
+    its ranks start in, published here with the failure notice that wakes the other hosts' ranks)."""
+    if nodes.nnodes < 2:
+        raise LaunchError("--standby needs a multi-host job: give its --nnodes, --master-addr and --master-port")
+    control = ControlPlane(nodes.master_addr, nodes.master_port, secret=secret)
+    watch = StandbyWatch(control, nnodes=nodes.nnodes, timeout_s=heartbeat_timeout_s)
+    node = watch.wait_for_lost_host(progress=lambda line: print(f"moetion standby: {line}", flush=True))
+    if node is None:
+        print("moetion standby: the job ended without needing this host", flush=True)
+        return None
+    generation = control.announce_generation(f"host {node} stopped answering; a standby host took it over",
+                                             world_size=nproc * nodes.nnodes)
+    print(f"moetion standby: took over host {node}; its ranks start in generation {generation}", flush=True)
+    return Nodes(nnodes=nodes.nnodes, node_rank=node, master_addr=nodes.master_addr,
+                 master_port=nodes.master_port), generation
 
 
 def run_workers(fn: Callable[..., Any], *, nproc: int, args: tuple = (), **options: Any) -> list[Any]:
@@ -229,7 +257,7 @@ _OWN_FAULT_LOG = "moetion-kills-"
 
 
 def _supervise(spawn: Spawn, *, nproc: int, fault_log: str, secret: str, nodes: Nodes = Nodes(),
-               resume_command: str = "", **options: Any) -> JobReport:
+               resume_command: str = "", first_generation: int = 0, **options: Any) -> JobReport:
     serves = nodes.node_rank == 0
     store_process, port = serve_store(nodes.master_port, bind=nodes.master_addr) if serves else (None, nodes.master_port)
     try:
@@ -237,7 +265,7 @@ def _supervise(spawn: Spawn, *, nproc: int, fault_log: str, secret: str, nodes: 
         hosts = HostWatch(control, node_rank=nodes.node_rank, nnodes=nodes.nnodes, nproc=nproc,
                           timeout_s=options["heartbeat_timeout_s"], resume_command=resume_command) if nodes.nnodes > 1 else None
         supervisor = Supervisor(spawn, world_size=nproc * nodes.nnodes, ranks=nodes.ranks(nproc), control=control,
-                                fault_log=Path(fault_log), hosts=hosts, **options)
+                                fault_log=Path(fault_log), hosts=hosts, first_generation=first_generation, **options)
         try:
             return supervisor.run()
         finally:

@@ -131,6 +131,7 @@ class Supervisor:
         grace_s: float = GRACE_S,
         fault_log: Path | None = None,
         hosts: HostWatch | None = None,
+        first_generation: int = 0,
     ) -> None:
         self.spawn, self.world_size, self.control = spawn, world_size, control
         self.ranks = list(range(world_size) if ranks is None else ranks)
@@ -139,11 +140,11 @@ class Supervisor:
         self.fault_log = fault_log
         self.hosts = hosts  # the other hosts' liveness, in a multi-host job
         self.store_lost = False
-        self.generation = 0
+        self.generation = first_generation  # > 0: a standby host's ranks, replacing a lost host's
         self.recoveries: list[RecoveryRecord] = []
 
     def run(self) -> JobReport:
-        workers = {rank: self.spawn(rank, 0, self.control.port) for rank in self.ranks}
+        workers = {rank: self.spawn(rank, self.generation, self.control.port) for rank in self.ranks}
         self._watch(workers)
         for recovery in self.recoveries:
             recovery.rank_events = self.control.records(recovery.generation, range(self.world_size))
@@ -182,8 +183,12 @@ class Supervisor:
         """One look at the ranks: (when to kill them all, why), or (None, None) to go on."""
         dead = [r for r, c in codes.items() if c is not None and c < 0]
         failed = [r for r, c in codes.items() if c is not None and c > 0]
-        for rank in beats.hung(codes):
-            workers[rank].kill()
+        silent = beats.hung(codes)
+        if silent and not self._training_over(codes):  # a finished rank stops beating while it exits
+            for rank in silent:
+                print(f"moetion supervisor: rank {rank} sent no heartbeat for {self.heartbeat_timeout_s:g} s; "
+                      "killing it", flush=True)
+                workers[rank].kill()
         lost = self.hosts.lost_host() if self.hosts is not None else None
         if lost is not None:
             self.control.declare_fatal(lost)
@@ -215,7 +220,8 @@ class Supervisor:
 
     def _training_over(self, codes: dict[int, int | None]) -> bool:
         """Every rank finished (a clean exit, or its engine closed): no group can form again."""
-        return any(c == 0 for c in codes.values()) or self.control.all_done(self.generation, self.world_size)
+        # The job's newest generation: in a multi-host job another host's supervisor may publish it.
+        return any(c == 0 for c in codes.values()) or self.control.all_done(self.control.generation(), self.world_size)
 
     def _may_replace(self) -> bool:
         return self.recover and len(self.recoveries) < self.max_restarts
@@ -260,6 +266,7 @@ class _Heartbeats:
         self.last = dict.fromkeys(ranks, (-1, 0))
         self.moved_at = dict.fromkeys(ranks, time.monotonic())
         self.checked_at = 0.0
+        self.reset(ranks)  # a standby host's ranks: the lost host's last beats are not theirs
 
     def reset(self, ranks: list[int]) -> None:
         counts = self.control.heartbeats(ranks)
@@ -276,8 +283,6 @@ class _Heartbeats:
             if count is not None and count > self.last[rank]:
                 self.last[rank], self.moved_at[rank] = count, now
             elif self.last[rank] > self.baseline[rank] and codes[rank] is None and now - self.moved_at[rank] > self.timeout_s:
-                print(f"moetion supervisor: rank {rank} sent no heartbeat for {self.timeout_s:g} s; killing it",
-                      flush=True)
                 stuck.append(rank)
                 self.moved_at[rank] = now
         return stuck

@@ -5,10 +5,12 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -31,17 +33,21 @@ def free_port() -> int:
 
 
 def results(*outputs: str) -> dict[str, dict]:
-    found = {}
+    """Each rank's result line; ranks share the launcher's stdout, so a line may run into the next."""
+    found, decoder = {}, json.JSONDecoder()
     for out in outputs:
-        for rank, payload in re.findall(r"rank (\d+) result (\{.*\})", out):
-            found[rank] = json.loads(payload)
+        for match in re.finditer(r"rank (\d+) result ", out):
+            found[match.group(1)] = decoder.raw_decode(out, match.end())[0]
     return found
 
 
-def launch(script, shm, *extra, env=None):
-    command = [sys.executable, "-m", "moetion.cli", "launch", "--timeout", "400", *extra, str(script), str(shm)]
+def launch(script, shm, *extra, env=None, session=False):
+    """``moetion launch [extra] script shm [disk]`` (a ``Path`` in ``extra`` is a script argument)."""
+    args = [str(a) for a in extra if isinstance(a, Path)]
+    flags = [a for a in extra if not isinstance(a, Path)]
+    command = [sys.executable, "-m", "moetion.cli", "launch", "--timeout", "400", *flags, str(script), str(shm), *args]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})})
+                            env={**os.environ, **(env or {})}, start_new_session=session)
 
 
 def test_a_rank_of_the_second_host_is_replaced_and_the_job_stays_exact(tmp_path):
@@ -107,3 +113,61 @@ def test_a_lost_host_without_a_standby_ends_the_job_naming_the_host_and_the_resu
     assert (f"moetion launch --resume --nproc 2 --nnodes 2 --node-rank 1 --master-addr 127.0.0.1 "
             f"--master-port {port} {script} {shm}") in err, err
     assert "no answer within" not in err and "no new generation" not in err, err
+
+
+STANDBY_SCRIPT = textwrap.dedent('''
+    import hashlib, json, os, sys, time, torch, moetion
+    from moetion.models import GPTMoEConfig, build_gpt_moe_layers, gpt_moe_loss
+    model = GPTMoEConfig(seq_len=8, d_model=16, n_heads=2, n_layers=4, d_hidden=16, num_experts=2)
+    module = moetion.PipelineModule(build_gpt_moe_layers(model), 4, loss_fn=gpt_moe_loss)
+    engine = moetion.initialize(module, optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-2), config={
+        "micro_batches": 2, "upstream_log": {"enabled": True},
+        "snapshot": {"enabled": True, "window": 2, "shm_dir": sys.argv[1], "persist_dir": sys.argv[2]}})
+    data = moetion.ByteCorpus(bytes(range(256)) * 8, seq_len=8, micro_batch_size=2)
+    while engine.iteration < 8:
+        engine.train_batch(data)
+        pause = os.environ.get("TEST_PAUSE_MARKER")
+        if pause and engine.iteration == 5 and engine.dist.rank >= 2 and moetion.control.start_generation() == 0:
+            open(f"{pause}.rank{engine.dist.rank}", "w").close()
+            time.sleep(120)  # host 1 is killed here
+    engine.close()
+    digest = hashlib.sha256(b"".join(t.numpy().tobytes() for t in module.state_dict().values())).hexdigest()
+    print(f"rank {engine.dist.rank} result " + json.dumps({"losses": engine.losses, "weights": digest}), flush=True)
+''')
+
+
+@pytest.mark.timeout(400)
+def test_a_standby_host_takes_over_a_lost_host_and_the_job_stays_exact(tmp_path):
+    """Host 1's launcher and ranks are SIGKILLed and its shared memory wiped; the standby claims
+    node rank 1, its ranks restore from the peer replica and the persisted windows and replay, and
+    every rank ends as in a fault-free run."""
+    script = tmp_path / "train.py"
+    script.write_text(STANDBY_SCRIPT)
+    reference = launch(script, tmp_path / "shm-ref", tmp_path / "disk-ref", "--nproc", "4")
+    out, err = reference.communicate(timeout=200)
+    assert reference.returncode == 0, err
+    expected = results(out)
+
+    port, marker = free_port(), tmp_path / "paused"
+    env = {"MOETION_JOB_SECRET": secrets.token_hex(32), "TEST_PAUSE_MARKER": str(marker)}
+    common = ["--heartbeat-timeout", "3", "--nproc", "2", "--nnodes", "2", "--master-port", str(port)]
+    host0 = launch(script, tmp_path / "shm0", tmp_path / "disk", *common, "--node-rank", "0", env=env)
+    host1 = launch(script, tmp_path / "shm1", tmp_path / "disk", *common, "--node-rank", "1", env=env, session=True)
+    standby = launch(script, tmp_path / "shm-standby", tmp_path / "disk", *common, "--standby", env=env)
+    deadline = time.monotonic() + 300
+    while not all(Path(f"{marker}.rank{r}").exists() for r in (2, 3)):
+        assert time.monotonic() < deadline and host1.poll() is None, "host 1 never reached the pause"
+        time.sleep(0.2)
+    os.killpg(host1.pid, signal.SIGKILL)  # the launcher, its ranks and its spare: the whole host
+    host1.wait()
+    shutil.rmtree(tmp_path / "shm1")  # its memory is gone with it
+    (out0, err0), (out_s, err_s) = host0.communicate(timeout=300), standby.communicate(timeout=300)
+    assert host0.returncode == 0, out0 + err0
+    assert standby.returncode == 0, out_s + err_s
+    assert "took over host 1" in out_s, out_s
+    got = results(out0, out_s)
+    assert sorted(got) == ["0", "1", "2", "3"]
+    for rank in expected:
+        assert got[rank]["weights"] == expected[rank]["weights"], f"rank {rank} weights differ"
+    for rank in ("0", "1"):
+        assert got[rank]["losses"] == expected[rank]["losses"]
