@@ -75,6 +75,9 @@ class SnapshotConfig:
         replicate: send each complete window to a peer stage's host over a gloo group of its own.
         persist_dir: also write every ``persist_every``-th complete window there (asynchronously).
         keep_persisted: persisted windows kept per stage replica (older ones are pruned).
+        persist_codec: ``"none"`` writes a window's blob raw; ``"lz4"`` or ``"zstd"`` write it
+            delta-compressed (compute snapshots as XOR against the previous capture, shuffled and
+            compressed, on the persisting thread; :mod:`moetion.snapshot.delta`), exact on load.
         reorder_change / reorder_fraction: re-order experts at a window boundary when at least
             ``reorder_fraction`` of them changed popularity by more than ``reorder_change``.
     """
@@ -89,6 +92,7 @@ class SnapshotConfig:
     persist_dir: str | None = None
     persist_every: int = 1
     keep_persisted: int = 2
+    persist_codec: str = "none"
     reorder_change: float = 0.10
     reorder_fraction: float = 0.25
 
@@ -102,6 +106,8 @@ class SnapshotConfig:
             raise ConfigError(f"snapshot.budget_fraction must lie in (0, 1] or be null (automatic), got {self.budget_fraction}")
         if self.persist_every < 1 or self.keep_persisted < 1:
             raise ConfigError("snapshot.persist_every and snapshot.keep_persisted must be >= 1")
+        if self.persist_codec not in CODECS:
+            raise ConfigError(f"snapshot.persist_codec must be one of {CODECS}, got {self.persist_codec!r}")
         if not (0 < self.reorder_change and 0 < self.reorder_fraction <= 1):
             raise ConfigError("snapshot.reorder_change must be > 0 and reorder_fraction in (0, 1]")
 

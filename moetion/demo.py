@@ -38,6 +38,7 @@ class DemoSettings:
     snapshots: bool = True
     window: int | None = None
     persist_dir: str | None = None
+    persist_codec: str = "none"  # snapshot.persist_codec: "lz4"/"zstd" write windows delta-compressed
     replicate: bool = True
     progress: bool = True  # rank 0 prints a line per iteration
     run_dir: str | None = None  # metrics go to run_dir/metrics, `moetion report`'s output to run_dir/report
@@ -72,7 +73,7 @@ def demo_engine_config(settings: DemoSettings, *, run_id: str = "demo") -> moeti
                         "decay_iterations": max(1, settings.iterations - 5), "min_ratio": 0.1},
         "snapshot": {"enabled": settings.snapshots, "window": settings.window, "run_id": run_id,
                      "shm_dir": SHM_ROOT, "persist_dir": settings.persist_dir,
-                     "replicate": settings.replicate},
+                     "persist_codec": settings.persist_codec, "replicate": settings.replicate},
         "upstream_log": {"enabled": settings.snapshots},
         "peer_timeout_s": settings.peer_timeout_s,
         "metrics": {"dir": settings.run_dir},

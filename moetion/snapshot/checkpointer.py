@@ -39,6 +39,7 @@ from moetion.faults import fault_point, register_memory
 from moetion.model_state import state_tensors
 from moetion.operators import Operator, discover_operators
 from moetion.profiling import CAPTURE, FENCE, LEDGER, PROPOSE, STORED
+from moetion.snapshot.delta import DeltaCodec
 from moetion.snapshot.capture import CaptureWorker, CopyJob
 from moetion.snapshot.image import Capture, Entry, SnapshotError, WindowImage, WindowManifest, checksum
 from moetion.snapshot.layout import WindowLayout, plan_layout
@@ -125,7 +126,8 @@ class SparseCheckpointer:
         # LR scheduler): a replay restores it before re-running the window's iterations.
         self.window_state: dict[str, Callable[[], dict]] = {}
         self.persister = (
-            AsyncPersister(Path(config.persist_dir) / identity.run_id, keep=config.keep_persisted)
+            AsyncPersister(Path(config.persist_dir) / identity.run_id, keep=config.keep_persisted,
+                           codec=None if config.persist_codec == "none" else DeltaCodec(config.persist_codec))
             if config.persist_dir else None
         )
         # Run on the capture thread after a window is published: hand it to the slower tiers.

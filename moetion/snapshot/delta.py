@@ -46,6 +46,16 @@ class EncodedWindow:
         return len(self.frames)
 
 
+FRAME_OVERHEAD_BOUND = 4096  # a frame's header and a codec's worst-case growth on a small entry
+
+
+def max_encoded_bytes(manifest: WindowManifest) -> int:
+    """The most an encoded window of ``manifest`` can take (incompressible data grows a little):
+    a size read from disk beyond it is refused before anything is allocated."""
+    entries = sum(len(capture.entries) for capture in manifest.captures)
+    return manifest.blob_bytes + manifest.blob_bytes // 64 + entries * FRAME_OVERHEAD_BOUND
+
+
 def encode_window(image: WindowImage, codec: DeltaCodec = DeltaCodec()) -> EncodedWindow:
     """Compresses every entry of ``image``; compute entries as XOR-deltas against the previous capture."""
     parts: list[bytes] = []

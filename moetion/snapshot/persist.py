@@ -1,7 +1,8 @@
 """The disk tier: complete window images persisted for whole-job restarts and offline export.
 
 Layout: ``root/stage-SSS/replica-RRR/window-TTTTTTTTTT/{manifest.json,blob.bin}`` (T: the window's
-start iteration). A window directory appears only by ``os.rename`` of a fully written, fsynced
+start iteration), or ``blob.delta`` in place of ``blob.bin`` when written with a codec (the entries
+as delta-compressed frames, :mod:`moetion.snapshot.delta`; loading decodes and verifies them). A window directory appears only by ``os.rename`` of a fully written, fsynced
 sibling ``.tmp-*`` directory; readers ignore ``.tmp-*`` leftovers of crashed writers (delete them
 by hand at leisure). No pickle: a JSON manifest, raw bytes, and a checksum per tensor.
 
@@ -31,10 +32,12 @@ import torch
 from moetion.errors import ConfigError
 from moetion.faults import fault_point
 from moetion.private_files import UnsafePathError, create_exclusive, fsync_dir, private_dir
+from moetion.snapshot.delta import DeltaCodec, EncodedWindow, decode_window, encode_window, max_encoded_bytes
 from moetion.snapshot.image import SnapshotError, WindowImage, WindowManifest
 
 MANIFEST = "manifest.json"
 BLOB = "blob.bin"
+DELTA = "blob.delta"  # the blob's entries as delta-compressed frames
 LOGS = "logs.bin"  # the window's upstream logs: a logging_store export stream (checksummed frames)
 TMP_PREFIX = ".tmp-"
 CHUNK_BYTES = 64 << 20  # bounded write size: no single huge syscall, no copy of the blob
@@ -72,7 +75,8 @@ def iter_window_dirs(root: Path) -> list[tuple[int, int, int, Path]]:
             for t0, path in _numbered(_put_back_replaced(replica_dir), "window")]
 
 
-def persist_window(image: WindowImage, root: Path, *, verify: bool = True, logs: bytes | None = None) -> Path:
+def persist_window(image: WindowImage, root: Path, *, verify: bool = True, logs: bytes | None = None,
+                   codec: DeltaCodec | None = None) -> Path:
     """Writes ``image`` atomically under ``root``; returns its window directory.
 
     ``verify`` first checks the in-memory checksums (native, ~10 GB/s), so a corrupted copy is
@@ -81,6 +85,7 @@ def persist_window(image: WindowImage, root: Path, *, verify: bool = True, logs:
     ``.tmp-replaced-*``, replaced, then deleted. The blob must not change while it is written;
     it may map a file the caller has already unlinked. ``logs`` (what this stage sent during the
     window, as a ``LogStore.export`` stream) are written beside it, in the same atomic step.
+    With ``codec`` the blob is written delta-compressed (``blob.delta``).
     """
     m, blob = image.manifest, image.blob
     dest = window_path(root, stage=m.stage, replica=m.replica, start_iteration=m.start_iteration)
@@ -97,7 +102,10 @@ def persist_window(image: WindowImage, root: Path, *, verify: bool = True, logs:
         private_dir(dest.parent)
         private_dir(tmp)
         _write_file(tmp / MANIFEST, memoryview(manifest_bytes))
-        _write_file(tmp / BLOB, memoryview(blob[: m.blob_bytes].contiguous().numpy()))  # no copy of the blob
+        if codec is None:
+            _write_file(tmp / BLOB, memoryview(blob[: m.blob_bytes].contiguous().numpy()))  # no copy of the blob
+        else:
+            _write_file(tmp / DELTA, memoryview(encode_window(image, codec).frames))
         if logs is not None:
             _write_file(tmp / LOGS, memoryview(logs))
         fsync_dir(tmp)
@@ -115,8 +123,9 @@ def persist_window(image: WindowImage, root: Path, *, verify: bool = True, logs:
     except (OSError, UnsafePathError) as error:
         shutil.rmtree(tmp, ignore_errors=True)
         raise SnapshotError(f"cannot persist window to {dest}: {error}; check that {root} is a writable directory with free space") from error
-    _log.info("persisted window %d..%d of stage %d replica %d to %s (%d bytes)",
-              m.start_iteration, m.end_iteration, m.stage, m.replica, dest, m.blob_bytes)
+    _log.info("persisted window %d..%d of stage %d replica %d to %s (%d bytes%s)",
+              m.start_iteration, m.end_iteration, m.stage, m.replica, dest, m.blob_bytes,
+              "" if codec is None else f", {(dest / DELTA).stat().st_size} stored")
     return dest
 
 
@@ -180,15 +189,14 @@ def read_manifest(window_dir: Path) -> WindowManifest:
     advice = f"delete {window_dir} and load another window or tier"
     try:
         m = WindowManifest.from_json(manifest_path.read_bytes(), source=str(manifest_path))
+        if not blob_path.exists() and (window_dir / DELTA).exists():
+            return _checked_home(m, window_dir)  # its size is checked when it is decoded
         size = blob_path.stat().st_size
     except OSError as error:
         raise SnapshotError(f"{error.filename}: missing or unreadable ({error.strerror}); {advice}") from None
     except SnapshotError as error:
         raise SnapshotError(f"{error}; {advice}") from None
-    home = window_path(Path(), stage=m.stage, replica=m.replica, start_iteration=m.start_iteration)
-    if home.parts != window_dir.parts[-3:]:
-        raise SnapshotError(f"{manifest_path}: describes stage {m.stage} replica {m.replica} window {m.start_iteration}, "
-                            f"which belongs in {home}; the directory was moved or mixed up")
+    _checked_home(m, window_dir)
     if size != m.blob_bytes:
         problem = "truncated" if size < m.blob_bytes else "longer than expected"
         raise SnapshotError(f"{blob_path}: {problem}: {size} bytes, manifest says {m.blob_bytes}; {advice}")
@@ -199,6 +207,8 @@ def load_window(window_dir: Path, *, verify: bool = True) -> WindowImage:
     """Reads one window directory into memory; with ``verify`` every tensor's checksum is checked."""
     window_dir = Path(window_dir)
     m = read_manifest(window_dir)
+    if (window_dir / DELTA).exists():
+        return _load_delta(window_dir, m)
     blob = torch.empty(m.blob_bytes, dtype=torch.uint8)
     view, done = memoryview(blob.numpy()), 0
     try:
@@ -213,6 +223,27 @@ def load_window(window_dir: Path, *, verify: bool = True) -> WindowImage:
     if verify:
         image.verify(source=str(window_dir / BLOB))
     return image
+
+
+def _checked_home(m: WindowManifest, window_dir: Path) -> WindowManifest:
+    home = window_path(Path(), stage=m.stage, replica=m.replica, start_iteration=m.start_iteration)
+    if home.parts != window_dir.parts[-3:]:
+        raise SnapshotError(f"{window_dir / MANIFEST}: describes stage {m.stage} replica {m.replica} window "
+                            f"{m.start_iteration}, which belongs in {home}; the directory was moved or mixed up")
+    return m
+
+
+def _load_delta(window_dir: Path, m: WindowManifest) -> WindowImage:
+    """A delta-compressed window, decoded; every entry's checksum is always verified (decoding does)."""
+    path = window_dir / DELTA
+    try:
+        size = path.stat().st_size
+        if size > max_encoded_bytes(m):
+            raise SnapshotError(f"{path}: {size} bytes is more than a {m.blob_bytes}-byte window can encode to")
+        frames = path.read_bytes()
+    except OSError as error:
+        raise SnapshotError(f"{path}: cannot read ({error.strerror})") from None
+    return decode_window(EncodedWindow(m, frames), source=str(path))
 
 
 def load_window_logs(window_dir: Path) -> bytes:
@@ -290,10 +321,10 @@ class AsyncPersister:
     common. ``close()`` drains the queue.
     """
 
-    def __init__(self, root: Path, *, keep: int = 2, verify: bool = True) -> None:
+    def __init__(self, root: Path, *, keep: int = 2, verify: bool = True, codec: DeltaCodec | None = None) -> None:
         if keep < 1:
             raise ConfigError(f"keep must be at least 1, got {keep}")
-        self.root, self.keep, self.verify = Path(root), keep, verify
+        self.root, self.keep, self.verify, self.codec = Path(root), keep, verify, codec
         self._limit: tuple[int, int] | None = None  # (job-wide restorable start, number of stages)
         self._cond = threading.Condition()
         self._pending: tuple[WindowImage, bytes | None] | None = None
@@ -385,7 +416,7 @@ class AsyncPersister:
                 self._writing = image
             m, record, size, error = image.manifest, None, 0, None
             try:
-                path = persist_window(image, self.root, verify=self.verify, logs=logs)
+                path = persist_window(image, self.root, verify=self.verify, logs=logs, codec=self.codec)
                 prune_persisted(self.root, stage=m.stage, replica=m.replica, keep=self.keep, job_nonce=m.job_nonce,
                                 below=self._prune_below(m))
                 record = PersistedWindow.of(m, path)

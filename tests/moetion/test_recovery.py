@@ -120,15 +120,17 @@ def test_faults_during_recovery_a_log_sender_mid_transfer_then_the_only_replica_
     """Stage 1 dies after announcing the size of the logs it owes stage 2's replacement (that
     recovery fails and starts over, replaying 1 and 2 as a chain); later stage 3, holding the only
     replica of stage 2's window, dies paused before stage 2's replacement read it: the window
-    comes from disk."""
-    harness = FaultHarness(Job(demo=settings(persist_dir=str(tmp_path / "persist"))), work_dir=tmp_path / "faults",
-                           timeout_s=400)
+    comes from disk, where windows are delta-compressed."""
+    harness = FaultHarness(Job(demo=settings(persist_dir=str(tmp_path / "persist"), persist_codec="lz4")),
+                           work_dir=tmp_path / "faults", timeout_s=400)
     report = harness.run(["stage=2,iter=5,phase=backward", "stage=1,iter=5,phase=handover",
                           "stage=2,iter=11,phase=backward,memory=lost", "stage=3,iter=11,phase=paused"])
     assert report.verdict.identical, "\n".join(report.lines())
     restored = [t for t in report.timelines if not t.superseded]
     assert [sorted(t.sources) for t in restored] == [[1, 2], [2, 3]]
     assert restored[-1].sources[2] == "disk"
+    persisted = tmp_path / "persist"
+    assert list(persisted.rglob("blob.delta")) and not list(persisted.rglob("blob.bin"))
 
 
 @pytest.fixture

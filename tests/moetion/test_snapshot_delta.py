@@ -9,7 +9,10 @@ import torch
 
 from logging_store import Filter
 from logging_store.frame import iter_frames
-from moetion.snapshot.delta import DeltaCodec, EncodedWindow, decode_window, encode_window
+from moetion.config import SnapshotConfig
+from moetion.errors import ConfigError
+from moetion.snapshot.delta import DeltaCodec, EncodedWindow, decode_window, encode_window, max_encoded_bytes
+from moetion.snapshot.persist import load_persisted, load_window, persist_window
 from moetion.snapshot.image import Capture, SnapshotError, WindowImage, checksum, entry_view
 
 from window_image_helpers import make_image
@@ -72,3 +75,34 @@ def test_a_truncated_stream_is_rejected():
     encoded = encode_window(make_image(seed=9)[0])
     with pytest.raises(SnapshotError, match="cannot decode"):
         decode_window(EncodedWindow(encoded.manifest, encoded.frames[: len(encoded.frames) // 2]))
+
+
+@pytest.mark.parametrize("codec", [DeltaCodec("lz4"), DeltaCodec("zstd", 3)])
+def test_a_window_persisted_delta_compressed_loads_bit_exact(tmp_path, codec):
+    image = _slowly_changing(make_image(start_iteration=10, seed=4)[0])
+    path = persist_window(image, tmp_path, codec=codec)
+    assert sorted(p.name for p in path.iterdir()) == ["blob.delta", "manifest.json"]
+    loaded = load_persisted(tmp_path, stage=image.manifest.stage, replica=0)
+    assert loaded.manifest == image.manifest
+    assert all(torch.equal(loaded.tensor(e), image.tensor(e)) for c in image.manifest.captures for e in c.entries)
+    assert persist_window(image, tmp_path, codec=codec) == path  # the same window is recognised, not rewritten
+
+
+def test_a_corrupted_or_oversized_delta_window_is_refused_naming_the_file(tmp_path):
+    image = _slowly_changing(make_image(start_iteration=10, seed=4)[0])
+    path = persist_window(image, tmp_path, codec=DeltaCodec("lz4"))
+    delta = path / "blob.delta"
+    raw = bytearray(delta.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    delta.write_bytes(bytes(raw))
+    with pytest.raises(SnapshotError, match="blob.delta"):
+        load_window(path)
+    with open(delta, "ab") as f:
+        f.truncate(max_encoded_bytes(image.manifest) + 1)
+    with pytest.raises(SnapshotError, match=r"blob.delta: \d+ bytes is more than"):
+        load_window(path)
+
+
+def test_persist_codec_is_validated():
+    with pytest.raises(ConfigError, match="snapshot.persist_codec must be one of"):
+        SnapshotConfig(persist_codec="gzip")
