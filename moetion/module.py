@@ -14,6 +14,7 @@ from torch import nn
 
 from moetion import random as mrandom
 from moetion.errors import ConfigError, PartitionError
+from moetion.initial_state import check_finite, digest
 from moetion.partition import balanced_partition, layer_weights
 from moetion.topology import PipeTopology
 
@@ -81,6 +82,10 @@ class PipelineModule(nn.Module):
             layer counts) or ``"type:<regex>"`` (balance layers whose class name matches).
         stage_id: the stage to build; by default derived from ``RANK`` and ``WORLD_SIZE``.
         seed: root of the per-layer initialisation seeds.
+
+    A built stage whose parameters hold NaN or infinity is refused (``ConfigError`` naming them:
+    typically weights allocated with ``torch.empty`` and never initialised); ``initial_digest``
+    records a checksum of every tensor of the stage as built.
     """
 
     def __init__(
@@ -114,6 +119,9 @@ class PipelineModule(nn.Module):
             (index, *self._build_layer(index))
             for index in range(self.parts[self.stage_id], self.parts[self.stage_id + 1])
         ]
+        check_finite(self, where=f"stage {self.stage_id}")
+        # The stage's state as built: a rebuild elsewhere (a replacement, the reference) must equal it.
+        self.initial_digest = digest(self)
 
     # -- partition facts every rank can compute -------------------------------------------------
     @property

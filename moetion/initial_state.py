@@ -1,0 +1,81 @@
+"""The initial state is part of exactness: a stage's state as built, checked and fingerprinted.
+
+Model libraries often allocate weights with ``torch.empty`` and initialise them only from a parent
+model's init routine, which a layer built on its own never runs: its weights are then leftover
+memory, different in every process and sometimes not even finite. A fault-free run and a recovered
+one would start from different bits without anyone noticing. So a stage refuses non-finite
+parameters as soon as it is built (:func:`check_finite`) and records a digest of its whole state
+(:func:`digest`); whatever builds a stage's initial state again elsewhere (a replacement replaying
+from before the first window, the single-process reference) checks its build against the recorded
+digest (:func:`check_initial`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from moetion.errors import ConfigError
+from moetion.snapshot.image import checksum
+
+log = logging.getLogger(__name__)
+
+InitialDigest = dict[str, int]  # state-dict key -> 64-bit checksum of the tensor's bytes
+
+LIKELY_CAUSE = ("the layer probably allocates it with torch.empty (or similar) and never initialises it, "
+                "so it holds leftover memory; initialise it in the layer's __init__ (e.g. nn.init.normal_) "
+                "so that every build gives the same bits")
+_NAMED = 5  # offending tensors named in one message
+
+
+def check_finite(module: nn.Module, *, where: str) -> None:
+    """ConfigError naming the parameters of ``module`` that hold NaN or infinity."""
+    bad = [name for name, p in module.named_parameters()
+           if p.is_floating_point() and not p.is_meta and not bool(torch.isfinite(p.detach()).all())]
+    if bad:
+        more = f" (and {len(bad) - _NAMED} more)" if len(bad) > _NAMED else ""
+        raise ConfigError(f"{where}: parameter(s) {', '.join(bad[:_NAMED])}{more} hold non-finite values right "
+                          f"after the stage was built: {LIKELY_CAUSE}")
+
+
+def digest(module: nn.Module) -> InitialDigest:
+    """A checksum of every tensor in ``module.state_dict()`` (meta tensors, which hold no data, skipped)."""
+    return {name: checksum(t.detach().cpu().contiguous().view(-1).view(torch.uint8))
+            for name, t in module.state_dict().items() if not t.is_meta}
+
+
+def check_initial(module: nn.Module, built: Mapping[str, int], expected: Mapping[str, int], *, where: str) -> None:
+    """ConfigError naming the first tensor whose digest in ``built`` (this build of ``module``'s
+    initial state) differs from ``expected`` (the digest recorded where the stage first started)."""
+    names = sorted(set(built) | set(expected))
+    differing = [n for n in names if built.get(n) != expected.get(n)]
+    if not differing:
+        return
+    first = differing[0]
+    if first not in built or first not in expected:
+        missing = "this build lacks" if first not in built else "the recorded initial state lacks"
+        raise ConfigError(f"{where}: {missing} {first!r}: the model definition differs from the one the job "
+                          f"started with")
+    kind = "parameter" if first in dict(module.named_parameters()) else "buffer"
+    more = f" ({len(differing) - 1} other tensor(s) differ too)" if len(differing) > 1 else ""
+    raise ConfigError(f"{where}: {kind} {first} differs from the initial state the job started from{more}, so "
+                      f"this stage cannot be rebuilt bit for bit: {LIKELY_CAUSE}")
+
+
+def encode(value: Mapping[str, int]) -> bytes:
+    return json.dumps(dict(value), sort_keys=True).encode()
+
+
+def decode(raw: bytes, *, source: str) -> InitialDigest | None:
+    """A digest from JSON, or None (with a warning naming ``source``) when it is malformed."""
+    try:
+        value = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        value = None
+    if not (isinstance(value, dict) and all(isinstance(k, str) and type(v) is int for k, v in value.items())):
+        log.warning("%s: the recorded initial-state digest is malformed; not checking the initial state", source)
+        return None
+    return value

@@ -1,0 +1,124 @@
+"""The initial state is part of exactness (issue 17, item 8): a stage built with non-finite weights is
+refused, and a rebuild of a stage whose uninitialised weights came out different (the reference, a
+replacement replaying from before the first window) is caught by the initial-state digest."""
+import itertools
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+import moetion
+from moetion import initial_state
+from moetion.control import ControlPlane, serve_store
+from moetion.errors import ConfigError
+from moetion.job_secret import new_secret
+from moetion.reference import train_reference
+from moetion.replay import replay_stage
+from moetion.upstream_log import LogReader
+
+import layout_models as models
+
+_builds = itertools.count()
+
+
+class LeftoverNaN(nn.Module):
+    """A weight allocated with ``torch.empty`` and never initialised. What the allocator hands out is
+    not reproducible, so the test puts a NaN where leftover memory may hold one."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(models.D_MODEL, models.D_MODEL)
+        self.scale = nn.Parameter(torch.empty(models.D_MODEL))
+        self.scale.data[3] = float("nan")
+
+    def forward(self, x):
+        return self.lin(x) * self.scale
+
+
+class LeftoverFinite(LeftoverNaN):
+    """Finite leftover memory that differs in every build (and every process), as torch.empty's does."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale.data.fill_(1.0 + next(_builds))
+
+
+class UninitialisedEmpty(LeftoverNaN):
+    """The real thing: torch.empty, nothing written to it."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.empty(4096))
+
+    def forward(self, x):
+        return self.lin(x) * self.scale[: x.shape[-1]]
+
+
+def stage(cls, stage_id=0):
+    return moetion.PipelineModule([moetion.LayerSpec(nn.Linear, models.D_MODEL, models.D_MODEL), moetion.LayerSpec(cls)],
+                                  2, loss_fn=models.mse, partition_method="uniform", stage_id=stage_id)
+
+
+def reference(cls, digests):
+    return train_reference(layers=[moetion.LayerSpec(nn.Linear, models.D_MODEL, models.D_MODEL), moetion.LayerSpec(cls)],
+                           num_stages=2, loss_fn=models.mse, optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1),
+                           config=moetion.Config.from_dict({"micro_batches": 2}), data=models.RegressionData(),
+                           iterations=1, partition_method="uniform", initial_digests=digests)
+
+
+def test_a_stage_whose_weights_are_not_finite_after_building_is_refused_naming_them():
+    with pytest.raises(ConfigError, match=r"stage 1: parameter\(s\) layers\.1\.scale hold non-finite values.*torch\.empty"):
+        stage(LeftoverNaN, 1)
+    stage(LeftoverNaN, 0)  # stage 0 does not hold the layer
+
+
+def test_the_reference_catches_a_stage_whose_uninitialised_weights_differ_from_the_pipelines():
+    digests = [stage(nn.Identity, 0).initial_digest, stage(LeftoverFinite, 1).initial_digest]
+    with pytest.raises(ConfigError, match=r"reference's stage 1: parameter layers\.1\.scale differs from the initial "
+                                          r"state.*never initialises it"):
+        reference(LeftoverFinite, digests)
+    same = [stage(nn.Identity, 0).initial_digest, stage(models.GroupedMoE, 1).initial_digest]
+    assert len(reference(models.GroupedMoE, same).losses) == 1  # a layer that initialises its weights passes
+
+
+def test_a_replay_from_the_initial_state_checks_the_rebuilt_stage():
+    recorded = stage(LeftoverFinite, 1).initial_digest
+    rebuilt = stage(LeftoverFinite, 1)
+    with pytest.raises(ConfigError, match=r"replay of stage 1 from the initial state: parameter layers\.1\.scale differs"):
+        replay_stage(module=rebuilt, optimizer=torch.optim.SGD(rebuilt.parameters(), lr=0.1),
+                     config=moetion.Config(), window=None, logs=LogReader({}, stage=1),
+                     data=models.RegressionData(), until=0, initial_digest=recorded)
+
+
+def test_a_real_torch_empty_weight_is_refused_caught_or_reproducible():
+    """Whatever leftover memory the allocator hands out, a rebuild never silently differs."""
+    builds = []
+    for _ in range(3):
+        try:
+            builds.append(stage(UninitialisedEmpty, 1))
+        except ConfigError as error:
+            assert "layers.1.scale" in str(error)
+    for later in builds[1:]:
+        try:
+            initial_state.check_initial(later, later.initial_digest, builds[0].initial_digest, where="rebuild")
+        except ConfigError as error:
+            assert "layers.1.scale differs" in str(error)
+        else:
+            assert all(torch.equal(a, b) for a, b in zip(later.state_dict().values(), builds[0].state_dict().values()))
+
+
+def test_the_digest_travels_through_the_control_store_signed(caplog):
+    process, port = serve_store(0)
+    try:
+        control = ControlPlane("127.0.0.1", port, secret=new_secret(), timeout_s=10)
+        built = stage(models.DeclaredMoE, 1).initial_digest
+        control.record_initial_digest(3, initial_state.encode(built))
+        assert initial_state.decode(control.initial_digest(3), source="test") == built
+        assert control.initial_digest(4) is None
+        with caplog.at_level(logging.WARNING, logger="moetion.initial_state"):
+            assert initial_state.decode(b'{"w": "x"}', source="rank 5") is None
+        assert "rank 5: the recorded initial-state digest is malformed" in caplog.text
+    finally:
+        process.terminate()
+        process.join()
