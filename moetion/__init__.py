@@ -35,6 +35,7 @@ from moetion.lr_scheduler import SchedulerSpec, build_lr_scheduler
 from moetion.module import LayerSpec, PipelineModule, TiedLayerSpec
 from moetion.moe import attach_aux_loss
 from moetion.operators import describe_kinds, discover_operators, kind_counts
+from moetion.routing import report_token_counts
 from moetion.run_identity import resume_requested
 from moetion.threads import pin_threads
 from moetion.timeouts import check_rank
@@ -62,6 +63,7 @@ __all__ = [
     "attach_aux_loss",
     "experts",
     "initialize",
+    "report_token_counts",
     "token_file_source",
     "resume_requested",
 ]

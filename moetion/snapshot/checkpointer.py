@@ -39,6 +39,7 @@ from moetion.faults import fault_point, register_memory
 from moetion.model_state import state_tensors
 from moetion.operators import OPERATOR_KINDS, Operator, discover_operators, kind_counts
 from moetion.profiling import CAPTURE, FENCE, LEDGER, PROPOSE, STORED
+from moetion.routing import operator_counts
 from moetion.snapshot.capture import CaptureWorker, CopyJob
 from moetion.snapshot.image import Capture, Entry, SnapshotError, WindowImage, WindowManifest, checksum
 from moetion.snapshot.layout import WindowLayout, plan_layout
@@ -141,10 +142,7 @@ class SparseCheckpointer:
 
     def dp_payload(self, token_counts: dict[str, torch.Tensor]) -> torch.Tensor:
         """[W proposal, tokens per expert operator] to be summed across replicas."""
-        counts = []
-        for name in self._experts:
-            layer, _, expert = name.rpartition(".experts.")
-            counts.append(float(token_counts[layer][int(expert)]) if layer in token_counts else 0.0)
+        counts = operator_counts([self.operators[name] for name in self._experts], token_counts)
         # Algorithm 1 is quadratic in operators: run it only where its answer is used.
         with LEDGER.blocking(PROPOSE):
             proposal = self._propose() if self._is_decision_point(self._iteration) else self._proposal

@@ -135,7 +135,8 @@ class ListMoE(nn.Module):
 
 class GroupedMoE(nn.Module):
     """Experts stacked in tensors with a leading expert dimension (a grouped-GEMM layout), top-2 with
-    capacity and a load-balancing loss through moetion's public hook: found by detection."""
+    capacity, its token counts and a load-balancing loss through moetion's public hooks: found by
+    detection."""
 
     def __init__(self, d: int = D_MODEL, experts: int = EXPERTS, h: int = HIDDEN, aux_coef: float = 0.01) -> None:
         super().__init__()
@@ -146,6 +147,7 @@ class GroupedMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         probs, choices, expert_of, token_of, weight_of, kept = top_k_dispatch(self.router(x), self.num_experts)
+        moetion.report_token_counts(self, torch.bincount(expert_of, minlength=self.num_experts))
         out = torch.zeros_like(x)
         for e in range(self.num_experts):
             mask = kept & (expert_of == e)
