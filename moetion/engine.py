@@ -86,6 +86,9 @@ class PipelineEngine:
         self._started_at = time.time()
         self.precision = StagePrecision(module, config.precision)
         self.dist = dist_context
+        if dist_context.topology.data_parallel > 1 and not replacement:  # a replacement copies a live replica
+            initial_state.check_replicas_agree(module, module.initial_digest, group=dist_context.data_group,
+                                               device=dist_context.device, where=f"stage {module.stage_id}")
         self.checkpointer = self._build_checkpointer() if config.snapshot.enabled else None
         if self.checkpointer is not None and lr_scheduler is not None:
             self.checkpointer.window_state[SCHEDULER_KEY] = lambda: scheduler_state(lr_scheduler)

@@ -7,7 +7,8 @@ one would start from different bits without anyone noticing. So a stage refuses 
 parameters as soon as it is built (:func:`check_finite`) and records a digest of its whole state
 (:func:`digest`); whatever builds a stage's initial state again elsewhere (a replacement replaying
 from before the first window, the single-process reference) checks its build against the recorded
-digest (:func:`check_initial`).
+digest (:func:`check_initial`), and the data-parallel replicas of a stage check that they agree
+(:func:`check_replicas_agree`).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import logging
 from typing import Mapping
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from moetion.errors import ConfigError
@@ -47,9 +49,11 @@ def digest(module: nn.Module) -> InitialDigest:
             for name, t in module.state_dict().items() if not t.is_meta}
 
 
-def check_initial(module: nn.Module, built: Mapping[str, int], expected: Mapping[str, int], *, where: str) -> None:
+def check_initial(module: nn.Module, built: Mapping[str, int], expected: Mapping[str, int], *, where: str,
+                  against: str = "the initial state the job started from") -> None:
     """ConfigError naming the first tensor whose digest in ``built`` (this build of ``module``'s
-    initial state) differs from ``expected`` (the digest recorded where the stage first started)."""
+    initial state) differs from ``expected`` (the digest recorded where the stage first started,
+    described by ``against``)."""
     names = sorted(set(built) | set(expected))
     differing = [n for n in names if built.get(n) != expected.get(n)]
     if not differing:
@@ -61,8 +65,23 @@ def check_initial(module: nn.Module, built: Mapping[str, int], expected: Mapping
                           f"started with")
     kind = "parameter" if first in dict(module.named_parameters()) else "buffer"
     more = f" ({len(differing) - 1} other tensor(s) differ too)" if len(differing) > 1 else ""
-    raise ConfigError(f"{where}: {kind} {first} differs from the initial state the job started from{more}, so "
-                      f"this stage cannot be rebuilt bit for bit: {LIKELY_CAUSE}")
+    raise ConfigError(f"{where}: {kind} {first} differs from {against}{more}, so this stage cannot be rebuilt "
+                      f"bit for bit: {LIKELY_CAUSE}")
+
+
+def check_replicas_agree(module: nn.Module, built: Mapping[str, int], *, group: dist.ProcessGroup,
+                         device: torch.device, where: str) -> None:
+    """ConfigError on every data-parallel replica of a stage when they were built to different bits
+    (their gradients are averaged, so they would train apart unnoticed). One all-gather at start-up."""
+    names = sorted(built)
+    mine = torch.tensor([v - 2**64 if v >= 2**63 else v for v in (built[n] for n in names)], dtype=torch.int64,
+                        device=device)
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, mine, group=group)
+    first = dict(zip(names, gathered[0].tolist()))
+    for replica, theirs in enumerate(gathered[1:], start=1):
+        check_initial(module, dict(zip(names, theirs.tolist())), first, where=f"{where}, replica {replica}",
+                      against="replica 0's")
 
 
 def encode(value: Mapping[str, int]) -> bytes:

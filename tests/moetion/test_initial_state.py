@@ -1,8 +1,10 @@
 """The initial state is part of exactness (issue 17, item 8): a stage built with non-finite weights is
 refused, and a rebuild of a stage whose uninitialised weights came out different (the reference, a
-replacement replaying from before the first window) is caught by the initial-state digest."""
+replacement replaying from before the first window, a data-parallel replica) is caught by the
+initial-state digest."""
 import itertools
 import logging
+import os
 
 import pytest
 import torch
@@ -11,8 +13,9 @@ from torch import nn
 import moetion
 from moetion import initial_state
 from moetion.control import ControlPlane, serve_store
-from moetion.errors import ConfigError
+from moetion.errors import ConfigError, LaunchError
 from moetion.job_secret import new_secret
+from moetion.launcher import run_workers
 from moetion.reference import train_reference
 from moetion.replay import replay_stage
 from moetion.upstream_log import LogReader
@@ -122,3 +125,24 @@ def test_the_digest_travels_through_the_control_store_signed(caplog):
     finally:
         process.terminate()
         process.join()
+
+
+class LeftoverPerProcess(LeftoverNaN):
+    """Finite leftover memory that differs between processes (each replica builds its own)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale.data.fill_(float(os.getpid() % 1000))
+
+
+def build_and_initialize():
+    module = moetion.PipelineModule([moetion.LayerSpec(LeftoverPerProcess), moetion.LayerSpec(LeftoverPerProcess)],
+                                    2, loss_fn=models.mse, partition_method="uniform")
+    moetion.initialize(module, optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1),
+                       config={"micro_batches": 2, "threads": 1, "peer_timeout_s": 30})
+
+
+@pytest.mark.slow  # real ranks over gloo
+def test_data_parallel_replicas_built_to_different_bits_are_refused_at_start_up():
+    with pytest.raises(LaunchError, match=r"stage \d, replica 1: parameter layers\.\d\.scale differs from replica 0's"):
+        run_workers(build_and_initialize, nproc=4, timeout_s=120)
