@@ -35,12 +35,17 @@ _NAMED = 5  # offending tensors named in one message
 
 def check_finite(module: nn.Module, *, where: str) -> None:
     """ConfigError naming the parameters of ``module`` that hold NaN or infinity."""
-    bad = [name for name, p in module.named_parameters()
-           if p.is_floating_point() and not p.is_meta and not bool(torch.isfinite(p.detach()).all())]
+    bad = [name for name, p in module.named_parameters() if p.is_floating_point() and not p.is_meta and not _finite(p)]
     if bad:
         more = f" (and {len(bad) - _NAMED} more)" if len(bad) > _NAMED else ""
         raise ConfigError(f"{where}: parameter(s) {', '.join(bad[:_NAMED])}{more} hold non-finite values right "
                           f"after the stage was built: {LIKELY_CAUSE}")
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    """A sum is NaN or infinite if any element is; only then (or on overflow) check element-wise."""
+    tensor = tensor.detach()
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
 def digest(module: nn.Module) -> InitialDigest:

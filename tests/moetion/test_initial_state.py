@@ -74,6 +74,9 @@ def test_a_stage_whose_weights_are_not_finite_after_building_is_refused_naming_t
     with pytest.raises(ConfigError, match=r"stage 1: parameter\(s\) layers\.1\.scale hold non-finite values.*torch\.empty"):
         stage(LeftoverNaN, 1)
     stage(LeftoverNaN, 0)  # stage 0 does not hold the layer
+    big = nn.Linear(4, 4).half()
+    big.weight.data.fill_(60000.0)  # finite, though its sum overflows fp16
+    initial_state.check_finite(big, where="fp16")
 
 
 def test_the_reference_catches_a_stage_whose_uninitialised_weights_differ_from_the_pipelines():
