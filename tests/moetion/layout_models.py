@@ -2,6 +2,8 @@
 MoE layers of the user's own layouts, as a new user would bring them."""
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -73,6 +75,24 @@ def balance_before_each_step(optimizer: torch.optim.Optimizer, module: nn.Module
         for block in blocks:
             block.balance()
     optimizer.register_step_pre_hook(balance)
+
+
+class LeftoverPerProcess(nn.Module):
+    """A weight allocated with ``torch.empty`` and never initialised: leftover memory that differs
+    between processes (made so here, as the allocator's leftovers are not reproducible)."""
+
+    def __init__(self, d: int = D_MODEL) -> None:
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+        self.scale = nn.Parameter(torch.empty(d))
+        self.scale.data.fill_(1.0 + os.getpid() % 1000 / 1000)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) * self.scale
+
+
+def leftover_layers(stages: int) -> list[moetion.LayerSpec]:
+    return [moetion.LayerSpec(LeftoverPerProcess) for _ in range(2 * stages)]
 
 
 # -- MoE layers of the user's own layouts ---------------------------------------------------------

@@ -4,7 +4,7 @@ replacement replaying from before the first window, a data-parallel replica) is 
 initial-state digest."""
 import itertools
 import logging
-import os
+import re
 
 import pytest
 import torch
@@ -14,6 +14,7 @@ import moetion
 from moetion import initial_state
 from moetion.control import ControlPlane, serve_store
 from moetion.errors import ConfigError, LaunchError
+from moetion.harness.runner import FaultHarness, Job
 from moetion.job_secret import new_secret
 from moetion.launcher import run_workers
 from moetion.reference import train_reference
@@ -21,6 +22,7 @@ from moetion.replay import replay_stage
 from moetion.upstream_log import LogReader
 
 import layout_models as models
+from layout_script import layout_script
 
 _builds = itertools.count()
 
@@ -130,16 +132,8 @@ def test_the_digest_travels_through_the_control_store_signed(caplog):
         process.join()
 
 
-class LeftoverPerProcess(LeftoverNaN):
-    """Finite leftover memory that differs between processes (each replica builds its own)."""
-
-    def __init__(self):
-        super().__init__()
-        self.scale.data.fill_(float(os.getpid() % 1000))
-
-
 def build_and_initialize():
-    module = moetion.PipelineModule([moetion.LayerSpec(LeftoverPerProcess), moetion.LayerSpec(LeftoverPerProcess)],
+    module = moetion.PipelineModule([moetion.LayerSpec(models.LeftoverPerProcess), moetion.LayerSpec(models.LeftoverPerProcess)],
                                     2, loss_fn=models.mse, partition_method="uniform")
     moetion.initialize(module, optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1),
                        config={"micro_batches": 2, "threads": 1, "peer_timeout_s": 30})
@@ -149,3 +143,17 @@ def build_and_initialize():
 def test_data_parallel_replicas_built_to_different_bits_are_refused_at_start_up():
     with pytest.raises(LaunchError, match=r"stage \d, replica 1: parameter layers\.\d\.scale differs from replica 0's"):
         run_workers(build_and_initialize, nproc=4, timeout_s=120)
+
+
+@pytest.mark.slow  # real ranks under the supervisor
+def test_a_replacement_whose_rebuilt_initial_state_differs_stops_with_the_cause(tmp_path, capfd):
+    """Killed before the first window completed, stage 1 is replaced and must replay from the initial
+    state, which its process builds to other bits: it stops naming the parameter, not diverging."""
+    script = tmp_path / "train.py"
+    script.write_text(layout_script(layers="leftover_layers", stages=2, iterations=2, window=3))
+    harness = FaultHarness(Job(script=str(script), script_args=[str(tmp_path / "shm")], nproc=2),
+                           work_dir=tmp_path / "faults", timeout_s=400)
+    with pytest.raises(LaunchError, match="rank 1: exited with code 1"):
+        harness.run(["stage=1,iter=1,phase=forward"])
+    assert re.search(r"ConfigError: replay of stage 1 from the initial state: parameter layers\.2\.scale differs "
+                     r"from the initial state the job started from", capfd.readouterr().err)
