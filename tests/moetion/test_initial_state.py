@@ -14,6 +14,7 @@ import moetion
 from moetion import initial_state
 from moetion.control import ControlPlane, serve_store
 from moetion.errors import ConfigError, LaunchError
+from moetion.harness.final_state import compare_runs
 from moetion.harness.runner import FaultHarness, Job
 from moetion.job_secret import new_secret
 from moetion.launcher import run_workers
@@ -114,6 +115,18 @@ def test_a_real_torch_empty_weight_is_refused_caught_or_reproducible():
             assert "layers.1.scale differs" in str(error)
         else:
             assert all(torch.equal(a, b) for a, b in zip(later.state_dict().values(), builds[0].state_dict().values()))
+
+
+def test_the_fault_harness_verdict_says_when_two_runs_started_from_different_bits():
+    def final(module):
+        return {0: {"iteration": 1, "model": module.state_dict(), "optimizer": {}, "lr_scheduler": None,
+                    "losses": {0: 1.0}, "buffers": [], "initial_digest": module.initial_digest}}
+    verdict = compare_runs(final(stage(LeftoverFinite, 1)), final(stage(LeftoverFinite, 1)))
+    assert not verdict.identical and verdict.summary().startswith("MISMATCH to the fault-free run: INITIAL STATES DIFFER")
+    assert verdict.mismatches[0].startswith("rank 0: started from other bits than the reference (layers.1.scale "
+                                            "differs): the layer probably allocates it with torch.empty")
+    same = stage(models.GroupedMoE, 1)
+    assert compare_runs(final(same), final(same)).identical
 
 
 def test_the_digest_travels_through_the_control_store_signed(caplog):
