@@ -34,6 +34,8 @@ from moetion.experts import ExpertLayout, experts
 from moetion.lr_scheduler import SchedulerSpec, build_lr_scheduler
 from moetion.module import LayerSpec, PipelineModule, TiedLayerSpec
 from moetion.moe import attach_aux_loss
+from moetion.operators import describe_kinds, discover_operators, kind_counts
+from moetion.routing import report_token_counts
 from moetion.run_identity import resume_requested
 from moetion.threads import pin_threads
 from moetion.timeouts import check_rank
@@ -61,6 +63,7 @@ __all__ = [
     "attach_aux_loss",
     "experts",
     "initialize",
+    "report_token_counts",
     "token_file_source",
     "resume_requested",
 ]
@@ -108,10 +111,11 @@ def initialize(
         optimizer = optimizer(module.parameters())
     scheduler = build_lr_scheduler(lr_scheduler, optimizer, config.lr_schedule)
     _log_module.info(
-        "stage %d/%d replica %d/%d: layers %d..%d, %d parameters, %d intra-op threads, %s",
+        "stage %d/%d replica %d/%d: layers %d..%d, %d parameters, %s, %d intra-op threads, %s",
         context.stage, module.num_stages, context.replica, context.topology.data_parallel,
         module.parts[context.stage], module.parts[context.stage + 1] - 1,
-        sum(p.numel() for p in module.parameters()), threads, config.precision,
+        sum(p.numel() for p in module.parameters()), describe_kinds(kind_counts(discover_operators(module))),
+        threads, config.precision,
     )
     return PipelineEngine(module=module, optimizer=optimizer, config=config, dist_context=context, threads=threads,
                           control=control, generation=generation, replacement=start_generation() > 0,

@@ -224,6 +224,15 @@ class ControlPlane:
                 found[rank] = events
         return found
 
+    # -- the initial state -----------------------------------------------------------------------------
+    def record_initial_digest(self, rank: int, value: bytes) -> None:
+        """The digest of ``rank``'s stage as first built (see :mod:`moetion.initial_state`)."""
+        self.store.set(f"initial/{rank}", value)
+
+    def initial_digest(self, rank: int) -> bytes | None:
+        """What :meth:`record_initial_digest` recorded for ``rank``, if signed with the job secret."""
+        return self._signed(f"initial/{rank}")
+
     # -- liveness -------------------------------------------------------------------------------------
     def heartbeats(self, ranks: list[int]) -> dict[int, tuple[int, int] | None]:
         """Each rank's newest heartbeat as (generation its process started in, beats): a replacement's

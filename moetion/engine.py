@@ -26,6 +26,8 @@ from moetion.decisions import LiveDecisions
 from moetion.distributed import DistContext, build_context, join_job, leave_process_group
 from moetion.errors import ConfigError, PeerFailure
 from moetion.faults import fault_point, faults_armed
+from moetion import initial_state
+from moetion.initial_state import InitialDigest
 from moetion.iteration import InputPort, IterationStats, OutputPort, Placement, StageIteration, no_fault
 from moetion.lr_scheduler import STATE_KEY as SCHEDULER_KEY, restore_scheduler, scheduler_state
 from moetion.metrics import open_rank_metrics
@@ -84,6 +86,9 @@ class PipelineEngine:
         self._started_at = time.time()
         self.precision = StagePrecision(module, config.precision)
         self.dist = dist_context
+        if dist_context.topology.data_parallel > 1 and not replacement:  # a replacement copies a live replica
+            initial_state.check_replicas_agree(module, module.initial_digest, group=dist_context.data_group,
+                                               device=dist_context.device, where=f"stage {module.stage_id}")
         self.checkpointer = self._build_checkpointer() if config.snapshot.enabled else None
         if self.checkpointer is not None and lr_scheduler is not None:
             self.checkpointer.window_state[SCHEDULER_KEY] = lambda: scheduler_state(lr_scheduler)
@@ -93,6 +98,8 @@ class PipelineEngine:
         self._norm_params = self._params_counted_in_norm()
         self._connect(dist_context)
         self.metrics = open_rank_metrics(self)  # None unless config.metrics.dir is set
+        # A replacement that replays from the initial state checks its build against its predecessor's.
+        self._initial_digest = None if control is None else self._share_initial_digest(control, replacement)
         # Under a supervisor a lost peer is recovered from; a process started into a later
         # generation is a replacement and restores its stage before its first iteration.
         self.recovery = None if control is None else Recovery(
@@ -285,7 +292,8 @@ class PipelineEngine:
         if resume > 0:
             report = replay_stage(module=self.module, optimizer=self.optimizer, config=self.config, window=window,
                                   logs=logs, data=data, until=resume - 1, precision=self.precision,
-                                  record=self.upstream, inputs=inputs, outputs=outputs, lr_scheduler=self.lr_scheduler)
+                                  record=self.upstream, inputs=inputs, outputs=outputs, lr_scheduler=self.lr_scheduler,
+                                  initial_digest=self._initial_digest)
             first = report.start_iteration + 1
             self._adopt_history({t: logs.scalars(t) for t in range(first, resume)}, last=report.last)
         if self.upstream is not None:
@@ -313,6 +321,15 @@ class PipelineEngine:
             self.last_stats = IterationStats(t, s.loss, s.grad_norm, s.clip_coef, s.lr_factor, float("nan"))
 
     # -- building ------------------------------------------------------------------------------------
+    def _share_initial_digest(self, control: ControlPlane, replacement: bool) -> InitialDigest | None:
+        """A rank of the first start records its stage's initial digest; a replacement reads it."""
+        rank = self.dist.rank
+        if not replacement:
+            control.record_initial_digest(rank, initial_state.encode(self.module.initial_digest))
+            return None
+        raw = control.initial_digest(rank)
+        return None if raw is None else initial_state.decode(raw, source=f"control store, rank {rank}")
+
     def _connect(self, context: DistContext) -> None:
         """Plugs the iteration body into this generation's groups: live links teed into the log."""
         self.dist = context

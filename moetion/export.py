@@ -20,7 +20,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -347,9 +347,32 @@ def _read_stage_part(path: Path) -> dict:
     try:
         with open(path, "rb") as file:
             mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY) if os.fstat(file.fileno()).st_size else b""
-        return tensor_tree.decode(memoryview(mapped), source=str(path))
+        return _one_dtype_per_mapping(tensor_tree.decode(memoryview(mapped), source=str(path)))
     except (OSError, ValueError, MoetionError) as error:
         raise ExportError(f"{path}: a converted stage cannot be read back ({error}); export again") from None
+
+
+def _one_dtype_per_mapping(part: dict) -> dict:
+    """Copies out of the mapping every tensor not of the stage's main dtype (by bytes): ``torch.save``
+    refuses views of one storage as different dtypes (an int64 ``num_batches_tracked`` beside fp32
+    weights). Those are buffers and scalars, small next to the weights that stay mapped."""
+    found: list[tuple[dict | list, Any, torch.Tensor]] = []
+
+    def collect(node: Any) -> None:
+        for key, value in (node.items() if isinstance(node, dict) else enumerate(node)):
+            if isinstance(value, torch.Tensor):
+                found.append((node, key, value))
+            elif isinstance(value, (dict, list)):
+                collect(value)
+    collect(part)
+    size: dict[torch.dtype, int] = {}
+    for _, _, tensor in found:
+        size[tensor.dtype] = size.get(tensor.dtype, 0) + tensor.numel() * tensor.element_size()
+    main = max(size, key=size.get, default=None)
+    for node, key, tensor in found:
+        if tensor.dtype != main:
+            node[key] = tensor.clone()
+    return part
 
 
 def _save_atomically(obj: dict, out: Path) -> None:

@@ -38,7 +38,7 @@ from moetion.lr_schedule import set_lr_factor
 from moetion.lr_scheduler import step_lr_scheduler
 from moetion.model_state import CommittedState
 from moetion.module import PipelineModule
-from moetion.moe import MoELayer
+from moetion.routing import TokenCounts
 from moetion.precision import StagePrecision
 from moetion.random import StepContext
 from moetion.upstream_log import IterationScalars
@@ -157,7 +157,7 @@ class StageIteration:
         self.hooks = hooks or StepHooks()
         self.faults = faults
         self.token_counts: dict[str, torch.Tensor] = {}
-        self._moe_layers = [(n, m) for n, m in precision.compute.named_modules() if isinstance(m, MoELayer)]
+        self._routing = TokenCounts(precision.compute)  # forwards run on the compute copy: it counts
         self.committed = CommittedState(module)  # buffers and frozen parameters, to undo an abandoned iteration
         self._iteration = -1
         self._data: DataSource | None = None
@@ -188,7 +188,7 @@ class StageIteration:
         self.committed.rollback()
         self.optimizer.zero_grad(set_to_none=True)
         self.precision.discard_grads()
-        self._pop_token_counts()
+        self._routing.pop(note=False)
 
     def trainable(self) -> list[nn.Parameter]:
         """The master parameters that train this iteration (frozen operators of a replay do not)."""
@@ -259,7 +259,7 @@ class StageIteration:
 
     def _reduce_grads(self, _: int | None) -> None:
         """Averages gradients across replicas; the loss and the hooks' riders ride along."""
-        self.token_counts = self._pop_token_counts()
+        self.token_counts = self._routing.pop()
         riders = self.hooks.riders(self.token_counts)
         extra = [self._mb.loss_sum.reshape(1)] + ([] if riders is None else [riders.to(self.placement.device)])
         if self.placement.replicas > 1:
@@ -297,9 +297,6 @@ class StageIteration:
     def _unit_of_work(self, m: int, pass_: Pass) -> ContextManager[StepContext]:
         return unit_of_work(self.config, stage=self.module.stage_id, iteration=self._iteration,
                             micro_batch=self.global_index(m), pass_=pass_, device=self.placement.device)
-
-    def _pop_token_counts(self) -> dict[str, torch.Tensor]:
-        return {name: layer.pop_token_counts() for name, layer in self._moe_layers}
 
 
 # Instruction type -> handler. Kept on the class, not the instance: a bound-method table would make

@@ -1,6 +1,8 @@
 """Describing a model as a list of layers and building only this stage's share of it.
 
-DeepSpeed's names (``PipelineModule``, ``LayerSpec``, ``TiedLayerSpec``) so it feels familiar.
+DeepSpeed's names (``PipelineModule``, ``LayerSpec``, ``TiedLayerSpec``) so it feels familiar, and
+DeepSpeed's own spec objects are accepted as they are (:func:`adopt_layer`): a layer list written for
+``deepspeed.pipe`` needs only a different import of ``PipelineModule``.
 Each layer is built with its own seed derived from its index (or its tie key), so a layer's initial
 weights do not depend on how the model is partitioned or which process builds it.
 """
@@ -14,6 +16,7 @@ from torch import nn
 from moetion import env
 from moetion import random as mrandom
 from moetion.errors import ConfigError, PartitionError
+from moetion.initial_state import check_finite, digest
 from moetion.partition import balanced_partition, layer_weights
 from moetion.topology import PipeTopology
 
@@ -70,22 +73,79 @@ class TiedLayerSpec(LayerSpec):
         return f"TiedLayerSpec({self.key!r}, {self.name})"
 
 
+class _DeepSpeedTiedSpec(TiedLayerSpec):
+    """A DeepSpeed ``TiedLayerSpec``: DeepSpeed ties only ``tied_weight_attr``, moetion every parameter
+    of the module, so a module with parameters outside ``tied_weight_attr`` is refused when built."""
+
+    def __init__(self, key: str, typename: Callable[..., nn.Module], args: tuple, kwargs: dict, *,
+                 forward_fn: ForwardFn | None, tied: tuple[str, ...]) -> None:
+        super().__init__(key, typename, *args, forward_fn=forward_fn, **kwargs)
+        self.tied_weight_attr = tied
+
+    def build(self) -> nn.Module:
+        module = super().build()
+        untied = sorted(set(n for n, _ in module.named_parameters()) - set(self.tied_weight_attr))
+        if untied:
+            raise ConfigError(
+                f"TiedLayerSpec({self.key!r}, {self.name}) ties {list(self.tied_weight_attr)} but the module also has "
+                f"parameters {untied}: moetion ties every parameter of a tied module (DeepSpeed ties only "
+                "tied_weight_attr); move the untied ones into a layer of their own")
+        return module
+
+
+class _FunctionLayer(nn.Module):
+    """A parameter-free function in a layer list (DeepSpeed allows ``lambda x: ...`` entries)."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+def adopt_layer(layer: Any) -> LayerSpec | nn.Module:
+    """``layer`` as moetion describes it: its own specs and modules as they are, DeepSpeed's
+    ``LayerSpec``/``TiedLayerSpec`` (recognised by their attributes ``typename``, ``module_args``,
+    ``module_kwargs``, and ``key``, ``tied_weight_attr``, ``forward_fn`` for a tied one) converted,
+    and a plain function wrapped in a parameter-free module."""
+    if isinstance(layer, (LayerSpec, nn.Module)):
+        return layer
+    if all(hasattr(layer, a) for a in ("typename", "module_args", "module_kwargs")):
+        args, kwargs = tuple(layer.module_args), dict(layer.module_kwargs)
+        if all(hasattr(layer, a) for a in ("key", "tied_weight_attr")):
+            tied = layer.tied_weight_attr
+            tied = (tied,) if isinstance(tied, str) else tuple(tied)
+            return _DeepSpeedTiedSpec(layer.key, layer.typename, args, kwargs,
+                                      forward_fn=getattr(layer, "forward_fn", None), tied=tied)
+        return LayerSpec(layer.typename, *args, **kwargs)
+    if callable(layer):
+        return _FunctionLayer(layer)
+    raise TypeError(f"a layer is {type(layer).__name__}; expected LayerSpec, TiedLayerSpec (moetion's or DeepSpeed's), "
+                    "an nn.Module or a function")
+
+
 class PipelineModule(nn.Module):
     """This stage's slice of a layer list, plus the partition of the whole list.
 
     Args:
-        layers: ``LayerSpec``/``TiedLayerSpec`` entries (or already-built modules) in model order.
+        layers: ``LayerSpec``/``TiedLayerSpec`` entries (moetion's or DeepSpeed's), already-built
+            modules, or parameter-free functions, in model order.
         num_stages: pipeline stages to split the layers into.
         loss_fn: ``loss_fn(outputs, labels)`` evaluated on the last stage.
         partition_method: ``"parameters"`` (balance parameter counts), ``"uniform"`` (balance
             layer counts) or ``"type:<regex>"`` (balance layers whose class name matches).
         stage_id: the stage to build; by default derived from ``RANK`` and ``WORLD_SIZE``.
         seed: root of the per-layer initialisation seeds.
+
+    A built stage whose parameters hold NaN or infinity is refused (``ConfigError`` naming them:
+    typically weights allocated with ``torch.empty`` and never initialised); ``initial_digest``
+    records a checksum of every tensor of the stage as built.
     """
 
     def __init__(
         self,
-        layers: Sequence[LayerSpec | nn.Module],
+        layers: Sequence[LayerSpec | nn.Module | Any],
         num_stages: int,
         *,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
@@ -96,7 +156,7 @@ class PipelineModule(nn.Module):
         super().__init__()
         if not layers:
             raise PartitionError("PipelineModule needs at least one layer")
-        self.specs = list(layers)
+        self.specs = [adopt_layer(layer) for layer in layers]
         self.num_stages = num_stages
         self.loss_fn = loss_fn
         self.partition_method = partition_method
@@ -114,6 +174,9 @@ class PipelineModule(nn.Module):
             (index, *self._build_layer(index))
             for index in range(self.parts[self.stage_id], self.parts[self.stage_id + 1])
         ]
+        check_finite(self, where=f"stage {self.stage_id}")
+        # The stage's state as built: a rebuild elsewhere (a replacement, the reference) must equal it.
+        self.initial_digest = digest(self)
 
     # -- partition facts every rank can compute -------------------------------------------------
     @property
@@ -164,10 +227,8 @@ class PipelineModule(nn.Module):
             return self.tied[spec.key], spec.forward_fn
         if isinstance(spec, LayerSpec):
             module = _seeded_build(spec, mrandom.derive_seed(mrandom.DOMAIN_INIT, self.seed, index))
-        elif isinstance(spec, nn.Module):
-            module = spec
         else:
-            raise TypeError(f"layer {index} is {type(spec).__name__}; expected LayerSpec, TiedLayerSpec or nn.Module")
+            module = spec
         self.layers[str(index)] = module
         return module, None
 

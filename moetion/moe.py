@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moetion import random as mrandom
+from moetion.routing import report_token_counts
 
 
 class Expert(nn.Module):
@@ -79,8 +80,8 @@ class MoELayer(nn.Module):
             connection around the layer carries those tokens on).
         aux_loss_coef: weight of the Switch load-balancing loss ``E * sum_e f_e * P_e``.
 
-    ``token_counts`` accumulates tokens routed to each expert (before capacity dropping) until
-    :meth:`pop_token_counts`; sparse checkpointing orders experts by this popularity.
+    It reports the tokens routed to each expert (before capacity dropping) with
+    :func:`~moetion.routing.report_token_counts`; sparse checkpointing orders experts by this popularity.
     """
 
     def __init__(
@@ -105,17 +106,11 @@ class MoELayer(nn.Module):
         self.aux_loss_coef = aux_loss_coef
         self.router = Router(d_model, num_experts, noise=router_noise)
         self.experts = nn.ModuleList(Expert(d_model, d_hidden) for _ in range(num_experts))
-        self.token_counts = torch.zeros(num_experts, dtype=torch.int64)
         self.last_aux_loss = torch.zeros(())
         self.last_dropped = torch.zeros((), dtype=torch.int64)
 
     def capacity(self, tokens: int) -> int:
         return math.ceil(self.capacity_factor * tokens * self.top_k / self.num_experts)
-
-    def pop_token_counts(self) -> torch.Tensor:
-        """Tokens routed to each expert since the last call."""
-        counts, self.token_counts = self.token_counts, torch.zeros_like(self.token_counts)
-        return counts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -133,7 +128,7 @@ class MoELayer(nn.Module):
         position = (one_hot.cumsum(dim=0) * one_hot).sum(dim=-1) - 1
         kept = position < self.capacity(n)
         with torch.no_grad():
-            self.token_counts += torch.bincount(expert_of, minlength=self.num_experts).cpu()
+            report_token_counts(self, torch.bincount(expert_of, minlength=self.num_experts))
             self.last_dropped = (~kept).sum()
 
         out = torch.zeros_like(tokens)

@@ -16,6 +16,7 @@ from torch import nn
 from moetion.experts import layout_of, looks_like_moe, num_stacked_experts, warn_unmapped
 
 KINDS = ("expert", "router", "dense")
+OPERATOR_KINDS = "operator_kinds"  # a window manifest's ``extra`` key: the stage's kind_counts()
 _ADAM_STEP_BYTES = 4  # torch keeps Adam's ``step`` as a float32 scalar per parameter
 
 
@@ -92,6 +93,17 @@ def discover_operators(module: nn.Module) -> list[Operator]:
     assert sorted(whole + sorted(stacked)) == sorted(params) and not stacked & set(whole), \
         "every trainable parameter must belong to exactly one operator (or, stacked, to one slice per expert)"
     return operators
+
+
+def kind_counts(operators: list[Operator]) -> dict[str, int]:
+    """How many operators of each kind (``expert``, ``router``, ``dense``) a stage has."""
+    return {kind: sum(op.kind == kind for op in operators) for kind in KINDS}
+
+
+def describe_kinds(counts: dict[str, int]) -> str:
+    """``"8 expert operators, 3 dense (2 routers)"``: what the start-up log and inspect show."""
+    return (f"{counts['expert']} expert operators, {counts['router'] + counts['dense']} dense "
+            f"({counts['router']} routers)")
 
 
 def stacked_parameters(operators: list[Operator]) -> dict[str, int]:

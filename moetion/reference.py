@@ -11,7 +11,7 @@ graph is cut at stage boundaries and the backward runs stage by stage, last to f
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -20,6 +20,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from moetion import gradients
 from moetion.config import Config
 from moetion.data import DataSource
+from moetion.initial_state import check_initial
 from moetion.lr_schedule import lr_factor, set_lr_factor
 from moetion.lr_scheduler import build_lr_scheduler, step_lr_scheduler
 from moetion.module import LayerSpec, PipelineModule
@@ -50,14 +51,19 @@ def train_reference(
     partition_method: str = "parameters",
     module_seed: int = 0,
     lr_scheduler: Callable[[torch.optim.Optimizer], LRScheduler] | None = None,
+    initial_digests: Sequence[Mapping[str, int]] | None = None,
 ) -> ReferenceRun:
     """Trains ``iterations`` steps in this process; run it with the pipeline's thread count.
 
-    ``lr_scheduler`` builds each stage's scheduler from its optimizer, as the pipeline's factory does."""
+    ``lr_scheduler`` builds each stage's scheduler from its optimizer, as the pipeline's factory does.
+    ``initial_digests`` (each pipeline stage's ``module.initial_digest``, by stage) checks that the
+    reference starts from the bits the pipeline started from."""
     stages = [
         PipelineModule(layers, num_stages, loss_fn=loss_fn, partition_method=partition_method, stage_id=s, seed=module_seed)
         for s in range(num_stages)
     ]
+    for stage, expected in zip(stages, initial_digests or ()):
+        check_initial(stage, stage.initial_digest, expected, where=f"the reference's stage {stage.stage_id}")
     enable_strict_mode(config.determinism)
     optimizers = [optimizer(stage.parameters()) for stage in stages]
     schedulers = [build_lr_scheduler(lr_scheduler, opt, config.lr_schedule) for opt in optimizers]

@@ -28,7 +28,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -41,6 +41,7 @@ from moetion.config import Config
 from moetion.data import DataSource
 from moetion.errors import MoetionError
 from moetion.faults import fault_point, faults_armed
+from moetion.initial_state import check_initial
 from moetion.model_state import load_state_tensors
 from moetion.module import LayerSpec, PipelineModule
 from moetion.operators import Operator, discover_operators
@@ -105,6 +106,7 @@ def replay_stage(
     inputs: InputPort | None = None,
     outputs: OutputPort | None = None,
     lr_scheduler: LRScheduler | None = None,
+    initial_digest: Mapping[str, int] | None = None,
 ) -> ReplayReport:
     """Brings ``module`` and ``optimizer`` (freshly built for the window's stage) to ``S_until``.
 
@@ -118,10 +120,15 @@ def replay_stage(
     ``inputs``/``outputs`` replace the default ports (the logs in, ``record`` out), e.g. by live
     links to the other members of a chain of lost stages replaying together. ``lr_scheduler`` (the
     stage's, freshly built like ``optimizer``) is restored from the window and stepped as in training.
+    ``initial_digest`` is the stage's :attr:`~moetion.module.PipelineModule.initial_digest` where it
+    first started: a replay from the initial state checks that ``module`` was built to the same bits.
     """
     precision = precision or StagePrecision(module, config.precision)
     if window is not None:
         _check_window(window, module, config, replica_group, until)
+    elif initial_digest is not None:
+        check_initial(module, module.initial_digest, initial_digest,
+                      where=f"replay of stage {module.stage_id} from the initial state")
     first = 0 if window is None else window.manifest.start_iteration + 1
     replica = 0 if replica_group is None else dist.get_rank(replica_group)
     replicas = 1 if replica_group is None else dist.get_world_size(replica_group)

@@ -2,7 +2,8 @@
 
 When ``MOETION_HARNESS_OUT`` names a directory, the launcher registers :func:`record_final_state`
 as a close hook of each rank (``moetion.engine.on_close``): closing the engine then writes the
-rank's weights, buffers and frozen parameters, full optimizer state (with the LR scheduler's) and every loss it saw to ``rank-NNNNN.pt`` there (atomically),
+rank's weights, buffers and frozen parameters, full optimizer state (with the LR scheduler's), every loss
+it saw and the digest of its stage as built to ``rank-NNNNN.pt`` there (atomically),
 so any training script that closes its engine can run under the harness unchanged.
 """
 from __future__ import annotations
@@ -15,11 +16,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from moetion import env
+from moetion.initial_state import LIKELY_CAUSE
 from moetion.lr_scheduler import scheduler_state
 from moetion.model_state import state_tensors
 
 if TYPE_CHECKING:
     from moetion.engine import PipelineEngine
+
 
 def record_final_state(engine: "PipelineEngine") -> None:
     out = env.harness_out()
@@ -28,7 +31,8 @@ def record_final_state(engine: "PipelineEngine") -> None:
              "model": engine.module.state_dict(), "optimizer": engine.optimizer.state_dict(),
              "losses": dict(engine.losses),
              "lr_scheduler": scheduler_state(engine.lr_scheduler) if engine.lr_scheduler is not None else None,
-             "buffers": sorted(state_tensors(engine.module))}  # which state-dict keys are not trained weights
+             "buffers": sorted(state_tensors(engine.module)),  # which state-dict keys are not trained weights
+             "initial_digest": engine.module.initial_digest}  # the stage as this process built it
     path = Path(out) / f"rank-{rank:05d}.pt"
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
@@ -49,14 +53,17 @@ class Verdict:
     iterations: int
     mismatches: list[str] = field(default_factory=list)
     buffers_equal: bool = True  # persistent buffers and frozen parameters
+    initial_equal: bool = True  # both runs started from the same bits
 
     @property
     def identical(self) -> bool:
-        return self.weights_equal and self.buffers_equal and self.optimizer_equal and self.losses_equal
+        return (self.initial_equal and self.weights_equal and self.buffers_equal and self.optimizer_equal
+                and self.losses_equal)
 
     def summary(self) -> str:
         verdict = "BIT-IDENTICAL" if self.identical else "MISMATCH"
-        parts = [f"weights {'equal' if self.weights_equal else 'DIFFER'}",
+        parts = ([] if self.initial_equal else ["INITIAL STATES DIFFER"]) + [
+                 f"weights {'equal' if self.weights_equal else 'DIFFER'}",
                  f"buffers {'equal' if self.buffers_equal else 'DIFFER'}",
                  f"optimizer state {'equal' if self.optimizer_equal else 'DIFFERS'}",
                  f"{self.iterations} per-iteration losses {'equal' if self.losses_equal else 'DIFFER'}"]
@@ -69,9 +76,14 @@ def compare_runs(reference: dict[int, dict[str, Any]], faulty: dict[int, dict[st
     mismatches: list[str] = []
     if set(reference) != set(faulty):
         mismatches.append(f"ranks that finished: reference {sorted(reference)}, faulty {sorted(faulty)}")
-    weights = buffers = optimizer = True
+    weights = buffers = optimizer = initial = True
     for rank in sorted(set(reference) & set(faulty)):
         ref, got = reference[rank], faulty[rank]
+        differing = _initial_differences(ref, got)
+        if differing:
+            mismatches.append(f"rank {rank}: started from other bits than the reference ({differing[0]} differs"
+                              f"{f' and {len(differing) - 1} more' if len(differing) > 1 else ''}): {LIKELY_CAUSE}")
+            initial = False
         if ref["iteration"] != got["iteration"]:
             mismatches.append(f"rank {rank}: ended at iteration {got['iteration']}, reference {ref['iteration']}")
             weights = False
@@ -102,7 +114,15 @@ def compare_runs(reference: dict[int, dict[str, Any]], faulty: dict[int, dict[st
         mismatches.append(f"no rank of the faulty run reported the loss of iterations {missing}")
         losses = False
     return Verdict(weights and not set(reference) ^ set(faulty), optimizer, losses, len(expected), mismatches,
-                   buffers_equal=buffers)
+                   buffers_equal=buffers, initial_equal=initial)
+
+
+def _initial_differences(ref: dict[str, Any], got: dict[str, Any]) -> list[str]:
+    """State-dict keys whose initial digest differs between the runs (none known: none)."""
+    a, b = ref.get("initial_digest"), got.get("initial_digest")
+    if a is None or b is None:
+        return []
+    return sorted(n for n in set(a) | set(b) if a.get(n) != b.get(n))
 
 
 def _losses(states: dict[int, dict[str, Any]]) -> dict[int, float]:

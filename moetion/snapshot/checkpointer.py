@@ -37,10 +37,11 @@ from moetion.config import SnapshotConfig
 from moetion.errors import ConfigError
 from moetion.faults import fault_point, register_memory
 from moetion.model_state import state_tensors
-from moetion.operators import Operator, discover_operators
+from moetion.operators import OPERATOR_KINDS, Operator, discover_operators, kind_counts
 from moetion.profiling import CAPTURE, FENCE, LEDGER, PROPOSE, STORED
-from moetion.snapshot.delta import DeltaCodec
+from moetion.routing import operator_counts
 from moetion.snapshot.capture import CaptureWorker, CopyJob
+from moetion.snapshot.delta import DeltaCodec
 from moetion.snapshot.image import Capture, Entry, SnapshotError, WindowImage, WindowManifest, checksum
 from moetion.snapshot.layout import WindowLayout, plan_layout
 from moetion.snapshot.persist import AsyncPersister
@@ -90,6 +91,7 @@ class SparseCheckpointer:
         self.operators: dict[str, Operator] = {op.name: op for op in discover_operators(master)}
         self._master_params = list(master.parameters())
         self._experts = [op.name for op in self.operators.values() if op.kind == "expert"]
+        self.kinds = kind_counts(list(self.operators.values()))
         self.full_bytes = {n: op.full_bytes() for n, op in self.operators.items()}
         self.compute_bytes = {n: op.compute_bytes(precision=identity.precision) for n, op in self.operators.items()}
         self.shm = SharedMemoryTier(config.shm_dir, run_id=identity.run_id, job_nonce=identity.job_nonce,
@@ -142,10 +144,7 @@ class SparseCheckpointer:
 
     def dp_payload(self, token_counts: dict[str, torch.Tensor]) -> torch.Tensor:
         """[W proposal, tokens per expert operator] to be summed across replicas."""
-        counts = []
-        for name in self._experts:
-            layer, _, expert = name.rpartition(".experts.")
-            counts.append(float(token_counts[layer][int(expert)]) if layer in token_counts else 0.0)
+        counts = operator_counts([self.operators[name] for name in self._experts], token_counts)
         # Algorithm 1 is quadratic in operators: run it only where its answer is used.
         with LEDGER.blocking(PROPOSE):
             proposal = self._propose() if self._is_decision_point(self._iteration) else self._proposal
@@ -346,7 +345,7 @@ class SparseCheckpointer:
                 start_iteration=start,
                 slots=plan.slots, precision=identity.precision, threads=identity.threads,
                 captures=captures, blob_bytes=layout.blob_bytes,
-                extra={"data_parallel": identity.data_parallel, **window.extra},
+                extra={"data_parallel": identity.data_parallel, OPERATOR_KINDS: self.kinds, **window.extra},
             )
             self.shm.publish(manifest)
             LEDGER.add_bytes(STORED, manifest.blob_bytes)

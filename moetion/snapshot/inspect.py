@@ -1,4 +1,5 @@
-"""``moetion inspect DIR``: what the disk tier holds, per stage and replica, and whether it is intact."""
+"""``moetion inspect DIR``: what the disk tier holds, per stage and replica (windows, operators: how many
+experts are snapshotted one by one and how many operators whole), and whether it is intact."""
 from __future__ import annotations
 
 import contextlib
@@ -9,12 +10,14 @@ from typing import Any
 
 from logging_store.errors import LogStoreError
 from logging_store.frame import read_frames
+from moetion.operators import KINDS, OPERATOR_KINDS
 from moetion.progress import track
 from moetion.snapshot.image import SnapshotError, WindowManifest
 from moetion.snapshot.persist import LOGS, MANIFEST, iter_window_dirs, load_window, read_manifest
 
 _COLUMNS = (("stage", "stage"), ("replica", "replica"), ("iterations", "iterations"), ("W", "window"),
-            ("ops/slot", "operators_per_slot"), ("ops", "operators"), ("bytes", "bytes"), ("run", "run_id"),
+            ("ops/slot", "operators_per_slot"), ("ops", "operators"), ("experts", "expert_operators"),
+            ("dense", "dense_operators"), ("bytes", "bytes"), ("run", "run_id"),
             ("integrity", "integrity"))
 
 
@@ -32,7 +35,8 @@ def inspect_dir(root: Path, *, verify: bool = True, quiet: bool = True) -> list[
     for stage, replica, t0, path in track(list(iter_window_dirs(root)), desc="inspect: windows", quiet=quiet):
         row: dict[str, Any] = {
             "stage": stage, "replica": replica, "start_iteration": t0, "end_iteration": None, "iterations": f"{t0}..?",
-            "window": None, "operators_per_slot": None, "operators": None, "run_id": None,
+            "window": None, "operators_per_slot": None, "operators": None, "expert_operators": None,
+            "dense_operators": None, "run_id": None,
             "bytes": sum(f.stat().st_size for f in path.iterdir() if f.is_file()), "path": str(path),
         }
         with contextlib.suppress(OSError, SnapshotError):  # describe the window even if its blob is bad
@@ -40,7 +44,7 @@ def inspect_dir(root: Path, *, verify: bool = True, quiet: bool = True) -> list[
             counts = [len(slot) for slot in manifest.slots]
             row.update(end_iteration=manifest.end_iteration, iterations=f"{t0}..{manifest.end_iteration}",
                        window=manifest.window, operators_per_slot="/".join(map(str, counts)),
-                       operators=sum(counts), run_id=manifest.run_id)
+                       operators=sum(counts), run_id=manifest.run_id, **_kinds(manifest))
         try:
             if verify:
                 load_window(path, verify=True)  # reads the blob and checks every checksum
@@ -52,6 +56,15 @@ def inspect_dir(root: Path, *, verify: bool = True, quiet: bool = True) -> list[
             row.update(ok=False, integrity=str(error))
         rows.append(row)
     return rows
+
+
+def _kinds(manifest: WindowManifest) -> dict[str, int]:
+    """Expert and dense operators (routers counted as dense: snapshotted whole) of the window's stage,
+    as its capture recorded them; nothing for a window written before they were recorded."""
+    kinds = manifest.extra.get(OPERATOR_KINDS)
+    if not (isinstance(kinds, dict) and all(type(kinds.get(k)) is int for k in KINDS)):
+        return {}
+    return {"expert_operators": kinds["expert"], "dense_operators": kinds["router"] + kinds["dense"]}
 
 
 def verify_logs(window_dir: Path) -> int:

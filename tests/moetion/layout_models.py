@@ -2,6 +2,8 @@
 MoE layers of the user's own layouts, as a new user would bring them."""
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -75,6 +77,24 @@ def balance_before_each_step(optimizer: torch.optim.Optimizer, module: nn.Module
     optimizer.register_step_pre_hook(balance)
 
 
+class LeftoverPerProcess(nn.Module):
+    """A weight allocated with ``torch.empty`` and never initialised: leftover memory that differs
+    between processes (made so here, as the allocator's leftovers are not reproducible)."""
+
+    def __init__(self, d: int = D_MODEL) -> None:
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+        self.scale = nn.Parameter(torch.empty(d))
+        self.scale.data.fill_(1.0 + os.getpid() % 1000 / 1000)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) * self.scale
+
+
+def leftover_layers(stages: int) -> list[moetion.LayerSpec]:
+    return [moetion.LayerSpec(LeftoverPerProcess) for _ in range(2 * stages)]
+
+
 # -- MoE layers of the user's own layouts ---------------------------------------------------------
 HIDDEN = 16
 TOP_K = 2
@@ -135,7 +155,8 @@ class ListMoE(nn.Module):
 
 class GroupedMoE(nn.Module):
     """Experts stacked in tensors with a leading expert dimension (a grouped-GEMM layout), top-2 with
-    capacity and a load-balancing loss through moetion's public hook: found by detection."""
+    capacity, its token counts and a load-balancing loss through moetion's public hooks: found by
+    detection."""
 
     def __init__(self, d: int = D_MODEL, experts: int = EXPERTS, h: int = HIDDEN, aux_coef: float = 0.01) -> None:
         super().__init__()
@@ -146,6 +167,7 @@ class GroupedMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         probs, choices, expert_of, token_of, weight_of, kept = top_k_dispatch(self.router(x), self.num_experts)
+        moetion.report_token_counts(self, torch.bincount(expert_of, minlength=self.num_experts))
         out = torch.zeros_like(x)
         for e in range(self.num_experts):
             mask = kept & (expert_of == e)

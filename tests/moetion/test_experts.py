@@ -54,3 +54,11 @@ def test_the_unmapped_moe_warning_names_the_layer_once_and_spares_dense_and_mapp
         discover_operators(model)
     (warning,) = [r.getMessage() for r in caplog.records]
     assert warning.startswith("opaque (BufferedBlock) looks like a MoE layer") and "moetion.experts(" in warning
+
+
+def test_operator_kinds_are_counted_for_the_start_up_log():
+    from moetion.operators import describe_kinds, kind_counts
+    model = nn.ModuleDict({"listed": models.ListMoE(), "grouped": models.GroupedMoE(), "dense": nn.Linear(8, 8)})
+    counts = kind_counts(discover_operators(model))
+    assert counts == {"expert": 8, "router": 2, "dense": 1}
+    assert describe_kinds(counts) == "8 expert operators, 3 dense (2 routers)"

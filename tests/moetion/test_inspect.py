@@ -71,7 +71,8 @@ def test_inspect_reports_damage_without_hiding_other_windows(tmp_path):
     assert not unverified[0]["ok"]  # sizes are checked even without verification
     text = format_inspection(rows)
     lines = text.splitlines()
-    assert lines[0].split() == ["stage", "replica", "iterations", "W", "ops/slot", "ops", "bytes", "run", "integrity"]
+    assert lines[0].split() == ["stage", "replica", "iterations", "W", "ops/slot", "ops", "experts", "dense", "bytes", "run",
+                                "integrity"]
     assert len(lines) == 5 and "2/1/2" in lines[1] and "?" in lines[4]
     with pytest.raises(SnapshotError, match="is not a directory"):
         inspect_dir(tmp_path / "missing")
@@ -120,3 +121,18 @@ def test_cli_json_no_verify_and_empty_dir_in_process(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["inspect", str(tmp_path / "empty")]) == 1
     assert "no persisted windows under" in capsys.readouterr().err
+
+
+def test_inspect_shows_expert_and_dense_operators_of_each_stage(tmp_path):
+    from dataclasses import replace
+    from moetion.operators import OPERATOR_KINDS
+    image, _ = make_image(stage=2, start_iteration=4)
+    image.manifest = replace(image.manifest, extra={OPERATOR_KINDS: {"expert": 12, "router": 3, "dense": 1}})
+    persist_window(image, tmp_path)
+    old, _ = make_image(stage=3, start_iteration=4)  # a window written before the kinds were recorded
+    persist_window(old, tmp_path)
+    rows = inspect_dir(tmp_path)
+    assert [(r["expert_operators"], r["dense_operators"]) for r in rows] == [(12, 4), (None, None)]
+    header, first, second = format_inspection(rows).splitlines()
+    assert header.split()[6:8] == ["experts", "dense"] and first.split()[6:8] == ["12", "4"]
+    assert second.split()[6:8] == ["?", "?"]

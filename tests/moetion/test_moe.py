@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from moetion.moe import MoELayer
+from moetion.routing import TokenCounts
 from moetion.random import StepContext, step_context
 
 
@@ -27,9 +28,11 @@ def test_capacity_limits_tokens_per_expert_and_counts_routed_tokens():
     run(moe, x)
     assert max(seen) <= moe.capacity(32) == math.ceil(0.5 * 32 * 2 / 4)
     assert int(moe.last_dropped) == 64 - sum(seen) > 0
-    counts = moe.pop_token_counts()
+    stage = TokenCounts(moe)
+    counts = stage.pop()[""]
     assert counts.sum() == 64 and counts.shape == (4,)
-    assert moe.pop_token_counts().sum() == 0
+    run(moe, x)
+    assert stage.pop()[""].sum() == 64  # counted afresh after each pop
 
 
 def test_dropped_tokens_contribute_nothing():
