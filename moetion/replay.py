@@ -49,6 +49,7 @@ from moetion.lr_scheduler import build_lr_scheduler, restore_from_window
 from moetion.iteration import (DecisionPort, InputPort, IterationStats, OutputPort, Placement, StageIteration,
                                StepHooks, no_fault)
 from moetion.precision import StagePrecision
+from moetion.schedule import StageSchedule
 from moetion.snapshot.image import WindowImage
 from moetion.snapshot.layout import expert_view
 from moetion.snapshot.persist import list_persisted, load_persisted, load_window_logs, window_path
@@ -105,6 +106,7 @@ def replay_stage(
     inputs: InputPort | None = None,
     outputs: OutputPort | None = None,
     lr_scheduler: LRScheduler | None = None,
+    stage_schedule: StageSchedule = StageSchedule(),
 ) -> ReplayReport:
     """Brings ``module`` and ``optimizer`` (freshly built for the window's stage) to ``S_until``.
 
@@ -118,6 +120,7 @@ def replay_stage(
     ``inputs``/``outputs`` replace the default ports (the logs in, ``record`` out), e.g. by live
     links to the other members of a chain of lost stages replaying together. ``lr_scheduler`` (the
     stage's, freshly built like ``optimizer``) is restored from the window and stepped as in training.
+    ``stage_schedule`` is the instruction stream training ran (another for a ``torch.distributed.pipelining`` stage).
     """
     precision = precision or StagePrecision(module, config.precision)
     if window is not None:
@@ -138,6 +141,7 @@ def replay_stage(
         placement=Placement(replica=replica, replicas=replicas, data_group=replica_group),
         inputs=ports.inputs, outputs=ports.outputs, decisions=ports.decisions, hooks=ports.hooks,
         faults=_replay_fault_point(module.stage_id, replica), lr_scheduler=lr_scheduler,
+        stage_schedule=stage_schedule,
     )
     start = time.perf_counter()
     last = None
