@@ -193,12 +193,7 @@ def attach(job: Job, stage: LoggedStage, schedule: _PipelineSchedule, *, optimiz
 def _check(job: Job, stage: PipelineStage, schedule: _PipelineSchedule, optimizer: torch.optim.Optimizer) -> StageSchedule:
     """The stage schedule to replay with, after refusing what moetion cannot recover exactly."""
     config = job.config
-    order = SUPPORTED_SCHEDULES.get(type(schedule))
-    if order is None:
-        raise ConfigError(
-            f"{type(schedule).__name__} is not supported: moetion replays ScheduleGPipe and Schedule1F1B (one stage "
-            "per rank); interleaved and zero-bubble schedules run several stages per rank or split backward"
-        )
+    stage_schedule = stage_schedule_of(schedule)
     if not isinstance(stage, LoggedStage):
         raise ConfigError(f"attach needs a moetion.pipelining.LoggedStage (got {type(stage).__name__}): build the "
                           "stage with it in place of PipelineStage, so that what it sends is logged")
@@ -218,6 +213,17 @@ def _check(job: Job, stage: PipelineStage, schedule: _PipelineSchedule, optimize
                           "module's own dtype; moetion supports them under fp32 only")
     if dist.get_world_size() != job.num_stages:
         raise ConfigError("moetion on torch.distributed.pipelining supports no data parallelism yet: run one rank per stage")
+    return stage_schedule
+
+
+def stage_schedule_of(schedule: _PipelineSchedule) -> StageSchedule:
+    """The instruction stream a replay of ``schedule``'s stage runs: its order and its gradient scaling."""
+    order = SUPPORTED_SCHEDULES.get(type(schedule))
+    if order is None:
+        raise ConfigError(
+            f"{type(schedule).__name__} is not supported: moetion replays ScheduleGPipe and Schedule1F1B (one stage "
+            "per rank); interleaved and zero-bubble schedules run several stages per rank or split backward"
+        )
     return StageSchedule(order=order, loss_scaling=LossScaling.GRADS if schedule.scale_grads else LossScaling.NONE)
 
 

@@ -8,9 +8,11 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 import moetion
 from moetion import pipelining
 from moetion.launcher import run_workers
-from moetion.replay import replay_stage
-from moetion.snapshot.image import WindowImage, WindowManifest
 from logging_store import LogStore
+from moetion.replay import replay_stage
+from moetion.run_identity import fresh_job_nonce
+from moetion.snapshot.image import WindowImage, WindowManifest
+from moetion.snapshot.shm import SharedMemoryTier
 from moetion.upstream_log import LogReader
 import pipelining_models as pm
 
@@ -51,10 +53,10 @@ def moetion_config(**extra):
     return {"seed": 3, "micro_batches": pm.MICRO_BATCHES, "grad_clip": None, "threads": 1, **extra}
 
 
-def attached_rank(kind, config, keep_logs=False):
-    """The same script with moetion attached."""
+def attached_rank(kind, config, dropout=0.0, shm_dir=None):
+    """The same script with moetion attached; with ``shm_dir``, also its logs and latest window."""
     job = pipelining.join(config)
-    module = pm.stage_module(job.stage, job.num_stages, dropout=config.get("dropout", 0.0) if isinstance(config, dict) else 0.0)
+    module = pm.stage_module(job.stage, job.num_stages, dropout=dropout)
     stage = pipelining.LoggedStage(module, job.stage, job.num_stages, job.device, input_args=pm.example(job.stage),
                                    output_args=pm.example(job.stage + 1))
     schedule = SCHEDULES[kind](stage, n_microbatches=pm.MICRO_BATCHES, loss_fn=pm.loss_fn)
@@ -63,10 +65,16 @@ def attached_rank(kind, config, keep_logs=False):
     source, logs = pm.data(ITERATIONS), []
     for t in range(ITERATIONS):
         engine.train_batch(source)
-        if keep_logs:
-            logs.append(engine.upstream.export(t, t + 1))
-    result = {"model": module.state_dict(), "optim": opt.state_dict()["state"],
-              "losses": [engine.losses[t] for t in range(ITERATIONS)], "logs": b"".join(logs), "stage": job.stage}
+        if engine.upstream is not None:
+            logs.append(engine.upstream.export(t, t + 1))  # before retention drops it
+    result = {"model": module.state_dict(), "optim": opt.state_dict()["state"], "stage": job.stage,
+              "losses": [engine.losses[t] for t in range(ITERATIONS)], "logs": b"".join(logs),
+              "clipped": engine.last_stats.clip_coef < 1.0}
+    if engine.checkpointer is not None:
+        engine.checkpointer.worker.fence()
+        image = SharedMemoryTier(shm_dir, run_id="pp", job_nonce=fresh_job_nonce(), stage=job.stage,
+                                 replica=0).load_complete()
+        result.update(manifest=image.manifest.to_json(), blob=image.blob[: image.manifest.blob_bytes].clone())
     engine.close()
     return result
 
@@ -88,3 +96,55 @@ def test_attached_training_equals_plain_pipelining_bit_for_bit(kind):
         assert_same(p, a)
     assert attached[-1]["losses"] == plain[-1]["losses"]
     assert len(set(attached[-1]["losses"])) == ITERATIONS  # the model trains: every loss differs
+
+
+def replay_config(shm_dir):
+    return moetion_config(grad_clip=0.3, snapshot={"enabled": True, "window": 2, "shm_dir": str(shm_dir), "run_id": "pp"},
+                          upstream_log={"enabled": True},
+                          lr_schedule={"warmup_iterations": 2, "decay": "cosine", "decay_iterations": 4})
+
+
+def replay(ranks, kind, stage, reader_type):
+    """Rebuilds ``stage`` from its window and its neighbours' logs alone, in a fresh process."""
+    logs = {}
+    for other in ranks:
+        if abs(other["stage"] - stage) == 1:
+            logs[other["stage"]] = LogStore()
+            logs[other["stage"]].import_(other["logs"])
+    mine = ranks[stage]
+    image = WindowImage(WindowManifest.from_json(mine["manifest"]), mine["blob"])
+    module = pm.stage_module(stage, len(ranks), dropout=0.2)
+    opt = pm.optimizer(module)
+    schedule_type = SCHEDULES[kind]
+    order = pipelining.SUPPORTED_SCHEDULES[schedule_type]
+    report = replay_stage(
+        module=pipelining.StageModule(module, stage_id=stage, num_stages=len(ranks), loss_fn=pm.loss_fn),
+        optimizer=opt, config=moetion.Config.from_dict(replay_config("/unused")), window=image,
+        logs=reader_type(logs, stage=stage), data=pm.data(ITERATIONS), until=ITERATIONS - 1,
+        stage_schedule=moetion.schedule.StageSchedule(order, moetion.schedule.LossScaling.GRADS))
+    return {"model": module.state_dict(),
+            "optim": opt.state_dict()["state"], "replayed": report.iterations_replayed}
+
+
+class PerturbedGradient(LogReader):
+    """One logged output gradient is nudged."""
+
+    def gradient(self, iteration, micro_batch, like=None):
+        g = super().gradient(iteration, micro_batch, like)
+        if micro_batch == 1:
+            g.view(-1)[0] += 1e-4
+        return g
+
+
+@pytest.mark.parametrize("kind", sorted(SCHEDULES))
+def test_a_replayed_stage_lands_on_the_live_bits(tmp_path, kind):
+    """Three stages with dropout, clipping and an LR schedule; the middle one rebuilt from its window and
+    both neighbours' logs equals the live stage; a perturbed logged gradient does not."""
+    ranks = run_workers(attached_rank, nproc=3, args=(kind, replay_config(tmp_path), 0.2, tmp_path), timeout_s=120)
+    assert all(r["clipped"] for r in ranks), "clipping must be active for the test to mean something"
+    exact, perturbed = (run_workers(replay, nproc=1, args=(ranks, kind, 1, reader), timeout_s=120)[0]
+                        for reader in (LogReader, PerturbedGradient))
+    assert exact["replayed"] >= 1
+    assert_same(ranks[1], exact)
+    with pytest.raises(AssertionError):
+        assert_same(ranks[1], perturbed)
