@@ -148,3 +148,54 @@ def test_a_replayed_stage_lands_on_the_live_bits(tmp_path, kind):
     assert_same(ranks[1], exact)
     with pytest.raises(AssertionError):
         assert_same(ranks[1], perturbed)
+
+
+def misuse_rank():
+    """One rank's worth of misuse, each answered by a ConfigError; returns the messages."""
+    from torch import nn
+    from torch.distributed.pipelining import ScheduleInterleaved1F1B
+
+    job = pipelining.join(moetion_config(micro_batches=2))
+    messages = []
+
+    def attempt(stage, schedule):  # refused before the optimizer is looked at
+        try:
+            pipelining.attach(job, stage, schedule, optimizer=torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1),
+                              loss_fn=pm.loss_fn)
+        except moetion.ConfigError as error:
+            messages.append(str(error))
+
+    module = pm.stage_module(0, 2)
+    stages = [pipelining.LoggedStage(pm.stage_module(s, 2), s, 2, job.device, input_args=pm.example(s),
+                                     output_args=pm.example(s + 1)) for s in range(2)]
+    attempt(stages[0], ScheduleInterleaved1F1B(stages, n_microbatches=2, loss_fn=pm.loss_fn))
+    empty = nn.Identity()
+    stage = pipelining.LoggedStage(empty, 0, 1, job.device, input_args=pm.example(0), output_args=pm.example(1))
+    attempt(stage, ScheduleGPipe(stage, n_microbatches=2, loss_fn=pm.loss_fn))
+    stage = PipelineStage(module, 0, 1, job.device, input_args=pm.example(0), output_args=pm.example(1))
+    attempt(stage, ScheduleGPipe(stage, n_microbatches=2, loss_fn=pm.loss_fn))
+
+    stage = pipelining.LoggedStage(module, 0, 1, job.device, input_args=pm.example(0), output_args=pm.example(1))
+    opt = pm.optimizer(module)
+    engine = pipelining.attach(job, stage, ScheduleGPipe(stage, n_microbatches=2, loss_fn=pm.loss_fn), optimizer=opt,
+                               loss_fn=pm.loss_fn)
+    source = moetion.TensorDataSource(torch.randn(8, pm.WIDTH), torch.randn(8, pm.WIDTH), micro_batch_size=2,
+                                      micro_batches_per_iteration=2)
+    engine.train_batch(source)
+    opt.step()  # the user's own step on top of moetion's commit
+    try:
+        engine.train_batch(source)
+    except moetion.ConfigError as error:
+        messages.append(str(error))
+    engine.close()
+    return messages
+
+
+def test_misuse_is_refused_with_what_to_change():
+    (messages,) = run_workers(misuse_rank, nproc=1, timeout_s=120)
+    assert len(messages) == 4, messages
+    interleaved, empty, plain, stepped = messages
+    assert "ScheduleInterleaved1F1B is not supported" in interleaved and "Schedule1F1B" in interleaved
+    assert "no parameters" in empty
+    assert "LoggedStage" in plain and "PipelineStage" in plain
+    assert "remove optimizer.step" in stepped
