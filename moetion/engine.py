@@ -12,7 +12,7 @@ import logging
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, ContextManager
+from typing import Callable, ContextManager, Protocol
 
 import torch
 from logging_store import LogStoreConfig
@@ -59,6 +59,17 @@ def on_close(hook: Callable[["PipelineEngine"], None]) -> None:
     _close_hooks.append(hook)
 
 
+class ExternalMicroBatches(Protocol):
+    """An outside schedule that runs each iteration's micro-batches (``torch.distributed.pipelining``)."""
+
+    def run(self, iteration: int, data: DataSource) -> list[torch.Tensor]:
+        """Runs every forward, backward and send of ``iteration``; returns the last stage's losses in
+        micro-batch order (none elsewhere); raises :class:`PeerFailure` when a peer is lost."""
+
+    def connected(self) -> None:
+        """Called each time the engine has joined a generation's groups, before its next iteration."""
+
+
 class PipelineEngine:
     """Trains one pipeline stage; create it with :func:`moetion.initialize`."""
 
@@ -75,11 +86,11 @@ class PipelineEngine:
         replacement: bool = False,
         lr_scheduler: LRScheduler | None = None,
         stage_schedule: StageSchedule = StageSchedule(),
-        micro_batches: Callable[[int, DataSource], list[torch.Tensor]] | None = None,
+        micro_batches: ExternalMicroBatches | None = None,
     ) -> None:
         self.module = module
-        # An outside schedule (torch.distributed.pipelining) may run each iteration's micro-batches:
-        # ``micro_batches(iteration, data)`` returns their losses; the commit still runs here.
+        # An outside schedule (torch.distributed.pipelining) may run each iteration's micro-batches;
+        # the commit still runs here.
         self.stage_schedule, self._micro_batches = stage_schedule, micro_batches
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
@@ -139,7 +150,7 @@ class PipelineEngine:
         if self._micro_batches is None:
             stats = self._body.run(self.iteration, data)
         else:
-            stats = self._body.run_external(self.iteration, data, lambda: self._micro_batches(self.iteration, data))
+            stats = self._body.run_external(self.iteration, data, lambda: self._micro_batches.run(self.iteration, data))
         self.last_stats = stats
         self.losses[self.iteration] = stats.loss
         if self.metrics is not None:
@@ -355,6 +366,8 @@ class PipelineEngine:
         )
         if self.checkpointer is not None:
             self.checkpointer.replace_replicator(self._build_replicator())
+        if self._micro_batches is not None:
+            self._micro_batches.connected()
 
     def _build_upstream_log(self) -> UpstreamLog:
         settings = self.config.upstream_log

@@ -35,6 +35,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 from torch.distributed.pipelining.schedules import _PipelineSchedule
 from torch.optim.lr_scheduler import LRScheduler
 
+from moetion import failure_notice
 from moetion import log as _log
 from moetion.config import Config
 from moetion.control import ControlPlane, start_generation
@@ -42,7 +43,7 @@ from moetion.data import DataSource
 from moetion.determinism import Pass, enable_strict_mode
 from moetion.distributed import build_context
 from moetion.engine import PipelineEngine
-from moetion.errors import ConfigError, DataError, MoetionError
+from moetion.errors import ConfigError, DataError, MoetionError, PeerFailure
 from moetion.schedule import LossScaling, Order, StageSchedule
 from moetion.threads import pin_threads
 
@@ -175,15 +176,10 @@ def attach(job: Job, stage: LoggedStage, schedule: _PipelineSchedule, *, optimiz
     context = build_context(num_stages=job.num_stages, tied_stages={},
                             replication=config.snapshot.enabled and config.snapshot.replicate)
     module = StageModule(stage.submod, stage_id=job.stage, num_stages=job.num_stages, loss_fn=loss_fn)
-    steps = _StepCounter(optimizer)
-
-    def micro_batches(iteration: int, data: DataSource) -> list[torch.Tensor]:
-        steps.check()
-        return _step_schedule(stage, schedule, iteration, data, config.micro_batches)
-
+    runner = _ScheduleRunner(stage, schedule, loss_fn=loss_fn, optimizer=optimizer, micro_batches=config.micro_batches)
     engine = PipelineEngine(module=module, optimizer=optimizer, config=config, dist_context=context, threads=threads,
                             control=job.control, generation=job.generation, replacement=start_generation() > 0,
-                            lr_scheduler=lr_scheduler, stage_schedule=stage_schedule, micro_batches=micro_batches)
+                            lr_scheduler=lr_scheduler, stage_schedule=stage_schedule, micro_batches=runner)
     stage.engine = engine
     log.info("attached to %s stage %d/%d: %d parameters, %d intra-op threads", type(schedule).__name__, job.stage,
              job.num_stages, sum(p.numel() for p in module.parameters()), threads)
@@ -227,29 +223,68 @@ def stage_schedule_of(schedule: _PipelineSchedule) -> StageSchedule:
     return StageSchedule(order=order, loss_scaling=LossScaling.GRADS if schedule.scale_grads else LossScaling.NONE)
 
 
-def _step_schedule(stage: LoggedStage, schedule: _PipelineSchedule, iteration: int, data: DataSource,
-                   micro_batches: int) -> list[torch.Tensor]:
-    """One ``schedule.step`` over the iteration's micro-batches, read from ``data`` by (iteration, index)."""
-    inputs, labels = [], []
-    for m in range(micro_batches):
+class _ScheduleRunner:
+    """Runs the user's schedule over an iteration's micro-batches for the engine.
+
+    After a recovery every rank builds a new schedule of the same class over the same stage: torch
+    initialises a schedule in its first step with a vote among all stages, which a replacement's
+    fresh schedule would otherwise wait for alone.
+    """
+
+    def __init__(self, stage: LoggedStage, schedule: _PipelineSchedule, *, loss_fn: LossFn | None,
+                 optimizer: torch.optim.Optimizer, micro_batches: int) -> None:
+        self.stage, self.schedule, self.loss_fn, self.micro_batches = stage, schedule, loss_fn, micro_batches
+        self.steps = _StepCounter(optimizer)
+        self._generations = 0
+
+    def connected(self) -> None:
+        self._generations += 1
+        if self._generations > 1:
+            self.schedule = type(self.schedule)(self.stage, n_microbatches=self.micro_batches, loss_fn=self.loss_fn,
+                                                scale_grads=self.schedule.scale_grads)
+
+    def run(self, iteration: int, data: DataSource) -> list[torch.Tensor]:
+        self.steps.check()
+        stage = self.stage
+        inputs, labels = self._read(iteration, data)
+        args = (torch.cat(inputs).to(stage.device),) if stage.is_first else ()
+        target = torch.cat(labels).to(stage.device) if stage.is_last else None
+        losses: list[torch.Tensor] | None = [] if stage.is_last else None
         try:
-            x, y = data.micro_batch(iteration, m)
-        except DataError:
-            raise
-        except Exception as error:
-            raise DataError(f"data source failed for iteration {iteration}, micro-batch {m}: {error}") from error
-        inputs.append(x)
-        labels.append(y)
-    if len({len(x) for x in inputs}) != 1:
-        raise DataError(f"iteration {iteration}: micro-batches of unequal size; the schedule splits the batch evenly")
-    args = (torch.cat(inputs).to(stage.device),) if stage.is_first else ()
-    target = torch.cat(labels).to(stage.device) if stage.is_last else None
-    losses: list[torch.Tensor] | None = [] if stage.is_last else None
-    schedule.step(*args, target=target, losses=losses, return_outputs=False)
-    if losses is not None and len(losses) != micro_batches:
-        raise ConfigError(f"the schedule ran {len(losses)} micro-batches, the config says micro_batches="
-                          f"{micro_batches}: build the schedule with n_microbatches=config.micro_batches")
-    return losses or []
+            self.schedule.step(*args, target=target, losses=losses, return_outputs=False)
+        except RuntimeError as error:
+            if not _lost_peer(error):
+                raise
+            raise PeerFailure(failure_notice.explain(
+                f"stage {stage.stage_index} lost a peer in iteration {iteration} of {type(self.schedule).__name__}: "
+                f"{str(error).splitlines()[0]}")) from None
+        if losses is not None and len(losses) != self.micro_batches:
+            raise ConfigError(f"the schedule ran {len(losses)} micro-batches, the config says micro_batches="
+                              f"{self.micro_batches}: build the schedule with n_microbatches=config.micro_batches")
+        return losses or []
+
+    def _read(self, iteration: int, data: DataSource) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The iteration's micro-batches by (iteration, index): a replay re-reads the same ones."""
+        inputs, labels = [], []
+        for m in range(self.micro_batches):
+            try:
+                x, y = data.micro_batch(iteration, m)
+            except DataError:
+                raise
+            except Exception as error:
+                raise DataError(f"data source failed for iteration {iteration}, micro-batch {m}: {error}") from error
+            inputs.append(x)
+            labels.append(y)
+        if len({len(x) for x in inputs}) != 1:
+            raise DataError(f"iteration {iteration}: micro-batches of unequal size; the schedule splits the batch evenly")
+        return inputs, labels
+
+
+def _lost_peer(error: RuntimeError) -> bool:
+    """A send or receive failed (gloo raises a plain RuntimeError naming its transport); torch wraps
+    the model's own errors in its forward and backward with messages of its own."""
+    message = str(error)
+    return isinstance(error, dist.DistError) or "gloo/transport" in message or "NCCL" in message
 
 
 class _StepCounter:
