@@ -1,5 +1,7 @@
 """moetion attached to torch.distributed.pipelining stages: training is unchanged bit for bit, and a
 stage replayed from its window and its neighbours' logs lands on the live stage's bits."""
+import dataclasses
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -7,9 +9,10 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 
 import moetion
 from moetion import pipelining
-from moetion.launcher import run_workers
+from moetion.faults import ENV as KILL_ENV
+from moetion.launcher import run_workers, supervise_workers
 from logging_store import LogStore
-from moetion.replay import replay_stage
+from moetion.replay import adapt_replay_ports, clear_replay_port_adapters, replay_stage
 from moetion.run_identity import fresh_job_nonce
 from moetion.snapshot.image import WindowImage, WindowManifest
 from moetion.snapshot.shm import SharedMemoryTier
@@ -199,3 +202,70 @@ def test_misuse_is_refused_with_what_to_change():
     assert "no parameters" in empty
     assert "LoggedStage" in plain and "PipelineStage" in plain
     assert "remove optimizer.step" in stepped
+
+
+def recovering_rank(kind, shm_dir):
+    """Trains until the engine reaches ITERATIONS (a replacement starts mid-run); returns its final state."""
+    config = replay_config(shm_dir)
+    config["peer_timeout_s"] = 60
+    job = pipelining.join(config)
+    module = pm.stage_module(job.stage, job.num_stages, dropout=0.2)
+    stage = pipelining.LoggedStage(module, job.stage, job.num_stages, job.device, input_args=pm.example(job.stage),
+                                   output_args=pm.example(job.stage + 1))
+    schedule = SCHEDULES[kind](stage, n_microbatches=pm.MICRO_BATCHES, loss_fn=pm.loss_fn)
+    opt = pm.optimizer(module)
+    engine = pipelining.attach(job, stage, schedule, optimizer=opt, loss_fn=pm.loss_fn)
+    source = pm.data(ITERATIONS)
+    while engine.iteration < ITERATIONS:
+        engine.train_batch(source)
+    engine.close()
+    return {"model": module.state_dict(), "optim": opt.state_dict()["state"], "stage": job.stage,
+            "losses": [engine.losses[t] for t in range(ITERATIONS)]}
+
+
+class NudgedGradient:
+    """The replacement's input port with one logged output gradient nudged (negative control)."""
+
+    def __init__(self, inputs):
+        self.inputs = inputs
+
+    def activation(self, iteration, micro_batch):
+        return self.inputs.activation(iteration, micro_batch)
+
+    def gradient(self, iteration, micro_batch, like):
+        g = self.inputs.gradient(iteration, micro_batch, like)
+        if micro_batch == 1:
+            g = g.clone()
+            g.view(-1)[0] += 1e-4
+        return g
+
+
+def nudge_a_logged_gradient(ports):
+    return dataclasses.replace(ports, inputs=NudgedGradient(ports.inputs))
+
+
+@pytest.mark.parametrize("kind, kill", [
+    ("1f1b", "stage=1,iter=2,phase=backward"),  # before the first window completes: replay from the initial state
+    ("1f1b", "stage=2,iter=3,phase=forward"),   # the last stage, from window 1..2
+    ("gpipe", "stage=1,iter=3,phase=step"),     # the middle stage, from window 1..2; plus the negative control
+])
+def test_a_killed_stage_recovers_bit_identically_and_a_nudged_log_does_not(tmp_path, kind, kill):
+    """SIGKILL of a stage under the recovering supervisor: its replacement restores its window and
+    replays from its neighbours' logs; the run ends equal to the fault-free one. With one logged gradient
+    nudged in the replacement's replay, it does not."""
+    reference = run_workers(recovering_rank, nproc=3, args=(kind, tmp_path / "a"), timeout_s=150)
+    report = supervise_workers(recovering_rank, nproc=3, args=(kind, tmp_path / "b"), recover=True, timeout_s=150,
+                               env={KILL_ENV: kill})
+    assert len(report.recoveries) == 1
+    for expected, recovered in zip(reference, report.results):
+        assert_same(expected, recovered)
+        assert recovered["losses"] == expected["losses"]
+    if kind == "gpipe":
+        adapt_replay_ports(nudge_a_logged_gradient)  # inherited by the replacement this process forks
+        try:
+            report = supervise_workers(recovering_rank, nproc=3, args=(kind, tmp_path / "c"), recover=True,
+                                       timeout_s=150, env={KILL_ENV: kill})
+        finally:
+            clear_replay_port_adapters()
+        with pytest.raises(AssertionError):
+            assert_same(reference[1], report.results[1])
