@@ -111,8 +111,8 @@ class StageModule(nn.Module):
 class LoggedStage(PipelineStage):
     """A ``PipelineStage`` whose boundary tensors moetion logs; use it exactly as ``PipelineStage``.
 
-    ``input_args`` and ``output_args`` (example tensors of one micro-batch; the input requiring
-    grad on every stage but the first) are required: without them torch infers shapes by running
+    ``input_args`` and ``output_args`` (example tensors of one micro-batch; those crossing a stage
+    boundary requiring grad, as torch derives the gradients' shapes from them) are required: without them torch infers shapes by running
     the stage once more on the first micro-batch (and, on later stages, on uninitialised memory),
     which changes buffers such as an MoE layer's routing counts and breaks bitwise recovery.
     Until :func:`attach` it behaves as a plain ``PipelineStage``.
@@ -131,6 +131,11 @@ class LoggedStage(PipelineStage):
             raise ConfigError(
                 f"stage {stage_index}: input_args must require grad (input_args.requires_grad_()), or no input "
                 "gradient is sent back to the previous stage"
+            )
+        if stage_index < num_stages - 1 and not output_args.requires_grad:
+            raise ConfigError(
+                f"stage {stage_index}: output_args must require grad (output_args.requires_grad_()), or torch "
+                "receives no gradient of it from the next stage"
             )
         super().__init__(submodule, stage_index, num_stages, device, input_args=input_args, output_args=output_args,
                          group=group)
