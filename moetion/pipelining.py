@@ -35,7 +35,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 from torch.distributed.pipelining.schedules import _PipelineSchedule
 from torch.optim.lr_scheduler import LRScheduler
 
-from moetion import failure_notice
+from moetion import _as_config, _join, failure_notice  # the joining moetion.initialize does
 from moetion import log as _log
 from moetion.config import Config
 from moetion.control import ControlPlane, start_generation
@@ -73,8 +73,6 @@ def join(config: Config | dict | str | None = None) -> Job:
     Call first: ``PipelineStage`` needs the process group. One stage per rank, so the pipeline has
     as many stages as the job has ranks.
     """
-    from moetion import _as_config, _join  # the package's own joining, shared with moetion.initialize
-
     config = _as_config(config)
     enable_strict_mode(config.determinism)
     control, generation = _join(config)

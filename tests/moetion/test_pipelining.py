@@ -9,6 +9,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 
 import moetion
 from moetion import pipelining
+from moetion.errors import NondeterministicOpError
 from moetion.faults import ENV as KILL_ENV
 from moetion.launcher import run_workers, supervise_workers
 from logging_store import LogStore
@@ -191,17 +192,33 @@ def misuse_rank():
     except moetion.ConfigError as error:
         messages.append(str(error))
     engine.close()
+
+    class Scatter(nn.Linear):  # put_ has no deterministic implementation on CPU
+        def forward(self, x):
+            return super().forward(x).put_(torch.tensor([0]), torch.tensor([1.0]))
+
+    module = Scatter(pm.WIDTH, pm.WIDTH)
+    stage = pipelining.LoggedStage(module, 0, 1, job.device, input_args=pm.example(0), output_args=pm.example(1))
+    engine = pipelining.attach(job, stage, ScheduleGPipe(stage, n_microbatches=2, loss_fn=pm.loss_fn),
+                               optimizer=pm.optimizer(module), loss_fn=pm.loss_fn)
+    torch.use_deterministic_algorithms(True)  # what config determinism.strict turns on at join
+    try:
+        engine.train_batch(source)
+    except NondeterministicOpError as error:
+        messages.append(str(error))
     return messages
 
 
 def test_misuse_is_refused_with_what_to_change():
     (messages,) = run_workers(misuse_rank, nproc=1, timeout_s=120)
-    assert len(messages) == 4, messages
-    interleaved, empty, plain, stepped = messages
+    assert len(messages) == 5, messages
+    interleaved, empty, plain, stepped, nondeterministic = messages
     assert "ScheduleInterleaved1F1B is not supported" in interleaved and "Schedule1F1B" in interleaved
     assert "no parameters" in empty
     assert "LoggedStage" in plain and "PipelineStage" in plain
     assert "remove optimizer.step" in stepped
+    assert nondeterministic.startswith("put_ has no deterministic implementation on cpu (stage 0, iteration 0, "
+                                       "micro-batch 0, forward)")
 
 
 def recovering_rank(kind, shm_dir):
