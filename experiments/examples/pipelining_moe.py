@@ -32,9 +32,9 @@ class StackedMoE(nn.Module):
     """Top-1 MoE whose experts are stacked tensors; the router's noise comes from moetion.random, so
     a replay draws the same noise, and a buffer counts the tokens routed to each expert."""
 
-    def __init__(self) -> None:
+    def __init__(self, router_noise: float) -> None:
         super().__init__()
-        self.num_experts = EXPERTS
+        self.num_experts, self.router_noise = EXPERTS, router_noise
         self.router = nn.Linear(D_MODEL, EXPERTS, bias=False)
         self.w_in = nn.Parameter(torch.randn(EXPERTS, D_MODEL, HIDDEN) * D_MODEL ** -0.5)
         self.w_out = nn.Parameter(torch.randn(EXPERTS, HIDDEN, D_MODEL) * HIDDEN ** -0.5)
@@ -43,8 +43,8 @@ class StackedMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.reshape(-1, D_MODEL)
         logits = self.router(tokens)
-        if self.training:
-            logits = logits + 0.1 * torch.randn(logits.shape, generator=moetion.random.generator())
+        if self.training and self.router_noise:
+            logits = logits + self.router_noise * torch.randn(logits.shape, generator=moetion.random.generator())
         gate, expert = F.softmax(logits, dim=-1).max(dim=-1)
         self.routed += torch.bincount(expert, minlength=EXPERTS)
         out = torch.zeros_like(tokens)
@@ -56,11 +56,11 @@ class StackedMoE(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, router_noise: float) -> None:
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(D_MODEL), nn.LayerNorm(D_MODEL)
         self.attention = nn.MultiheadAttention(D_MODEL, HEADS, batch_first=True)
-        self.moe = StackedMoE()
+        self.moe = StackedMoE(router_noise)
         self.register_buffer("causal", torch.triu(torch.ones(SEQ, SEQ, dtype=torch.bool), diagonal=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -72,10 +72,10 @@ class Block(nn.Module):
 class Stage(nn.Module):
     """Stage ``s`` of ``n``: the embedding on the first, a block on each, the head on the last."""
 
-    def __init__(self, stage: int, num_stages: int) -> None:
+    def __init__(self, stage: int, num_stages: int, *, router_noise: float = 0.1) -> None:
         super().__init__()
         self.embed = nn.Embedding(VOCAB, D_MODEL) if stage == 0 else None
-        self.block = Block()
+        self.block = Block(router_noise)
         self.head = nn.Sequential(nn.LayerNorm(D_MODEL), nn.Linear(D_MODEL, VOCAB)) if stage == num_stages - 1 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
