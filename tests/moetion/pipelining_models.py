@@ -23,26 +23,27 @@ class Block(nn.Module):
         return self.dropout(torch.tanh(self.linear(x)))
 
 
-def stage_module(stage: int, num_stages: int, *, dropout: float = 0.0) -> nn.Module:
+def stage_module(stage: int, num_stages: int, *, dropout: float = 0.0, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Stage ``stage``'s two blocks, initialised from a seed of their own."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(100 + stage)
-        return nn.Sequential(Block(dropout), Block(dropout))
+        return nn.Sequential(Block(dropout), Block(dropout)).to(dtype)
 
 
-def example(stage: int) -> torch.Tensor:
+def example(stage: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """One micro-batch's input (and output) of a stage, as static shapes for PipelineStage."""
-    return torch.empty(MICRO_BATCH, WIDTH, requires_grad=stage > 0)
+    return torch.empty(MICRO_BATCH, WIDTH, dtype=dtype, requires_grad=stage > 0)
 
 
 def loss_fn(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ((output - target) ** 2).mean()
 
 
-def data(iterations: int) -> moetion.TensorDataSource:
+def data(iterations: int, dtype: torch.dtype = torch.float32) -> moetion.TensorDataSource:
     g = torch.Generator().manual_seed(7)
     rows = iterations * MICRO_BATCHES * MICRO_BATCH
-    return moetion.TensorDataSource(torch.randn(rows, WIDTH, generator=g), torch.randn(rows, WIDTH, generator=g),
+    return moetion.TensorDataSource(torch.randn(rows, WIDTH, generator=g).to(dtype),
+                                    torch.randn(rows, WIDTH, generator=g).to(dtype),
                                     micro_batch_size=MICRO_BATCH, micro_batches_per_iteration=MICRO_BATCHES)
 
 

@@ -26,16 +26,16 @@ SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 ITERATIONS = 4
 
 
-def plain_rank(kind):
+def plain_rank(kind, dtype=torch.float32):
     """The user's script without moetion: schedule.step, then optimizer.step."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    module = pm.stage_module(rank, world)
-    stage = PipelineStage(module, rank, world, torch.device("cpu"), input_args=pm.example(rank),
-                          output_args=pm.example(rank + 1))
+    module = pm.stage_module(rank, world, dtype=dtype)
+    stage = PipelineStage(module, rank, world, torch.device("cpu"), input_args=pm.example(rank, dtype),
+                          output_args=pm.example(rank + 1, dtype))
     schedule = SCHEDULES[kind](stage, n_microbatches=pm.MICRO_BATCHES, loss_fn=pm.loss_fn)
-    opt, source, losses = pm.optimizer(module), pm.data(ITERATIONS), []
+    opt, source, losses = pm.optimizer(module), pm.data(ITERATIONS, dtype), []
     for t in range(ITERATIONS):
         mbs = [source.micro_batch(t, m) for m in range(pm.MICRO_BATCHES)]
         args = (torch.cat([x for x, _ in mbs]),) if rank == 0 else ()
@@ -57,16 +57,16 @@ def moetion_config(**extra):
     return {"seed": 3, "micro_batches": pm.MICRO_BATCHES, "grad_clip": None, "threads": 1, **extra}
 
 
-def attached_rank(kind, config, dropout=0.0, shm_dir=None):
+def attached_rank(kind, config, dropout=0.0, shm_dir=None, dtype=torch.float32):
     """The same script with moetion attached; with ``shm_dir``, also its logs and latest window."""
     job = pipelining.join(config)
-    module = pm.stage_module(job.stage, job.num_stages, dropout=dropout)
-    stage = pipelining.LoggedStage(module, job.stage, job.num_stages, job.device, input_args=pm.example(job.stage),
-                                   output_args=pm.example(job.stage + 1))
+    module = pm.stage_module(job.stage, job.num_stages, dropout=dropout, dtype=dtype)
+    stage = pipelining.LoggedStage(module, job.stage, job.num_stages, job.device,
+                                   input_args=pm.example(job.stage, dtype), output_args=pm.example(job.stage + 1, dtype))
     schedule = SCHEDULES[kind](stage, n_microbatches=pm.MICRO_BATCHES, loss_fn=pm.loss_fn)
     opt = pm.optimizer(module)
     engine = pipelining.attach(job, stage, schedule, optimizer=opt, loss_fn=pm.loss_fn)
-    source, logs = pm.data(ITERATIONS), []
+    source, logs = pm.data(ITERATIONS, dtype), []
     for t in range(ITERATIONS):
         engine.train_batch(source)
         if engine.upstream is not None:
@@ -92,10 +92,11 @@ def assert_same(a, b):
             assert torch.equal(value, b["optim"][index][key]), (index, key)
 
 
-@pytest.mark.parametrize("kind", sorted(SCHEDULES))
-def test_attached_training_equals_plain_pipelining_bit_for_bit(kind):
-    plain = run_workers(plain_rank, nproc=2, args=(kind,), timeout_s=120)
-    attached = run_workers(attached_rank, nproc=2, args=(kind, moetion_config()), timeout_s=120)
+@pytest.mark.parametrize("kind, stages, dtype", [
+    ("gpipe", 2, torch.float32), ("1f1b", 2, torch.float32), ("1f1b", 4, torch.bfloat16)])
+def test_attached_training_equals_plain_pipelining_bit_for_bit(kind, stages, dtype):
+    plain = run_workers(plain_rank, nproc=stages, args=(kind, dtype), timeout_s=120)
+    attached = run_workers(attached_rank, nproc=stages, args=(kind, moetion_config(), 0.0, None, dtype), timeout_s=120)
     for p, a in zip(plain, attached):
         assert_same(p, a)
     assert attached[-1]["losses"] == plain[-1]["losses"]
@@ -221,18 +222,18 @@ def test_misuse_is_refused_with_what_to_change():
                                        "micro-batch 0, forward)")
 
 
-def recovering_rank(kind, shm_dir):
+def recovering_rank(kind, shm_dir, dtype=torch.float32):
     """Trains until the engine reaches ITERATIONS (a replacement starts mid-run); returns its final state."""
     config = replay_config(shm_dir)
     config["peer_timeout_s"] = 60
     job = pipelining.join(config)
-    module = pm.stage_module(job.stage, job.num_stages, dropout=0.2)
-    stage = pipelining.LoggedStage(module, job.stage, job.num_stages, job.device, input_args=pm.example(job.stage),
-                                   output_args=pm.example(job.stage + 1))
+    module = pm.stage_module(job.stage, job.num_stages, dropout=0.2, dtype=dtype)
+    stage = pipelining.LoggedStage(module, job.stage, job.num_stages, job.device,
+                                   input_args=pm.example(job.stage, dtype), output_args=pm.example(job.stage + 1, dtype))
     schedule = SCHEDULES[kind](stage, n_microbatches=pm.MICRO_BATCHES, loss_fn=pm.loss_fn)
     opt = pm.optimizer(module)
     engine = pipelining.attach(job, stage, schedule, optimizer=opt, loss_fn=pm.loss_fn)
-    source = pm.data(ITERATIONS)
+    source = pm.data(ITERATIONS, dtype)
     while engine.iteration < ITERATIONS:
         engine.train_batch(source)
     engine.close()
@@ -261,18 +262,18 @@ def nudge_a_logged_gradient(ports):
     return dataclasses.replace(ports, inputs=NudgedGradient(ports.inputs))
 
 
-@pytest.mark.parametrize("kind, kill", [
-    ("1f1b", "stage=1,iter=2,phase=backward"),  # before the first window completes: replay from the initial state
-    ("1f1b", "stage=2,iter=3,phase=forward"),   # the last stage, from window 1..2
-    ("gpipe", "stage=1,iter=3,phase=step"),     # the middle stage, from window 1..2; plus the negative control
+@pytest.mark.parametrize("kind, kill, dtype", [
+    ("1f1b", "stage=1,iter=2,phase=backward", torch.float32),  # before the first window completes: from the initial state
+    ("1f1b", "stage=2,iter=3,phase=forward", torch.bfloat16),  # the last stage, from window 1..2, a bf16 module
+    ("gpipe", "stage=1,iter=3,phase=step", torch.float32),     # the middle stage, from window 1..2; the negative control
 ])
-def test_a_killed_stage_recovers_bit_identically_and_a_nudged_log_does_not(tmp_path, kind, kill):
+def test_a_killed_stage_recovers_bit_identically_and_a_nudged_log_does_not(tmp_path, kind, kill, dtype):
     """SIGKILL of a stage under the recovering supervisor: its replacement restores its window and
     replays from its neighbours' logs; the run ends equal to the fault-free one. With one logged gradient
     nudged in the replacement's replay, it does not."""
-    reference = run_workers(recovering_rank, nproc=3, args=(kind, tmp_path / "a"), timeout_s=150)
-    report = supervise_workers(recovering_rank, nproc=3, args=(kind, tmp_path / "b"), recover=True, timeout_s=150,
-                               env={KILL_ENV: kill})
+    reference = run_workers(recovering_rank, nproc=3, args=(kind, tmp_path / "a", dtype), timeout_s=150)
+    report = supervise_workers(recovering_rank, nproc=3, args=(kind, tmp_path / "b", dtype), recover=True,
+                               timeout_s=150, env={KILL_ENV: kill})
     assert len(report.recoveries) == 1
     for expected, recovered in zip(reference, report.results):
         assert_same(expected, recovered)
