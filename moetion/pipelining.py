@@ -19,7 +19,8 @@ A replay of such a stage runs the same body through the same instructions in the
 (loss not scaled, gradients divided after the last backward), so it lands on the same bits.
 
 Supported: ``ScheduleGPipe`` and ``Schedule1F1B`` (one stage per rank), one tensor in and one out
-per stage, fp32, no data parallelism.
+per stage, no data parallelism, no compute copy (config ``precision`` fp32; cast the module to
+train it in bf16).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
-from torch.distributed.pipelining.schedules import _PipelineSchedule
+from torch.distributed.pipelining.schedules import PipelineScheduleMulti, PipelineScheduleSingle
 from torch.optim.lr_scheduler import LRScheduler
 
 from moetion import _as_config, _join, failure_notice  # the joining moetion.initialize does
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 SUPPORTED_SCHEDULES: dict[type, Order] = {ScheduleGPipe: Order.FILL_DRAIN, Schedule1F1B: Order.ONE_F_ONE_B}
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Schedule = PipelineScheduleSingle | PipelineScheduleMulti
 
 
 @dataclass(frozen=True)
@@ -164,7 +166,7 @@ class LoggedStage(PipelineStage):
             self.engine.upstream.log_gradient(self.engine.iteration, bwd_chunk_id, grads[0])
 
 
-def attach(job: Job, stage: LoggedStage, schedule: _PipelineSchedule, *, optimizer: torch.optim.Optimizer,
+def attach(job: Job, stage: LoggedStage, schedule: Schedule, *, optimizer: torch.optim.Optimizer,
            loss_fn: LossFn | None, lr_scheduler: LRScheduler | None = None) -> PipelineEngine:
     """Attaches moetion to a stage and its schedule; returns the engine to train with.
 
@@ -189,7 +191,7 @@ def attach(job: Job, stage: LoggedStage, schedule: _PipelineSchedule, *, optimiz
     return engine
 
 
-def _check(job: Job, stage: PipelineStage, schedule: _PipelineSchedule, optimizer: torch.optim.Optimizer) -> StageSchedule:
+def _check(job: Job, stage: PipelineStage, schedule: Schedule, optimizer: torch.optim.Optimizer) -> StageSchedule:
     """The stage schedule to replay with, after refusing what moetion cannot recover exactly."""
     config = job.config
     stage_schedule = stage_schedule_of(schedule)
@@ -197,8 +199,9 @@ def _check(job: Job, stage: PipelineStage, schedule: _PipelineSchedule, optimize
         raise ConfigError(f"attach needs a moetion.pipelining.LoggedStage (got {type(stage).__name__}): build the "
                           "stage with it in place of PipelineStage, so that what it sends is logged")
     if stage.stage_index != job.stage or stage.num_stages != job.num_stages:
-        raise ConfigError(f"rank {job.stage} of a {job.num_stages}-rank job runs stage {job.stage} of {job.num_stages}; "
-                          f"the stage was built as {stage.stage_index} of {stage.num_stages}")
+        raise ConfigError(f"rank {job.stage} of a {job.num_stages}-rank job runs stage {job.stage} of {job.num_stages} "
+                          f"(one rank per stage, no data parallelism); the stage was built as {stage.stage_index} of "
+                          f"{stage.num_stages}: build it with job.stage and job.num_stages")
     params = list(stage.submod.parameters())
     if not params:
         raise ConfigError(f"stage {stage.stage_index}'s module has no parameters: give every stage at least one "
@@ -210,12 +213,10 @@ def _check(job: Job, stage: PipelineStage, schedule: _PipelineSchedule, optimize
     if config.precision != "fp32":
         raise ConfigError(f"precision {config.precision!r}: torch.distributed.pipelining stages train in the "
                           "module's own dtype; moetion supports them under fp32 only")
-    if dist.get_world_size() != job.num_stages:
-        raise ConfigError("moetion on torch.distributed.pipelining supports no data parallelism yet: run one rank per stage")
     return stage_schedule
 
 
-def stage_schedule_of(schedule: _PipelineSchedule) -> StageSchedule:
+def stage_schedule_of(schedule: Schedule) -> StageSchedule:
     """The instruction stream a replay of ``schedule``'s stage runs: its order and its gradient scaling."""
     order = SUPPORTED_SCHEDULES.get(type(schedule))
     if order is None:
@@ -234,7 +235,7 @@ class _ScheduleRunner:
     fresh schedule would otherwise wait for alone.
     """
 
-    def __init__(self, stage: LoggedStage, schedule: _PipelineSchedule, *, loss_fn: LossFn | None,
+    def __init__(self, stage: LoggedStage, schedule: Schedule, *, loss_fn: LossFn | None,
                  optimizer: torch.optim.Optimizer, micro_batches: int) -> None:
         self.stage, self.schedule, self.loss_fn, self.micro_batches = stage, schedule, loss_fn, micro_batches
         self.steps = _StepCounter(optimizer)
