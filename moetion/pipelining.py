@@ -112,10 +112,10 @@ class LoggedStage(PipelineStage):
     """A ``PipelineStage`` whose boundary tensors moetion logs; use it exactly as ``PipelineStage``.
 
     ``input_args`` and ``output_args`` (example tensors of one micro-batch; those crossing a stage
-    boundary requiring grad, as torch derives the gradients' shapes from them) are required: without them torch infers shapes by running
-    the stage once more on the first micro-batch (and, on later stages, on uninitialised memory),
-    which changes buffers such as an MoE layer's routing counts and breaks bitwise recovery.
-    Until :func:`attach` it behaves as a plain ``PipelineStage``.
+    boundary requiring grad, as torch derives the gradients' shapes from them) are required:
+    without them torch infers shapes by running the stage once more on the first micro-batch (and,
+    on later stages, on uninitialised memory), which changes buffers such as an MoE layer's routing
+    counts and breaks bitwise recovery. Until :func:`attach` it behaves as a plain ``PipelineStage``.
     """
 
     def __init__(self, submodule: nn.Module, stage_index: int, num_stages: int, device: torch.device, *,
@@ -148,7 +148,8 @@ class LoggedStage(PipelineStage):
         with self.engine.micro_batch(fwd_chunk_id, Pass.FORWARD):
             output = super().forward_one_chunk(fwd_chunk_id, args, kwargs, save_forward_output)
         if not isinstance(output, torch.Tensor):
-            raise ConfigError(f"stage {self.stage_index} returned {type(output).__name__}; moetion logs one tensor per stage boundary")
+            raise ConfigError(f"stage {self.stage_index} returned {type(output).__name__}; moetion logs one tensor "
+                              "per stage boundary")
         if not self.is_last and self.engine.upstream is not None:
             self.engine.upstream.log_activation(self.engine.iteration, fwd_chunk_id, output.detach())
         return output
