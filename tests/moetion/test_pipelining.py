@@ -1,6 +1,8 @@
 """moetion attached to torch.distributed.pipelining stages: training is unchanged bit for bit, and a
 stage replayed from its window and its neighbours' logs lands on the live stage's bits."""
 import dataclasses
+import os
+import signal
 
 import pytest
 import torch
@@ -287,3 +289,38 @@ def test_a_killed_stage_recovers_bit_identically_and_a_nudged_log_does_not(tmp_p
             clear_replay_port_adapters()
         with pytest.raises(AssertionError):
             assert_same(reference[1], report.results[1])
+
+
+def restart_rank(root, resume=False, kill_at=None):
+    """Six iterations persisting windows to disk; killed at ``kill_at``, or resumed from disk."""
+    config = replay_config(root / "shm")
+    config["snapshot"] |= {"persist_dir": str(root / "disk"), "run_id": "pp-restart"}
+    job = pipelining.join(config)
+    module = pm.stage_module(job.stage, job.num_stages, dropout=0.2)
+    stage = pipelining.LoggedStage(module, job.stage, job.num_stages, job.device, input_args=pm.example(job.stage),
+                                   output_args=pm.example(job.stage + 1))
+    opt = pm.optimizer(module)
+    engine = pipelining.attach(job, stage, Schedule1F1B(stage, n_microbatches=pm.MICRO_BATCHES, loss_fn=pm.loss_fn),
+                               optimizer=opt, loss_fn=pm.loss_fn)
+    source = pm.data(6)
+    start = engine.load_checkpoint(source) if resume else 0
+    for t in range(start, 6):
+        if t == kill_at:
+            engine.checkpointer.drain(timeout_s=60)  # persisting is asynchronous: let the windows reach the disk
+            os.kill(os.getpid(), signal.SIGKILL)
+        engine.train_batch(source)
+    engine.close()
+    return {"model": module.state_dict(), "optim": opt.state_dict()["state"], "start": start,
+            "losses": [engine.losses[t] for t in range(start, 6)]}
+
+
+def test_a_whole_job_restart_from_disk_continues_bit_identically(tmp_path):
+    straight = run_workers(restart_rank, nproc=2, args=(tmp_path / "a",), timeout_s=120)
+    with pytest.raises(moetion.LaunchError, match="killed by SIGKILL"):
+        run_workers(restart_rank, nproc=2, args=(tmp_path / "b", False, 5), timeout_s=120, grace_s=2)
+    resumed = run_workers(restart_rank, nproc=2, args=(tmp_path / "b", True), timeout_s=120,
+                          env={"MOETION_RESUME": "1"})  # as `moetion launch --resume` sets it
+    assert resumed[0]["start"] == 5, "resumed after the newest persisted window (3..4), not from scratch"
+    for expected, restarted in zip(straight, resumed):
+        assert_same(expected, restarted)
+        assert restarted["losses"] == expected["losses"][restarted["start"]:]
