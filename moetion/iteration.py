@@ -36,9 +36,9 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from moetion import failure_notice, gradients, schedule
 from moetion.config import Config
-from moetion.data import DataSource
+from moetion.data import DataSource, read_micro_batch
 from moetion.determinism import Pass, unit_of_work
-from moetion.errors import DataError, PeerFailure
+from moetion.errors import PeerFailure
 from moetion.lr_schedule import set_lr_factor
 from moetion.lr_scheduler import step_lr_scheduler
 from moetion.model_state import CommittedState
@@ -235,13 +235,7 @@ class StageIteration:
 
     # -- micro-batch instructions ------------------------------------------------------------------
     def _load_micro_batch(self, m: int | None) -> None:
-        index = self.global_index(m)
-        try:
-            inputs, labels = self._data.micro_batch(self._iteration, index)
-        except DataError:
-            raise
-        except Exception as error:
-            raise DataError(f"data source failed for iteration {self._iteration}, micro-batch {index}: {error}") from error
+        inputs, labels = read_micro_batch(self._data, self._iteration, self.global_index(m))
         device = self.placement.device
         if self.module.is_first_stage:
             self._mb.inputs[m] = inputs.to(device)

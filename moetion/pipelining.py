@@ -40,7 +40,7 @@ from moetion import _as_config, _join, failure_notice  # the joining moetion.ini
 from moetion import log as _log
 from moetion.config import Config
 from moetion.control import ControlPlane, start_generation
-from moetion.data import DataSource
+from moetion.data import DataSource, read_micro_batch
 from moetion.determinism import Pass, enable_strict_mode
 from moetion.distributed import build_context
 from moetion.engine import PipelineEngine
@@ -145,6 +145,9 @@ class LoggedStage(PipelineStage):
                           save_forward_output: bool = True):
         if self.engine is None:
             return super().forward_one_chunk(fwd_chunk_id, args, kwargs, save_forward_output)
+        if fwd_chunk_id >= self.engine.config.micro_batches:
+            raise ConfigError(f"the schedule runs more micro-batches than micro_batches={self.engine.config.micro_batches}: "
+                              "build it with n_microbatches=config.micro_batches")
         with self.engine.micro_batch(fwd_chunk_id, Pass.FORWARD):
             output = super().forward_one_chunk(fwd_chunk_id, args, kwargs, save_forward_output)
         if not isinstance(output, torch.Tensor):
@@ -251,9 +254,8 @@ class _ScheduleRunner:
     def run(self, iteration: int, data: DataSource) -> list[torch.Tensor]:
         self.steps.check()
         stage = self.stage
-        inputs, labels = self._read(iteration, data)
-        args = (torch.cat(inputs).to(stage.device),) if stage.is_first else ()
-        target = torch.cat(labels).to(stage.device) if stage.is_last else None
+        args = (self._batch(iteration, data, 0).to(stage.device),) if stage.is_first else ()
+        target = self._batch(iteration, data, 1).to(stage.device) if stage.is_last else None
         losses: list[torch.Tensor] | None = [] if stage.is_last else None
         try:
             self.schedule.step(*args, target=target, losses=losses, return_outputs=False)
@@ -268,21 +270,13 @@ class _ScheduleRunner:
                               f"{self.micro_batches}: build the schedule with n_microbatches=config.micro_batches")
         return losses or []
 
-    def _read(self, iteration: int, data: DataSource) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The iteration's micro-batches by (iteration, index): a replay re-reads the same ones."""
-        inputs, labels = [], []
-        for m in range(self.micro_batches):
-            try:
-                x, y = data.micro_batch(iteration, m)
-            except DataError:
-                raise
-            except Exception as error:
-                raise DataError(f"data source failed for iteration {iteration}, micro-batch {m}: {error}") from error
-            inputs.append(x)
-            labels.append(y)
-        if len({len(x) for x in inputs}) != 1:
+    def _batch(self, iteration: int, data: DataSource, part: int) -> torch.Tensor:
+        """The iteration's inputs (``part`` 0) or labels (1), its micro-batches read by (iteration,
+        index) as a replay re-reads them, concatenated for the schedule to split again."""
+        pieces = [read_micro_batch(data, iteration, m)[part] for m in range(self.micro_batches)]
+        if len({len(x) for x in pieces}) != 1:
             raise DataError(f"iteration {iteration}: micro-batches of unequal size; the schedule splits the batch evenly")
-        return inputs, labels
+        return torch.cat(pieces)
 
 
 def _lost_peer(error: RuntimeError) -> bool:
