@@ -196,6 +196,14 @@ def misuse_rank():
         messages.append(str(error))
     engine.close()
 
+    stage = pipelining.LoggedStage(module, 0, 1, job.device, input_args=pm.example(0), output_args=pm.example(1))
+    engine = pipelining.attach(job, stage, ScheduleGPipe(stage, n_microbatches=4, loss_fn=pm.loss_fn),
+                               optimizer=pm.optimizer(module), loss_fn=pm.loss_fn)
+    try:
+        engine.train_batch(source)  # the config says 2 micro-batches
+    except moetion.ConfigError as error:
+        messages.append(str(error))
+
     class Scatter(nn.Linear):  # put_ has no deterministic implementation on CPU
         def forward(self, x):
             return super().forward(x).put_(torch.tensor([0]), torch.tensor([1.0]))
@@ -214,12 +222,13 @@ def misuse_rank():
 
 def test_misuse_is_refused_with_what_to_change():
     (messages,) = run_workers(misuse_rank, nproc=1, timeout_s=120)
-    assert len(messages) == 5, messages
-    interleaved, empty, plain, stepped, nondeterministic = messages
+    assert len(messages) == 6, messages
+    interleaved, empty, plain, stepped, micro_batches, nondeterministic = messages
     assert "ScheduleInterleaved1F1B is not supported" in interleaved and "Schedule1F1B" in interleaved
     assert "no parameters" in empty
     assert "LoggedStage" in plain and "PipelineStage" in plain
     assert "remove optimizer.step" in stepped
+    assert "more micro-batches than micro_batches=2" in micro_batches and "n_microbatches" in micro_batches
     assert nondeterministic.startswith("put_ has no deterministic implementation on cpu (stage 0, iteration 0, "
                                        "micro-batch 0, forward)")
 
