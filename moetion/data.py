@@ -25,6 +25,16 @@ class DataSource(Protocol):
         ...
 
 
+def read_micro_batch(data: DataSource, iteration: int, index: int) -> Batch:
+    """``data.micro_batch(iteration, index)``, any failure of the source a :class:`DataError` naming both."""
+    try:
+        return data.micro_batch(iteration, index)
+    except DataError:
+        raise
+    except Exception as error:
+        raise DataError(f"data source failed for iteration {iteration}, micro-batch {index}: {error}") from error
+
+
 def stdlib_corpus(*, max_bytes: int = 4 << 20) -> bytes:
     """Python source text every machine already has: the standard library's ``.py`` files.
 

@@ -87,8 +87,12 @@ def _generators(device: torch.device | str) -> tuple[torch.Generator, ...]:
     return torch.default_generator, default_generator(device)
 
 
-def _nondeterministic_op(error: RuntimeError) -> str | None:
-    """The op torch named in a determinism error, or None for any other error."""
-    message = str(error)
-    head, found, _ = message.partition(_TORCH_NONDETERMINISTIC)
-    return head.strip().splitlines()[-1] if found and head.strip() else None
+def _nondeterministic_op(error: BaseException) -> str | None:
+    """The op torch named in a determinism error, or None for any other error. The error may be
+    the cause of the one raised: ``torch.distributed.pipelining`` wraps a stage's forward errors."""
+    while error is not None:
+        head, found, _ = str(error).partition(_TORCH_NONDETERMINISTIC)
+        if found and head.strip():
+            return head.strip().splitlines()[-1]
+        error = error.__cause__
+    return None

@@ -12,7 +12,7 @@ import logging
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ContextManager, Protocol
 
 import torch
 from logging_store import LogStoreConfig
@@ -22,6 +22,7 @@ from moetion.boundary import BoundaryInputs, BoundaryOutputs
 from moetion.config import Config
 from moetion.control import ControlPlane
 from moetion.data import DataSource
+from moetion.determinism import Pass
 from moetion.decisions import LiveDecisions
 from moetion.distributed import DistContext, build_context, join_job, leave_process_group
 from moetion.errors import ConfigError, PeerFailure
@@ -38,6 +39,7 @@ from moetion.recovery.coordinator import Recovery
 from moetion.recovery.records import RecoveryEvents
 from moetion.recovery.stage import Seat, StageState
 from moetion.replay import ReplayReport, newest_common_window, persisted_neighbour_logs, replay_stage
+from moetion.schedule import StageSchedule
 from moetion.run_identity import fresh_job_nonce, resume_requested
 from moetion.run_layout import persist_root, run_id
 from moetion.snapshot.checkpointer import SparseCheckpointer, StageIdentity
@@ -59,6 +61,17 @@ def on_close(hook: Callable[["PipelineEngine"], None]) -> None:
     _close_hooks.append(hook)
 
 
+class ExternalMicroBatches(Protocol):
+    """An outside schedule that runs each iteration's micro-batches (``torch.distributed.pipelining``)."""
+
+    def run(self, iteration: int, data: DataSource) -> list[torch.Tensor]:
+        """Runs every forward, backward and send of ``iteration``; returns the last stage's losses in
+        micro-batch order (none elsewhere); raises :class:`PeerFailure` when a peer is lost."""
+
+    def connected(self) -> None:
+        """Called each time the engine has joined a generation's groups, before its next iteration."""
+
+
 class PipelineEngine:
     """Trains one pipeline stage; create it with :func:`moetion.initialize`."""
 
@@ -74,8 +87,13 @@ class PipelineEngine:
         generation: int = 0,
         replacement: bool = False,
         lr_scheduler: LRScheduler | None = None,
+        stage_schedule: StageSchedule = StageSchedule(),
+        micro_batches: ExternalMicroBatches | None = None,
     ) -> None:
         self.module = module
+        # An outside schedule (torch.distributed.pipelining) may run each iteration's micro-batches;
+        # the commit still runs here.
+        self.stage_schedule, self._micro_batches = stage_schedule, micro_batches
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.config = config
@@ -136,13 +154,22 @@ class PipelineEngine:
 
     def _run_iteration(self, data: DataSource) -> float:
         self._started_at = time.time()
-        stats = self._body.run(self.iteration, data)
+        if self._micro_batches is None:
+            stats = self._body.run(self.iteration, data)
+        else:
+            stats = self._body.run_external(self.iteration, data, lambda: self._micro_batches.run(self.iteration, data))
         self.last_stats = stats
         self.losses[self.iteration] = stats.loss
         if self.metrics is not None:
             self.metrics.after_commit(self)
         self.iteration += 1
         return stats.loss
+
+    def micro_batch(self, m: int, pass_: Pass) -> ContextManager:
+        """The unit of work of micro-batch ``m`` in the iteration in flight, for an outside schedule
+        to run its forward or backward in (the fault point of the pass fires first)."""
+        self._body.faults(pass_.value, self.iteration)
+        return self._body.unit_of_work(m, pass_)
 
     def expert_token_counts(self) -> dict[str, torch.Tensor]:
         """Tokens this replica routed to each expert of each MoE layer on this stage in the last
@@ -167,7 +194,8 @@ class PipelineEngine:
         with persisted_neighbour_logs(root, module=self.module, start_iteration=start, replica=replica) as logs:
             replay_stage(module=self.module, optimizer=self.optimizer, config=self.config, window=window,
                          logs=logs, data=data, until=window.manifest.end_iteration, precision=self.precision,
-                         replica_group=self.dist.data_group if replicas > 1 else None, lr_scheduler=self.lr_scheduler)
+                         replica_group=self.dist.data_group if replicas > 1 else None, lr_scheduler=self.lr_scheduler,
+                         stage_schedule=self.stage_schedule)
         self.iteration = window.manifest.end_iteration + 1
         log.info("restarted from window %d..%d under %s; continuing at iteration %d",
                  start, window.manifest.end_iteration, root, self.iteration)
@@ -293,7 +321,7 @@ class PipelineEngine:
             report = replay_stage(module=self.module, optimizer=self.optimizer, config=self.config, window=window,
                                   logs=logs, data=data, until=resume - 1, precision=self.precision,
                                   record=self.upstream, inputs=inputs, outputs=outputs, lr_scheduler=self.lr_scheduler,
-                                  initial_digest=self._initial_digest)
+                                  initial_digest=self._initial_digest, stage_schedule=self.stage_schedule)
             first = report.start_iteration + 1
             self._adopt_history({t: logs.scalars(t) for t in range(first, resume)}, last=report.last)
         if self.upstream is not None:
@@ -350,9 +378,12 @@ class PipelineEngine:
                 checkpointer=self.checkpointer, log=self.upstream, device=context.device, where=where),
             hooks=SnapshotHooks(self.checkpointer, self.upstream) if self.checkpointer is not None else None,
             faults=self._fault_point if faults_armed() else no_fault, lr_scheduler=self.lr_scheduler,
+            stage_schedule=self.stage_schedule,
         )
         if self.checkpointer is not None:
             self.checkpointer.replace_replicator(self._build_replicator())
+        if self._micro_batches is not None:
+            self._micro_batches.connected()
 
     def _build_upstream_log(self) -> UpstreamLog:
         settings = self.config.upstream_log

@@ -17,6 +17,11 @@ The body talks to the world only through small ports:
   in replay;
 - :class:`StepHooks`: what happens around the optimizer step (sparse capture while training, the
   promotion of frozen operators in replay) and what rides on the data-parallel all-reduce.
+
+The instruction stream is a :class:`~moetion.schedule.StageSchedule`: moetion's 1F1B by default, or
+the order and loss scaling of a ``torch.distributed.pipelining`` schedule. When such a schedule runs
+an iteration's micro-batches itself, :meth:`StageIteration.run_external` runs the rest of the
+iteration (the commit) here.
 """
 from __future__ import annotations
 
@@ -31,9 +36,9 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from moetion import failure_notice, gradients, schedule
 from moetion.config import Config
-from moetion.data import DataSource
+from moetion.data import DataSource, read_micro_batch
 from moetion.determinism import Pass, unit_of_work
-from moetion.errors import DataError, PeerFailure
+from moetion.errors import PeerFailure
 from moetion.lr_schedule import set_lr_factor
 from moetion.lr_scheduler import step_lr_scheduler
 from moetion.model_state import CommittedState
@@ -149,8 +154,10 @@ class StageIteration:
         hooks: StepHooks | None = None,
         faults: Callable[[str, int], None] = no_fault,
         lr_scheduler: LRScheduler | None = None,
+        stage_schedule: schedule.StageSchedule = schedule.StageSchedule(),
     ) -> None:
         self.module, self.precision, self.optimizer = module, precision, optimizer
+        self.stage_schedule = stage_schedule
         self.lr_scheduler = lr_scheduler
         self.config, self.micro_batches, self.placement = config, config.micro_batches, placement
         self.inputs, self.outputs, self.decisions = inputs, outputs, decisions
@@ -166,6 +173,35 @@ class StageIteration:
 
     def run(self, iteration: int, data: DataSource) -> IterationStats:
         """Runs ``iteration`` to its commit; raises :class:`PeerFailure` if a port loses a peer."""
+        start = self._begin(iteration, data)
+        for instruction in self.stage_schedule.instructions(
+            stage=self.module.stage_id, num_stages=self.module.num_stages, micro_batches=self.micro_batches
+        ):
+            _DISPATCH[type(instruction)](self, instruction.micro_batch)
+        return self._end(start)
+
+    def run_external(self, iteration: int, data: DataSource,
+                     micro_batches: Callable[[], list[torch.Tensor]]) -> IterationStats:
+        """Runs ``iteration`` whose micro-batch instructions an outside schedule executes.
+
+        ``micro_batches()`` runs every forward, backward and send of the iteration (each inside
+        :meth:`unit_of_work`, gradients scaled as ``stage_schedule`` says) and returns the
+        micro-batch losses in micro-batch order (none except on the last stage); the commit
+        instructions then run here exactly as in :meth:`run`.
+        """
+        start = self._begin(iteration, data)
+        for loss in micro_batches():
+            self._add_loss(loss)
+        for instruction in schedule.commit_instructions():
+            _DISPATCH[type(instruction)](self, instruction.micro_batch)
+        return self._end(start)
+
+    def unit_of_work(self, m: int, pass_: Pass) -> ContextManager[StepContext]:
+        """The unit of work of micro-batch ``m`` of the running iteration (its generators, its step context)."""
+        return unit_of_work(self.config, stage=self.module.stage_id, iteration=self._iteration,
+                            micro_batch=self.global_index(m), pass_=pass_, device=self.placement.device)
+
+    def _begin(self, iteration: int, data: DataSource) -> float:
         start = time.perf_counter()
         self._iteration, self._data = iteration, data
         self._mb = _InFlight(loss_sum=torch.zeros((), dtype=torch.float32, device=self.placement.device))
@@ -173,10 +209,9 @@ class StageIteration:
         self.optimizer.zero_grad(set_to_none=True)
         self.faults("iteration", iteration)
         self.hooks.begin(iteration)
-        for instruction in schedule.train_schedule(
-            stage=self.module.stage_id, num_stages=self.module.num_stages, micro_batches=self.micro_batches
-        ):
-            _DISPATCH[type(instruction)](self, instruction.micro_batch)
+        return start
+
+    def _end(self, start: float) -> IterationStats:
         stats, self._stats, self._mb = self._stats, None, None
         stats.seconds = time.perf_counter() - start
         return stats
@@ -200,13 +235,7 @@ class StageIteration:
 
     # -- micro-batch instructions ------------------------------------------------------------------
     def _load_micro_batch(self, m: int | None) -> None:
-        index = self.global_index(m)
-        try:
-            inputs, labels = self._data.micro_batch(self._iteration, index)
-        except DataError:
-            raise
-        except Exception as error:
-            raise DataError(f"data source failed for iteration {self._iteration}, micro-batch {index}: {error}") from error
+        inputs, labels = read_micro_batch(self._data, self._iteration, self.global_index(m))
         device = self.placement.device
         if self.module.is_first_stage:
             self._mb.inputs[m] = inputs.to(device)
@@ -219,13 +248,16 @@ class StageIteration:
 
     def _forward(self, m: int | None) -> None:
         self.faults("forward", self._iteration)
-        with self._unit_of_work(m, Pass.FORWARD):
+        with self.unit_of_work(m, Pass.FORWARD):
             out = self.precision.compute(self._mb.inputs[m])
             if self.module.is_last_stage:
                 loss = self.module.loss_fn(out, self._mb.labels.pop(m))
-                self._mb.loss_sum += loss.detach().float()
-                out = loss / self.micro_batches
+                self._add_loss(loss)
+                out = loss / self.micro_batches if self.stage_schedule.loss_scaling is schedule.LossScaling.LOSS else loss
         self._mb.outputs[m] = out
+
+    def _add_loss(self, loss: torch.Tensor) -> None:
+        self._mb.loss_sum += loss.detach().float()
 
     def _send_activation(self, m: int | None) -> None:
         self.outputs.send_activation(self._iteration, m, self._mb.outputs[m].detach())
@@ -237,12 +269,19 @@ class StageIteration:
         self.faults("backward", self._iteration)
         out = self._mb.outputs.pop(m)
         if out.requires_grad:  # a stage whose every operator is frozen has nothing to differentiate
-            with self._unit_of_work(m, Pass.BACKWARD):
+            with self.unit_of_work(m, Pass.BACKWARD):
                 torch.autograd.backward(out, grad_tensors=self._mb.output_grads.pop(m, None))
         self.precision.after_backward()
         x = self._mb.inputs.pop(m)
         if not self.module.is_first_stage:
             self._mb.input_grads[m] = x.grad if x.grad is not None else torch.zeros_like(x)
+
+    def _divide_grads(self, _: int | None) -> None:
+        """The mean over micro-batches taken after backward (``LossScaling.GRADS``), as
+        ``torch.distributed.pipelining`` takes it: each gradient divided in place by ``M``."""
+        for p in self.precision.compute.parameters():
+            if p.grad is not None:
+                p.grad.div_(self.micro_batches)
 
     def _send_grad(self, m: int | None) -> None:
         self.outputs.send_gradient(self._iteration, m, self._mb.input_grads.pop(m))
@@ -294,10 +333,6 @@ class StageIteration:
         self._stats = IterationStats(self._iteration, scalars.loss, scalars.grad_norm, scalars.clip_coef,
                                      scalars.lr_factor, 0.0)
 
-    def _unit_of_work(self, m: int, pass_: Pass) -> ContextManager[StepContext]:
-        return unit_of_work(self.config, stage=self.module.stage_id, iteration=self._iteration,
-                            micro_batch=self.global_index(m), pass_=pass_, device=self.placement.device)
-
 
 # Instruction type -> handler. Kept on the class, not the instance: a bound-method table would make
 # every body a reference cycle, and a body dropped on leaving a group must free its links (their
@@ -309,6 +344,7 @@ _DISPATCH: dict[type[schedule.Instruction], Callable[[StageIteration, int | None
     schedule.SendActivation: StageIteration._send_activation,
     schedule.RecvGrad: StageIteration._recv_grad,
     schedule.BackwardPass: StageIteration._backward,
+    schedule.DivideGrads: StageIteration._divide_grads,
     schedule.SendGrad: StageIteration._send_grad,
     schedule.WaitSends: StageIteration._wait_sends,
     schedule.ReduceTiedGrads: StageIteration._reduce_tied_grads,

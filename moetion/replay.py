@@ -50,6 +50,7 @@ from moetion.lr_scheduler import build_lr_scheduler, restore_from_window
 from moetion.iteration import (DecisionPort, InputPort, IterationStats, OutputPort, Placement, StageIteration,
                                StepHooks, no_fault)
 from moetion.precision import StagePrecision
+from moetion.schedule import StageSchedule
 from moetion.snapshot.image import WindowImage
 from moetion.snapshot.layout import expert_view
 from moetion.snapshot.persist import list_persisted, load_persisted, load_window_logs, window_path
@@ -107,6 +108,7 @@ def replay_stage(
     outputs: OutputPort | None = None,
     lr_scheduler: LRScheduler | None = None,
     initial_digest: Mapping[str, int] | None = None,
+    stage_schedule: StageSchedule = StageSchedule(),
 ) -> ReplayReport:
     """Brings ``module`` and ``optimizer`` (freshly built for the window's stage) to ``S_until``.
 
@@ -122,6 +124,7 @@ def replay_stage(
     stage's, freshly built like ``optimizer``) is restored from the window and stepped as in training.
     ``initial_digest`` is the stage's :attr:`~moetion.module.PipelineModule.initial_digest` where it
     first started: a replay from the initial state checks that ``module`` was built to the same bits.
+    ``stage_schedule`` is the instruction stream training ran (another for a ``torch.distributed.pipelining`` stage).
     """
     precision = precision or StagePrecision(module, config.precision)
     if window is not None:
@@ -145,6 +148,7 @@ def replay_stage(
         placement=Placement(replica=replica, replicas=replicas, data_group=replica_group),
         inputs=ports.inputs, outputs=ports.outputs, decisions=ports.decisions, hooks=ports.hooks,
         faults=_replay_fault_point(module.stage_id, replica), lr_scheduler=lr_scheduler,
+        stage_schedule=stage_schedule,
     )
     start = time.perf_counter()
     last = None

@@ -33,3 +33,12 @@ def test_replay_builds_the_same_iteration_body_as_training():
         assert "StageIteration(" in source, name
         for arithmetic in ("autograd.backward", "scale_grads", "set_lr_factor", "loss_scale", "fill_missing_grads"):
             assert arithmetic not in source, f"{name} computes {arithmetic} itself"
+
+
+def test_the_pipelining_adapter_has_no_arithmetic_of_its_own():
+    """torch runs the micro-batches; the commit and any replay are StageIteration's, through the engine."""
+    source = (PACKAGE / "pipelining.py").read_text()
+    assert "PipelineEngine(" in source
+    for arithmetic in ("autograd.backward", "set_lr_factor", "fill_missing_grads", "clip_coefficient", "total_norm",
+                       ".div_(", "loss_scale"):
+        assert arithmetic not in source, f"pipelining.py computes {arithmetic} itself"

@@ -7,10 +7,11 @@ import pytest
 from moetion import schedule as s
 
 
-def simulate(num_stages: int, micro_batches: int) -> dict[int, list[s.Instruction]]:
+def simulate(num_stages: int, micro_batches: int,
+             stage_schedule: s.StageSchedule = s.StageSchedule()) -> dict[int, list[s.Instruction]]:
     """Runs every stage's stream with non-blocking sends and blocking receives; returns the
     executed streams. Fails on deadlock or on a message that arrives for the wrong micro-batch."""
-    streams = {st: deque(s.train_schedule(stage=st, num_stages=num_stages, micro_batches=micro_batches))
+    streams = {st: deque(stage_schedule.instructions(stage=st, num_stages=num_stages, micro_batches=micro_batches))
                for st in range(num_stages)}
     channels: dict[tuple[int, int, str], deque[int]] = defaultdict(deque)
     executed = {st: [] for st in range(num_stages)}
@@ -40,10 +41,15 @@ def simulate(num_stages: int, micro_batches: int) -> dict[int, list[s.Instructio
     return executed
 
 
+TORCH_GPIPE = s.StageSchedule(s.Order.FILL_DRAIN, s.LossScaling.GRADS)
+TORCH_1F1B = s.StageSchedule(s.Order.ONE_F_ONE_B, s.LossScaling.GRADS)
+
+
+@pytest.mark.parametrize("stage_schedule", [s.StageSchedule(), TORCH_GPIPE, TORCH_1F1B], ids=["moetion", "gpipe", "1f1b"])
 @pytest.mark.parametrize("num_stages", [1, 2, 3, 4, 8])
 @pytest.mark.parametrize("micro_batches", [1, 2, 3, 4, 7, 16])
-def test_all_stages_finish_and_run_each_pass_once_in_order(num_stages, micro_batches):
-    executed = simulate(num_stages, micro_batches)
+def test_all_stages_finish_and_run_each_pass_once_in_order(num_stages, micro_batches, stage_schedule):
+    executed = simulate(num_stages, micro_batches, stage_schedule)
     for stage, stream in executed.items():
         forwards = [i.micro_batch for i in stream if isinstance(i, s.ForwardPass)]
         backwards = [i.micro_batch for i in stream if isinstance(i, s.BackwardPass)]
@@ -79,3 +85,20 @@ def test_rejects_bad_arguments():
         list(s.train_schedule(stage=0, num_stages=2, micro_batches=0))
     with pytest.raises(ValueError, match="stage 2"):
         list(s.train_schedule(stage=2, num_stages=2, micro_batches=1))
+
+
+def test_fill_drain_runs_every_forward_before_any_backward():
+    for stream in simulate(3, 4, TORCH_GPIPE).values():
+        passes = [type(i) for i in stream if isinstance(i, (s.ForwardPass, s.BackwardPass))]
+        assert passes == [s.ForwardPass] * 4 + [s.BackwardPass] * 4
+
+
+def test_torch_pipelining_divides_gradients_once_after_the_last_backward():
+    """torch's scale_grads: the loss is not scaled; the summed gradients are divided once, before the commit."""
+    for stage_schedule in (TORCH_GPIPE, TORCH_1F1B):
+        for stream in simulate(3, 4, stage_schedule).values():
+            divides = [n for n, i in enumerate(stream) if isinstance(i, s.DivideGrads)]
+            last_backward = max(n for n, i in enumerate(stream) if isinstance(i, s.BackwardPass))
+            assert len(divides) == 1 and last_backward < divides[0] < stream.index(s.WaitSends())
+    no_scaling = s.StageSchedule(s.Order.ONE_F_ONE_B, s.LossScaling.NONE)
+    assert not any(isinstance(i, s.DivideGrads) for i in no_scaling.instructions(stage=0, num_stages=2, micro_batches=2))
