@@ -25,7 +25,6 @@ train it in bf16).
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -181,9 +180,9 @@ def attach(job: Job, stage: LoggedStage, schedule: Schedule, *, optimizer: torch
     """
     config = job.config
     stage_schedule = _check(job, stage, schedule, optimizer)
-    threads = pin_threads(config.threads, local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", job.num_stages)))
     context = build_context(num_stages=job.num_stages, tied_stages={},
                             replication=config.snapshot.enabled and config.snapshot.replicate)
+    threads = pin_threads(config.threads, local_world_size=context.local_world_size)
     module = StageModule(stage.submod, stage_id=job.stage, num_stages=job.num_stages, loss_fn=loss_fn)
     runner = _ScheduleRunner(stage, schedule, loss_fn=loss_fn, optimizer=optimizer, micro_batches=config.micro_batches)
     engine = PipelineEngine(module=module, optimizer=optimizer, config=config, dist_context=context, threads=threads,

@@ -6,7 +6,6 @@ perturbation flag file (negative control: the replacement replays one logged gra
 import sys
 from pathlib import Path
 
-import torch
 from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -12,7 +12,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 import moetion
 from moetion import pipelining
 from moetion.errors import NondeterministicOpError
-from moetion.faults import ENV as KILL_ENV
+from moetion.env import KILLS as KILL_ENV
 from moetion.launcher import run_workers, supervise_workers
 from logging_store import LogStore
 from moetion.replay import adapt_replay_ports, clear_replay_port_adapters, replay_stage
