@@ -96,8 +96,14 @@ class IteratorSource:
             raise DataError(f"{self.where}: the window holds the data position of iteration {state['iteration']}, "
                             f"the replay starts at {first_iteration}")
         raw = base64.b64decode(state["position"])
-        self.loader.load_state_dict(tensor_tree.decode(bytearray(raw), source=f"the data position of {self.where}"))
-        self._iterator = iter(self.loader)  # an iterator is its own; a loader starts one from the loaded state
+        position = tensor_tree.decode(bytearray(raw), source=f"the data position of {self.where}")
+        try:
+            self.loader.load_state_dict(position)
+            self._iterator = iter(self.loader)  # an iterator is its own; a loader starts one from the loaded state
+        except Exception as error:  # noqa: BLE001 - any loader's refusal, as one line
+            raise DataError(f"{self.where}: the data_iter ({type(self.loader).__name__}) cannot load the position the "
+                            f"run saved ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+                            "pass a loader built exactly as in the run") from None
         self._batches.clear()
         self._position = (first_iteration, state["position"])
 

@@ -12,6 +12,7 @@ import torch
 
 import moetion
 from moetion.data_iter import IteratorSource
+from moetion.export import JobSpec, export_run
 from moetion.harness.runner import FaultHarness, Job
 from moetion.launcher import run_workers
 from moetion.lr_scheduler import scheduler_state
@@ -147,16 +148,18 @@ def restart_job(root, form, *, resume=False, kill_at=None):
         source = RecordingSource(job.data("dataset", items=48))
         start = engine.load_checkpoint(source) if resume else 0
     ids = root / f"ids-{'resumed' if resume else 'first'}-rank{engine.dist.rank}.jsonl"
+    models = {}  # by iteration, for the export check
     for t in range(start, RESTART_ITERATIONS):
         if t == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
         job.train_batch(engine, source)
+        models[t] = {name: value.clone() for name, value in module.state_dict().items()}
         if engine.stage == 0:  # the stage that reads inputs: the ids it trained on, once committed
             with open(ids, "a") as f:
                 f.write(json.dumps({"iteration": t, "ids": source.read[t]}) + "\n")
     engine.close()
     return {"start": start, "model": module.state_dict(), "optim": engine.optimizer.state_dict(),
-            "scheduler": scheduler_state(engine.lr_scheduler), "losses": dict(engine.losses)}
+            "scheduler": scheduler_state(engine.lr_scheduler), "losses": dict(engine.losses), "models": models}
 
 
 class RecordingSource:
@@ -207,3 +210,12 @@ def test_whole_job_restart_sees_every_sample_exactly_once(tmp_path, form):
             assert torch.equal(after["model"][name], value), name
         for index, state in before["optim"]["state"].items():
             assert all(torch.equal(after["optim"]["state"][index][k], v) for k, v in state.items())
+    # `moetion export` of the straight run: it needs the scheduler factory and, for a loader, a fresh one.
+    data = job.RecordingLoader(job.data("loader", items=48)) if form == "loader" else job.data("dataset", items=48)
+    spec = JobSpec(layers=build_gpt_moe_layers(job.MODEL), num_stages=STAGES, loss_fn=gpt_moe_loss,
+                   optimizer=job.optimizer, data=data, module_seed=2, lr_scheduler=job.plateau)
+    summary = export_run(tmp_path / "a" / "disk" / "restart", tmp_path / "dense.pt", job=spec, progress=lambda _: None)
+    dense = torch.load(tmp_path / "dense.pt", weights_only=True)["model"]
+    expected = {name: value for rank in straight for name, value in rank["models"][summary["iteration"]].items()}
+    assert sorted(dense) == sorted(expected)
+    assert all(torch.equal(dense[name], value) for name, value in expected.items())
