@@ -136,25 +136,15 @@ def build(stages: int, scheduler: str, **extra):
     return module, engine
 
 
-class ShiftedByOne:
-    """A data source one iteration ahead of ``base``: a replacement continuing from the wrong position."""
-
-    def __init__(self, base) -> None:
-        self.base = base
-
-    def micro_batch(self, iteration: int, index: int):
-        return self.base.micro_batch(iteration + 1, index)
-
-
 def script_main() -> None:
     """``python data_schedule_job.py SHM_DIR FORM SCHEDULER ITERATIONS TOKEN_PATH FLAG_DIR`` under the
-    harness: a replacement reads ``ShiftedByOne`` data when ``FLAG_DIR/wrong-position`` exists."""
+    harness: a replacement's loader resumes one batch off (``OneBatchOff``) when ``FLAG_DIR/wrong-position`` exists."""
     shm, form, scheduler, iterations, token_path, flags = sys.argv[1:7]
     _, engine = build(3, scheduler, snapshot={"enabled": True, "window": 2, "shm_dir": shm},
                       upstream_log={"enabled": True})
     source = data(form, token_path, items=4 * int(iterations) + 4 if form == "loader" else 24)  # spare: one batch off
-    if (Path(flags) / "wrong-position").exists() and moetion.control.start_generation() > 0:
-        source = OneBatchOff(source) if form == "loader" else ShiftedByOne(source)
+    if form == "loader" and (Path(flags) / "wrong-position").exists() and moetion.control.start_generation() > 0:
+        source = OneBatchOff(source)
     while engine.iteration < int(iterations):
         train_batch(engine, source)
     engine.close()
