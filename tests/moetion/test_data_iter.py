@@ -41,14 +41,15 @@ def test_an_iteration_rerun_after_a_lost_peer_gets_the_same_micro_batches():
         source.micro_batch(3, 0)
 
 
-def test_a_restored_stateful_dataloader_continues_from_exactly_the_next_batch():
-    trained = IteratorSource(loader(), where="stage 0")
+@pytest.mark.parametrize("workers", [0, 2])  # 2: reading off the training thread, in worker processes
+def test_a_restored_stateful_dataloader_continues_from_exactly_the_next_batch(workers):
+    trained = IteratorSource(loader(num_workers=workers), where="stage 0")
     for t in range(3):
         read(trained, t)
     state = trained.window_state()  # as a window's first capture after step 2 takes it
     assert state["iteration"] == 3
     expected = [trained.micro_batch(t, m) for t in (3, 4) for m in range(M)]
-    replacement = IteratorSource(loader(), where="stage 0")  # a fresh process builds the loader again
+    replacement = IteratorSource(loader(num_workers=workers), where="stage 0")  # a fresh process builds it again
     replacement.restore(state, first_iteration=3)
     got = [replacement.micro_batch(t, m) for t in (3, 4) for m in range(M)]
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(got, expected))

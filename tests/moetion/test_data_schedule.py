@@ -114,7 +114,7 @@ def harness(tmp_path, form, scheduler, token_path, flags):
 # First and last stage, at forward and at step, two kills in each faulty run.
 KILLS = {"dataset": ["stage=0,iter=3,phase=forward", "stage=2,iter=7,phase=step"],
          "tokens": ["stage=0,iter=4,phase=step", "stage=2,iter=6,phase=forward"],
-         "loader": ["stage=0,iter=5,phase=step"]}  # restored from window 4, replays iteration 5 from the loader
+         "loader": ["stage=0,iter=5,phase=step", "stage=2,iter=7,phase=forward"]}
 
 
 @pytest.mark.parametrize("form,scheduler", FORMS + [("loader", "warmup_cosine")])
