@@ -340,10 +340,13 @@ class PipelineEngine:
             raise ConfigError("train_batch takes data or data_iter, not both")
         if data_iter is None or not (self.module.is_first_stage or self.module.is_last_stage):
             return data  # a middle stage never reads
-        if self._data_iter is None or self._data_iter.loader is not data_iter:
+        if self._data_iter is None:
             self._data_iter = IteratorSource(data_iter, where=f"stage {self.stage} (rank {self.dist.rank})")
             if self.checkpointer is not None:
                 self.checkpointer.window_state[DATA_ITER_KEY] = self._data_iter.window_state
+        elif self._data_iter.loader is not data_iter:  # e.g. iter(loader) per call: each would restart the epoch
+            raise ConfigError(f"stage {self.stage}: train_batch got another data_iter than before; pass the same "
+                              "loader or iterator object every call")
         return self._data_iter
 
     # -- building ------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 import moetion
+from moetion.launcher import run_workers
+from moetion.models import GPTMoEConfig, build_gpt_moe_layers, gpt_moe_loss
 from moetion.data_iter import STATE_KEY, DataExhausted, IteratorSource, restore_data_position
 from moetion.errors import DataError
 
@@ -136,3 +138,34 @@ def test_items_that_are_not_pairs_and_state_that_is_not_data_are_named():
     with pytest.raises(DataError, match="state_dict\\(\\) holds") as error:
         IteratorSource(OpaqueState(), where="stage 0").micro_batch(0, 0)
     assert "\n" not in str(error.value)
+
+
+def _one_rank_engine():
+    """One rank, one stage: a plain iterator trains; mixing forms or swapping the iterator is refused."""
+    model = GPTMoEConfig(seq_len=4, d_model=8, n_heads=2, n_layers=1, d_hidden=8, num_experts=2)
+    module = moetion.PipelineModule(build_gpt_moe_layers(model), 1, loss_fn=gpt_moe_loss)
+    engine = moetion.initialize(module, optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1),
+                                config={"micro_batches": M, "threads": 1})
+    rows = [(torch.randint(0, 256, (2, 4)), torch.randint(0, 256, (2, 4))) for _ in range(8)]
+    plain = iter(rows)
+    losses = [engine.train_batch(data_iter=plain) for _ in range(2)]
+    errors = []
+    for call in (lambda: engine.train_batch(moetion.TensorDataSource(torch.zeros(4, 4), torch.zeros(4, 4),
+                                                                     micro_batch_size=1, micro_batches_per_iteration=M),
+                                            data_iter=plain),
+                 lambda: engine.train_batch(data_iter=iter(rows))):
+        try:
+            call()
+        except moetion.ConfigError as error:
+            errors.append(str(error))
+    engine.close()
+    return losses, errors, engine.iteration
+
+
+def test_a_plain_iterator_trains_and_the_engine_refuses_two_forms_or_a_new_iterator():
+    (outcome,) = run_workers(_one_rank_engine, nproc=1, timeout_s=120)
+    losses, errors, iteration = outcome
+    assert len(losses) == 2 and iteration == 2
+    assert "data or data_iter, not both" in errors[0]
+    assert "another data_iter than before" in errors[1]
+    assert all("\n" not in e for e in errors)
