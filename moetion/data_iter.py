@@ -90,7 +90,8 @@ class IteratorSource:
     def restore(self, state: dict[str, Any], *, first_iteration: int) -> None:
         """Puts the loader back where it stood at the start of ``first_iteration``."""
         if not self.resumable or state.get("position") is None:
-            raise DataError(f"{self.where} must resume its data_iter at iteration {first_iteration}, but the loader "
+            whose = "the loader" if not self.resumable else "the run's loader (so the window holds no position)"
+            raise DataError(f"{self.where} must resume its data_iter at iteration {first_iteration}, but {whose} "
                             f"has no state_dict()/load_state_dict(); use {RESUMABLE_FORMS}")
         if state["iteration"] != first_iteration:
             raise DataError(f"{self.where}: the window holds the data position of iteration {state['iteration']}, "
