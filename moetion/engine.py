@@ -84,7 +84,7 @@ class PipelineEngine:
         self.losses: dict[int, float] = {}  # every committed iteration's loss this process knows
         self._started_at = time.time()
         self._data_iter: IteratorSource | None = None  # a reading stage's train_batch(data_iter=...), wrapped
-        self._data_ended_after: int | None = None  # the last iteration before a data_iter ran out
+        self._data_ended: str | None = None  # why a data_iter-driven loop must stop, once it must
         self.precision = StagePrecision(module, config.precision)
         self.dist = dist_context
         self.checkpointer = self._build_checkpointer() if config.snapshot.enabled else None
@@ -124,11 +124,14 @@ class PipelineEngine:
         ``engine.iteration``.
         """
         data = self._reading_source(data, data_iter)
-        if self._data_ended_after is not None:
-            raise DataExhausted(f"stage {self.stage}: the data_iter of a reading stage ran out after iteration "
-                                f"{self._data_ended_after}; every committed iteration is kept: stop the loop and close()")
+        if self._data_ended is not None:
+            raise DataExhausted(f"stage {self.stage}: {self._data_ended}; every committed iteration is kept: "
+                                "stop the loop and close()")
         if self.recovery is not None and self.recovery.needs_restore:
             if self.recovery.restore(data).finished:
+                if data_iter is not None:  # the others left a loop that a data_iter running out ends
+                    self._data_ended = f"the job had finished training at iteration {self.iteration - 1} when this " \
+                                       "stage was restored"
                 return self.last_stats.loss
         while True:
             try:
@@ -144,7 +147,7 @@ class PipelineEngine:
         self._started_at = time.time()
         stats = self._body.run(self.iteration, data)
         if self._body.decisions.data_ended:
-            self._data_ended_after = self.iteration
+            self._data_ended = f"the data_iter of a reading stage ran out after iteration {self.iteration}"
         self.last_stats = stats
         self.losses[self.iteration] = stats.loss
         if self.metrics is not None:

@@ -59,7 +59,7 @@ def data(form: str, token_path: str | None = None, *, items: int = 24):
 
 def train_batch(engine, source) -> float:
     """One iteration over ``source``: a loader goes in as ``data_iter`` (DeepSpeed's name)."""
-    if isinstance(source, (StatefulDataLoader, RecordingLoader, OneBatchOff)):
+    if isinstance(source, (StatefulDataLoader, RecordingLoader)):
         return engine.train_batch(data_iter=source)
     return engine.train_batch(source)
 
@@ -138,15 +138,25 @@ def build(stages: int, scheduler: str, **extra):
 
 def script_main() -> None:
     """``python data_schedule_job.py SHM_DIR FORM SCHEDULER ITERATIONS TOKEN_PATH FLAG_DIR`` under the
-    harness: a replacement's loader resumes one batch off (``OneBatchOff``) when ``FLAG_DIR/wrong-position`` exists."""
+    harness. The ``loader`` form trains until its loader runs out (after ITERATIONS); a replacement's
+    loader resumes one batch off (``OneBatchOff``) when ``FLAG_DIR/wrong-position`` exists."""
     shm, form, scheduler, iterations, token_path, flags = sys.argv[1:7]
     _, engine = build(3, scheduler, snapshot={"enabled": True, "window": 2, "shm_dir": shm},
                       upstream_log={"enabled": True})
-    source = data(form, token_path, items=4 * int(iterations) + 4 if form == "loader" else 24)  # spare: one batch off
-    if form == "loader" and (Path(flags) / "wrong-position").exists() and moetion.control.start_generation() > 0:
-        source = OneBatchOff(source)
-    while engine.iteration < int(iterations):
-        train_batch(engine, source)
+    if form != "loader":
+        source = data(form, token_path)
+        while engine.iteration < int(iterations):
+            engine.train_batch(source)
+        engine.close()
+        return
+    loader = data(form, items=4 * int(iterations))  # exactly ITERATIONS: the run ends when it runs out
+    if (Path(flags) / "wrong-position").exists() and moetion.control.start_generation() > 0:
+        loader = OneBatchOff(loader)
+    while True:  # a DeepSpeed-style loop: every rank, a replacement too, stops at the same boundary
+        try:
+            engine.train_batch(data_iter=loader)
+        except moetion.DataExhausted:
+            break
     engine.close()
 
 
