@@ -130,8 +130,8 @@ class PipelineEngine:
         if self.recovery is not None and self.recovery.needs_restore:
             if self.recovery.restore(data).finished:
                 if data_iter is not None:  # the others left a loop that a data_iter running out ends
-                    self._data_ended = f"the job had finished training at iteration {self.iteration - 1} when this " \
-                                       "stage was restored"
+                    self._data_ended = (f"the job had finished training at iteration {self.iteration - 1} when "
+                                        "this stage was restored")
                 return self.last_stats.loss
         while True:
             try:
