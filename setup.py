@@ -38,7 +38,9 @@ setup(
     ],
     extras_require={
         # matplotlib is in the test extra so that CI checks the report's PNGs, not just its text.
-        "test": ["pytest>=8,<10", "pytest-timeout>=2.2,<3", "hypothesis>=6.100,<7", "matplotlib>=3.7,<4"],
+        # torchdata: the tests resume a real StatefulDataLoader (its own torch>=2 pin admits 2.13.0).
+        "test": ["pytest>=8,<10", "pytest-timeout>=2.2,<3", "hypothesis>=6.100,<7", "matplotlib>=3.7,<4",
+                 "torchdata>=0.11,<0.12"],
         "plots": ["matplotlib>=3.7,<4"],  # moetion report, moetion plan --plot
         "progress": ["tqdm>=4.60,<5"],  # progress bars with rate and ETA (a plain counter without)
         "tensorboard": ["tensorboard>=2.10,<3"],  # metrics.tensorboard

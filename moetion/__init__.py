@@ -23,6 +23,7 @@ from moetion.config import Config, LRScheduleConfig
 from moetion.data import ByteCorpus, DataSource, TensorDataSource
 from moetion import failure_notice
 from moetion.dataset_source import DatasetSource
+from moetion.data_iter import DataExhausted
 from moetion.prefetch import PrefetchingSource
 from moetion.token_file import token_file_source
 from moetion.control import ControlPlane, start_generation, supervised
@@ -45,6 +46,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataError",
+    "DataExhausted",
     "DataSource",
     "DatasetSource",
     "ExpertLayout",

@@ -24,6 +24,27 @@ from moetion.random import DOMAIN_DATA, derive_seed
 Collate = Callable[[list[Any]], Any]
 
 
+def shuffle_generator(loader: DataLoader) -> torch.Generator | None:
+    """The generator a shuffling loader draws its order from (``None`` if it does not shuffle).
+
+    A shuffle drawn from the global RNG differs in every process (the first and the last stage
+    would pair other inputs with other labels) and after every restart, so it is refused. A
+    torchdata ``StatefulDataLoader`` seeds its own sampler's generator from the global RNG unless
+    the loader is given one, so for it only the loader's ``generator`` counts.
+    """
+    sampler = loader.sampler
+    if isinstance(sampler, RandomSampler):
+        generator = loader.generator or sampler.generator
+    elif type(sampler).__name__ == "RandomSampler":  # torchdata's, which does not subclass torch's
+        generator = loader.generator
+    else:
+        return None
+    if generator is None:
+        raise DataError("the DataLoader shuffles without a seeded generator, so its order is not "
+                        "reproducible: pass DataLoader(..., generator=torch.Generator().manual_seed(s))")
+    return generator
+
+
 class DatasetSource:
     """Micro-batches of a map-style dataset, addressable by ``(iteration, index)``.
 
@@ -73,11 +94,8 @@ class DatasetSource:
         """
         if loader.batch_size is None:
             raise DataError("the DataLoader has a batch_sampler; give DatasetSource the dataset and micro_batch_size")
-        if isinstance(loader.sampler, RandomSampler):
-            if loader.generator is None and loader.sampler.generator is None:
-                raise DataError("the DataLoader shuffles without a seeded generator, so its order is not "
-                                "reproducible: pass DataLoader(..., generator=torch.Generator().manual_seed(s))")
-            generator = loader.sampler.generator or loader.generator
+        generator = shuffle_generator(loader)
+        if generator is not None:
             shuffle, seed = True, generator.initial_seed()
         elif isinstance(loader.sampler, SequentialSampler):
             shuffle, seed = False, 0

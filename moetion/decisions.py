@@ -30,14 +30,16 @@ class CommitRow:
 
     squared_norm: torch.Tensor  # this stage's sum of squared gradients (tied copies counted once)
     loss_sum: torch.Tensor  # summed over micro-batches and replicas; only the last stage's is a loss
+    data_left: torch.Tensor  # 1 unless this stage's data_iter ran out before the next iteration
     riders: torch.Tensor  # the checkpointer's proposal (empty without snapshots)
 
     def to_tensor(self) -> torch.Tensor:
-        return torch.cat([self.squared_norm.reshape(1), self.loss_sum.reshape(1), self.riders.reshape(-1)])
+        return torch.cat([self.squared_norm.reshape(1), self.loss_sum.reshape(1), self.data_left.reshape(1),
+                          self.riders.reshape(-1)])
 
     @classmethod
     def from_tensor(cls, row: torch.Tensor) -> "CommitRow":
-        return cls(row[0], row[1], row[2:])
+        return cls(row[0], row[1], row[2], row[3:])
 
 
 class LiveDecisions:
@@ -52,6 +54,7 @@ class LiveDecisions:
         self.norm_params, self.grad_clip, self.lr_schedule = norm_params, grad_clip, lr_schedule
         self.loss_divisor = loss_divisor  # micro-batches x replicas
         self.checkpointer, self.log, self.device, self.where = checkpointer, log, device, where
+        self.data_ended = False  # a reading stage's data_iter holds no iteration after the last decided
 
     def reduce_tied(self, iteration: int, key: str, params: list[nn.Parameter]) -> None:
         for p in params:
@@ -60,15 +63,16 @@ class LiveDecisions:
         if self.log is not None:
             self.log.log_tied_grads(iteration, key, [p.grad for p in params])
 
-    def decide(self, iteration: int, *, loss_sum: torch.Tensor) -> IterationScalars:
+    def decide(self, iteration: int, *, loss_sum: torch.Tensor, data_left: bool = True) -> IterationScalars:
         riders = (self.checkpointer.stage_payload() if self.checkpointer is not None
                   else torch.zeros(0, dtype=torch.float32))
         mine = CommitRow(gradients.squared_norm(self.norm_params, device=self.device), loss_sum,
-                         riders.to(self.device)).to_tensor()
+                         torch.tensor(float(data_left), device=self.device), riders.to(self.device)).to_tensor()
         gathered = [torch.empty_like(mine) for _ in range(self.num_stages)]
         _collective(dist.all_gather, gathered, mine, group=self.pipeline_group,
                     what=f"exchanging grad norms in iteration {iteration} ({self.where})")
         rows = [CommitRow.from_tensor(row) for row in gathered]
+        self.data_ended = any(float(row.data_left) == 0.0 for row in rows)
         norm = gradients.total_norm([row.squared_norm for row in rows])
         scalars = IterationScalars(lr_factor=lr_factor(self.lr_schedule, iteration), grad_norm=float(norm),
                                    clip_coef=gradients.clip_coefficient(norm, self.grad_clip),
@@ -95,7 +99,7 @@ class LoggedDecisions:
         if self.record is not None:
             self.record.log_tied_grads(iteration, key, reduced)
 
-    def decide(self, iteration: int, *, loss_sum: torch.Tensor) -> IterationScalars:
+    def decide(self, iteration: int, *, loss_sum: torch.Tensor, data_left: bool = True) -> IterationScalars:
         scalars = self.logs.scalars(iteration)
         if self.record is not None:
             self.record.log_scalars(iteration, scalars)

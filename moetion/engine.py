@@ -12,7 +12,7 @@ import logging
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, ContextManager, Protocol
+from typing import Callable, ContextManager, Iterable, Iterator, Protocol
 
 import torch
 from logging_store import LogStoreConfig
@@ -22,10 +22,11 @@ from moetion.boundary import BoundaryInputs, BoundaryOutputs
 from moetion.config import Config
 from moetion.control import ControlPlane
 from moetion.data import DataSource
+from moetion.data_iter import STATE_KEY as DATA_ITER_KEY, DataExhausted, IteratorSource
 from moetion.determinism import Pass
 from moetion.decisions import LiveDecisions
 from moetion.distributed import DistContext, build_context, join_job, leave_process_group
-from moetion.errors import ConfigError, PeerFailure
+from moetion.errors import ConfigError, DataError, PeerFailure
 from moetion.faults import fault_point, faults_armed
 from moetion import initial_state
 from moetion.initial_state import InitialDigest
@@ -102,6 +103,8 @@ class PipelineEngine:
         self.last_stats: IterationStats | None = None
         self.losses: dict[int, float] = {}  # every committed iteration's loss this process knows
         self._started_at = time.time()
+        self._data_iter: IteratorSource | None = None  # a reading stage's train_batch(data_iter=...), wrapped
+        self._data_ended: str | None = None  # why a data_iter-driven loop must stop, once it must
         self.precision = StagePrecision(module, config.precision)
         self.dist = dist_context
         if dist_context.topology.data_parallel > 1 and not replacement:  # a replacement copies a live replica
@@ -127,8 +130,14 @@ class PipelineEngine:
     def stage(self) -> int:
         return self.module.stage_id
 
-    def train_batch(self, data: DataSource) -> float:
+    def train_batch(self, data: DataSource | None = None, *, data_iter: Iterable | Iterator | None = None) -> float:
         """Runs iteration ``self.iteration`` over ``config.micro_batches`` micro-batches.
+
+        The micro-batches come from ``data``, addressable by (iteration, micro-batch), or from
+        ``data_iter`` (DeepSpeed's name): an iterator or loader yielding ``(inputs, labels)``
+        micro-batches, resumable after a failure when it has ``state_dict()``/``load_state_dict()``
+        (a torchdata ``StatefulDataLoader``); see :mod:`moetion.data_iter`. When a data_iter ran
+        out, the next call raises :class:`~moetion.data_iter.DataExhausted` on every rank.
 
         Returns the iteration's mean loss (over micro-batches and data-parallel replicas), the
         same value on every rank. The optimizer step is the commit point: when this returns,
@@ -139,8 +148,15 @@ class PipelineEngine:
         with the restore, returning the last replayed iteration's loss.) Drive the loop with
         ``engine.iteration``.
         """
+        data = self._reading_source(data, data_iter)
+        if self._data_ended is not None:
+            raise DataExhausted(f"stage {self.stage}: {self._data_ended}; every committed iteration is kept: "
+                                "stop the loop and close()")
         if self.recovery is not None and self.recovery.needs_restore:
             if self.recovery.restore(data).finished:
+                if data_iter is not None:  # the others left a loop that a data_iter running out ends
+                    self._data_ended = (f"the job had finished training at iteration {self.iteration - 1} when "
+                                        "this stage was restored")
                 return self.last_stats.loss
         while True:
             try:
@@ -158,6 +174,8 @@ class PipelineEngine:
             stats = self._body.run(self.iteration, data)
         else:
             stats = self._body.run_external(self.iteration, data, lambda: self._micro_batches.run(self.iteration, data))
+        if self._body.decisions.data_ended:
+            self._data_ended = f"the data_iter of a reading stage ran out after iteration {self.iteration}"
         self.last_stats = stats
         self.losses[self.iteration] = stats.loss
         if self.metrics is not None:
@@ -176,14 +194,17 @@ class PipelineEngine:
         iteration, keyed by the layer's name in the stage module (its name in the whole model)."""
         return dict(self._body.token_counts)
 
-    def load_checkpoint(self, data: DataSource, root: str | Path | None = None) -> int:
+    def load_checkpoint(self, data: DataSource | None = None, root: str | Path | None = None, *,
+                        data_iter: Iterable | Iterator | None = None) -> int:
         """Whole-job restart: rebuilds this stage from the newest window persisted by every stage.
 
         Call on every rank right after :func:`moetion.initialize`, before training. Each stage replays
         its window from disk with its neighbours' persisted logs (the same conversion as the offline
         converter), so training continues bit-identically to a run that never stopped. ``root``
         defaults to ``snapshot.persist_dir/<run_id>``. Returns the iteration training continues at.
+        A ``data_iter`` (a fresh, resumable one, as passed to ``train_batch``) resumes at the next batch.
         """
+        data = self._reading_source(data, data_iter)
         root = Path(root) if root is not None else persist_root(self.config.snapshot)
         if root is None:
             raise ConfigError("load_checkpoint needs snapshot.persist_dir (or an explicit root)")
@@ -304,6 +325,10 @@ class PipelineEngine:
             ckpt.replicator.offer(image)
 
     def load_state(self, state: StageState, *, resume: int) -> None:
+        if self._data_iter is not None:
+            raise DataError(f"stage {self.stage} (replica {self.dist.replica}) reads a data_iter and was restored by "
+                            "copying a live data-parallel replica, whose loader position is not its own: use an "
+                            "addressable moetion.DatasetSource with data parallelism")
         self.module.load_state_dict(state.model)
         self.optimizer.load_state_dict(state.optimizer)
         if self.lr_scheduler is not None:
@@ -347,6 +372,21 @@ class PipelineEngine:
             t = max(history)
             s = history[t]
             self.last_stats = IterationStats(t, s.loss, s.grad_norm, s.clip_coef, s.lr_factor, float("nan"))
+
+    def _reading_source(self, data: DataSource | None, data_iter: Iterable | Iterator | None) -> DataSource | None:
+        """``data``, or the data_iter wrapped once (a reading stage's position then rides in its windows)."""
+        if data is not None and data_iter is not None:
+            raise ConfigError("train_batch takes data or data_iter, not both")
+        if data_iter is None or not (self.module.is_first_stage or self.module.is_last_stage):
+            return data  # a middle stage never reads
+        if self._data_iter is None:
+            self._data_iter = IteratorSource(data_iter, where=f"stage {self.stage} (rank {self.dist.rank})")
+            if self.checkpointer is not None:
+                self.checkpointer.window_state[DATA_ITER_KEY] = self._data_iter.window_state
+        elif self._data_iter.loader is not data_iter:  # e.g. iter(loader) per call: each would restart the epoch
+            raise ConfigError(f"stage {self.stage}: train_batch got another data_iter than before; pass the same "
+                              "loader or iterator object every call")
+        return self._data_iter
 
     # -- building ------------------------------------------------------------------------------------
     def _share_initial_digest(self, control: ControlPlane, replacement: bool) -> InitialDigest | None:

@@ -27,6 +27,7 @@ import torch.distributed.checkpoint as dcp
 from logging_store import LogStore
 from logging_store.errors import LogStoreError
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 
 from moetion import env
 from moetion.config import Config
@@ -55,19 +56,23 @@ class ExportError(MoetionError):
 
 @dataclass(frozen=True)
 class JobSpec:
-    """What the persisted windows do not hold: the model's code, its loss, optimizer and data.
+    """What the persisted windows do not hold: the model's code, its loss, optimizer, data and LR scheduler.
 
     It must describe the job exactly as it was trained (same layers, stage count, partitioning and
     module seed); the run's config (precision, micro-batches, seed, ...) comes from its ``config.json``.
+    ``data`` is the addressable source the run read, or for a run trained on a data_iter a fresh
+    loader built the same way (the window holds its position). ``lr_scheduler`` is the factory the
+    run passed to :func:`moetion.initialize`, if any (its state comes from the window).
     """
 
     layers: Sequence[LayerSpec | nn.Module]
     num_stages: int
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     optimizer: OptimizerFactory
-    data: DataSource
+    data: DataSource | Iterable
     partition_method: str = "parameters"
     module_seed: int = 0
+    lr_scheduler: Callable[[torch.optim.Optimizer], LRScheduler] | None = None
 
 
 def load_job(spec: str) -> JobSpec:
@@ -285,7 +290,7 @@ def _convert_stage(run_dir: Path, *, job: JobSpec, config: Config, stage: int, s
         dense = dense_state_from_persisted(
             run_dir, stage=stage, start_iteration=start, layers=job.layers, num_stages=job.num_stages,
             loss_fn=job.loss_fn, optimizer=job.optimizer, config=config, data=job.data,
-            partition_method=job.partition_method, module_seed=job.module_seed)
+            partition_method=job.partition_method, module_seed=job.module_seed, lr_scheduler=job.lr_scheduler)
     except MoetionError as error:
         raise ExportError(f"stage {stage} ({where}): {error}") from None
     except LogStoreError as error:

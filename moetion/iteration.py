@@ -37,6 +37,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from moetion import failure_notice, gradients, schedule
 from moetion.config import Config
 from moetion.data import DataSource, read_micro_batch
+from moetion.data_iter import IteratorSource
 from moetion.determinism import Pass, unit_of_work
 from moetion.errors import PeerFailure
 from moetion.lr_schedule import set_lr_factor
@@ -70,8 +71,9 @@ class DecisionPort(Protocol):
     def reduce_tied(self, iteration: int, key: str, params: list[nn.Parameter]) -> None:
         """Leaves in each ``p.grad`` the sum over every stage sharing the tied weight ``key``."""
 
-    def decide(self, iteration: int, *, loss_sum: torch.Tensor) -> IterationScalars:
-        """The global grad norm, clip coefficient, LR factor and loss of ``iteration``."""
+    def decide(self, iteration: int, *, loss_sum: torch.Tensor, data_left: bool = True) -> IterationScalars:
+        """The global grad norm, clip coefficient, LR factor and loss of ``iteration``; ``data_left``
+        says whether this stage's data_iter holds the next iteration."""
 
 
 class StepHooks:
@@ -318,7 +320,7 @@ class StageIteration:
 
     def _optimizer_step(self, _: int | None) -> None:
         """The commit: global decisions, clip, LR, step, refresh the compute copy."""
-        scalars = self.decisions.decide(self._iteration, loss_sum=self._mb.loss_sum)
+        scalars = self.decisions.decide(self._iteration, loss_sum=self._mb.loss_sum, data_left=self._read_ahead())
         params = self.trainable()
         gradients.scale_grads(params, scalars.clip_coef)
         if self.lr_scheduler is None:
@@ -332,6 +334,13 @@ class StageIteration:
         self.hooks.after_step(self._iteration)
         self._stats = IterationStats(self._iteration, scalars.loss, scalars.grad_norm, scalars.clip_coef,
                                      scalars.lr_factor, 0.0)
+
+    def _read_ahead(self) -> bool:
+        """A reading stage's data_iter pulls the next iteration now, so the commit can tell every
+        rank whether there is one (see :mod:`moetion.data_iter`); replay reads ahead the same way."""
+        if not isinstance(self._data, IteratorSource) or not (self.module.is_first_stage or self.module.is_last_stage):
+            return True
+        return self._data.read_ahead(self._iteration + 1, [self.global_index(m) for m in range(self.micro_batches)])
 
 
 # Instruction type -> handler. Kept on the class, not the instance: a bound-method table would make

@@ -39,6 +39,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from moetion.boundary import BoundaryInputs, BoundaryOutputs, Recorder
 from moetion.config import Config
 from moetion.data import DataSource
+from moetion.data_iter import as_reading_source, restore_data_position
 from moetion.errors import MoetionError
 from moetion.faults import fault_point, faults_armed
 from moetion.initial_state import check_initial
@@ -138,6 +139,8 @@ def replay_stage(
     slots = FrozenSlots(module, precision, optimizer, window)
     if window is not None:
         restore_from_window(lr_scheduler, window)
+        if module.is_first_stage or module.is_last_stage:
+            restore_data_position(data, window, where=f"stage {module.stage_id}")
     where = f"replay of stage {module.stage_id}"
     ports = ReplayPorts(inputs or BoundaryInputs(None, logs, where=where), outputs or BoundaryOutputs(None, record, where=where),
                         LoggedDecisions(logs, record), slots)
@@ -321,12 +324,15 @@ def dense_state_from_persisted(
 
     ``root`` is a run's persist directory (``persist_dir/<run_id>``). Returns
     ``{"iteration", "model", "optimizer"}`` state dicts at ``until`` (default: the window's end).
-    A run trained with an LR scheduler needs the same factory as ``lr_scheduler``.
+    A run trained with an LR scheduler needs the same factory as ``lr_scheduler``; one trained on a
+    data_iter needs a fresh loader built the same way as ``data`` (its position comes from the window).
     """
     module = PipelineModule(layers, num_stages, loss_fn=loss_fn, partition_method=partition_method,
                             stage_id=stage, seed=module_seed)
     opt = optimizer(module.parameters())
     scheduler = build_lr_scheduler(lr_scheduler, opt, config.lr_schedule)
+    if module.is_first_stage or module.is_last_stage:
+        data = as_reading_source(data, where=f"stage {stage}")
     window = load_persisted(root, stage=stage, replica=0, iteration=start_iteration)
     until = window.manifest.end_iteration if until is None else until
     with persisted_neighbour_logs(root, module=module, start_iteration=start_iteration) as logs:

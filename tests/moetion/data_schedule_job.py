@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, OneCycleLR, ReduceLROnPlateau, SequentialLR
 from torch.utils.data import Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 import moetion
 from moetion.models import GPTMoEConfig, build_gpt_moe_layers, gpt_moe_loss
@@ -43,12 +44,65 @@ def write_token_file(path: Path) -> Path:
 
 
 def data(form: str, token_path: str | None = None, *, items: int = 24):
+    """The data of ``form``: an addressable source, or for ``"loader"`` a torchdata
+    ``StatefulDataLoader`` (one epoch: it runs out after ``items // 4`` iterations)."""
     per_iteration = MICRO_BATCHES  # one replica
+    if form == "loader":
+        return StatefulDataLoader(Numbered(items), batch_size=MICRO_BATCH_SIZE, shuffle=True, drop_last=True,
+                                  generator=torch.Generator().manual_seed(4))
     if form == "dataset":  # 24 items / (2 x 2) = 6 iterations an epoch
         return moetion.DatasetSource(Numbered(items), micro_batch_size=MICRO_BATCH_SIZE,
                                      micro_batches_per_iteration=per_iteration, shuffle=True, seed=4)
     return moetion.token_file_source(token_path, dtype="uint16", seq_len=SEQ_LEN, stride=5,
                                      micro_batch_size=MICRO_BATCH_SIZE, micro_batches_per_iteration=per_iteration, seed=4)
+
+
+def train_batch(engine, source) -> float:
+    """One iteration over ``source``: a loader goes in as ``data_iter`` (DeepSpeed's name)."""
+    if isinstance(source, (StatefulDataLoader, RecordingLoader)):
+        return engine.train_batch(data_iter=source)
+    return engine.train_batch(source)
+
+
+class RecordingLoader:
+    """A user's own resumable loader around a StatefulDataLoader that records the first token of
+    each row by (iteration, micro-batch), counting its pulls (its state: the base's and the count)."""
+
+    def __init__(self, base) -> None:
+        self.base, self.pulled, self.read = base, 0, {}
+
+    def state_dict(self) -> dict:
+        return {"base": self.base.state_dict(), "pulled": self.pulled}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.base.load_state_dict(state["base"])
+        self.pulled = state["pulled"]
+
+    def __iter__(self):
+        for inputs, labels in self.base:
+            t, m = divmod(self.pulled, MICRO_BATCHES)
+            self.pulled += 1
+            self.read.setdefault(t, {})[m] = inputs[:, 0].tolist()
+            yield inputs, labels
+
+
+class OneBatchOff:
+    """A loader that resumes one micro-batch past where it was told: a replacement continuing
+    from the wrong loader position."""
+
+    def __init__(self, base) -> None:
+        self.base = base
+
+    def state_dict(self) -> dict:
+        return self.base.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.base.load_state_dict(state)
+
+    def __iter__(self):
+        batches = iter(self.base)
+        next(batches)
+        return batches
 
 
 def warmup_cosine(opt):
@@ -82,27 +136,27 @@ def build(stages: int, scheduler: str, **extra):
     return module, engine
 
 
-class ShiftedByOne:
-    """A data source one iteration ahead of ``base``: a replacement continuing from the wrong position."""
-
-    def __init__(self, base) -> None:
-        self.base = base
-
-    def micro_batch(self, iteration: int, index: int):
-        return self.base.micro_batch(iteration + 1, index)
-
-
 def script_main() -> None:
     """``python data_schedule_job.py SHM_DIR FORM SCHEDULER ITERATIONS TOKEN_PATH FLAG_DIR`` under the
-    harness: a replacement reads ``ShiftedByOne`` data when ``FLAG_DIR/wrong-position`` exists."""
+    harness. The ``loader`` form trains until its loader runs out (after ITERATIONS); a replacement's
+    loader resumes one batch off (``OneBatchOff``) when ``FLAG_DIR/wrong-position`` exists."""
     shm, form, scheduler, iterations, token_path, flags = sys.argv[1:7]
     _, engine = build(3, scheduler, snapshot={"enabled": True, "window": 2, "shm_dir": shm},
                       upstream_log={"enabled": True})
-    source = data(form, token_path)
+    if form != "loader":
+        source = data(form, token_path)
+        while engine.iteration < int(iterations):
+            engine.train_batch(source)
+        engine.close()
+        return
+    loader = data(form, items=4 * int(iterations))  # exactly ITERATIONS: the run ends when it runs out
     if (Path(flags) / "wrong-position").exists() and moetion.control.start_generation() > 0:
-        source = ShiftedByOne(source)
-    while engine.iteration < int(iterations):
-        engine.train_batch(source)
+        loader = OneBatchOff(loader)
+    while True:  # a DeepSpeed-style loop: every rank, a replacement too, stops at the same boundary
+        try:
+            engine.train_batch(data_iter=loader)
+        except moetion.DataExhausted:
+            break
     engine.close()
 
 

@@ -163,8 +163,8 @@ class _WrongLR:
     def reduce_tied(self, iteration, key, params):
         self.decisions.reduce_tied(iteration, key, params)
 
-    def decide(self, iteration, *, loss_sum):
-        return dataclasses.replace(self.decisions.decide(iteration, loss_sum=loss_sum), lr_factor=0.5)
+    def decide(self, iteration, **kwargs):
+        return dataclasses.replace(self.decisions.decide(iteration, **kwargs), lr_factor=0.5)
 
 
 @pytest.mark.parametrize("fault", [
