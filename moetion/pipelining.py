@@ -37,6 +37,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from moetion import _as_config, _join, failure_notice  # the joining moetion.initialize does
 from moetion import log as _log
+from moetion.initial_state import check_finite, digest
 from moetion.config import Config
 from moetion.control import ControlPlane, start_generation
 from moetion.data import DataSource, read_micro_batch
@@ -91,6 +92,8 @@ class StageModule(nn.Module):
         super().__init__()
         self.submod, self.stage_id, self.num_stages, self.loss_fn = submod, stage_id, num_stages, loss_fn
         self.tied = nn.ModuleDict()
+        check_finite(self, where=f"stage {stage_id}")  # the initial state is part of exactness, as for PipelineModule
+        self.initial_digest = digest(self)
 
     @property
     def is_first_stage(self) -> bool:
