@@ -25,6 +25,7 @@ from typing import Iterator
 
 import torch
 
+from moetion import env
 from moetion.config import Config, DeterminismConfig
 from moetion.errors import ConfigError, NondeterministicOpError
 from moetion.random import DOMAIN_UNIT, StepContext, default_generator, derive_seed, seeded, step_context
@@ -80,10 +81,11 @@ def enable_strict_mode(settings: DeterminismConfig) -> None:
     if not settings.strict:
         return
     name, value = _CUBLAS_WORKSPACE
-    if os.environ.get(name, value) not in _CUBLAS_DETERMINISTIC:
+    found = env.cublas_workspace()
+    if found is not None and found not in _CUBLAS_DETERMINISTIC:
         raise ConfigError(f"determinism.strict needs {name} unset or one of {_CUBLAS_DETERMINISTIC}, "
-                          f"found {os.environ[name]!r}: unset it and moetion sets {value!r}")
-    if name not in os.environ and torch.cuda.is_initialized():
+                          f"found {found!r}: unset it and moetion sets {value!r}")
+    if found is None and torch.cuda.is_initialized():
         log.warning("CUDA was initialised before moetion set %s=%s: cuBLAS handles made earlier may not "
                     "use it; set it in the environment before starting Python", name, value)
     os.environ.setdefault(name, value)
