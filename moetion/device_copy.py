@@ -99,12 +99,12 @@ class CaptureCopier:
 
     def copy(self, destinations: Sequence[torch.Tensor], sources: Sequence[torch.Tensor], *, after: object | None,
              enqueued: Callable[[], None]) -> None:
-        """Copies ``sources`` (flat uint8) into ``destinations`` on the capture thread; calls
+        """Copies ``sources``' bytes into ``destinations`` (flat uint8) on the capture thread; calls
         ``enqueued`` once the sources may be overwritten by the next step as far as it is concerned."""
         if destinations:
             # One call for the whole capture: it gives up the GIL once, where a copy_ per tensor
-            # would take it back hundreds of times from the training thread.
-            torch._foreach_copy_(list(destinations), list(sources))
+            # would take it back hundreds of times from the training thread (docs/gpu.md).
+            torch._foreach_copy_(list(destinations), [flat_bytes(s) for s in sources])
         enqueued()
 
     def order_step_after_copies(self) -> None:
@@ -140,8 +140,8 @@ class CudaCaptureCopier(CaptureCopier):
             staged = [staging[o : o + d.numel()] for o, d in zip(offsets, destinations)]
             with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
                 self.stream.wait_event(after)
-                if staged:
-                    torch._foreach_copy_(staged, list(sources), non_blocking=True)
+                if staged:  # flattened here: a non-contiguous source's copy must follow the step too
+                    torch._foreach_copy_(staged, [flat_bytes(s) for s in sources], non_blocking=True)
                 done = torch.cuda.Event()
                 done.record(self.stream)
             self._last_done = done

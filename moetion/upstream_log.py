@@ -158,11 +158,12 @@ class UpstreamLog:
 class LogReader:
     """Reads what replay needs from the logs of the stages around a replaying stage.
 
-    ``logs`` maps a stage index to that stage's log store (live, or imported from a peer or disk).
+    ``logs`` maps a stage index to that stage's log store (live, or imported from a peer or disk);
+    tensors are returned on ``device``, the replaying stage's (logs are kept on the host).
     """
 
-    def __init__(self, logs: Mapping[int, LogStore], *, stage: int) -> None:
-        self.logs, self.stage = logs, stage
+    def __init__(self, logs: Mapping[int, LogStore], *, stage: int, device: torch.device | str = "cpu") -> None:
+        self.logs, self.stage, self.device = logs, stage, torch.device(device)
 
     def activation(self, iteration: int, micro_batch: int) -> torch.Tensor:
         return self._get(self.stage - 1, LogKey(iteration, micro_batch, ACTIVATION, self.stage))
@@ -184,7 +185,7 @@ class LogReader:
         for source, store in sorted(self.logs.items()):
             log_key = LogKey(iteration, 0, tied_kind(key, index), source)
             if source != self.stage and log_key in store:
-                return store.get(log_key)
+                return store.get(log_key).to(self.device)
         raise MoetionError(
             f"no log of another stage holds the reduced gradient of tied weight {key!r} at iteration "
             f"{iteration}; pass the log of a stage that shares it"
@@ -196,4 +197,4 @@ class LogReader:
             raise MoetionError(f"replaying stage {self.stage} needs the log of stage {source}, which was not given")
         if key not in store:
             raise MoetionError(f"the log of stage {source} has no entry {key}; was it dropped or never logged?")
-        return store.get(key)
+        return store.get(key).to(self.device)

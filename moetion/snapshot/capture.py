@@ -15,7 +15,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from moetion.device_copy import CaptureCopier, flat_bytes
+from moetion.device_copy import CaptureCopier
 from moetion.profiling import COPIED, LEDGER
 
 CopyJob = tuple[torch.Tensor, torch.Tensor]  # (source tensor, destination uint8 view)
@@ -100,7 +100,7 @@ class CaptureWorker:
                 destinations, sources = [], []
                 for source, destination in copies:
                     destinations.append(destination)
-                    sources.append(flat_bytes(source))
+                    sources.append(source)
                 self.copier.copy(destinations, sources, after=after, enqueued=mark_enqueued)
                 copied = sum(d.numel() for d in destinations)
                 self.bytes_copied += copied
@@ -113,5 +113,6 @@ class CaptureWorker:
                 self._error = error
             with self._done:
                 self._pending -= 1
-                self._unenqueued -= 0 if enqueued else 1
+                if not enqueued:  # failed before its copies were enqueued: nothing left to fence
+                    self._unenqueued -= 1
                 self._done.notify_all()
