@@ -94,7 +94,7 @@ def environment(env: dict[str, str]) -> dict:
              "'cuda': torch.version.cuda, 'available': c, 'gpus': torch.cuda.device_count(), "
              "'name': torch.cuda.get_device_name(0) if c else None}))")
     try:
-        done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
+        done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=30)
         return json.loads(done.stdout) if done.returncode == 0 else {"error": done.stderr[-500:]}
     except (subprocess.TimeoutExpired, ValueError) as error:
         return {"error": str(error)}
