@@ -435,6 +435,21 @@ def logging_part(args: argparse.Namespace) -> dict:
     return {"logging": overhead, "log_bytes": log_bytes_table(args, timed), "replay": replay_speed(args)}
 
 
+def stage_device(choice: str, *, stages: int) -> str:
+    """The MOETION_DEVICE of the stage processes. Asks NVML, not the CUDA runtime, how many GPUs
+    there are: this process forks the stages, and a CUDA runtime started here would break them."""
+    if choice != "cuda":
+        return choice
+    gpus = torch.cuda.device_count()
+    if gpus == 0:
+        raise SystemExit("--device cuda: no GPU visible (torch.cuda.device_count() is 0)")
+    if gpus < stages:
+        print(f"--device cuda: {gpus} GPU(s) for {stages} stages: every stage computes on GPU 0 and they talk "
+              "over gloo (MOETION_DEVICE=cuda-shared)", flush=True)
+        return "cuda-shared"
+    return "cuda"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=["snapshots", "logging", "all"], default="all")
@@ -450,8 +465,16 @@ def main() -> None:
                         help="leave out the GEMINI and DCP rows")
     parser.add_argument("--log-window", type=int, default=4, help="W pinned in every logging and replay run")
     parser.add_argument("--quick", action="store_true", help="few iterations, one round")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda", "cuda-shared"], default="auto",
+                        help="where stages compute (MOETION_DEVICE); cuda: NCCL with a GPU per stage when the "
+                             "machine has enough, else every stage on GPU 0 over gloo (cuda-shared)")
     args = parser.parse_args()
     os.environ.setdefault("MOETION_LOG_LEVEL", "WARNING")
+    args.device = stage_device(args.device, stages=args.stages)
+    if args.device.startswith("cuda") and args.only != "snapshots":
+        raise SystemExit("on CUDA this benchmark measures the snapshot part only (add --only snapshots): the "
+                         "logging part's replay table rebuilds stages in this process, on the CPU")
+    os.environ["MOETION_DEVICE"] = args.device  # read by every forked stage process
     if args.quick:
         args.iterations, args.warmup, args.rounds = 8, 2, 1
     report: dict = {"settings": vars(args)}

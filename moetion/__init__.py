@@ -27,7 +27,7 @@ from moetion.data_iter import DataExhausted
 from moetion.prefetch import PrefetchingSource
 from moetion.token_file import token_file_source
 from moetion.control import ControlPlane, start_generation, supervised
-from moetion.determinism import enable_strict_mode
+from moetion.determinism import check_device, enable_strict_mode
 from moetion.distributed import build_context, init_process_group, join_job, leave_process_group
 from moetion.engine import IterationStats, PipelineEngine
 from moetion.errors import ConfigError, DataError, LaunchError, MoetionError, PartitionError, PeerFailure
@@ -109,6 +109,7 @@ def initialize(
     _log.configure(rank=context.rank, stage=context.stage)
     threads = pin_threads(config.threads, local_world_size=context.local_world_size)
     module.to(context.device)
+    check_device(config.determinism, context.device)
     if not isinstance(optimizer, torch.optim.Optimizer):
         optimizer = optimizer(module.parameters())
     scheduler = build_lr_scheduler(lr_scheduler, optimizer, config.lr_schedule)

@@ -253,6 +253,8 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window", type=_int_at_least(1), default=None, help="pin the sparse-checkpoint window W (default: Algorithm 1)")
     parser.add_argument("--persist-dir", default=None, help="also persist complete windows there (see `moetion inspect`)")
     parser.add_argument("--no-snapshots", action="store_true", help="train without sparse checkpointing")
+    parser.add_argument("--strict", action="store_true", help="refuse ops without a deterministic implementation "
+                        "(determinism.strict; what bitwise replay on CUDA needs, see docs/gpu.md)")
 
 
 def _demo_settings(args: argparse.Namespace):
@@ -260,7 +262,8 @@ def _demo_settings(args: argparse.Namespace):
 
     return DemoSettings(iterations=args.iterations, stages=args.stages, data_parallel=args.data_parallel,
                         micro_batches=args.micro_batches, precision=args.precision, seed=args.seed,
-                        snapshots=not args.no_snapshots, window=args.window, persist_dir=args.persist_dir)
+                        snapshots=not args.no_snapshots, window=args.window, persist_dir=args.persist_dir,
+                        strict=args.strict)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ class DemoSettings:
     progress: bool = True  # rank 0 prints a line per iteration
     run_dir: str | None = None  # metrics go to run_dir/metrics, `moetion report`'s output to run_dir/report
     peer_timeout_s: float = 300.0  # the last-resort bound of every wait (see moetion.timeouts)
+    strict: bool = False  # determinism.strict: refuse ops without a deterministic implementation (use on CUDA)
 
     def check(self) -> None:
         """Raises ConfigError (naming the command-line flag) for settings no run can start with;
@@ -76,6 +77,7 @@ def demo_engine_config(settings: DemoSettings, *, run_id: str = "demo") -> moeti
                      "persist_codec": settings.persist_codec, "replicate": settings.replicate},
         "upstream_log": {"enabled": settings.snapshots},
         "peer_timeout_s": settings.peer_timeout_s,
+        "determinism": {"strict": settings.strict},
         "metrics": {"dir": settings.run_dir},
     })
 

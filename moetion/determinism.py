@@ -19,19 +19,24 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import logging
 import os
 from typing import Iterator
 
 import torch
 
+from moetion import env
 from moetion.config import Config, DeterminismConfig
-from moetion.errors import NondeterministicOpError
+from moetion.errors import ConfigError, NondeterministicOpError
 from moetion.random import DOMAIN_UNIT, StepContext, default_generator, derive_seed, seeded, step_context
 
 # What torch says when use_deterministic_algorithms(True) meets an op without such an implementation.
 _TORCH_NONDETERMINISTIC = " does not have a deterministic implementation"
 # cuBLAS is deterministic only with a fixed workspace; torch asks for this before the first matmul.
 _CUBLAS_WORKSPACE = ("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+_CUBLAS_DETERMINISTIC = (":4096:8", ":16:8")  # the settings cuBLAS documents as reproducible
+
+log = logging.getLogger(__name__)
 
 
 class Pass(enum.Enum):
@@ -75,8 +80,36 @@ def enable_strict_mode(settings: DeterminismConfig) -> None:
     """
     if not settings.strict:
         return
-    os.environ.setdefault(*_CUBLAS_WORKSPACE)
+    name, value = _CUBLAS_WORKSPACE
+    found = env.cublas_workspace()
+    if found is not None and found not in _CUBLAS_DETERMINISTIC:
+        raise ConfigError(f"determinism.strict needs {name} unset or one of {_CUBLAS_DETERMINISTIC}, "
+                          f"found {found!r}: unset it and moetion sets {value!r}")
+    if found is None and torch.cuda.is_initialized():
+        log.warning("CUDA was initialised before moetion set %s=%s: cuBLAS handles made earlier may not "
+                    "use it; set it in the environment before starting Python", name, value)
+    os.environ.setdefault(name, value)
     torch.use_deterministic_algorithms(True)
+
+
+def check_device(settings: DeterminismConfig, device: torch.device) -> None:
+    """What bitwise replay needs on the stage's device, checked once it is known (no-op on the CPU).
+
+    On CUDA: cuDNN autotuning is switched off (it picks kernels by timing them, so a replacement
+    process may pick other kernels than the process it replaces), and without ``strict`` a
+    warning says that ops accumulating with atomics (``index_add_``, ``scatter_add_``, their use
+    in backward passes) make a replay differ in the last bits.
+    """
+    if torch.device(device).type != "cuda":
+        return
+    if torch.backends.cudnn.benchmark:
+        log.warning("torch.backends.cudnn.benchmark was on: moetion turns it off, because autotuned "
+                    "kernels differ between processes and a replacement would not replay bit for bit")
+        torch.backends.cudnn.benchmark = False
+    if not settings.strict:
+        log.warning("training on %s without determinism.strict: CUDA ops that accumulate with atomics "
+                    "(index_add_, scatter_add_, and the backward of index_select/gather) make a replay "
+                    "differ in the last bits; set determinism.strict to true to refuse them by name", device)
 
 
 def _generators(device: torch.device | str) -> tuple[torch.Generator, ...]:

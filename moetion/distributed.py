@@ -50,7 +50,7 @@ class DistContext:
 def init_process_group(*, timeout_s: float) -> None:
     """Joins the job described by RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT, if not joined yet.
 
-    NCCL when CUDA is available, gloo otherwise. ``timeout_s`` bounds every collective.
+    The backend follows ``MOETION_DEVICE`` (:func:`placement`). ``timeout_s`` bounds every collective.
     """
     if dist.is_initialized():
         return
@@ -83,7 +83,24 @@ def leave_process_group() -> None:
 
 
 def _backend() -> str:
-    return "nccl" if torch.cuda.is_available() else "gloo"
+    return placement(local_rank=0)[0]
+
+
+def placement(*, local_rank: int) -> tuple[str, torch.device]:
+    """(backend, device) of a rank, from ``MOETION_DEVICE``: auto (NCCL on GPU ``local_rank`` where
+    CUDA is available, else gloo on the CPU), cpu, cuda, or cuda-shared (every rank computes on GPU
+    0 and the ranks talk over gloo: several ranks on a one-GPU machine, for testing)."""
+    mode = env.device_mode()
+    if mode == "auto":
+        mode = "cuda" if torch.cuda.is_available() else "cpu"
+    if mode == "cpu":
+        return "gloo", torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{env.DEVICE}={mode} needs a CUDA device, but torch.cuda.is_available() is False: "
+                          "unset it or set it to cpu")
+    if mode == "cuda-shared":
+        return "gloo", torch.device("cuda", 0)
+    return "nccl", torch.device("cuda", local_rank)
 
 
 def build_context(*, num_stages: int, tied_stages: dict[str, list[int]], replication: bool = False) -> DistContext:
@@ -93,11 +110,9 @@ def build_context(*, num_stages: int, tied_stages: dict[str, list[int]], replica
     topology = PipeTopology.from_world(world_size=world, num_stages=num_stages)
     where = env.rank_env() if env.has_rendezvous() else None  # a group the user initialised may have none
     local_world = where.local_world_size if where else world
-    if torch.cuda.is_available():
-        device = torch.device("cuda", where.local_rank if where else 0)
+    _, device = placement(local_rank=where.local_rank if where else 0)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     context = DistContext(rank=rank, local_world_size=local_world, topology=topology, device=device)
     for replica in range(topology.data_parallel):
         group = dist.new_group(topology.pipeline_ranks(replica))

@@ -37,6 +37,11 @@ FAILURE_NOTICE = "MOETION_FAILURE_NOTICE"  # "0": no notice thread (benchmark A/
 HARNESS_OUT = "MOETION_HARNESS_OUT"  # where a rank under the fault harness leaves its final state
 HEARTBEAT_TIMEOUT_S = "MOETION_HEARTBEAT_TIMEOUT_S"
 JOB_TIMEOUT_S = "MOETION_JOB_TIMEOUT_S"
+DEVICE = "MOETION_DEVICE"  # where ranks compute and how they talk (DEVICE_MODES; unset: auto)
+
+# cpu: CPU and gloo. cuda: GPU LOCAL_RANK and NCCL. cuda-shared: every rank on GPU 0, talking over
+# gloo (a testing mode: NCCL needs a GPU per rank). auto: cuda where a GPU is, else cpu.
+DEVICE_MODES = ("auto", "cpu", "cuda", "cuda-shared")
 
 _FLAGS = {"1": True, "0": False}
 
@@ -122,6 +127,18 @@ def fault_log() -> str | None:
 
 def failure_notice_enabled() -> bool:
     return _flag(FAILURE_NOTICE, default=True)
+
+
+def cublas_workspace() -> str | None:
+    """``CUBLAS_WORKSPACE_CONFIG`` (cuBLAS reads it when CUDA makes its handles), None when unset."""
+    return os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+
+
+def device_mode() -> str:
+    value = os.environ.get(DEVICE) or "auto"
+    if value not in DEVICE_MODES:
+        raise ConfigError(f"{DEVICE} must be one of {', '.join(DEVICE_MODES)}, got {value!r}")
+    return value
 
 
 def harness_out() -> str | None:

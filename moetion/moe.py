@@ -2,7 +2,10 @@
 
 Deterministic by construction: router noise comes from the step's generator, capacity dropping
 gives priority by (choice rank, token position) as in GShard, and expert outputs are combined in a
-fixed expert order. The load-balancing loss (Switch Transformer's) enters the backward pass through
+fixed order (first choice, then second...). Dispatch and combine are gathers only, never
+``index_add``/``scatter_add``: on CUDA those accumulate with atomics in an order that changes from
+run to run (unless torch's deterministic mode swaps them), which would break bitwise replay. The
+gathers' backward accumulates with ``index_put_(accumulate=True)``, deterministic on CPU and CUDA. The load-balancing loss (Switch Transformer's) enters the backward pass through
 an identity op on the output, so the loss is never threaded through the pipeline's activations.
 """
 from __future__ import annotations
@@ -131,14 +134,7 @@ class MoELayer(nn.Module):
             report_token_counts(self, torch.bincount(expert_of, minlength=self.num_experts))
             self.last_dropped = (~kept).sum()
 
-        out = torch.zeros_like(tokens)
-        for e, expert in enumerate(self.experts):
-            mask = kept & (expert_of == e)
-            index = token_of[mask]
-            if index.numel() == 0:
-                continue
-            y = expert(tokens.index_select(0, index))
-            out = out.index_add(0, index, y * weight_of[mask].unsqueeze(-1).to(y.dtype))
+        out = self._dispatch_and_combine(tokens, expert_of, token_of, weight_of, kept)
 
         if self.training and self.aux_loss_coef > 0:
             fraction = torch.bincount(choices[:, 0], minlength=self.num_experts).float() / n
@@ -146,3 +142,31 @@ class MoELayer(nn.Module):
             self.last_aux_loss = aux.detach()
             out = attach_aux_loss(out, aux, coef=self.aux_loss_coef)
         return out.reshape(shape)
+
+    def _dispatch_and_combine(self, tokens: torch.Tensor, expert_of: torch.Tensor, token_of: torch.Tensor,
+                              weight_of: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        """Runs each expert on its kept assignments and sums every token's weighted outputs.
+
+        Assignments (choice-major, ``k * n``) are sorted by expert, stable so each expert sees its
+        tokens in assignment order; the outputs come back to assignments by a gather from
+        ``[outputs; 0]`` (a dropped assignment reads the zero row), and a token's ``k`` results
+        are added in choice order.
+        """
+        n, width = tokens.shape
+        chosen = kept.nonzero().squeeze(1)
+        order = chosen[torch.argsort(expert_of[chosen], stable=True)]
+        per_expert = torch.bincount(expert_of[order], minlength=self.num_experts).tolist()
+        inputs = tokens[token_of[order]]
+        outputs = [
+            self.experts[e](chunk) for e, chunk in enumerate(inputs.split(per_expert)) if per_expert[e] > 0
+        ]
+        dtype = outputs[0].dtype if outputs else tokens.dtype
+        weighted = torch.cat([*outputs, tokens.new_zeros((1, width), dtype=dtype)])
+        weighted = weighted * torch.cat([weight_of[order], weight_of.new_zeros(1)]).unsqueeze(-1).to(dtype)
+        row_of = torch.full_like(expert_of, order.numel())  # dropped assignments read the zero row
+        row_of[order] = torch.arange(order.numel(), device=tokens.device)
+        contributions = weighted[row_of].view(self.top_k, n, width)
+        out = contributions[0]
+        for choice in contributions[1:]:
+            out = out + choice
+        return out.to(tokens.dtype)

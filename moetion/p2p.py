@@ -51,6 +51,9 @@ class StageLinks:
         prev_rank / next_rank: global ranks of the neighbours (None at the pipeline's ends).
         timeout_s: bound on every receive and on waiting for a send to complete.
         device: where received tensors are allocated.
+
+    Over gloo (the CPU, or ``MOETION_DEVICE=cuda-shared``) tensors travel through host memory:
+    gloo's point-to-point sends read the host. Over NCCL they travel from the device.
     """
 
     def __init__(self, *, prev_rank: int | None, next_rank: int | None, timeout_s: float, device: torch.device) -> None:
@@ -58,6 +61,8 @@ class StageLinks:
         self.next_rank = next_rank
         self.timeout = timedelta(seconds=timeout_s)
         self.device = device
+        gloo = dist.is_initialized() and dist.get_backend() == "gloo"
+        self.wire = torch.device("cpu") if gloo else device
         self._sent_meta: tuple[torch.dtype, tuple[int, ...]] | None = None
         self._recv_meta: tuple[torch.dtype, tuple[int, ...]] | None = None
         self._pending: list[tuple[dist.Work, torch.Tensor, int, str]] = []
@@ -66,28 +71,29 @@ class StageLinks:
         """Sends to the next stage; the first send of the link also carries shape and dtype."""
         key = (tensor.dtype, tuple(tensor.shape))
         if self._sent_meta is None:
-            self._isend(_encode_meta(tensor).to(self.device), self.next_rank, what=f"shape of {what}")
+            self._isend(_encode_meta(tensor).to(self.wire), self.next_rank, what=f"shape of {what}")
             self._sent_meta = key
         elif key != self._sent_meta:
             raise ValueError(
                 f"stage outputs must keep one shape and dtype across micro-batches; the first was "
                 f"{self._sent_meta}, {what} is {key}"
             )
-        self._isend(tensor.contiguous(), self.next_rank, what=what)
+        self._isend(tensor, self.next_rank, what=what)
 
     def recv_activation(self, *, what: str) -> torch.Tensor:
         if self._recv_meta is None:
-            meta = torch.empty(_META_LEN, dtype=torch.int64, device=self.device)
+            meta = torch.empty(_META_LEN, dtype=torch.int64, device=self.wire)
             self._recv(meta, self.prev_rank, what=f"shape of {what}")
             self._recv_meta = _decode_meta(meta.cpu(), peer=self.prev_rank, what=what)
         dtype, shape = self._recv_meta
-        return self._recv(torch.empty(shape, dtype=dtype, device=self.device), self.prev_rank, what=what)
+        return self._recv(torch.empty(shape, dtype=dtype, device=self.wire), self.prev_rank, what=what)
 
     def send_grad(self, tensor: torch.Tensor, *, what: str) -> None:
-        self._isend(tensor.contiguous(), self.prev_rank, what=what)
+        self._isend(tensor, self.prev_rank, what=what)
 
     def recv_grad(self, like: torch.Tensor, *, what: str) -> torch.Tensor:
-        return self._recv(torch.empty_like(like, memory_format=torch.contiguous_format), self.next_rank, what=what)
+        buffer = torch.empty_like(like, memory_format=torch.contiguous_format, device=self.wire)
+        return self._recv(buffer, self.next_rank, what=what)
 
     def wait_sends(self) -> None:
         """Blocks until every send has completed (their buffers may then be freed)."""
@@ -97,6 +103,7 @@ class StageLinks:
 
     def _isend(self, tensor: torch.Tensor, peer: int | None, *, what: str) -> None:
         assert peer is not None, f"no peer to send {what} to"
+        tensor = tensor.to(self.wire).contiguous()  # no copy where it already is (the CPU, NCCL)
         try:
             work = dist.isend(tensor, dst=peer)
         except RuntimeError as error:
@@ -110,7 +117,7 @@ class StageLinks:
         except RuntimeError as error:
             raise PeerFailure(_lost(peer, f"receiving {what}", error)) from None
         self._wait(work, peer, what=f"receiving {what}")
-        return buffer
+        return buffer.to(self.device)
 
     def _wait(self, work: dist.Work, peer: int, *, what: str) -> None:
         message = None

@@ -356,7 +356,8 @@ def persisted_neighbour_logs(
             logs[other] = LogStore()
             path = window_path(root, stage=other, replica=replica, start_iteration=start_iteration)
             logs[other].import_(load_window_logs(path))
-        yield LogReader(logs, stage=stage)
+        first = next(module.parameters(), None)
+        yield LogReader(logs, stage=stage, device=first.device if first is not None else "cpu")
     finally:
         for store in logs.values():
             store.close()

@@ -3,7 +3,9 @@
 Every activation sent to the next stage and every input-gradient sent to the previous one is put
 into this stage's :class:`~logging_store.LogStore`, keyed by (iteration, micro-batch, kind, peer
 stage), right after the non-blocking send was issued: ``put`` is a copy into pooled memory and
-compression runs on a background thread, so the send never waits for it. Per iteration the stage
+compression runs on a background thread, so the send never waits for it. A tensor on a GPU is
+first copied into pinned host memory on a side stream (:class:`~moetion.device_copy.HostStaging`)
+and handed to the store once that copy completed, at the latest at the iteration's commit point. Per iteration the stage
 also logs what was decided globally (learning-rate factor, grad-norm, clip coefficient) and the
 reduced gradient of every tied weight, because a replaying stage must reuse these decisions, never
 recompute them from its partial view.
@@ -21,6 +23,7 @@ import torch
 
 from logging_store import LogKey, LogStore, LogStoreConfig
 from moetion.config import UpstreamLogConfig
+from moetion.device_copy import HostStaging, StagedCopy
 from moetion.errors import MoetionError
 from moetion.memory_budget import default_log_budget
 from moetion.profiling import LEDGER, LOG_PUT, LOGGED
@@ -66,7 +69,9 @@ class UpstreamLog:
 
     def __init__(self, *, stage: int, store_config: LogStoreConfig | None = None, kept_from: int = 0) -> None:
         self.stage = stage
-        self.store = LogStore(store_config or LogStoreConfig())
+        self._store = LogStore(store_config or LogStoreConfig())
+        self._staging: HostStaging | None = None  # made on the first device tensor
+        self._in_flight: list[tuple[LogKey, StagedCopy]] = []  # device copies not in the store yet
         # Every iteration from here on is logged completely: what a replaying neighbour may ask for.
         self.kept_from = kept_from
 
@@ -84,14 +89,45 @@ class UpstreamLog:
             self._put(LogKey(iteration, 0, tied_kind(key, index), self.stage), grad)
 
     def log_scalars(self, iteration: int, scalars: IterationScalars) -> None:
-        """Call at the commit point, once the iteration's global decisions are known."""
+        """Call at the commit point, once the iteration's global decisions are known: the
+        iteration's device copies are complete in the store from here on."""
         self._put(LogKey(iteration, 0, SCALARS, self.stage), scalars.to_tensor())
+        self.flush()
+
+    @property
+    def store(self):
+        """The log store, with every entry put so far (waits for device copies still in flight)."""
+        self.flush()
+        return self._store
+
+    def flush(self) -> None:
+        """Moves every device copy into the store, waiting for those not complete yet."""
+        self._move_completed(wait=True)
 
     def _put(self, key: LogKey, tensor: torch.Tensor) -> None:
-        """Puts on the training thread: the copy into pooled memory is time it is blocked."""
+        """Puts on the training thread: the copy into pooled memory is time it is blocked (for a
+        device tensor, only the start of its copy to pinned memory)."""
         with LEDGER.blocking(LOG_PUT):
-            self.store.put(key, tensor)
+            if tensor.is_cpu:
+                self._store.put(key, tensor)
+            else:
+                self._staging = self._staging or HostStaging()
+                self._in_flight.append((key, self._staging.start(tensor)))
+                self._move_completed(wait=False)
         LEDGER.add_bytes(LOGGED, tensor.numel() * tensor.element_size())
+
+    def _move_completed(self, *, wait: bool) -> None:
+        """Puts the completed device copies into the store, oldest first (all of them if ``wait``)."""
+        while self._in_flight:
+            key, copy = self._in_flight[0]
+            if not wait and not copy.done():
+                return
+            copy.wait()
+            try:
+                self._store.put(key, copy.host)
+            finally:
+                copy.release()
+                self._in_flight.pop(0)
 
     def drop_before(self, iteration: int) -> None:
         if iteration > self.kept_from:
@@ -112,17 +148,22 @@ class UpstreamLog:
         return self.store.export(start, stop)
 
     def close(self) -> None:
-        self.store.close()
+        for _, copy in self._in_flight:
+            copy.wait()
+            copy.release()
+        self._in_flight.clear()
+        self._store.close()
 
 
 class LogReader:
     """Reads what replay needs from the logs of the stages around a replaying stage.
 
-    ``logs`` maps a stage index to that stage's log store (live, or imported from a peer or disk).
+    ``logs`` maps a stage index to that stage's log store (live, or imported from a peer or disk);
+    tensors are returned on ``device``, the replaying stage's (logs are kept on the host).
     """
 
-    def __init__(self, logs: Mapping[int, LogStore], *, stage: int) -> None:
-        self.logs, self.stage = logs, stage
+    def __init__(self, logs: Mapping[int, LogStore], *, stage: int, device: torch.device | str = "cpu") -> None:
+        self.logs, self.stage, self.device = logs, stage, torch.device(device)
 
     def activation(self, iteration: int, micro_batch: int) -> torch.Tensor:
         return self._get(self.stage - 1, LogKey(iteration, micro_batch, ACTIVATION, self.stage))
@@ -144,7 +185,7 @@ class LogReader:
         for source, store in sorted(self.logs.items()):
             log_key = LogKey(iteration, 0, tied_kind(key, index), source)
             if source != self.stage and log_key in store:
-                return store.get(log_key)
+                return store.get(log_key).to(self.device)
         raise MoetionError(
             f"no log of another stage holds the reduced gradient of tied weight {key!r} at iteration "
             f"{iteration}; pass the log of a stage that shares it"
@@ -156,4 +197,4 @@ class LogReader:
             raise MoetionError(f"replaying stage {self.stage} needs the log of stage {source}, which was not given")
         if key not in store:
             raise MoetionError(f"the log of stage {source} has no entry {key}; was it dropped or never logged?")
-        return store.get(key)
+        return store.get(key).to(self.device)

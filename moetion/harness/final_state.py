@@ -40,7 +40,8 @@ def record_final_state(engine: "PipelineEngine") -> None:
 
 
 def load_final_states(directory: Path) -> dict[int, dict[str, Any]]:
-    return {int(p.stem.split("-")[1]): torch.load(p, weights_only=True) for p in sorted(Path(directory).glob("rank-*.pt"))}
+    """On the CPU: the harness's process forks the next run's ranks and must not initialise CUDA."""
+    return {int(p.stem.split("-")[1]): torch.load(p, weights_only=True, map_location="cpu") for p in sorted(Path(directory).glob("rank-*.pt"))}
 
 
 @dataclass

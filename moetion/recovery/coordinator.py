@@ -204,7 +204,7 @@ class Recovery:
             events.logs_received_at = time.time()
             try:
                 self._receive_losses(plan)
-                reader = LogReader(stores, stage=self.stage.seat().stage)
+                reader = LogReader(stores, stage=self.stage.seat().stage, device=self.stage.seat().device)
                 inputs, outputs = self._chain_ports(restore, reader)
                 report = self.stage.replay(image, reader, data, resume=plan.resume, inputs=inputs, outputs=outputs)
             finally:

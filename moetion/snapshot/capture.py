@@ -1,8 +1,10 @@
 """Copying snapshot tensors off the critical path.
 
 The worker thread copies while the next iteration's forward and backward run (torch's copy
-releases the GIL). The engine calls :meth:`CaptureWorker.fence` before the next optimizer step,
-so no tensor is overwritten while it is still being copied.
+releases the GIL). The engine calls :meth:`CaptureWorker.fence_step` before the next optimizer
+step, so no tensor is overwritten while it is still being copied: on the CPU that waits for the
+copies themselves; on CUDA only until they were enqueued on the side stream, which the training
+stream then waits for on the GPU (:mod:`moetion.device_copy`).
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from moetion.device_copy import CaptureCopier
 from moetion.profiling import COPIED, LEDGER
 
 CopyJob = tuple[torch.Tensor, torch.Tensor]  # (source tensor, destination uint8 view)
@@ -21,10 +24,12 @@ CopyJob = tuple[torch.Tensor, torch.Tensor]  # (source tensor, destination uint8
 class CaptureWorker:
     """One background thread running capture jobs in submission order."""
 
-    def __init__(self, name: str = "moetion-capture") -> None:
+    def __init__(self, name: str = "moetion-capture", *, copier: CaptureCopier | None = None) -> None:
+        self.copier = copier or CaptureCopier()
         self._jobs: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
         self._pending = 0
+        self._unenqueued = 0  # jobs whose copies were not enqueued yet (on the CPU: not done yet)
         self._done = threading.Condition()
         self.bytes_copied = 0
         self.seconds_copying = 0.0
@@ -40,9 +45,23 @@ class CaptureWorker:
     def submit(self, copies: Iterable[CopyJob], then: Callable[[], None] | None = None) -> None:
         """Queues ``copies`` (iterated on the worker thread); ``then`` runs there after the last one."""
         self._raise_pending()
+        after = self.copier.mark_step()  # on the training thread: the copies follow this step
         with self._done:
             self._pending += 1
-        self._jobs.put((copies, then))
+            self._unenqueued += 1
+        self._jobs.put((copies, then, after))
+
+    def fence_step(self) -> None:
+        """Call before an optimizer step: returns once that step may overwrite the captured sources."""
+        if not self.copier.asynchronous:
+            self.fence()
+            return
+        start = time.perf_counter()
+        with self._done:
+            self._done.wait_for(lambda: self._unenqueued == 0)
+        self.copier.order_step_after_copies()
+        self.seconds_fenced += time.perf_counter() - start
+        self._raise_pending()
 
     def fence(self) -> None:
         """Blocks until every submitted job finished; re-raises a job's error."""
@@ -66,17 +85,23 @@ class CaptureWorker:
             job = self._jobs.get()
             if job is None:
                 return
-            copies, then = job
+            copies, then, after = job
+            enqueued = False
+
+            def mark_enqueued() -> None:
+                nonlocal enqueued
+                enqueued = True
+                with self._done:
+                    self._unenqueued -= 1
+                    self._done.notify_all()
+
             try:
                 start = time.perf_counter()
                 destinations, sources = [], []
                 for source, destination in copies:
                     destinations.append(destination)
-                    sources.append(source.detach().reshape(-1).view(torch.uint8))
-                # One call for the whole capture: it gives up the GIL once, where a copy_ per tensor
-                # would take it back hundreds of times from the training thread.
-                if destinations:
-                    torch._foreach_copy_(destinations, sources)
+                    sources.append(source)
+                self.copier.copy(destinations, sources, after=after, enqueued=mark_enqueued)
                 copied = sum(d.numel() for d in destinations)
                 self.bytes_copied += copied
                 LEDGER.add_bytes(COPIED, copied)
@@ -88,4 +113,6 @@ class CaptureWorker:
                 self._error = error
             with self._done:
                 self._pending -= 1
+                if not enqueued:  # failed before its copies were enqueued: nothing left to fence
+                    self._unenqueued -= 1
                 self._done.notify_all()

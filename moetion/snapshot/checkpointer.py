@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from moetion.config import SnapshotConfig
+from moetion.device_copy import capture_copier
 from moetion.errors import ConfigError
 from moetion.faults import fault_point, register_memory
 from moetion.model_state import state_tensors
@@ -97,7 +98,8 @@ class SparseCheckpointer:
         self.shm = SharedMemoryTier(config.shm_dir, run_id=identity.run_id, job_nonce=identity.job_nonce,
                                     stage=identity.stage, replica=identity.replica)
         register_memory(self.shm.directory)
-        self.worker = CaptureWorker(name=f"moetion-capture-s{identity.stage}")
+        self.device = _device_of(master)
+        self.worker = CaptureWorker(name=f"moetion-capture-s{identity.stage}", copier=capture_copier(self.device))
         self.state = WindowState.WAITING
         self.order = snapshot_order(list(self.operators.values()), {})
         self.plan: SlotPlan | None = None
@@ -112,7 +114,7 @@ class SparseCheckpointer:
         self._iteration_seconds: float | None = None
         self._iteration_start = time.perf_counter()
         self._bandwidth = config.bandwidth_gbps * 1e9 if config.bandwidth_gbps else _probe_bandwidth(master)
-        self._budget_fraction = config.budget_fraction or (1.0 if torch.cuda.is_available() else CPU_BUDGET_FRACTION)
+        self._budget_fraction = config.budget_fraction or (1.0 if self.device.type == "cuda" else CPU_BUDGET_FRACTION)
         self._proposal = 1.0
         self._agreed: int | None = None
         self._counts_pending: list[float] = []
@@ -177,7 +179,7 @@ class SparseCheckpointer:
     def before_step(self) -> None:
         """Call before the optimizer step: the previous capture must not see half-updated tensors."""
         with LEDGER.blocking(FENCE):
-            self.worker.fence()
+            self.worker.fence_step()
 
     def after_step(self, iteration: int) -> None:
         """Call right after the optimizer step of ``iteration``; raises a persist error of an earlier window."""
@@ -306,6 +308,7 @@ class SparseCheckpointer:
         if i == 0:
             window.layout = self._layout_for(window.plan, window.model_state)
             window.blob = self.shm.new_blob(window.start, window.layout.blob_bytes, in_use=self._read_by_tiers)
+            self.worker.copier.reserve(window.layout.largest_capture_bytes())
         for source, e in zip(window.layout.sources[i], window.layout.entries[i]):
             yield source, window.blob[e.offset : e.offset + e.nbytes]
 
@@ -405,6 +408,12 @@ class _WindowBuffers:
 
 def _with_checksum(entry: Entry, blob: torch.Tensor) -> Entry:
     return replace(entry, checksum=checksum(blob[entry.offset : entry.offset + entry.nbytes]))
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    """The device of the stage's parameters (the CPU for a stage without any)."""
+    first = next(module.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 def _probe_bandwidth(module: nn.Module) -> float:

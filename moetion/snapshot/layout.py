@@ -22,6 +22,10 @@ class WindowLayout:
     sources: list[list[torch.Tensor]]
     blob_bytes: int
 
+    def largest_capture_bytes(self) -> int:
+        """Bytes of the largest capture: what one staging buffer must hold."""
+        return max((sum(e.nbytes for e in capture) for capture in self.entries), default=0)
+
 
 def plan_layout(
     *,

@@ -53,3 +53,25 @@ def test_no_other_module_reads_the_environment():
     reads = re.compile(r"os\.environ(\.get|\[|\.copy)|os\.getenv|in os\.environ")
     offenders = [str(p.relative_to(root)) for p in root.rglob("*.py") if p.name != "env.py" and reads.search(p.read_text())]
     assert offenders == []
+
+
+def test_device_mode_picks_backend_and_device(monkeypatch):
+    import torch
+
+    from moetion.distributed import placement
+
+    monkeypatch.setenv(env.DEVICE, "gpu")
+    with pytest.raises(ConfigError, match=r"MOETION_DEVICE must be one of auto, cpu, cuda, cuda-shared, got 'gpu'"):
+        placement(local_rank=0)
+    monkeypatch.setenv(env.DEVICE, "cpu")
+    assert placement(local_rank=3) == ("gloo", torch.device("cpu"))
+    monkeypatch.delenv(env.DEVICE)
+    if torch.cuda.is_available():
+        assert placement(local_rank=0) == ("nccl", torch.device("cuda", 0))
+        monkeypatch.setenv(env.DEVICE, "cuda-shared")
+        assert placement(local_rank=3) == ("gloo", torch.device("cuda", 0))  # every rank on GPU 0
+    else:
+        assert placement(local_rank=0) == ("gloo", torch.device("cpu"))
+        monkeypatch.setenv(env.DEVICE, "cuda-shared")
+        with pytest.raises(ConfigError, match="MOETION_DEVICE=cuda-shared needs a CUDA device"):
+            placement(local_rank=0)

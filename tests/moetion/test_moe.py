@@ -71,3 +71,27 @@ def test_rejects_bad_settings():
         MoELayer(4, 4, 2, top_k=3)
     with pytest.raises(ValueError, match="capacity_factor"):
         MoELayer(4, 4, 2, capacity_factor=0)
+
+
+def test_dispatch_and_combine_use_no_atomic_accumulation():
+    """index_add/scatter_add (and index_select, whose backward is index_add) accumulate with atomics
+    on CUDA: the layer must not call them in forward or backward, on any device."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    moe = layer(top_k=2, capacity_factor=0.75)
+    x = torch.randn(2, 6, 8, requires_grad=True)
+    with Ops() as ops:
+        out = run(moe, x)
+        out.sum().backward()
+    atomic = {"index_add", "index_add_", "scatter_add", "scatter_add_", "index_select", "scatter_reduce"}
+    assert "index_put_" in ops.seen or "index_put" in ops.seen  # the oracle sees backward ops
+    assert not ops.seen & atomic, sorted(ops.seen & atomic)

@@ -143,6 +143,14 @@ def strict_rank() -> float:
 
 
 @pytest.mark.slow
+def test_strict_mode_refuses_a_cublas_workspace_that_is_not_reproducible(monkeypatch):
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":0:0")
+    previous = torch.are_deterministic_algorithms_enabled()
+    with pytest.raises(ConfigError, match=r"CUBLAS_WORKSPACE_CONFIG unset or one of .* found ':0:0'"):
+        enable_strict_mode(config(strict=True).determinism)
+    assert torch.are_deterministic_algorithms_enabled() == previous  # refused before switching anything
+
+
 def test_strict_mode_stops_the_first_iteration_naming_the_op():
     """``Tensor.put_`` (accumulate=False) has no deterministic implementation on CPU in torch 2.13."""
     with pytest.raises(LaunchError, match=r"NondeterministicOpError: put_ has no deterministic implementation "
