@@ -31,12 +31,14 @@ from moetion.distributed import build_context, init_process_group, join_job, lea
 from moetion.engine import IterationStats, PipelineEngine
 from moetion.errors import ConfigError, DataError, LaunchError, MoetionError, PartitionError, PeerFailure
 from moetion.experts import ExpertLayout, experts
+from moetion.expert_parallel import check_precision
 from moetion.lr_scheduler import SchedulerSpec, build_lr_scheduler
 from moetion.module import LayerSpec, PipelineModule, TiedLayerSpec
 from moetion.moe import attach_aux_loss
 from moetion.run_identity import resume_requested
 from moetion.threads import pin_threads
 from moetion.timeouts import check_rank
+from moetion.topology import PipeTopology
 
 __all__ = [
     "ByteCorpus",
@@ -90,11 +92,13 @@ def initialize(
     enable_strict_mode(config.determinism)
     if module.loss_fn is None and module.is_last_stage:
         raise ConfigError("the last stage needs a loss: pass PipelineModule(..., loss_fn=...)")
+    _check_expert_parallel(module, config)
     control, generation = _join(config)
     context = build_context(
         num_stages=module.num_stages,
         tied_stages=module.tied_stages(),
         replication=config.snapshot.enabled and config.snapshot.replicate,
+        expert_parallel=module.ep_size,
     )
     if context.stage != module.stage_id:
         raise ConfigError(
@@ -116,6 +120,14 @@ def initialize(
     return PipelineEngine(module=module, optimizer=optimizer, config=config, dist_context=context, threads=threads,
                           control=control, generation=generation, replacement=start_generation() > 0,
                           lr_scheduler=scheduler)
+
+
+def _check_expert_parallel(module: PipelineModule, config: Config) -> None:
+    """Bad expert-parallel settings fail here, before any process group is created."""
+    check_precision(module.ep_size, config.precision)
+    if module.ep_size > 1 and "WORLD_SIZE" in os.environ:
+        PipeTopology.from_world(world_size=int(os.environ["WORLD_SIZE"]), num_stages=module.num_stages,
+                                expert_parallel=module.ep_size)
 
 
 def _join(config: Config) -> tuple[ControlPlane | None, int]:

@@ -30,6 +30,8 @@ class DistContext:
     data_group: dist.ProcessGroup | None = None
     tied_groups: dict[str, dist.ProcessGroup] = field(default_factory=dict)
     replication_group: dist.ProcessGroup | None = None
+    expert_group: dist.ProcessGroup | None = None  # this rank's expert-parallel group (ep_size > 1)
+    expert_data_group: dist.ProcessGroup | None = None  # replicas holding the same experts (> 1 of them)
 
     @property
     def stage(self) -> int:
@@ -85,11 +87,12 @@ def _backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def build_context(*, num_stages: int, tied_stages: dict[str, list[int]], replication: bool = False) -> DistContext:
-    """Creates the pipeline, data-parallel and tied-weight groups for this rank, and with
-    ``replication`` a world-wide gloo group that only snapshot replication uses."""
+def build_context(*, num_stages: int, tied_stages: dict[str, list[int]], replication: bool = False,
+                  expert_parallel: int = 1) -> DistContext:
+    """Creates the pipeline, data-parallel, expert-parallel and tied-weight groups for this rank,
+    and with ``replication`` a world-wide gloo group that only snapshot replication uses."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    topology = PipeTopology.from_world(world_size=world, num_stages=num_stages)
+    topology = PipeTopology.from_world(world_size=world, num_stages=num_stages, expert_parallel=expert_parallel)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -105,6 +108,19 @@ def build_context(*, num_stages: int, tied_stages: dict[str, list[int]], replica
         group = dist.new_group(topology.replica_ranks(stage))
         if stage == context.stage:
             context.data_group = group
+    if expert_parallel > 1:
+        for stage in range(num_stages):
+            for group_index in range(topology.expert_data_parallel):
+                ranks = topology.expert_group_ranks(stage, group_index)
+                group = dist.new_group(ranks)
+                if rank in ranks:
+                    context.expert_group = group
+            if topology.expert_data_parallel > 1:
+                for expert_rank in range(expert_parallel):
+                    ranks = topology.expert_data_ranks(stage, expert_rank)
+                    group = dist.new_group(ranks)
+                    if rank in ranks:
+                        context.expert_data_group = group
     for key, stages in tied_stages.items():
         for replica in range(topology.data_parallel):
             ranks = [topology.rank(stage=s, replica=replica) for s in stages]

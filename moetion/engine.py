@@ -25,6 +25,7 @@ from moetion.data import DataSource
 from moetion.decisions import LiveDecisions
 from moetion.distributed import DistContext, build_context, join_job, leave_process_group
 from moetion.errors import ConfigError, PeerFailure
+from moetion.expert_parallel import sharded_norm
 from moetion.faults import fault_point, faults_armed
 from moetion.iteration import InputPort, IterationStats, OutputPort, Placement, StageIteration, no_fault
 from moetion.lr_scheduler import STATE_KEY as SCHEDULER_KEY, restore_scheduler, scheduler_state
@@ -210,14 +211,16 @@ class PipelineEngine:
         if self.checkpointer is not None:
             self.checkpointer.replace_replicator(None)
         self._body = None  # its links' pending sends hold the group's sockets open; neighbours must see them close
-        self.dist = replace(self.dist, pipeline_group=None, data_group=None, tied_groups={}, replication_group=None)
+        self.dist = replace(self.dist, pipeline_group=None, data_group=None, tied_groups={}, replication_group=None,
+                            expert_group=None, expert_data_group=None)
         leave_process_group()
 
     def join_group(self, control: ControlPlane, generation: int) -> bool:
         if not join_job(control, generation, timeout_s=self.config.peer_timeout_s):
             return False
         self._connect(build_context(num_stages=self.module.num_stages, tied_stages=self.module.tied_stages(),
-                                    replication=self.config.snapshot.enabled and self.config.snapshot.replicate))
+                                    replication=self.config.snapshot.enabled and self.config.snapshot.replicate,
+                                    expert_parallel=self.module.ep_size))
         return True
 
     def window_schedule(self) -> tuple[int, int]:
@@ -323,14 +326,15 @@ class PipelineEngine:
         self._body = StageIteration(
             module=self.module, precision=self.precision, optimizer=self.optimizer, config=self.config,
             placement=Placement(context.replica, replicas, context.data_group if replicas > 1 else None,
-                                context.device),
+                                context.device, context.expert_group, context.expert_data_group),
             inputs=BoundaryInputs(links, where=where),
             outputs=BoundaryOutputs(links, self.upstream, where=where),
             decisions=LiveDecisions(
                 num_stages=self.module.num_stages, pipeline_group=context.pipeline_group,
                 tied_groups=context.tied_groups, norm_params=self._norm_params, grad_clip=self.config.grad_clip,
                 lr_schedule=self.config.lr_schedule, loss_divisor=self.config.micro_batches * replicas,
-                checkpointer=self.checkpointer, log=self.upstream, device=context.device, where=where),
+                checkpointer=self.checkpointer, log=self.upstream, device=context.device, where=where,
+                sharded_norm=sharded_norm(self.module, self._norm_params, context.expert_group)),
             hooks=SnapshotHooks(self.checkpointer, self.upstream) if self.checkpointer is not None else None,
             faults=self._fault_point if faults_armed() else no_fault, lr_scheduler=self.lr_scheduler,
         )

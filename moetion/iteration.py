@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
-from moetion import failure_notice, gradients, schedule
+from moetion import expert_parallel, failure_notice, gradients, schedule
 from moetion.config import Config
 from moetion.data import DataSource
 from moetion.determinism import Pass, unit_of_work
@@ -119,12 +119,16 @@ class _InFlight:
 
 @dataclass(frozen=True)
 class Placement:
-    """Where the stage sits: its replica index among ``replicas`` and the group that averages them."""
+    """Where the stage sits: its replica index among ``replicas`` and the group that averages them;
+    under expert parallelism also the group its MoE layers exchange tokens with and the group that
+    averages its experts' gradients (None when it holds the only copy of them)."""
 
     replica: int = 0
     replicas: int = 1
     data_group: dist.ProcessGroup | None = None
     device: torch.device = torch.device("cpu")
+    expert_group: dist.ProcessGroup | None = None
+    expert_data_group: dist.ProcessGroup | None = None
 
 
 class StageIteration:
@@ -158,6 +162,9 @@ class StageIteration:
         self.faults = faults
         self.token_counts: dict[str, torch.Tensor] = {}
         self._moe_layers = [(n, m) for n, m in precision.compute.named_modules() if isinstance(m, MoELayer)]
+        # Experts held by this rank alone among its expert-parallel group: averaged over expert-DP only.
+        self._sharded = {id(p) for m in module.modules() if isinstance(m, MoELayer) and m.shard.size > 1
+                         for p in m.experts.parameters()}
         self.committed = CommittedState(module)  # buffers and frozen parameters, to undo an abandoned iteration
         self._iteration = -1
         self._data: DataSource | None = None
@@ -173,10 +180,13 @@ class StageIteration:
         self.optimizer.zero_grad(set_to_none=True)
         self.faults("iteration", iteration)
         self.hooks.begin(iteration)
-        for instruction in schedule.train_schedule(
-            stage=self.module.stage_id, num_stages=self.module.num_stages, micro_batches=self.micro_batches
-        ):
-            _DISPATCH[type(instruction)](self, instruction.micro_batch)
+        for _, layer in self._moe_layers:
+            layer.begin_iteration()
+        with expert_parallel.expert_group(self.placement.expert_group):
+            for instruction in schedule.train_schedule(
+                stage=self.module.stage_id, num_stages=self.module.num_stages, micro_batches=self.micro_batches
+            ):
+                _DISPATCH[type(instruction)](self, instruction.micro_batch)
         stats, self._stats, self._mb = self._stats, None, None
         stats.seconds = time.perf_counter() - start
         return stats
@@ -188,6 +198,8 @@ class StageIteration:
         self.committed.rollback()
         self.optimizer.zero_grad(set_to_none=True)
         self.precision.discard_grads()
+        for _, layer in self._moe_layers:
+            layer.discard_source_grads()
         self._pop_token_counts()
 
     def trainable(self) -> list[nn.Parameter]:
@@ -252,30 +264,45 @@ class StageIteration:
 
     # -- per-iteration instructions -----------------------------------------------------------------
     def _reduce_tied_grads(self, _: int | None) -> None:
+        for _name, layer in self._moe_layers:
+            layer.fold_source_grads()
         gradients.fill_missing_grads(self.trainable())
         for key in self.module.tied_stages():
             if key in self.module.tied:
                 self.decisions.reduce_tied(self._iteration, key, list(self.module.tied[key].parameters()))
 
     def _reduce_grads(self, _: int | None) -> None:
-        """Averages gradients across replicas; the loss and the hooks' riders ride along."""
+        """Averages gradients across replicas; the loss and the hooks' riders ride along.
+
+        A sharded expert's gradient is summed only over the replicas holding that expert (its
+        expert-parallel group already summed its sources), and divided by all replicas as well."""
         self.token_counts = self._pop_token_counts()
         riders = self.hooks.riders(self.token_counts)
         extra = [self._mb.loss_sum.reshape(1)] + ([] if riders is None else [riders.to(self.placement.device)])
         if self.placement.replicas > 1:
-            params = self.trainable()
-            flat = gradients.flatten_grads(params, extra)
+            replicated = [p for p in self.trainable() if id(p) not in self._sharded]
+            rest = self._average(replicated, extra, self.placement.data_group)
+            extra = [rest[:1], rest[1:]]
+            experts = [p for p in self.trainable() if id(p) in self._sharded]
+            if experts:
+                self._average(experts, [], self.placement.expert_data_group)
+        self._mb.loss_sum = extra[0][0]
+        if riders is not None:
+            self.hooks.absorb_riders(extra[1].cpu())
+
+    def _average(self, params: list[nn.Parameter], extra: list[torch.Tensor],
+                 group: dist.ProcessGroup | None) -> torch.Tensor:
+        """Sums ``params``' gradients (then ``extra``) over ``group`` (None: this rank alone), divides
+        them by the replicas; returns the summed extras."""
+        flat = gradients.flatten_grads(params, extra)
+        if group is not None:
             try:
-                dist.all_reduce(flat, group=self.placement.data_group)
+                dist.all_reduce(flat, group=group)
             except RuntimeError as error:
                 raise PeerFailure(failure_notice.explain(
                     f"stage {self.module.stage_id} lost a replica while averaging gradients in "
                     f"iteration {self._iteration}: {str(error).splitlines()[0]}")) from None
-            rest = gradients.unflatten_mean(params, flat, replicas=self.placement.replicas)
-            extra = [rest[:1], rest[1:]]
-        self._mb.loss_sum = extra[0][0]
-        if riders is not None:
-            self.hooks.absorb_riders(extra[1].cpu())
+        return gradients.unflatten_mean(params, flat, replicas=self.placement.replicas)
 
     def _optimizer_step(self, _: int | None) -> None:
         """The commit: global decisions, clip, LR, step, refresh the compute copy."""

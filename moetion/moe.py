@@ -1,8 +1,10 @@
 """The built-in top-k Mixture-of-Experts layer.
 
 Deterministic by construction: router noise comes from the step's generator, capacity dropping
-gives priority by (choice rank, token position) as in GShard, and expert outputs are combined in a
-fixed expert order. The load-balancing loss (Switch Transformer's) enters the backward pass through
+gives priority by (choice rank, token position) as in GShard, and every token's expert outputs are
+combined in assignment order. Tokens travel to their experts in a capacity-padded buffer
+``[experts, capacity, d_model]`` (GShard's dispatch), so under expert parallelism the all-to-all's
+split sizes are static; each expert runs on exactly its kept tokens, in slot order. The load-balancing loss (Switch Transformer's) enters the backward pass through
 an identity op on the output, so the loss is never threaded through the pipeline's activations.
 """
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moetion import expert_parallel as ep
 from moetion import random as mrandom
 
 
@@ -81,6 +84,10 @@ class MoELayer(nn.Module):
 
     ``token_counts`` accumulates tokens routed to each expert (before capacity dropping) until
     :meth:`pop_token_counts`; sparse checkpointing orders experts by this popularity.
+
+    Under expert parallelism (:meth:`shard_experts`) the layer keeps only its block of experts in
+    ``experts`` (a ``ModuleDict`` keyed by global expert index, so parameter names stay those of the
+    unsharded model) and exchanges the dispatch buffer with its expert-parallel group.
     """
 
     def __init__(
@@ -104,10 +111,14 @@ class MoELayer(nn.Module):
         self.capacity_factor = capacity_factor
         self.aux_loss_coef = aux_loss_coef
         self.router = Router(d_model, num_experts, noise=router_noise)
-        self.experts = nn.ModuleList(Expert(d_model, d_hidden) for _ in range(num_experts))
+        self.experts: nn.ModuleList | nn.ModuleDict = nn.ModuleList(Expert(d_model, d_hidden) for _ in range(num_experts))
+        self.shard = ep.ExpertShard()
         self.token_counts = torch.zeros(num_experts, dtype=torch.int64)
         self.last_aux_loss = torch.zeros(())
         self.last_dropped = torch.zeros((), dtype=torch.int64)
+        # Expert parallelism: one gradient-accumulating alias of each local expert parameter per
+        # source rank (see begin_iteration).
+        self._sources: list[dict[int, dict[str, torch.Tensor]]] | None = None
 
     def capacity(self, tokens: int) -> int:
         return math.ceil(self.capacity_factor * tokens * self.top_k / self.num_experts)
@@ -117,6 +128,55 @@ class MoELayer(nn.Module):
         counts, self.token_counts = self.token_counts, torch.zeros_like(self.token_counts)
         return counts
 
+    def local_experts(self) -> list[tuple[int, Expert]]:
+        """(global index, expert) of the experts this rank holds, in index order."""
+        return [(e, self.experts[str(e)] if isinstance(self.experts, nn.ModuleDict) else self.experts[e])
+                for e in self.shard.local_experts(self.num_experts)]
+
+    def shard_experts(self, shard: ep.ExpertShard) -> None:
+        """Keeps only the experts ``shard`` owns (built whole first, so each keeps its initial weights)."""
+        if self.num_experts % shard.size:
+            raise ValueError(f"{shard.size} expert-parallel ranks cannot share {self.num_experts} experts evenly")
+        kept = {str(e): self.experts[e] for e in shard.local_experts(self.num_experts)}
+        self.shard = shard
+        self.experts = nn.ModuleDict(kept)
+
+    # -- per-source gradients (expert parallelism) ------------------------------------------------
+    def begin_iteration(self) -> None:
+        """Gives each source rank its own gradient-accumulating alias of every local expert parameter.
+
+        Data parallelism accumulates each replica's expert gradients over its micro-batches and then
+        sums the replicas; an expert owner that accumulated all sources into one ``.grad`` would add
+        the same numbers in another order. The aliases share the parameters' storage (no copy).
+        """
+        if self.shard.size == 1:
+            return
+        self._sources = [
+            {e: {n: p.detach().requires_grad_(p.requires_grad) for n, p in expert.named_parameters()}
+             for e, expert in self.local_experts()}
+            for _ in range(self.shard.size)
+        ]
+
+    def fold_source_grads(self) -> None:
+        """Sets each local expert parameter's gradient to its sources' gradients summed in rank order
+        (a source that sent no token counts as zeros), as data parallelism sums replicas."""
+        if self._sources is None:
+            return
+        for e, expert in self.local_experts():
+            for name, param in expert.named_parameters():
+                grads = [source[e][name].grad for source in self._sources]
+                if all(g is None for g in grads):
+                    continue
+                total = grads[0] if grads[0] is not None else torch.zeros_like(param)
+                for g in grads[1:]:
+                    total = total + (g if g is not None else torch.zeros_like(param))
+                param.grad = total
+        self._sources = None
+
+    def discard_source_grads(self) -> None:
+        self._sources = None
+
+    # -- forward ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
@@ -131,19 +191,24 @@ class MoELayer(nn.Module):
         weight_of = weights.t().reshape(-1)
         one_hot = F.one_hot(expert_of, self.num_experts)
         position = (one_hot.cumsum(dim=0) * one_hot).sum(dim=-1) - 1
-        kept = position < self.capacity(n)
+        capacity = self.capacity(n)
+        kept = position < capacity
         with torch.no_grad():
             self.token_counts += torch.bincount(expert_of, minlength=self.num_experts).cpu()
             self.last_dropped = (~kept).sum()
 
-        out = torch.zeros_like(tokens)
-        for e, expert in enumerate(self.experts):
-            mask = kept & (expert_of == e)
-            index = token_of[mask]
-            if index.numel() == 0:
-                continue
-            y = expert(tokens.index_select(0, index))
-            out = out.index_add(0, index, y * weight_of[mask].unsqueeze(-1).to(y.dtype))
+        # Dispatch: slot (e, c) of the padded buffer holds expert e's c-th kept token, or zeros.
+        slot = expert_of[kept] * capacity + position[kept]
+        source = torch.full((self.num_experts * capacity,), n, dtype=torch.int64, device=x.device)
+        source[slot] = token_of[kept]
+        padded = torch.cat([tokens, tokens.new_zeros(1, tokens.shape[1])])
+        dispatched = padded.index_select(0, source)
+        filled = torch.bincount(expert_of[kept], minlength=self.num_experts)
+        results = self._run_experts(dispatched, filled, capacity)
+
+        # Combine: each kept assignment's result, weighted, added to its token in assignment order.
+        combined = results.index_select(0, slot) * weight_of[kept].unsqueeze(-1).to(results.dtype)
+        out = torch.zeros_like(tokens).index_add(0, token_of[kept], combined)
 
         if self.training and self.aux_loss_coef > 0:
             fraction = torch.bincount(choices[:, 0], minlength=self.num_experts).float() / n
@@ -151,3 +216,37 @@ class MoELayer(nn.Module):
             self.last_aux_loss = aux.detach()
             out = attach_aux_loss(out, aux, coef=self.aux_loss_coef)
         return out.reshape(shape)
+
+    def _run_experts(self, dispatched: torch.Tensor, filled: torch.Tensor, capacity: int) -> torch.Tensor:
+        """Expert outputs for the padded buffer ``[E*C, d]`` (zeros in empty slots), same layout."""
+        if self.shard.size == 1:
+            return _expert_outputs(dispatched, filled.tolist(), capacity, [
+                (lambda z, expert=expert: expert(z)) for _, expert in self.local_experts()])
+        group = ep.current_group()
+        if group is None:
+            raise RuntimeError("an expert-parallel MoELayer ran outside its expert group "
+                               "(moetion.expert_parallel.expert_group)")
+        # Slots are expert-major and experts are in blocks: chunk j of the buffer is rank j's.
+        received = ep.all_to_all(dispatched, group)  # [sources x local experts x C, d]
+        counts = ep.exchange(filled, group).tolist()  # kept tokens per (source, local expert)
+        local = self.local_experts()
+        runners = []
+        for source in range(self.shard.size):
+            for e, expert in local:
+                params = self._sources[source][e] if self._sources is not None else dict(expert.named_parameters())
+                runners.append(lambda z, expert=expert, params=params: torch.func.functional_call(expert, params, (z,)))
+        outputs = _expert_outputs(received, counts, capacity, runners)
+        return ep.all_to_all(outputs, group)
+
+
+def _expert_outputs(buffer: torch.Tensor, filled: list[int], capacity: int, runners: list) -> torch.Tensor:
+    """Runs ``runners[i]`` on the ``filled[i]`` leading rows of the ``i``-th capacity block of
+    ``buffer``; one split in, one concatenation out, so no gradient is ever summed across blocks."""
+    sizes = [size for count in filled for size in (count, capacity - count)]
+    pieces = buffer.split(sizes)
+    out = []
+    for i, run in enumerate(runners):
+        kept, empty = pieces[2 * i], pieces[2 * i + 1]
+        out.append(run(kept) if filled[i] else torch.zeros_like(kept))
+        out.append(torch.zeros_like(empty))
+    return torch.cat(out)

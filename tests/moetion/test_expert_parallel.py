@@ -1,0 +1,128 @@
+"""Expert parallelism: placement, bad input, and a PP x EP run equal to the unsharded model's training."""
+import pytest
+import torch
+
+import moetion
+from moetion.errors import ConfigError
+from moetion.expert_parallel import ExpertShard, check_model
+from moetion.launcher import run_workers
+from moetion.models import GPTMoEConfig, build_gpt_moe_layers, gpt_moe_loss
+from moetion.moe import MoELayer
+from moetion.reference import train_reference
+from moetion.topology import PipeTopology
+
+MODEL = GPTMoEConfig(seq_len=16, d_model=32, n_heads=2, n_layers=2, d_hidden=64, num_experts=4,
+                     top_k=2, capacity_factor=1.0, router_noise=0.1, dropout=0.1)
+ITERATIONS = 4
+
+
+def test_expert_groups_are_consecutive_replicas_and_experts_are_placed_in_blocks():
+    topology = PipeTopology(num_stages=2, data_parallel=4, expert_parallel=2)
+    assert topology.expert_group_ranks(1, 0) == [4, 5] and topology.expert_group_ranks(1, 1) == [6, 7]
+    assert topology.expert_data_ranks(0, 1) == [1, 3]
+    assert [topology.expert_rank_of(r) for r in range(8)] == [0, 1, 0, 1, 0, 1, 0, 1]
+    assert list(ExpertShard(size=2, rank=1).local_experts(8)) == [4, 5, 6, 7]
+    assert ExpertShard(size=4, rank=0).owner(5, 8) == 2
+
+
+def test_a_sharded_layer_keeps_its_block_under_the_unsharded_names():
+    module = moetion.PipelineModule(build_gpt_moe_layers(MODEL), 2, loss_fn=gpt_moe_loss, stage_id=0, seed=11,
+                                    ep_size=2, expert_rank=1)
+    whole = moetion.PipelineModule(build_gpt_moe_layers(MODEL), 2, loss_fn=gpt_moe_loss, stage_id=0, seed=11)
+    mine, full = module.state_dict(), whole.state_dict()
+    experts = sorted({k.split(".experts.")[1].split(".")[0] for k in mine if ".experts." in k})
+    assert experts == ["2", "3"]
+    assert all(torch.equal(v, full[k]) for k, v in mine.items())
+    assert set(full) - set(mine) == {k for k in full if ".experts.0." in k or ".experts.1." in k}
+
+
+def test_bad_expert_parallel_settings_are_refused_before_any_process_group(monkeypatch):
+    with pytest.raises(ConfigError, match="ep_size=3 does not divide the 4 data-parallel replicas"):
+        PipeTopology(num_stages=2, data_parallel=4, expert_parallel=3)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "6")  # 2 stages x 3 replicas
+    with pytest.raises(ConfigError, match="ep_size=2 does not divide the 3 data-parallel replicas"):
+        moetion.PipelineModule(build_gpt_moe_layers(MODEL), 2, loss_fn=gpt_moe_loss, ep_size=2)
+    layers = build_gpt_moe_layers(GPTMoEConfig(seq_len=8, d_model=8, n_heads=2, n_layers=2, d_hidden=8, num_experts=6))
+    with pytest.raises(ConfigError, match="ep_size=4 does not divide the 6 experts of layer"):
+        moetion.PipelineModule(layers, 2, stage_id=0, ep_size=4, expert_rank=0)
+    dense = [moetion.LayerSpec(torch.nn.Linear, 4, 4) for _ in range(2)]
+    with pytest.raises(ConfigError, match="the model has no moetion.moe.MoELayer"):
+        moetion.PipelineModule(dense, 2, stage_id=0, ep_size=2, expert_rank=0)
+    with pytest.raises(ConfigError, match="shards only moetion.moe.MoELayer"):
+        check_model([torch.nn.ModuleDict({"router": torch.nn.Linear(4, 2), "experts": torch.nn.ModuleList(
+            torch.nn.Linear(4, 4) for _ in range(2))}), MoELayer(4, 4, 2)], ep_size=2)
+    module = moetion.PipelineModule(build_gpt_moe_layers(MODEL), 2, loss_fn=gpt_moe_loss, stage_id=0,
+                                    ep_size=2, expert_rank=0)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ConfigError, match="fp32 only"):
+        moetion.initialize(module, optimizer=optimizer, config={"precision": "bf16"})
+
+
+# -- a real run: 2 stages x 2 replicas, experts split over the 2 replicas of each stage ------------------
+
+def engine_config() -> moetion.Config:
+    return moetion.Config.from_dict({
+        "seed": 3, "micro_batches": 3, "grad_clip": 0.5, "threads": 1,
+        "lr_schedule": {"warmup_iterations": 1, "decay": "cosine", "decay_iterations": 3, "min_ratio": 0.1},
+    })
+
+
+def optimizer(params):
+    return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01)
+
+
+def data():
+    return moetion.ByteCorpus(moetion.data.stdlib_corpus(max_bytes=1 << 16), seq_len=MODEL.seq_len,
+                              micro_batch_size=4, seed=5)
+
+
+def named_optimizer_state(module: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
+    return {name: dict(opt.state[p]) for name, p in module.named_parameters() if p in opt.state}
+
+
+def expert_parallel_rank() -> dict:
+    module = moetion.PipelineModule(build_gpt_moe_layers(MODEL), 2, loss_fn=gpt_moe_loss, seed=11, ep_size=2)
+    engine = moetion.initialize(module, optimizer=optimizer, config=engine_config())
+    source = data()
+    losses, clip = [], []
+    for _ in range(ITERATIONS):
+        losses.append(engine.train_batch(source))
+        clip.append(engine.last_stats.clip_coef)
+    return {"stage": engine.stage, "losses": losses, "clip": clip, "model": module.state_dict(),
+            "optim": named_optimizer_state(module, engine.optimizer)}
+
+
+def reference() -> dict:
+    run = train_reference(layers=build_gpt_moe_layers(MODEL), num_stages=2, loss_fn=gpt_moe_loss,
+                          optimizer=optimizer, config=engine_config(), data=data(), iterations=ITERATIONS,
+                          data_parallel=2, module_seed=11)
+    return {"losses": run.losses, "models": [s.state_dict() for s in run.stages],
+            "optims": [named_optimizer_state(s, o) for s, o in zip(run.stages, run.optimizers)]}
+
+
+def assert_same(actual: dict, expected: dict, what: str) -> None:
+    for key, a in actual.items():
+        e = expected[key]
+        if isinstance(a, dict):
+            assert_same(a, e, f"{what}.{key}")
+        else:
+            assert torch.equal(a, e), f"{what}.{key} differs: max |diff| {(a.double() - e.double()).abs().max():.3e}"
+
+
+@pytest.mark.slow
+def test_two_stages_with_experts_split_over_two_replicas_equal_unsharded_training():
+    ranks = run_workers(expert_parallel_rank, nproc=4, timeout_s=120)
+    expected = run_workers(reference, nproc=1, timeout_s=120)[0]
+    for stage in range(2):
+        pair = [r for r in ranks if r["stage"] == stage]
+        for rank in pair:
+            assert rank["losses"] == expected["losses"]
+            assert_same(rank["model"], expected["models"][stage], f"stage {stage} weights")
+            assert_same(rank["optim"], expected["optims"][stage], f"stage {stage} optimizer")
+        owned = [{k for k in r["model"] if ".experts." in k} for r in pair]
+        assert not owned[0] & owned[1], "an expert is held by both expert-parallel ranks"
+        assert set(pair[0]["model"]) | set(pair[1]["model"]) == set(expected["models"][stage])
+        assert set(pair[0]["optim"]) | set(pair[1]["optim"]) == set(expected["optims"][stage])
+    assert min(min(r["clip"]) for r in ranks) < 1.0, "clipping never engaged: the sharded grad norm went unchecked"
+    assert expected["losses"][-1] < expected["losses"][0]
