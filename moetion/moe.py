@@ -17,6 +17,7 @@ from torch import nn
 
 from moetion import expert_parallel as ep
 from moetion import random as mrandom
+from moetion.experts import ExpertLayout
 
 
 class Expert(nn.Module):
@@ -140,6 +141,11 @@ class MoELayer(nn.Module):
         kept = {str(e): self.experts[e] for e in shard.local_experts(self.num_experts)}
         self.shard = shard
         self.experts = nn.ModuleDict(kept)
+
+    def moetion_experts(self) -> ExpertLayout:
+        """The snapshot operators: one per expert this rank holds (named by global index), the router."""
+        local = self.shard.local_experts(self.num_experts)
+        return ExpertLayout(modules=tuple(f"experts.{e}" for e in local), router=("router",), first_expert=local.start)
 
     # -- per-source gradients (expert parallelism) ------------------------------------------------
     def begin_iteration(self) -> None:

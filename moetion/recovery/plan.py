@@ -3,7 +3,7 @@
 Every rank of the rebuilt job contributes one :class:`RankStatus` to an all-gather and computes
 the same :class:`RecoveryPlan` from the gathered table, so no rank decides for the others and no
 extra round is needed. The tiers, fastest first (DESIGN.md §4): a live data-parallel replica of the
-lost stage (copy its state), the replacement's own shared memory, the peer that holds its window
+lost stage holding the same experts (copy its state), the replacement's own shared memory, the peer that holds its window
 replica, disk; before any window completed, the initial state. A window tier is usable only when
 every neighbour still logs what replay needs from it.
 
@@ -141,6 +141,12 @@ def _restore_chain(chain: list[int], statuses: list[RankStatus], survivors: list
     stage, replica = topology.stage_of(first), topology.replica_of(first)
     what = (f"rank {first} (stage {stage}, replica {replica})" if len(chain) == 1 else
             f"ranks {chain} (stages {topology.stage_of(first)}..{topology.stage_of(chain[-1])}, replica {replica})")
+    if topology.expert_parallel > 1:
+        raise RecoveryImpossible(
+            f"{what}: no live replica holds its experts (expert rank {topology.expert_rank_of(first)} of "
+            f"ep_size={topology.expert_parallel}); replaying it needs its expert-parallel group to replay together, "
+            f"which is not implemented yet: restart the job from its persisted windows "
+            f"(`moetion launch --resume`), or train with expert-data-parallel copies{_newest(statuses, chain)}")
     if topology.data_parallel > 1:
         raise RecoveryImpossible(
             f"{what}: every data-parallel replica of the stage was lost at once; replicas replay only "
@@ -179,7 +185,10 @@ def _restore_chain(chain: list[int], statuses: list[RankStatus], survivors: list
 
 
 def _copy_of_live_replica(rank: int, topology: PipeTopology, survivors: list[int]) -> Restore | None:
-    live = [r for r in topology.replica_ranks(topology.stage_of(rank)) if r in survivors]
+    """A surviving replica of the rank's stage that holds the same experts (any replica without
+    expert parallelism), whose state is the lost rank's."""
+    same = topology.expert_data_ranks(topology.stage_of(rank), topology.expert_rank_of(rank))
+    live = [r for r in same if r in survivors]
     return Restore(rank, RestoreSource.REPLICA, -1, live[0], ()) if live else None
 
 

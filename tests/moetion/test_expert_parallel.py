@@ -61,10 +61,11 @@ def test_bad_expert_parallel_settings_are_refused_before_any_process_group(monke
 
 # -- a real run: 2 stages x 2 replicas, experts split over the 2 replicas of each stage ------------------
 
-def engine_config() -> moetion.Config:
+def engine_config(snapshot: dict | None = None) -> moetion.Config:
     return moetion.Config.from_dict({
         "seed": 3, "micro_batches": 3, "grad_clip": 0.5, "threads": 1,
         "lr_schedule": {"warmup_iterations": 1, "decay": "cosine", "decay_iterations": 3, "min_ratio": 0.1},
+        "snapshot": snapshot or {},
     })
 
 
@@ -81,16 +82,22 @@ def named_optimizer_state(module: torch.nn.Module, opt: torch.optim.Optimizer) -
     return {name: dict(opt.state[p]) for name, p in module.named_parameters() if p in opt.state}
 
 
-def expert_parallel_rank() -> dict:
+def expert_parallel_rank(shm_dir: str) -> dict:
     module = moetion.PipelineModule(build_gpt_moe_layers(MODEL), 2, loss_fn=gpt_moe_loss, seed=11, ep_size=2)
-    engine = moetion.initialize(module, optimizer=optimizer, config=engine_config())
+    snapshot = {"enabled": True, "window": 2, "shm_dir": shm_dir, "run_id": "ep"}
+    engine = moetion.initialize(module, optimizer=optimizer, config=engine_config(snapshot))
     source = data()
     losses, clip = [], []
     for _ in range(ITERATIONS):
         losses.append(engine.train_batch(source))
         clip.append(engine.last_stats.clip_coef)
+    engine.checkpointer.drain(timeout_s=60)
+    captured = [n for slot in engine.checkpointer.last_complete.slots for n in slot]
+    popularity = dict(engine.checkpointer._popularity_now)
+    engine.close()
     return {"stage": engine.stage, "losses": losses, "clip": clip, "model": module.state_dict(),
-            "optim": named_optimizer_state(module, engine.optimizer)}
+            "optim": named_optimizer_state(module, engine.optimizer), "captured": captured,
+            "popularity": popularity}
 
 
 def reference() -> dict:
@@ -111,8 +118,8 @@ def assert_same(actual: dict, expected: dict, what: str) -> None:
 
 
 @pytest.mark.slow
-def test_two_stages_with_experts_split_over_two_replicas_equal_unsharded_training():
-    ranks = run_workers(expert_parallel_rank, nproc=4, timeout_s=120)
+def test_two_stages_with_experts_split_over_two_replicas_equal_unsharded_training(tmp_path):
+    ranks = run_workers(expert_parallel_rank, nproc=4, args=(str(tmp_path / "shm"),), timeout_s=120)
     expected = run_workers(reference, nproc=1, timeout_s=120)[0]
     for stage in range(2):
         pair = [r for r in ranks if r["stage"] == stage]
@@ -124,5 +131,13 @@ def test_two_stages_with_experts_split_over_two_replicas_equal_unsharded_trainin
         assert not owned[0] & owned[1], "an expert is held by both expert-parallel ranks"
         assert set(pair[0]["model"]) | set(pair[1]["model"]) == set(expected["models"][stage])
         assert set(pair[0]["optim"]) | set(pair[1]["optim"]) == set(expected["optims"][stage])
+        for rank, experts in zip(pair, owned):  # each rank snapshots its own experts, counted over the stage
+            held = {k.rsplit(".experts.", 1)[0] + ".experts." + k.split(".experts.")[1].split(".")[0] for k in experts}
+            assert {n for n in rank["captured"] if ".experts." in n} == held
+            assert set(rank["popularity"]) == held
+        # Popularity counts the stage's tokens (both replicas'), here of the last iteration only (W=2).
+        layers = {k.split(".experts.")[0] for k in owned[0]}
+        routed = MODEL.top_k * 3 * 4 * MODEL.seq_len * 2  # choices x micro-batches x rows x tokens x replicas
+        assert sum(p for rank in pair for p in rank["popularity"].values()) == routed * len(layers)
     assert min(min(r["clip"]) for r in ranks) < 1.0, "clipping never engaged: the sharded grad norm went unchecked"
     assert expected["losses"][-1] < expected["losses"][0]

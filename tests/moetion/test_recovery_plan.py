@@ -61,6 +61,16 @@ def test_a_live_data_parallel_replica_is_copied_instead_of_replaying():
     assert (restore.source, restore.donor, restore.log_sources) == ("replica", 2, ())
 
 
+def test_under_expert_parallelism_only_a_replica_holding_the_same_experts_is_copied():
+    topology = PipeTopology(num_stages=1, data_parallel=4, expert_parallel=2)  # experts: ranks 0, 2 | 1, 3
+    statuses = [survivor(), lost(shm=12), survivor(), survivor()]
+    (restore,) = plan_recovery(statuses, topology=topology, tied_stages={}).restores
+    assert (restore.source, restore.donor) == ("replica", 3)
+    sole = PipeTopology(num_stages=2, data_parallel=2, expert_parallel=2)
+    with pytest.raises(RecoveryImpossible, match=r"no live replica holds its experts \(expert rank 1 of ep_size=2\)"):
+        plan_recovery([survivor(), lost(shm=12), survivor(), survivor()], topology=sole, tied_stages={})
+
+
 def test_logs_dropped_past_the_window_rule_it_out_and_the_error_names_what_is_missing():
     statuses = [survivor(kept=16), lost(shm=12), survivor(kept=16), survivor()]
     with pytest.raises(RecoveryImpossible, match=r"rank 1 holds window 12 \(shm\), the initial state; window 12 needs "
