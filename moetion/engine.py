@@ -161,7 +161,8 @@ class PipelineEngine:
         with persisted_neighbour_logs(root, module=self.module, start_iteration=start, replica=replica) as logs:
             replay_stage(module=self.module, optimizer=self.optimizer, config=self.config, window=window,
                          logs=logs, data=data, until=window.manifest.end_iteration, precision=self.precision,
-                         replica_group=self.dist.data_group if replicas > 1 else None, lr_scheduler=self.lr_scheduler)
+                         replica_group=self.dist.data_group if replicas > 1 else None, lr_scheduler=self.lr_scheduler,
+                         expert_group=self.dist.expert_group, expert_data_group=self.dist.expert_data_group)
         self.iteration = window.manifest.end_iteration + 1
         log.info("restarted from window %d..%d under %s; continuing at iteration %d",
                  start, window.manifest.end_iteration, root, self.iteration)

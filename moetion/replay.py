@@ -105,6 +105,8 @@ def replay_stage(
     inputs: InputPort | None = None,
     outputs: OutputPort | None = None,
     lr_scheduler: LRScheduler | None = None,
+    expert_group: dist.ProcessGroup | None = None,
+    expert_data_group: dist.ProcessGroup | None = None,
 ) -> ReplayReport:
     """Brings ``module`` and ``optimizer`` (freshly built for the window's stage) to ``S_until``.
 
@@ -118,6 +120,8 @@ def replay_stage(
     ``inputs``/``outputs`` replace the default ports (the logs in, ``record`` out), e.g. by live
     links to the other members of a chain of lost stages replaying together. ``lr_scheduler`` (the
     stage's, freshly built like ``optimizer``) is restored from the window and stepped as in training.
+    A stage whose experts are spread over ranks (``ep_size > 1``) replays with its whole expert-parallel
+    group (``expert_group``, and ``expert_data_group`` as in training): the all-to-all runs live.
     """
     precision = precision or StagePrecision(module, config.precision)
     if window is not None:
@@ -135,7 +139,8 @@ def replay_stage(
         ports = adapt(ports)
     body = StageIteration(
         module=module, precision=precision, optimizer=optimizer, config=config,
-        placement=Placement(replica=replica, replicas=replicas, data_group=replica_group),
+        placement=Placement(replica=replica, replicas=replicas, data_group=replica_group,
+                            expert_group=expert_group, expert_data_group=expert_data_group),
         inputs=ports.inputs, outputs=ports.outputs, decisions=ports.decisions, hooks=ports.hooks,
         faults=_replay_fault_point(module.stage_id, replica), lr_scheduler=lr_scheduler,
     )
