@@ -231,6 +231,16 @@ class PipelineEngine:
         ckpt = self.checkpointer
         return ckpt.replicator.held() if ckpt is not None and ckpt.replicator is not None else None
 
+    def own_window_start(self) -> int | None:
+        if self.checkpointer is None:
+            return None
+        self.checkpointer.worker.fence()  # a window being published now is complete before it is announced
+        try:
+            return self.checkpointer.shm.complete_start()
+        except SnapshotError as error:
+            log.info("no usable window in shared memory: %s", error)
+            return None
+
     def shm_window(self) -> WindowImage | None:
         if self.checkpointer is None:
             return None
@@ -284,14 +294,23 @@ class PipelineEngine:
         self.iteration = resume
 
     def replay(self, window: WindowImage | None, logs: LogReader, data: DataSource, *, resume: int,
-               inputs: InputPort | None = None, outputs: OutputPort | None = None) -> ReplayReport | None:
+               inputs: InputPort | None = None, outputs: OutputPort | None = None, together: bool = False,
+               survivor: bool = False) -> ReplayReport | None:
         report = None
         if resume > 0:
+            groups = {}
+            if together:
+                groups = dict(replica_group=self.dist.data_group, expert_group=self.dist.expert_group,
+                              expert_data_group=self.dist.expert_data_group)
             report = replay_stage(module=self.module, optimizer=self.optimizer, config=self.config, window=window,
                                   logs=logs, data=data, until=resume - 1, precision=self.precision,
-                                  record=self.upstream, inputs=inputs, outputs=outputs, lr_scheduler=self.lr_scheduler)
+                                  record=None if survivor else self.upstream, inputs=inputs, outputs=outputs,
+                                  lr_scheduler=self.lr_scheduler, **groups)
             first = report.start_iteration + 1
             self._adopt_history({t: logs.scalars(t) for t in range(first, resume)}, last=report.last)
+        if survivor:
+            self.iteration = resume
+            return report
         if self.upstream is not None:
             self.upstream.kept_from = (window.manifest.start_iteration if window is not None else -1) + 1
         self.iteration = resume

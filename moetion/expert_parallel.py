@@ -100,8 +100,14 @@ def current_group() -> dist.ProcessGroup | None:
 
 
 def all_to_all(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """Equal-split all-to-all along dim 0; its backward is the same exchange of the gradients."""
-    return _AllToAll.apply(x, group)
+    """Equal-split all-to-all along dim 0; its backward is the same exchange of the gradients.
+
+    The backward exchange is a collective too, so every rank of the group must run it, also one
+    whose ``x`` needs no gradient (its experts got no token, or are frozen in a replay): a fresh
+    leaf that always requires a gradient rides along, so autograd never skips the node.
+    """
+    anchor = torch.zeros((), device=x.device, requires_grad=True)
+    return _AllToAll.apply(x, anchor, group)
 
 
 def exchange(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
@@ -117,13 +123,13 @@ def exchange(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
 
 class _AllToAll(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor, anchor: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:  # type: ignore[override]
         ctx.group = group
         return exchange(x, group)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        return exchange(grad, ctx.group), None
+        return exchange(grad, ctx.group), torch.zeros((), device=grad.device), None
 
 
 def shard_module(module: nn.Module, shard: ExpertShard) -> None:

@@ -247,12 +247,17 @@ class MoELayer(nn.Module):
 
 def _expert_outputs(buffer: torch.Tensor, filled: list[int], capacity: int, runners: list) -> torch.Tensor:
     """Runs ``runners[i]`` on the ``filled[i]`` leading rows of the ``i``-th capacity block of
-    ``buffer``; one split in, one concatenation out, so no gradient is ever summed across blocks."""
+    ``buffer``; one split in, one concatenation out, so no gradient is ever summed across blocks.
+
+    Empty slots hold the dispatch's zero row; their outputs are those zeros times 0 (still zeros),
+    which keeps the result in the autograd graph of ``buffer`` even when no expert ran, so that an
+    expert-parallel rank runs the backward all-to-all whatever its experts received.
+    """
     sizes = [size for count in filled for size in (count, capacity - count)]
     pieces = buffer.split(sizes)
     out = []
     for i, run in enumerate(runners):
         kept, empty = pieces[2 * i], pieces[2 * i + 1]
-        out.append(run(kept) if filled[i] else torch.zeros_like(kept))
-        out.append(torch.zeros_like(empty))
+        out.append(run(kept) if filled[i] else kept.mul(0))
+        out.append(empty.mul(0))
     return torch.cat(out)

@@ -156,3 +156,48 @@ def test_a_killed_expert_parallel_rank_heals_from_the_live_replica_holding_its_e
     assert report.verdict.identical, "\n".join(report.lines())
     (timeline,) = [t for t in report.timelines if not t.superseded]
     assert list(timeline.sources.values()) == ["replica"] and timeline.survivor_lost_iterations == 0
+
+
+@pytest.fixture(scope="module")
+def ep_group(tmp_path_factory):
+    """2 stages x 2 replicas, each stage's experts split over both: no expert has a second copy."""
+    from moetion.demo import DemoSettings
+    from moetion.harness.runner import FaultHarness, Job
+
+    demo = DemoSettings(iterations=8, stages=2, data_parallel=2, expert_parallel=2, micro_batches=2,
+                        micro_batch_size=2, window=3, progress=False, lr=1e-2)
+    return FaultHarness(Job(demo=demo), work_dir=tmp_path_factory.mktemp("ep"), timeout_s=400)
+
+
+@pytest.mark.slow
+def test_a_killed_expert_parallel_rank_replays_with_its_expert_parallel_group(ep_group):
+    """Rank 3, killed at backward in iteration 5, replays from window 1..3 together with rank 2,
+    which reloads its own window; the all-to-all and the gradient average run live between them."""
+    report = ep_group.run(["stage=1,iter=5,phase=backward,replica=1"])
+    assert report.verdict.identical, "\n".join(report.lines())
+    (timeline,) = [t for t in report.timelines if not t.superseded]
+    assert list(timeline.sources.values()) == ["shm"]
+    assert timeline.replayed_stage_iterations == timeline.survivor_replayed_iterations == 3  # iterations 2..4
+
+
+@pytest.mark.slow
+def test_negative_control_one_all_to_all_chunk_perturbed_in_replay_is_a_mismatch(ep_group, monkeypatch):
+    from moetion import expert_parallel, replay
+
+    replaying = []
+    exchange = expert_parallel.exchange
+
+    def perturbed(x, group):
+        out = exchange(x, group)
+        if replaying and out.is_floating_point() and len(replaying) == 1:
+            replaying.append("done")
+            out[0] += 1e-3  # one row of one chunk, once
+        return out
+
+    monkeypatch.setattr(expert_parallel, "exchange", perturbed)
+    replay.adapt_replay_ports(lambda ports: (replaying.append("on"), ports)[1])
+    try:
+        report = ep_group.run(["stage=1,iter=5,phase=backward,replica=1"])
+    finally:
+        replay.clear_replay_port_adapters()
+    assert not report.verdict.identical and not report.verdict.weights_equal
