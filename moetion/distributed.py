@@ -87,6 +87,27 @@ def _backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def new_expert_groups(topology: PipeTopology, rank: int) -> tuple[dist.ProcessGroup | None, dist.ProcessGroup | None]:
+    """Creates every stage's expert-parallel and expert-data-parallel groups (collective: every rank
+    calls it); returns this rank's (None where it has none)."""
+    expert_group = expert_data_group = None
+    if topology.expert_parallel == 1:
+        return None, None
+    for stage in range(topology.num_stages):
+        for group_index in range(topology.expert_data_parallel):
+            ranks = topology.expert_group_ranks(stage, group_index)
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                expert_group = group
+        if topology.expert_data_parallel > 1:
+            for expert_rank in range(topology.expert_parallel):
+                ranks = topology.expert_data_ranks(stage, expert_rank)
+                group = dist.new_group(ranks)
+                if rank in ranks:
+                    expert_data_group = group
+    return expert_group, expert_data_group
+
+
 def build_context(*, num_stages: int, tied_stages: dict[str, list[int]], replication: bool = False,
                   expert_parallel: int = 1) -> DistContext:
     """Creates the pipeline, data-parallel, expert-parallel and tied-weight groups for this rank,
@@ -108,19 +129,7 @@ def build_context(*, num_stages: int, tied_stages: dict[str, list[int]], replica
         group = dist.new_group(topology.replica_ranks(stage))
         if stage == context.stage:
             context.data_group = group
-    if expert_parallel > 1:
-        for stage in range(num_stages):
-            for group_index in range(topology.expert_data_parallel):
-                ranks = topology.expert_group_ranks(stage, group_index)
-                group = dist.new_group(ranks)
-                if rank in ranks:
-                    context.expert_group = group
-            if topology.expert_data_parallel > 1:
-                for expert_rank in range(expert_parallel):
-                    ranks = topology.expert_data_ranks(stage, expert_rank)
-                    group = dist.new_group(ranks)
-                    if rank in ranks:
-                        context.expert_data_group = group
+    context.expert_group, context.expert_data_group = new_expert_groups(topology, rank)
     for key, stages in tied_stages.items():
         for replica in range(topology.data_parallel):
             ranks = [topology.rank(stage=s, replica=replica) for s in stages]

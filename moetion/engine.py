@@ -376,6 +376,7 @@ class PipelineEngine:
         identity = StageIdentity(
             run_id=run_id(self.config.snapshot), job_nonce=nonce, stage=self.stage, replica=self.dist.replica,
             data_parallel=self.dist.topology.data_parallel, threads=self.threads, precision=self.config.precision,
+            expert_parallel=self.module.ep_size,
         )
         return SparseCheckpointer(master=self.module, compute=self.precision.compute, optimizer=self.optimizer,
                                   config=self.config.snapshot, identity=identity)

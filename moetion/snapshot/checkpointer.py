@@ -68,6 +68,7 @@ class StageIdentity:
     data_parallel: int
     threads: int
     precision: str
+    expert_parallel: int = 1
 
 
 class SparseCheckpointer:
@@ -347,7 +348,8 @@ class SparseCheckpointer:
                 start_iteration=start,
                 slots=plan.slots, precision=identity.precision, threads=identity.threads,
                 captures=captures, blob_bytes=layout.blob_bytes,
-                extra={"data_parallel": identity.data_parallel, **window.extra},
+                extra={"data_parallel": identity.data_parallel, **window.extra,
+                       **({"expert_parallel": identity.expert_parallel} if identity.expert_parallel > 1 else {})},
             )
             self.shm.publish(manifest)
             LEDGER.add_bytes(STORED, manifest.blob_bytes)

@@ -1,4 +1,6 @@
 """Expert parallelism: placement, bad input, and a PP x EP run equal to the unsharded model's training."""
+import shutil
+
 import pytest
 import torch
 
@@ -201,3 +203,45 @@ def test_negative_control_one_all_to_all_chunk_perturbed_in_replay_is_a_mismatch
     finally:
         replay.clear_replay_port_adapters()
     assert not report.verdict.identical and not report.verdict.weights_equal
+
+
+def persisted_rank(root: str) -> int:
+    module = moetion.PipelineModule(build_gpt_moe_layers(MODEL), 2, loss_fn=gpt_moe_loss, seed=11, ep_size=2)
+    config = engine_config({"enabled": True, "window": 2, "shm_dir": f"{root}/shm", "run_id": "ep",
+                            "persist_dir": f"{root}/disk"})
+    config.upstream_log.enabled = True
+    engine = moetion.initialize(module, optimizer=optimizer, config=config)
+    source = data()
+    while engine.iteration < 5:
+        engine.train_batch(source)
+    engine.close()
+    return engine.dist.rank
+
+
+def reference_at(iterations: int) -> dict:
+    run = train_reference(layers=build_gpt_moe_layers(MODEL), num_stages=2, loss_fn=gpt_moe_loss,
+                          optimizer=optimizer, config=engine_config(), data=data(), iterations=iterations,
+                          data_parallel=2, module_seed=11)
+    return {k: v for stage in run.stages for k, v in stage.state_dict().items()}
+
+
+@pytest.mark.slow
+def test_export_gathers_every_expert_from_its_rank_and_refuses_a_missing_one(tmp_path):
+    from moetion.export import ExportError, JobSpec, export_run
+    from moetion.snapshot.persist import window_path
+
+    run_workers(persisted_rank, nproc=4, args=(str(tmp_path),), timeout_s=120)
+    torch.set_num_threads(1)  # the export forks: no OpenMP pool in this process
+    job = JobSpec(layers=build_gpt_moe_layers(MODEL), num_stages=2, loss_fn=gpt_moe_loss, optimizer=optimizer,
+                  data=data(), module_seed=11)
+    run_dir = tmp_path / "disk" / "ep"
+    summary = export_run(run_dir, tmp_path / "dense.pt", job=job, progress=lambda _: None)
+    exported = torch.load(tmp_path / "dense.pt", weights_only=True)["model"]
+    expected = run_workers(reference_at, nproc=1, args=(summary["iteration"] + 1,), timeout_s=120)[0]
+    assert summary["iteration"] >= 2 and exported.keys() == expected.keys()
+    assert all(torch.equal(exported[k], v) for k, v in expected.items()), "the export differs from EP=1 training"
+
+    start = summary["start_iteration"]
+    shutil.rmtree(window_path(run_dir, stage=1, replica=1, start_iteration=start))
+    with pytest.raises(ExportError, match=r"replica 1 of stage 1 has no window .* experts \[2, 3\] of layer layers\.\d\.moe"):
+        export_run(run_dir, tmp_path / "again.pt", job=job, progress=lambda _: None)
