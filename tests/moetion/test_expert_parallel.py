@@ -228,6 +228,7 @@ def reference_at(iterations: int) -> dict:
 @pytest.mark.slow
 def test_export_gathers_every_expert_from_its_rank_and_refuses_a_missing_one(tmp_path):
     from moetion.export import ExportError, JobSpec, export_run
+    from moetion.snapshot.inspect import inspect_dir
     from moetion.snapshot.persist import window_path
 
     run_workers(persisted_rank, nproc=4, args=(str(tmp_path),), timeout_s=120)
@@ -241,6 +242,9 @@ def test_export_gathers_every_expert_from_its_rank_and_refuses_a_missing_one(tmp
     assert summary["iteration"] >= 2 and exported.keys() == expected.keys()
     assert all(torch.equal(exported[k], v) for k, v in expected.items()), "the export differs from EP=1 training"
 
+    placement = {(row["stage"], row["replica"]): row["experts"] for row in inspect_dir(run_dir, verify=False)
+                 if row["start_iteration"] == summary["start_iteration"]}
+    assert placement == {(s, 0): "0,1 (ep rank 0/2)" for s in range(2)} | {(s, 1): "2,3 (ep rank 1/2)" for s in range(2)}
     start = summary["start_iteration"]
     shutil.rmtree(window_path(run_dir, stage=1, replica=1, start_iteration=start))
     with pytest.raises(ExportError, match=r"replica 1 of stage 1 has no window .* experts \[2, 3\] of layer layers\.\d\.moe"):
