@@ -147,14 +147,14 @@ def test_two_stages_with_experts_split_over_two_replicas_equal_unsharded_trainin
 
 @pytest.mark.slow
 def test_a_killed_expert_parallel_rank_heals_from_the_live_replica_holding_its_experts(tmp_path):
-    """One stage x 4 replicas, experts split over 2 (expert ranks 0 1 0 1): rank 1, killed at backward
-    mid-window, copies rank 3's state, and the run ends bit-identical to the fault-free one."""
+    """One stage x 4 replicas, experts split over 2 (expert ranks 0 1 0 1): rank 1, killed at backward,
+    copies rank 3's state (rank 0's would not load: other experts), and the run ends bit-identical."""
     from moetion.demo import DemoSettings
     from moetion.harness.runner import FaultHarness, Job
 
-    demo = DemoSettings(iterations=8, stages=1, data_parallel=4, expert_parallel=2, micro_batches=2,
-                        micro_batch_size=2, window=3, progress=False, lr=1e-2)
-    report = FaultHarness(Job(demo=demo), work_dir=tmp_path, timeout_s=400).run(["stage=0,iter=5,phase=backward,replica=1"])
+    demo = DemoSettings(iterations=5, stages=1, data_parallel=4, expert_parallel=2, micro_batches=2,
+                        micro_batch_size=2, window=2, progress=False, lr=1e-2)
+    report = FaultHarness(Job(demo=demo), work_dir=tmp_path, timeout_s=400).run(["stage=0,iter=3,phase=backward,replica=1"])
     assert report.verdict.identical, "\n".join(report.lines())
     (timeline,) = [t for t in report.timelines if not t.superseded]
     assert list(timeline.sources.values()) == ["replica"] and timeline.survivor_lost_iterations == 0

@@ -38,9 +38,9 @@ def job(root, stages, ep_size=1, *, resume=False, kill_at=None):
             "optim": engine.optimizer.state_dict()["state"]}
 
 
-# 4 stages; 2 stages x 2 data-parallel replicas; the same with each stage's experts split over its 2
-# replicas (expert parallelism: each expert-parallel group replays together, the all-to-all live)
-@pytest.mark.parametrize("stages,ep_size", [(4, 1), (2, 1), (2, 2)])
+# 4 stages; 2 stages x 2 data-parallel replicas. (With ep_size=2 this passes too, ~17 s: left out of
+# CI's budget; expert-parallel replay is covered by test_expert_parallel's recovery and export tests.)
+@pytest.mark.parametrize("stages,ep_size", [(4, 1), (2, 1)])
 def test_killed_job_resumes_bit_identically(tmp_path, stages, ep_size):
     straight = run_workers(job, nproc=RANKS, args=(tmp_path / "a", stages, ep_size), timeout_s=180)
     with pytest.raises(moetion.LaunchError, match="killed by SIGKILL"):
