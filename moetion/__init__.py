@@ -31,7 +31,6 @@ from moetion.distributed import build_context, init_process_group, join_job, lea
 from moetion.engine import IterationStats, PipelineEngine
 from moetion.errors import ConfigError, DataError, LaunchError, MoetionError, PartitionError, PeerFailure
 from moetion.experts import ExpertLayout, experts
-from moetion.expert_parallel import check_precision
 from moetion.lr_scheduler import SchedulerSpec, build_lr_scheduler
 from moetion.module import LayerSpec, PipelineModule, TiedLayerSpec
 from moetion.moe import attach_aux_loss
@@ -124,7 +123,6 @@ def initialize(
 
 def _check_expert_parallel(module: PipelineModule, config: Config) -> None:
     """Bad expert-parallel settings fail here, before any process group is created."""
-    check_precision(module.ep_size, config.precision)
     if module.ep_size > 1 and "WORLD_SIZE" in os.environ:
         PipeTopology.from_world(world_size=int(os.environ["WORLD_SIZE"]), num_stages=module.num_stages,
                                 expert_parallel=module.ep_size)

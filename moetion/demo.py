@@ -58,8 +58,6 @@ class DemoSettings:
         if demo_model_config().num_experts % self.expert_parallel:
             raise ConfigError(f"--expert-parallel {self.expert_parallel} must divide the demo model's "
                               f"{demo_model_config().num_experts} experts")
-        if self.expert_parallel > 1 and self.precision != "fp32":
-            raise ConfigError("--expert-parallel > 1 runs in fp32 only for now (--precision fp32)")
         layers = len(build_gpt_moe_layers(demo_model_config()))
         if self.stages > layers:
             raise ConfigError(f"--stages {self.stages}: the demo model has {layers} layers and every stage needs "

@@ -75,13 +75,6 @@ def check_model(layers: Sequence[nn.Module], *, ep_size: int) -> None:
                           "spread over ranks (use ep_size=1)")
 
 
-def check_precision(ep_size: int, precision: str) -> None:
-    """bf16 keeps per-micro-batch fp32 master gradients, which the per-source accumulation does not
-    reproduce yet."""
-    if ep_size > 1 and precision != "fp32":
-        raise ConfigError(f"ep_size={ep_size} with precision={precision!r}: expert parallelism is fp32 only for now")
-
-
 _group: contextvars.ContextVar[dist.ProcessGroup | None] = contextvars.ContextVar("moetion_expert_group", default=None)
 
 

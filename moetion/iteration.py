@@ -165,6 +165,7 @@ class StageIteration:
         # Experts held by this rank alone among its expert-parallel group: averaged over expert-DP only.
         self._sharded = {id(p) for m in module.modules() if isinstance(m, MoELayer) and m.shard.size > 1
                          for p in m.experts.parameters()}
+        self._master_moe = [m for m in module.modules() if isinstance(m, MoELayer)]  # the compute layers' masters
         self.committed = CommittedState(module)  # buffers and frozen parameters, to undo an abandoned iteration
         self._iteration = -1
         self._data: DataSource | None = None
@@ -252,6 +253,8 @@ class StageIteration:
             with self._unit_of_work(m, Pass.BACKWARD):
                 torch.autograd.backward(out, grad_tensors=self._mb.output_grads.pop(m, None))
         self.precision.after_backward()
+        for _, layer in self._moe_layers:
+            layer.after_backward()
         x = self._mb.inputs.pop(m)
         if not self.module.is_first_stage:
             self._mb.input_grads[m] = x.grad if x.grad is not None else torch.zeros_like(x)
@@ -264,8 +267,8 @@ class StageIteration:
 
     # -- per-iteration instructions -----------------------------------------------------------------
     def _reduce_tied_grads(self, _: int | None) -> None:
-        for _name, layer in self._moe_layers:
-            layer.fold_source_grads()
+        for (_, layer), master in zip(self._moe_layers, self._master_moe):
+            layer.fold_source_grads(master)
         gradients.fill_missing_grads(self.trainable())
         for key in self.module.tied_stages():
             if key in self.module.tied:

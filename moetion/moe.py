@@ -118,8 +118,9 @@ class MoELayer(nn.Module):
         self.last_aux_loss = torch.zeros(())
         self.last_dropped = torch.zeros((), dtype=torch.int64)
         # Expert parallelism: one gradient-accumulating alias of each local expert parameter per
-        # source rank (see begin_iteration).
+        # source rank (see begin_iteration), and under bf16 their fp32 sums over micro-batches.
         self._sources: list[dict[int, dict[str, torch.Tensor]]] | None = None
+        self._summed: list[dict[tuple[int, str], torch.Tensor]] | None = None
 
     def capacity(self, tokens: int) -> int:
         return math.ceil(self.capacity_factor * tokens * self.top_k / self.num_experts)
@@ -162,25 +163,47 @@ class MoELayer(nn.Module):
              for e, expert in self.local_experts()}
             for _ in range(self.shard.size)
         ]
+        self._summed = [{} for _ in range(self.shard.size)]
 
-    def fold_source_grads(self) -> None:
-        """Sets each local expert parameter's gradient to its sources' gradients summed in rank order
-        (a source that sent no token counts as zeros), as data parallelism sums replicas."""
+    def after_backward(self) -> None:
+        """After each micro-batch's backward, under bf16: moves the sources' gradients into fp32 sums,
+        as :meth:`~moetion.precision.StagePrecision.after_backward` does for a replica's parameters
+        (fp32 aliases accumulate in place, like parameters)."""
         if self._sources is None:
             return
-        for e, expert in self.local_experts():
-            for name, param in expert.named_parameters():
-                grads = [source[e][name].grad for source in self._sources]
+        for source, summed in zip(self._sources, self._summed):
+            for e, params in source.items():
+                for name, alias in params.items():
+                    if alias.grad is None or alias.dtype == torch.float32:
+                        continue
+                    grad = alias.grad.float()
+                    if (e, name) in summed:
+                        summed[(e, name)].add_(grad)
+                    else:
+                        summed[(e, name)] = grad
+                    alias.grad = None
+
+    def fold_source_grads(self, master: "MoELayer") -> None:
+        """Sets the gradient of each local expert parameter of ``master`` (this layer, or the fp32
+        layer this bf16 copy computes for) to the sources' gradients summed in rank order (a source
+        that sent no token counts as zeros), as data parallelism sums replicas."""
+        if self._sources is None:
+            return
+        masters = dict(master.local_experts())
+        for e, _ in self.local_experts():
+            for name, param in masters[e].named_parameters():
+                grads = [summed.get((e, name), source[e][name].grad)
+                         for source, summed in zip(self._sources, self._summed)]
                 if all(g is None for g in grads):
                     continue
                 total = grads[0] if grads[0] is not None else torch.zeros_like(param)
                 for g in grads[1:]:
                     total = total + (g if g is not None else torch.zeros_like(param))
                 param.grad = total
-        self._sources = None
+        self._sources = self._summed = None
 
     def discard_source_grads(self) -> None:
-        self._sources = None
+        self._sources = self._summed = None
 
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:

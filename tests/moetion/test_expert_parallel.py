@@ -54,18 +54,13 @@ def test_bad_expert_parallel_settings_are_refused_before_any_process_group(monke
     with pytest.raises(ConfigError, match="shards only moetion.moe.MoELayer"):
         check_model([torch.nn.ModuleDict({"router": torch.nn.Linear(4, 2), "experts": torch.nn.ModuleList(
             torch.nn.Linear(4, 4) for _ in range(2))}), MoELayer(4, 4, 2)], ep_size=2)
-    module = moetion.PipelineModule(build_gpt_moe_layers(MODEL), 2, loss_fn=gpt_moe_loss, stage_id=0,
-                                    ep_size=2, expert_rank=0)
-    monkeypatch.setenv("WORLD_SIZE", "4")
-    with pytest.raises(ConfigError, match="fp32 only"):
-        moetion.initialize(module, optimizer=optimizer, config={"precision": "bf16"})
 
 
 # -- a real run: 2 stages x 2 replicas, experts split over the 2 replicas of each stage ------------------
 
-def engine_config(snapshot: dict | None = None) -> moetion.Config:
+def engine_config(snapshot: dict | None = None, precision: str = "fp32") -> moetion.Config:
     return moetion.Config.from_dict({
-        "seed": 3, "micro_batches": 3, "grad_clip": 0.5, "threads": 1,
+        "seed": 3, "micro_batches": 3, "grad_clip": 0.5, "threads": 1, "precision": precision,
         "lr_schedule": {"warmup_iterations": 1, "decay": "cosine", "decay_iterations": 3, "min_ratio": 0.1},
         "snapshot": snapshot or {},
     })
@@ -84,10 +79,10 @@ def named_optimizer_state(module: torch.nn.Module, opt: torch.optim.Optimizer) -
     return {name: dict(opt.state[p]) for name, p in module.named_parameters() if p in opt.state}
 
 
-def expert_parallel_rank(shm_dir: str) -> dict:
+def expert_parallel_rank(shm_dir: str, precision: str) -> dict:
     module = moetion.PipelineModule(build_gpt_moe_layers(MODEL), 2, loss_fn=gpt_moe_loss, seed=11, ep_size=2)
     snapshot = {"enabled": True, "window": 2, "shm_dir": shm_dir, "run_id": "ep"}
-    engine = moetion.initialize(module, optimizer=optimizer, config=engine_config(snapshot))
+    engine = moetion.initialize(module, optimizer=optimizer, config=engine_config(snapshot, precision))
     source = data()
     losses, clip = [], []
     for _ in range(ITERATIONS):
@@ -102,9 +97,9 @@ def expert_parallel_rank(shm_dir: str) -> dict:
             "popularity": popularity}
 
 
-def reference() -> dict:
+def reference(precision: str) -> dict:
     run = train_reference(layers=build_gpt_moe_layers(MODEL), num_stages=2, loss_fn=gpt_moe_loss,
-                          optimizer=optimizer, config=engine_config(), data=data(), iterations=ITERATIONS,
+                          optimizer=optimizer, config=engine_config(precision=precision), data=data(), iterations=ITERATIONS,
                           data_parallel=2, module_seed=11)
     return {"losses": run.losses, "models": [s.state_dict() for s in run.stages],
             "optims": [named_optimizer_state(s, o) for s, o in zip(run.stages, run.optimizers)]}
@@ -120,9 +115,10 @@ def assert_same(actual: dict, expected: dict, what: str) -> None:
 
 
 @pytest.mark.slow
-def test_two_stages_with_experts_split_over_two_replicas_equal_unsharded_training(tmp_path):
-    ranks = run_workers(expert_parallel_rank, nproc=4, args=(str(tmp_path / "shm"),), timeout_s=120)
-    expected = run_workers(reference, nproc=1, timeout_s=120)[0]
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_two_stages_with_experts_split_over_two_replicas_equal_unsharded_training(tmp_path, precision):
+    ranks = run_workers(expert_parallel_rank, nproc=4, args=(str(tmp_path / "shm"), precision), timeout_s=120)
+    expected = run_workers(reference, nproc=1, args=(precision,), timeout_s=120)[0]
     for stage in range(2):
         pair = [r for r in ranks if r["stage"] == stage]
         for rank in pair:
