@@ -4,8 +4,9 @@ Deterministic by construction: router noise comes from the step's generator, cap
 gives priority by (choice rank, token position) as in GShard, and every token's expert outputs are
 combined in assignment order. Tokens travel to their experts in a capacity-padded buffer
 ``[experts, capacity, d_model]`` (GShard's dispatch), so under expert parallelism the all-to-all's
-split sizes are static; each expert runs on exactly its kept tokens, in slot order. The load-balancing loss (Switch Transformer's) enters the backward pass through
-an identity op on the output, so the loss is never threaded through the pipeline's activations.
+split sizes are static; each expert runs on exactly its kept tokens, in slot order. The
+load-balancing loss (Switch Transformer's) enters the backward pass through an identity op on the
+output, so the loss is never threaded through the pipeline's activations.
 """
 from __future__ import annotations
 
@@ -203,6 +204,7 @@ class MoELayer(nn.Module):
         self._sources = self._summed = None
 
     def discard_source_grads(self) -> None:
+        """Forgets an abandoned iteration's per-source gradients."""
         self._sources = self._summed = None
 
     # -- forward ----------------------------------------------------------------------------------
