@@ -56,6 +56,16 @@ def test_bad_expert_parallel_settings_are_refused_before_any_process_group(monke
             torch.nn.Linear(4, 4) for _ in range(2))}), MoELayer(4, 4, 2)], ep_size=2)
 
 
+def test_the_demo_refuses_an_expert_parallel_size_before_forking():
+    from moetion.demo import DemoSettings
+
+    with pytest.raises(ConfigError, match="--expert-parallel 2 must divide --data-parallel 3"):
+        DemoSettings(stages=2, data_parallel=3, expert_parallel=2).check()
+    with pytest.raises(ConfigError, match="--expert-parallel 3 must divide the demo model's 4 experts"):
+        DemoSettings(stages=2, data_parallel=3, expert_parallel=3).check()
+    DemoSettings(stages=2, data_parallel=4, expert_parallel=2).check()
+
+
 # -- a real run: 2 stages x 2 replicas, experts split over the 2 replicas of each stage ------------------
 
 def engine_config(snapshot: dict | None = None, precision: str = "fp32") -> moetion.Config:
