@@ -40,6 +40,7 @@ from moetion.routing import report_token_counts
 from moetion.run_identity import resume_requested
 from moetion.threads import pin_threads
 from moetion.timeouts import check_rank
+from moetion.topology import PipeTopology
 
 __all__ = [
     "ByteCorpus",
@@ -95,11 +96,13 @@ def initialize(
     enable_strict_mode(config.determinism)
     if module.loss_fn is None and module.is_last_stage:
         raise ConfigError("the last stage needs a loss: pass PipelineModule(..., loss_fn=...)")
+    _check_expert_parallel(module, config)
     control, generation = _join(config)
     context = build_context(
         num_stages=module.num_stages,
         tied_stages=module.tied_stages(),
         replication=config.snapshot.enabled and config.snapshot.replicate,
+        expert_parallel=module.ep_size,
     )
     if context.stage != module.stage_id:
         raise ConfigError(
@@ -123,6 +126,13 @@ def initialize(
     return PipelineEngine(module=module, optimizer=optimizer, config=config, dist_context=context, threads=threads,
                           control=control, generation=generation, replacement=start_generation() > 0,
                           lr_scheduler=scheduler)
+
+
+def _check_expert_parallel(module: PipelineModule, config: Config) -> None:
+    """Bad expert-parallel settings fail here, before any process group is created."""
+    world = env.world_size_or_none()
+    if module.ep_size > 1 and world is not None:
+        PipeTopology.from_world(world_size=world, num_stages=module.num_stages, expert_parallel=module.ep_size)
 
 
 def _join(config: Config) -> tuple[ControlPlane | None, int]:

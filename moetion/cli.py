@@ -247,6 +247,9 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iterations", type=_int_at_least(1), default=50)
     parser.add_argument("--stages", type=_int_at_least(1), default=4)
     parser.add_argument("--data-parallel", type=_int_at_least(1), default=1)
+    parser.add_argument("--expert-parallel", type=_int_at_least(1), default=1,
+                        help="split each MoE layer's experts over this many of a stage's data-parallel replicas "
+                             "(DeepSpeed's ep_size; must divide --data-parallel and the experts)")
     parser.add_argument("--micro-batches", type=_int_at_least(1), default=4)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--seed", type=int, default=0)
@@ -261,8 +264,8 @@ def _demo_settings(args: argparse.Namespace):
     from moetion.demo import DemoSettings
 
     return DemoSettings(iterations=args.iterations, stages=args.stages, data_parallel=args.data_parallel,
-                        micro_batches=args.micro_batches, precision=args.precision, seed=args.seed,
-                        snapshots=not args.no_snapshots, window=args.window, persist_dir=args.persist_dir,
+                        expert_parallel=args.expert_parallel, micro_batches=args.micro_batches, precision=args.precision,
+                        seed=args.seed, snapshots=not args.no_snapshots, window=args.window, persist_dir=args.persist_dir,
                         strict=args.strict)
 
 

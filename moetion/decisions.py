@@ -19,6 +19,7 @@ from moetion import failure_notice, gradients
 from moetion.boundary import Recorder
 from moetion.config import LRScheduleConfig
 from moetion.errors import PeerFailure
+from moetion.expert_parallel import ShardedNorm
 from moetion.lr_schedule import lr_factor
 from moetion.snapshot.checkpointer import SparseCheckpointer
 from moetion.upstream_log import IterationScalars, LogReader
@@ -49,12 +50,13 @@ class LiveDecisions:
                  tied_groups: dict[str, dist.ProcessGroup], norm_params: list[nn.Parameter],
                  grad_clip: float | None, lr_schedule: LRScheduleConfig, loss_divisor: int,
                  checkpointer: SparseCheckpointer | None, log: Recorder | None, device: torch.device,
-                 where: str) -> None:
+                 where: str, sharded_norm: ShardedNorm | None = None) -> None:
         self.num_stages, self.pipeline_group, self.tied_groups = num_stages, pipeline_group, tied_groups
         self.norm_params, self.grad_clip, self.lr_schedule = norm_params, grad_clip, lr_schedule
         self.loss_divisor = loss_divisor  # micro-batches x replicas
         self.checkpointer, self.log, self.device, self.where = checkpointer, log, device, where
         self.data_ended = False  # a reading stage's data_iter holds no iteration after the last decided
+        self.sharded_norm = sharded_norm  # experts spread over an expert-parallel group
 
     def reduce_tied(self, iteration: int, key: str, params: list[nn.Parameter]) -> None:
         for p in params:
@@ -66,8 +68,10 @@ class LiveDecisions:
     def decide(self, iteration: int, *, loss_sum: torch.Tensor, data_left: bool = True) -> IterationScalars:
         riders = (self.checkpointer.stage_payload() if self.checkpointer is not None
                   else torch.zeros(0, dtype=torch.float32))
-        mine = CommitRow(gradients.squared_norm(self.norm_params, device=self.device), loss_sum,
-                         torch.tensor(float(data_left), device=self.device), riders.to(self.device)).to_tensor()
+        square = (gradients.squared_norm(self.norm_params, device=self.device) if self.sharded_norm is None
+                  else self.sharded_norm.squared(self.norm_params, device=self.device))
+        mine = CommitRow(square, loss_sum, torch.tensor(float(data_left), device=self.device),
+                         riders.to(self.device)).to_tensor()
         gathered = [torch.empty_like(mine) for _ in range(self.num_stages)]
         _collective(dist.all_gather, gathered, mine, group=self.pipeline_group,
                     what=f"exchanging grad norms in iteration {iteration} ({self.where})")

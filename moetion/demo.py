@@ -30,6 +30,7 @@ class DemoSettings:
     iterations: int = 50
     stages: int = 4
     data_parallel: int = 1
+    expert_parallel: int = 1  # ep_size: each stage's experts split over this many of its replicas
     micro_batches: int = 4
     micro_batch_size: int = 8
     precision: str = "fp32"
@@ -49,11 +50,17 @@ class DemoSettings:
         """Raises ConfigError (naming the command-line flag) for settings no run can start with;
         called before any process is forked."""
         for flag, value in (("--iterations", self.iterations), ("--stages", self.stages),
-                            ("--data-parallel", self.data_parallel), ("--micro-batches", self.micro_batches)):
+                            ("--data-parallel", self.data_parallel), ("--expert-parallel", self.expert_parallel),
+                            ("--micro-batches", self.micro_batches)):
             if type(value) is not int or value < 1:
                 raise ConfigError(f"{flag} must be an integer >= 1, got {value!r}")
         if self.window is not None and (type(self.window) is not int or self.window < 1):
             raise ConfigError(f"--window must be an integer >= 1, got {self.window!r}")
+        if self.data_parallel % self.expert_parallel:
+            raise ConfigError(f"--expert-parallel {self.expert_parallel} must divide --data-parallel {self.data_parallel}")
+        if demo_model_config().num_experts % self.expert_parallel:
+            raise ConfigError(f"--expert-parallel {self.expert_parallel} must divide the demo model's "
+                              f"{demo_model_config().num_experts} experts")
         layers = len(build_gpt_moe_layers(demo_model_config()))
         if self.stages > layers:
             raise ConfigError(f"--stages {self.stages}: the demo model has {layers} layers and every stage needs "
@@ -104,7 +111,8 @@ def run_demo(settings: DemoSettings, kills: list[str] | None = None) -> dict:
     settings.check()
     print(
         f"moetion demo: GPT-MoE ({demo_model_config().n_layers} MoE blocks x {demo_model_config().num_experts} "
-        f"experts) on {settings.stages} stages x {settings.data_parallel} replicas, "
+        f"experts) on {settings.stages} stages x {settings.data_parallel} replicas"
+        f"{f' (experts split over {settings.expert_parallel})' if settings.expert_parallel > 1 else ''}, "
         f"{settings.micro_batches} micro-batches, {settings.iterations} iterations, {settings.precision}",
         flush=True,
     )
@@ -154,7 +162,8 @@ def _reference_settings(settings: DemoSettings):
 def rank_main(settings: DemoSettings, run_id: str) -> dict:
     """One rank of the demo (also the fault harness's built-in job)."""
     model = demo_model_config()
-    module = moetion.PipelineModule(build_gpt_moe_layers(model), settings.stages, loss_fn=gpt_moe_loss, seed=settings.seed)
+    module = moetion.PipelineModule(build_gpt_moe_layers(model), settings.stages, loss_fn=gpt_moe_loss, seed=settings.seed,
+                                    ep_size=settings.expert_parallel)
     engine = moetion.initialize(
         module, optimizer=lambda ps: torch.optim.AdamW(ps, lr=settings.lr),
         config=demo_engine_config(settings, run_id=run_id),

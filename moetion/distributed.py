@@ -30,6 +30,8 @@ class DistContext:
     data_group: dist.ProcessGroup | None = None
     tied_groups: dict[str, dist.ProcessGroup] = field(default_factory=dict)
     replication_group: dist.ProcessGroup | None = None
+    expert_group: dist.ProcessGroup | None = None  # this rank's expert-parallel group (ep_size > 1)
+    expert_data_group: dist.ProcessGroup | None = None  # replicas holding the same experts (> 1 of them)
 
     @property
     def stage(self) -> int:
@@ -103,11 +105,33 @@ def placement(*, local_rank: int) -> tuple[str, torch.device]:
     return "nccl", torch.device("cuda", local_rank)
 
 
-def build_context(*, num_stages: int, tied_stages: dict[str, list[int]], replication: bool = False) -> DistContext:
-    """Creates the pipeline, data-parallel and tied-weight groups for this rank, and with
-    ``replication`` a world-wide gloo group that only snapshot replication uses."""
+def new_expert_groups(topology: PipeTopology, rank: int) -> tuple[dist.ProcessGroup | None, dist.ProcessGroup | None]:
+    """Creates every stage's expert-parallel and expert-data-parallel groups (collective: every rank
+    calls it); returns this rank's (None where it has none)."""
+    expert_group = expert_data_group = None
+    if topology.expert_parallel == 1:
+        return None, None
+    for stage in range(topology.num_stages):
+        for group_index in range(topology.expert_data_parallel):
+            ranks = topology.expert_group_ranks(stage, group_index)
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                expert_group = group
+        if topology.expert_data_parallel > 1:
+            for expert_rank in range(topology.expert_parallel):
+                ranks = topology.expert_data_ranks(stage, expert_rank)
+                group = dist.new_group(ranks)
+                if rank in ranks:
+                    expert_data_group = group
+    return expert_group, expert_data_group
+
+
+def build_context(*, num_stages: int, tied_stages: dict[str, list[int]], replication: bool = False,
+                  expert_parallel: int = 1) -> DistContext:
+    """Creates the pipeline, data-parallel, expert-parallel and tied-weight groups for this rank,
+    and with ``replication`` a world-wide gloo group that only snapshot replication uses."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    topology = PipeTopology.from_world(world_size=world, num_stages=num_stages)
+    topology = PipeTopology.from_world(world_size=world, num_stages=num_stages, expert_parallel=expert_parallel)
     where = env.rank_env() if env.has_rendezvous() else None  # a group the user initialised may have none
     local_world = where.local_world_size if where else world
     _, device = placement(local_rank=where.local_rank if where else 0)
@@ -122,6 +146,7 @@ def build_context(*, num_stages: int, tied_stages: dict[str, list[int]], replica
         group = dist.new_group(topology.replica_ranks(stage))
         if stage == context.stage:
             context.data_group = group
+    context.expert_group, context.expert_data_group = new_expert_groups(topology, rank)
     for key, stages in tied_stages.items():
         for replica in range(topology.data_parallel):
             ranks = [topology.rank(stage=s, replica=replica) for s in stages]

@@ -27,6 +27,7 @@ from moetion.determinism import Pass
 from moetion.decisions import LiveDecisions
 from moetion.distributed import DistContext, build_context, join_job, leave_process_group
 from moetion.errors import ConfigError, DataError, PeerFailure
+from moetion.expert_parallel import sharded_norm
 from moetion.faults import fault_point, faults_armed
 from moetion import initial_state
 from moetion.initial_state import InitialDigest
@@ -216,7 +217,8 @@ class PipelineEngine:
             replay_stage(module=self.module, optimizer=self.optimizer, config=self.config, window=window,
                          logs=logs, data=data, until=window.manifest.end_iteration, precision=self.precision,
                          replica_group=self.dist.data_group if replicas > 1 else None, lr_scheduler=self.lr_scheduler,
-                         stage_schedule=self.stage_schedule)
+                         stage_schedule=self.stage_schedule, expert_group=self.dist.expert_group,
+                         expert_data_group=self.dist.expert_data_group)
         self.iteration = window.manifest.end_iteration + 1
         log.info("restarted from window %d..%d under %s; continuing at iteration %d",
                  start, window.manifest.end_iteration, root, self.iteration)
@@ -266,14 +268,16 @@ class PipelineEngine:
         if self.checkpointer is not None:
             self.checkpointer.replace_replicator(None)
         self._body = None  # its links' pending sends hold the group's sockets open; neighbours must see them close
-        self.dist = replace(self.dist, pipeline_group=None, data_group=None, tied_groups={}, replication_group=None)
+        self.dist = replace(self.dist, pipeline_group=None, data_group=None, tied_groups={}, replication_group=None,
+                            expert_group=None, expert_data_group=None)
         leave_process_group()
 
     def join_group(self, control: ControlPlane, generation: int) -> bool:
         if not join_job(control, generation, timeout_s=self.config.peer_timeout_s):
             return False
         self._connect(build_context(num_stages=self.module.num_stages, tied_stages=self.module.tied_stages(),
-                                    replication=self.config.snapshot.enabled and self.config.snapshot.replicate))
+                                    replication=self.config.snapshot.enabled and self.config.snapshot.replicate,
+                                    expert_parallel=self.module.ep_size))
         return True
 
     def window_schedule(self) -> tuple[int, int]:
@@ -282,6 +286,16 @@ class PipelineEngine:
     def held_replica(self) -> WindowImage | None:
         ckpt = self.checkpointer
         return ckpt.replicator.held() if ckpt is not None and ckpt.replicator is not None else None
+
+    def own_window_start(self) -> int | None:
+        if self.checkpointer is None:
+            return None
+        self.checkpointer.worker.fence()  # a window being published now is complete before it is announced
+        try:
+            return self.checkpointer.shm.complete_start()
+        except SnapshotError as error:
+            log.info("no usable window in shared memory: %s", error)
+            return None
 
     def shm_window(self) -> WindowImage | None:
         if self.checkpointer is None:
@@ -340,15 +354,24 @@ class PipelineEngine:
         self.iteration = resume
 
     def replay(self, window: WindowImage | None, logs: LogReader, data: DataSource, *, resume: int,
-               inputs: InputPort | None = None, outputs: OutputPort | None = None) -> ReplayReport | None:
+               inputs: InputPort | None = None, outputs: OutputPort | None = None, together: bool = False,
+               survivor: bool = False) -> ReplayReport | None:
         report = None
         if resume > 0:
+            groups = {}
+            if together:
+                groups = dict(replica_group=self.dist.data_group, expert_group=self.dist.expert_group,
+                              expert_data_group=self.dist.expert_data_group)
             report = replay_stage(module=self.module, optimizer=self.optimizer, config=self.config, window=window,
                                   logs=logs, data=data, until=resume - 1, precision=self.precision,
-                                  record=self.upstream, inputs=inputs, outputs=outputs, lr_scheduler=self.lr_scheduler,
-                                  initial_digest=self._initial_digest, stage_schedule=self.stage_schedule)
+                                  record=None if survivor else self.upstream, inputs=inputs, outputs=outputs,
+                                  lr_scheduler=self.lr_scheduler, initial_digest=self._initial_digest,
+                                  stage_schedule=self.stage_schedule, **groups)
             first = report.start_iteration + 1
             self._adopt_history({t: logs.scalars(t) for t in range(first, resume)}, last=report.last)
+        if survivor:
+            self.iteration = resume
+            return report
         if self.upstream is not None:
             self.upstream.kept_from = (window.manifest.start_iteration if window is not None else -1) + 1
         self.iteration = resume
@@ -408,14 +431,15 @@ class PipelineEngine:
         self._body = StageIteration(
             module=self.module, precision=self.precision, optimizer=self.optimizer, config=self.config,
             placement=Placement(context.replica, replicas, context.data_group if replicas > 1 else None,
-                                context.device),
+                                context.device, context.expert_group, context.expert_data_group),
             inputs=BoundaryInputs(links, where=where),
             outputs=BoundaryOutputs(links, self.upstream, where=where),
             decisions=LiveDecisions(
                 num_stages=self.module.num_stages, pipeline_group=context.pipeline_group,
                 tied_groups=context.tied_groups, norm_params=self._norm_params, grad_clip=self.config.grad_clip,
                 lr_schedule=self.config.lr_schedule, loss_divisor=self.config.micro_batches * replicas,
-                checkpointer=self.checkpointer, log=self.upstream, device=context.device, where=where),
+                checkpointer=self.checkpointer, log=self.upstream, device=context.device, where=where,
+                sharded_norm=sharded_norm(self.module, self._norm_params, context.expert_group)),
             hooks=SnapshotHooks(self.checkpointer, self.upstream) if self.checkpointer is not None else None,
             faults=self._fault_point if faults_armed() else no_fault, lr_scheduler=self.lr_scheduler,
             stage_schedule=self.stage_schedule,
@@ -440,6 +464,7 @@ class PipelineEngine:
         identity = StageIdentity(
             run_id=run_id(self.config.snapshot), job_nonce=nonce, stage=self.stage, replica=self.dist.replica,
             data_parallel=self.dist.topology.data_parallel, threads=self.threads, precision=self.config.precision,
+            expert_parallel=self.module.ep_size,
         )
         return SparseCheckpointer(master=self.module, compute=self.precision.compute, optimizer=self.optimizer,
                                   config=self.config.snapshot, identity=identity)

@@ -43,6 +43,7 @@ class ExpertLayout:
     modules: tuple[str, ...] = ()
     stacked: tuple[str, ...] = ()
     router: tuple[str, ...] = ()
+    first_expert: int = 0  # global index of ``modules[0]`` (a block of experts under expert parallelism)
 
 
 def experts(

@@ -37,6 +37,8 @@ from moetion.errors import MoetionError
 from moetion.launcher import run_workers
 from moetion.module import LayerSpec
 from moetion.progress import Progress
+from moetion.expert_parallel import ExpertShard
+from moetion.export_replicas import gather_stage, held_experts, replay_replicas
 from moetion.replay import dense_state_from_persisted
 from moetion.private_files import DIR_MODE, FILE_MODE, create_exclusive, fsync_dir, private_dir, temp_name
 from moetion.snapshot.image import SnapshotError, WindowManifest, checksum
@@ -126,10 +128,21 @@ def export_run(
     if dcp_dir is not None and Path(dcp_dir).exists():
         raise ExportError(f"{dcp_dir}: already exists; choose a new directory for the DCP checkpoint")
     nproc = max(1, min(workers or os.cpu_count() or 1, job.num_stages))
+    replicas = int(manifests[0].extra.get("data_parallel", 1))
+    ep_size = int(manifests[0].extra.get("expert_parallel", 1))
+    if replicas > 1:
+        _check_replica_windows(run_dir, job=job, start=start, replicas=replicas, ep_size=ep_size)
+        if with_optimizer:
+            raise ExportError(f"{run_dir}: a run of {replicas} data-parallel replicas exports its weights only "
+                              "(--with-optimizer is not supported for it yet)")
     stage_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".stages", dir=out.parent))
     try:
-        reports = _convert_all(run_dir, job=job, config=config, start=start, stage_dir=stage_dir, nproc=nproc,
-                               with_optimizer=with_optimizer, progress=progress or _print_line)
+        if replicas > 1:
+            reports = _convert_replicated(run_dir, job=job, config=config, start=start, stage_dir=stage_dir,
+                                          replicas=replicas, ep_size=ep_size, progress=progress or _print_line)
+        else:
+            reports = _convert_all(run_dir, job=job, config=config, start=start, stage_dir=stage_dir, nproc=nproc,
+                                   with_optimizer=with_optimizer, progress=progress or _print_line)
         dense = _merge(sorted(reports, key=lambda r: r["stage"]), run_id=manifests[0].run_id,
                        with_optimizer=with_optimizer)
         _save_atomically(dense, out)
@@ -306,6 +319,47 @@ def _convert_stage(run_dir: Path, *, job: JobSpec, config: Config, stage: int, s
         "optimizer": dense["optimizer"] if with_optimizer else None}))
     return {"stage": stage, "path": str(path), "until": dense["iteration"], "replayed": dense["iteration"] - start,
             "seconds": time.perf_counter() - began}
+
+
+def _check_replica_windows(run_dir: Path, *, job: JobSpec, start: int, replicas: int, ep_size: int) -> None:
+    """Every replica of every stage persisted the window (each holds its own experts under EP)."""
+    for stage in range(job.num_stages):
+        for replica in range(replicas):
+            path = window_path(run_dir, stage=stage, replica=replica, start_iteration=start)
+            if path.is_dir():
+                continue
+            held = ""
+            if ep_size > 1:
+                held = (f"; it holds {held_experts(job, stage=stage, shard=ExpertShard(ep_size, replica % ep_size))}, "
+                        "so those experts are missing")
+            raise ExportError(f"{path}: missing: replica {replica} of stage {stage} has no window starting at "
+                              f"iteration {start}{held}")
+
+
+def _convert_replicated(run_dir: Path, *, job: JobSpec, config: Config, start: int, stage_dir: Path, replicas: int,
+                        ep_size: int, progress: Callable[[str], None]) -> list[dict]:
+    """Each stage's replicas replay together (one stage at a time), then its experts are gathered."""
+    reports = []
+    for stage in range(job.num_stages):
+        began = time.perf_counter()
+        parts, errors = replay_replicas(run_dir, job=job, config=config, stage=stage, start=start, replicas=replicas,
+                                        ep_size=ep_size, out_dir=stage_dir)
+        if errors:
+            raise ExportError("; ".join(errors))
+        try:
+            model = gather_stage(parts, job=job, stage=stage, ep_size=ep_size)
+        except MoetionError as error:
+            raise ExportError(str(error)) from None
+        until = read_manifest(window_path(run_dir, stage=stage, replica=0, start_iteration=start)).end_iteration
+        path = stage_dir / f"stage-{stage:03d}.tree"
+        path.write_bytes(tensor_tree.encode({
+            "iteration": until, "model": model, "checksums": {name: tensor_checksum(t) for name, t in model.items()},
+            "optimizer": None}))
+        reports.append({"stage": stage, "path": str(path), "until": until, "replayed": until - start,
+                        "seconds": time.perf_counter() - began})
+        progress(f"stage {stage}/{job.num_stages}: {replicas} replicas replayed window {start}..{until} together, "
+                 f"{reports[-1]['seconds']:.1f} s")
+    return reports
 
 
 def _bad_logs(run_dir: Path, *, start: int, num_stages: int) -> str:

@@ -26,10 +26,19 @@ def fill_missing_grads(params: Iterable[torch.nn.Parameter]) -> None:
 
 def squared_norm(params: Iterable[torch.nn.Parameter], *, device: torch.device | str = "cpu") -> torch.Tensor:
     """Sum of squared gradient entries of ``params`` as an fp32 scalar, in parameter order."""
-    norms = [torch.linalg.vector_norm(p.grad, dtype=torch.float32) for p in params if p.grad is not None]
+    return sum_of_squares(param_norms(params), device=device)
+
+
+def param_norms(params: Iterable[torch.nn.Parameter]) -> list[torch.Tensor]:
+    """Each gradient's fp32 2-norm, in parameter order (parameters without a gradient skipped)."""
+    return [torch.linalg.vector_norm(p.grad, dtype=torch.float32) for p in params if p.grad is not None]
+
+
+def sum_of_squares(norms: Sequence[torch.Tensor], *, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The squared norm of a list of per-parameter norms, added in list order."""
     if not norms:
         return torch.zeros((), dtype=torch.float32, device=device)
-    return torch.stack(norms).square().sum()
+    return torch.stack(list(norms)).square().sum()
 
 
 def total_norm(stage_squares: Sequence[torch.Tensor]) -> torch.Tensor:

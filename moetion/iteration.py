@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
-from moetion import failure_notice, gradients, schedule
+from moetion import expert_parallel, failure_notice, gradients, schedule
 from moetion.config import Config
 from moetion.data import DataSource, read_micro_batch
 from moetion.data_iter import IteratorSource
@@ -44,6 +44,7 @@ from moetion.lr_schedule import set_lr_factor
 from moetion.lr_scheduler import step_lr_scheduler
 from moetion.model_state import CommittedState
 from moetion.module import PipelineModule
+from moetion.moe import MoELayer
 from moetion.routing import TokenCounts
 from moetion.precision import StagePrecision
 from moetion.random import StepContext
@@ -126,12 +127,16 @@ class _InFlight:
 
 @dataclass(frozen=True)
 class Placement:
-    """Where the stage sits: its replica index among ``replicas`` and the group that averages them."""
+    """Where the stage sits: its replica index among ``replicas`` and the group that averages them;
+    under expert parallelism also the group its MoE layers exchange tokens with and the group that
+    averages its experts' gradients (None when it holds the only copy of them)."""
 
     replica: int = 0
     replicas: int = 1
     data_group: dist.ProcessGroup | None = None
     device: torch.device = torch.device("cpu")
+    expert_group: dist.ProcessGroup | None = None
+    expert_data_group: dist.ProcessGroup | None = None
 
 
 class StageIteration:
@@ -167,6 +172,11 @@ class StageIteration:
         self.faults = faults
         self.token_counts: dict[str, torch.Tensor] = {}
         self._routing = TokenCounts(precision.compute)  # forwards run on the compute copy: it counts
+        self._moe_layers = [m for m in precision.compute.modules() if isinstance(m, MoELayer)]
+        # Experts held by this rank alone among its expert-parallel group: averaged over expert-DP only.
+        self._sharded = {id(p) for m in module.modules() if isinstance(m, MoELayer) and m.shard.size > 1
+                         for p in m.experts.parameters()}
+        self._master_moe = [m for m in module.modules() if isinstance(m, MoELayer)]  # the compute layers' masters
         self.committed = CommittedState(module)  # buffers and frozen parameters, to undo an abandoned iteration
         self._iteration = -1
         self._data: DataSource | None = None
@@ -176,10 +186,11 @@ class StageIteration:
     def run(self, iteration: int, data: DataSource) -> IterationStats:
         """Runs ``iteration`` to its commit; raises :class:`PeerFailure` if a port loses a peer."""
         start = self._begin(iteration, data)
-        for instruction in self.stage_schedule.instructions(
-            stage=self.module.stage_id, num_stages=self.module.num_stages, micro_batches=self.micro_batches
-        ):
-            _DISPATCH[type(instruction)](self, instruction.micro_batch)
+        with expert_parallel.expert_group(self.placement.expert_group):
+            for instruction in self.stage_schedule.instructions(
+                stage=self.module.stage_id, num_stages=self.module.num_stages, micro_batches=self.micro_batches
+            ):
+                _DISPATCH[type(instruction)](self, instruction.micro_batch)
         return self._end(start)
 
     def run_external(self, iteration: int, data: DataSource,
@@ -211,6 +222,8 @@ class StageIteration:
         self.optimizer.zero_grad(set_to_none=True)
         self.faults("iteration", iteration)
         self.hooks.begin(iteration)
+        for layer in self._moe_layers:
+            layer.begin_iteration()
         return start
 
     def _end(self, start: float) -> IterationStats:
@@ -225,6 +238,8 @@ class StageIteration:
         self.committed.rollback()
         self.optimizer.zero_grad(set_to_none=True)
         self.precision.discard_grads()
+        for layer in self._moe_layers:
+            layer.discard_source_grads()
         self._routing.pop(note=False)
 
     def trainable(self) -> list[nn.Parameter]:
@@ -274,6 +289,8 @@ class StageIteration:
             with self.unit_of_work(m, Pass.BACKWARD):
                 torch.autograd.backward(out, grad_tensors=self._mb.output_grads.pop(m, None))
         self.precision.after_backward()
+        for layer in self._moe_layers:
+            layer.after_backward()
         x = self._mb.inputs.pop(m)
         if not self.module.is_first_stage:
             self._mb.input_grads[m] = x.grad if x.grad is not None else torch.zeros_like(x)
@@ -293,30 +310,45 @@ class StageIteration:
 
     # -- per-iteration instructions -----------------------------------------------------------------
     def _reduce_tied_grads(self, _: int | None) -> None:
+        for layer, master in zip(self._moe_layers, self._master_moe):
+            layer.fold_source_grads(master)
         gradients.fill_missing_grads(self.trainable())
         for key in self.module.tied_stages():
             if key in self.module.tied:
                 self.decisions.reduce_tied(self._iteration, key, list(self.module.tied[key].parameters()))
 
     def _reduce_grads(self, _: int | None) -> None:
-        """Averages gradients across replicas; the loss and the hooks' riders ride along."""
+        """Averages gradients across replicas; the loss and the hooks' riders ride along.
+
+        A sharded expert's gradient is summed only over the replicas holding that expert (its
+        expert-parallel group already summed its sources), and divided by all replicas as well."""
         self.token_counts = self._routing.pop()
         riders = self.hooks.riders(self.token_counts)
         extra = [self._mb.loss_sum.reshape(1)] + ([] if riders is None else [riders.to(self.placement.device)])
         if self.placement.replicas > 1:
-            params = self.trainable()
-            flat = gradients.flatten_grads(params, extra)
+            replicated = [p for p in self.trainable() if id(p) not in self._sharded]
+            rest = self._average(replicated, extra, self.placement.data_group)
+            extra = [rest[:1], rest[1:]]
+            experts = [p for p in self.trainable() if id(p) in self._sharded]
+            if experts:
+                self._average(experts, [], self.placement.expert_data_group)
+        self._mb.loss_sum = extra[0][0]
+        if riders is not None:
+            self.hooks.absorb_riders(extra[1].cpu())
+
+    def _average(self, params: list[nn.Parameter], extra: list[torch.Tensor],
+                 group: dist.ProcessGroup | None) -> torch.Tensor:
+        """Sums ``params``' gradients (then ``extra``) over ``group`` (None: this rank alone), divides
+        them by the replicas; returns the summed extras."""
+        flat = gradients.flatten_grads(params, extra)
+        if group is not None:
             try:
-                dist.all_reduce(flat, group=self.placement.data_group)
+                dist.all_reduce(flat, group=group)
             except RuntimeError as error:
                 raise PeerFailure(failure_notice.explain(
                     f"stage {self.module.stage_id} lost a replica while averaging gradients in "
                     f"iteration {self._iteration}: {str(error).splitlines()[0]}")) from None
-            rest = gradients.unflatten_mean(params, flat, replicas=self.placement.replicas)
-            extra = [rest[:1], rest[1:]]
-        self._mb.loss_sum = extra[0][0]
-        if riders is not None:
-            self.hooks.absorb_riders(extra[1].cpu())
+        return gradients.unflatten_mean(params, flat, replicas=self.placement.replicas)
 
     def _optimizer_step(self, _: int | None) -> None:
         """The commit: global decisions, clip, LR, step, refresh the compute copy."""

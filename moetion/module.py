@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from moetion import env
+from moetion import expert_parallel as ep
 from moetion import random as mrandom
 from moetion.errors import ConfigError, PartitionError
 from moetion.initial_state import check_finite, digest
@@ -137,10 +138,16 @@ class PipelineModule(nn.Module):
             layer counts) or ``"type:<regex>"`` (balance layers whose class name matches).
         stage_id: the stage to build; by default derived from ``RANK`` and ``WORLD_SIZE``.
         seed: root of the per-layer initialisation seeds.
+        ep_size: expert parallelism (DeepSpeed's name): the data-parallel replicas of each stage
+            form groups of ``ep_size`` ranks that split every :class:`~moetion.moe.MoELayer`'s
+            experts in blocks; it must divide the replicas and every layer's expert count.
+        expert_rank: this rank's place in its expert-parallel group; by default derived from
+            ``RANK`` and ``WORLD_SIZE``.
 
     A built stage whose parameters hold NaN or infinity is refused (``ConfigError`` naming them:
     typically weights allocated with ``torch.empty`` and never initialised); ``initial_digest``
-    records a checksum of every tensor of the stage as built.
+    records a checksum of every tensor of the stage as built (before an expert-parallel rank drops
+    the experts it does not hold, so that every replica and the unsharded reference agree).
     """
 
     def __init__(
@@ -152,6 +159,8 @@ class PipelineModule(nn.Module):
         partition_method: str = "parameters",
         stage_id: int | None = None,
         seed: int = 0,
+        ep_size: int = 1,
+        expert_rank: int | None = None,
     ) -> None:
         super().__init__()
         if not layers:
@@ -177,6 +186,17 @@ class PipelineModule(nn.Module):
         check_finite(self, where=f"stage {self.stage_id}")
         # The stage's state as built: a rebuild elsewhere (a replacement, the reference) must equal it.
         self.initial_digest = digest(self)
+        self.ep_size = ep_size
+        # Names of the unsharded stage's parameters: the order the global grad norm adds them in.
+        self.unsharded_names = [name for name, _ in self.named_parameters()]
+        self.expert_shard = ep.ExpertShard()
+        if ep_size != 1:
+            ep.check_model([self._meta_layer(i) for i in range(len(self.specs))], ep_size=ep_size)
+            rank = _expert_rank_from_env(num_stages, ep_size) if expert_rank is None else expert_rank
+            if not 0 <= rank < ep_size:
+                raise ConfigError(f"expert_rank {rank} outside an expert-parallel group of {ep_size}")
+            self.expert_shard = ep.ExpertShard(ep_size, rank)
+            ep.shard_module(self, self.expert_shard)
 
     # -- partition facts every rank can compute -------------------------------------------------
     @property
@@ -233,11 +253,15 @@ class PipelineModule(nn.Module):
         return module, None
 
     def _count_params(self, index: int) -> int:
+        return sum(p.numel() for p in self._meta_layer(index).parameters())
+
+    def _meta_layer(self, index: int) -> nn.Module:
+        """Layer ``index`` built on the meta device (no memory, no init), to look at its structure."""
         spec = self.specs[index]
         if isinstance(spec, nn.Module):
-            return sum(p.numel() for p in spec.parameters())
+            return spec
         with torch.device("meta"):
-            return sum(p.numel() for p in spec.build().parameters())
+            return spec.build()
 
 
 def _run(module: nn.Module, forward_fn: ForwardFn | None, x: torch.Tensor) -> torch.Tensor:
@@ -262,3 +286,12 @@ def _stage_from_env(num_stages: int) -> int:
             "(run under `moetion launch` or `torchrun`)"
         )
     return PipeTopology.from_world(world_size=world, num_stages=num_stages).stage_of(rank)
+
+
+def _expert_rank_from_env(num_stages: int, ep_size: int) -> int:
+    rank, world = env.rank_or_none(), env.world_size_or_none()
+    if rank is None or world is None:
+        raise ConfigError(
+            "PipelineModule(ep_size>1) needs expert_rank=... or the RANK and WORLD_SIZE environment variables"
+        )
+    return PipeTopology.from_world(world_size=world, num_stages=num_stages, expert_parallel=ep_size).expert_rank_of(rank)

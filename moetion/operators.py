@@ -68,7 +68,7 @@ def discover_operators(module: nn.Module) -> list[Operator]:
         for e, child in enumerate(layout.modules):
             names = [n for n in params if n.startswith(f"{prefix}{child}.")]
             operators.append(Operator(f"{prefix}{child}", "expert", tuple(names), sum(params[n].numel() for n in names),
-                                      len(names), layer=name, expert=e))
+                                      len(names), layer=name, expert=layout.first_expert + e))
         if layout.stacked:
             names = tuple(f"{prefix}{n}" for n in layout.stacked if f"{prefix}{n}" in params)
             count = num_stacked_experts(sub, layout)

@@ -110,6 +110,8 @@ def replay_stage(
     lr_scheduler: LRScheduler | None = None,
     initial_digest: Mapping[str, int] | None = None,
     stage_schedule: StageSchedule = StageSchedule(),
+    expert_group: dist.ProcessGroup | None = None,
+    expert_data_group: dist.ProcessGroup | None = None,
 ) -> ReplayReport:
     """Brings ``module`` and ``optimizer`` (freshly built for the window's stage) to ``S_until``.
 
@@ -126,6 +128,8 @@ def replay_stage(
     ``initial_digest`` is the stage's :attr:`~moetion.module.PipelineModule.initial_digest` where it
     first started: a replay from the initial state checks that ``module`` was built to the same bits.
     ``stage_schedule`` is the instruction stream training ran (another for a ``torch.distributed.pipelining`` stage).
+    A stage whose experts are spread over ranks (``ep_size > 1``) replays with its whole expert-parallel
+    group (``expert_group``, and ``expert_data_group`` as in training): the all-to-all runs live.
     """
     precision = precision or StagePrecision(module, config.precision)
     if window is not None:
@@ -148,7 +152,8 @@ def replay_stage(
         ports = adapt(ports)
     body = StageIteration(
         module=module, precision=precision, optimizer=optimizer, config=config,
-        placement=Placement(replica=replica, replicas=replicas, data_group=replica_group),
+        placement=Placement(replica=replica, replicas=replicas, data_group=replica_group,
+                            expert_group=expert_group, expert_data_group=expert_data_group),
         inputs=ports.inputs, outputs=ports.outputs, decisions=ports.decisions, hooks=ports.hooks,
         faults=_replay_fault_point(module.stage_id, replica), lr_scheduler=lr_scheduler,
         stage_schedule=stage_schedule,

@@ -17,7 +17,6 @@ from torch import nn
 
 from moetion.errors import ConfigError
 from moetion.experts import ExpertLayout, layout_of, num_stacked_experts
-from moetion.operators import Operator
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +62,18 @@ class TokenCounts:
         return found
 
 
-def operator_counts(experts: Sequence[Operator], token_counts: Mapping[str, torch.Tensor]) -> list[float]:
-    """Tokens of each expert operator, in order; 0 for the experts of a layer of unknown popularity."""
+def expert_counts(experts: Sequence[tuple[str, int]], token_counts: Mapping[str, torch.Tensor]) -> list[float]:
+    """Tokens of each (layer, expert index), in order; 0 for the experts of a layer of unknown popularity."""
     counts = []
-    for op in experts:
-        layer = token_counts.get(op.layer)
-        counts.append(0.0 if layer is None else float(layer[op.expert]))
+    for name, expert in experts:
+        layer = token_counts.get(name)
+        counts.append(0.0 if layer is None else float(layer[expert]))
     return counts
 
 
 def _expert_count(layer: nn.Module, layout: ExpertLayout) -> int:
+    """Experts the layer routes to: all of them, also those an expert-parallel rank does not hold."""
+    total = getattr(layer, "num_experts", None)
+    if type(total) is int and layout.first_expert + len(layout.modules) <= total:
+        return total
     return len(layout.modules) if layout.modules else num_stacked_experts(layer, layout)

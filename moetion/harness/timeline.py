@@ -33,6 +33,9 @@ class Timeline:
     survivor_lost_iterations: int
     superseded: bool  # a later failure interrupted this generation's recovery
     kinds: dict[int, str]  # how each replacement started: forked, fresh (interpreter) or spare (warm)
+    # Survivors replaying with a lost expert-parallel rank (its experts had no other copy) re-execute
+    # the window's iterations from their own snapshot; their committed state is never lost.
+    survivor_replayed_iterations: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -49,6 +52,9 @@ class Timeline:
         if self.total_s is not None:
             out.append(f"  {'kill -> all ranks resumed':<34} {self.total_s * 1000:8.0f} ms")
         out.append(f"  iterations lost by survivors: {self.survivor_lost_iterations}")
+        if self.survivor_replayed_iterations:
+            out.append(f"  stage-iterations survivors replayed with it (expert parallelism): "
+                       f"{self.survivor_replayed_iterations}")
         return out
 
 
@@ -86,6 +92,7 @@ def timeline(recovery: RecoveryRecord) -> Timeline:
         survivor_lost_iterations=sum(max(0, e.iteration - resume) for e in survivors.values()),
         superseded=False,
         kinds=recovery.kinds,
+        survivor_replayed_iterations=sum(e.replayed for e in survivors.values()),
     )
 
 

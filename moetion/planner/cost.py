@@ -26,6 +26,9 @@ from moetion.window import find_window_size, slot_cost, snapshot_order, split_in
 FULL_BYTES_PER_PARAM = 4 + 8
 GB = 1e9
 APPROACHES = ("moevement", "checkfreq", "gemini", "moc")
+# With expert parallelism, "moevement" is option (a) (a lost rank's stage replays together, the
+# all-to-all live); this row is option (b): log what crosses the all-to-all, replay the rank alone.
+EP_LOG_APPROACH = "moevement-a2a-log"
 
 
 def _positive(name: str, value: float) -> None:
@@ -59,6 +62,8 @@ class ModelSpec:
     micro_batches: int = 8
     micro_batch_tokens: int = 4096
     hidden_size: int = 2048
+    top_k: int = 2
+    capacity_factor: float = 1.25
 
     def __post_init__(self) -> None:
         for name in ("total_params", "expert_params"):
@@ -72,6 +77,9 @@ class ModelSpec:
             raise ConfigError(f"dense_layers_per_stage must be an integer >= 0, got {self.dense_layers_per_stage!r}")
         if self.params_per_stage is not None:
             _positive("params_per_stage", self.params_per_stage)
+        if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.experts_per_layer:
+            raise ConfigError(f"top_k must be an integer in [1, experts_per_layer], got {self.top_k!r}")
+        _positive("capacity_factor", self.capacity_factor)
         if self.precision not in ("bf16", "fp32"):
             raise ConfigError(f"precision must be 'bf16' or 'fp32', got {self.precision!r}")
         if self.experts_per_layer % self.expert_parallel:
@@ -248,6 +256,20 @@ def upstream_log_bytes_per_iteration(model: ModelSpec) -> float:
     return float(model.micro_batches * boundaries * per_tensor * 2)
 
 
+def all_to_all_bytes_per_iteration(model: ModelSpec) -> float:
+    """What leaves one rank through its MoE layers' all-to-alls in one iteration.
+
+    Per MoE layer and micro-batch the capacity-padded dispatch buffer holds ``capacity_factor x
+    tokens x top_k`` rows of ``hidden_size``; the share ``(E-1)/E`` goes to the other ranks of the
+    expert-parallel group, and the buffer crosses four times: dispatch and combine forward, their
+    gradients backward. Zero without expert parallelism.
+    """
+    e = model.expert_parallel
+    rows = model.capacity_factor * model.micro_batch_tokens * model.top_k
+    per_exchange = rows * model.hidden_size * model.compute_bytes_per_param * (e - 1) / e
+    return float(model.moe_layers_per_stage * model.micro_batches * 4 * per_exchange)
+
+
 def plan_approaches(model: ModelSpec, hardware: HardwareSpec, *, mtbf_s: float,
                     moc_expert_fraction: float = 0.25) -> dict[str, ApproachCost]:
     """Costs of every approach for this model, cluster and MTBF."""
@@ -259,12 +281,15 @@ def plan_approaches(model: ModelSpec, hardware: HardwareSpec, *, mtbf_s: float,
         raise ConfigError(f"moc_expert_fraction must be in (0, 1], got {moc_expert_fraction}")
     t = hardware.iteration_s
     dense_bytes = model.rank_params * FULL_BYTES_PER_PARAM
-    return {
+    costs = {
         "moevement": _moevement(model, hardware),
         "checkfreq": _checkfreq(hardware, dense_bytes, mtbf_s),
         "gemini": _gemini(hardware, dense_bytes, mtbf_s),
         "moc": _moc(model, hardware, dense_bytes, mtbf_s, moc_expert_fraction, t),
     }
+    if model.expert_parallel > 1:
+        costs[EP_LOG_APPROACH] = _moevement_a2a_log(model, hardware, costs["moevement"])
+    return costs
 
 
 def _moevement(model: ModelSpec, hardware: HardwareSpec) -> ApproachCost:
@@ -279,7 +304,34 @@ def _moevement(model: ModelSpec, hardware: HardwareSpec) -> ApproachCost:
         snapshot_bytes_per_iteration=plan.mean_slot_bytes, log_bytes_per_iteration=log,
         host_memory_bytes=plan.window * log + 2 * plan.window * plan.mean_slot_bytes,
         fixed_recovery_s=hardware.respawn_s, replay_base_iterations=plan.window,
-        notes=("localized recovery: respawn + replay W..2W iterations (E = 1.5 W)",),
+        notes=("localized recovery: respawn + replay W..2W iterations (E = 1.5 W)",) + (
+            ("expert parallelism, option (a): the lost rank's stage replays together, the all-to-all live",)
+            if model.expert_parallel > 1 else ()),
+    )
+
+
+def _moevement_a2a_log(model: ModelSpec, hardware: HardwareSpec, group_replay: ApproachCost) -> ApproachCost:
+    """Option (b) of expert-parallel recovery against option (a), ``group_replay``.
+
+    Every iteration also logs what the rank sends through the all-to-all (more device->host bytes
+    and host memory, a stall when they no longer fit an iteration); in exchange the lost rank
+    replays alone, reading those chunks from host memory instead of exchanging them over the
+    network, and no survivor re-executes anything.
+    """
+    plan = sparse_window(model, hardware)
+    exchanged = all_to_all_bytes_per_iteration(model)
+    log = group_replay.log_bytes_per_iteration + exchanged
+    excess = (plan.max_slot_bytes + log) / (hardware.device_to_host_gbps * GB) - hardware.iteration_s
+    t = hardware.iteration_s
+    network_s, reread_s = exchanged / (hardware.network_gbps * GB), exchanged / (hardware.device_to_host_gbps * GB)
+    return ApproachCost(
+        approach=EP_LOG_APPROACH, interval=plan.window, interval_kind="W", iteration_s=t,
+        checkpoint_stall_s=max(0.0, excess) * plan.window,
+        snapshot_bytes_per_iteration=plan.mean_slot_bytes, log_bytes_per_iteration=log,
+        host_memory_bytes=plan.window * log + 2 * plan.window * plan.mean_slot_bytes,
+        fixed_recovery_s=hardware.respawn_s, replay_base_iterations=plan.window,
+        replay_speedup=group_replay.replay_speedup * t / max(t - network_s + reread_s, 1e-9 * t),
+        notes=("expert parallelism, option (b): the all-to-all is logged, the lost rank replays alone",),
     )
 
 

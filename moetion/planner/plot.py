@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from moetion.errors import ConfigError
-from moetion.planner.cost import APPROACHES, HardwareSpec, ModelSpec, plan_approaches
+from moetion.planner.cost import HardwareSpec, ModelSpec, plan_approaches
 from moetion.planner.ettr import analytic_ettr
 
 DEFAULT_MTBFS_S = (300, 600, 1200, 1800, 3600, 7200, 14400, 43200, 86400)
@@ -13,11 +13,10 @@ DEFAULT_MTBFS_S = (300, 600, 1200, 1800, 3600, 7200, 14400, 43200, 86400)
 def ettr_curves(model: ModelSpec, hardware: HardwareSpec, *,
                 mtbfs_s: tuple[float, ...] = DEFAULT_MTBFS_S) -> dict[str, list[float]]:
     """Analytic ETTR per approach at each MTBF (the interval is re-optimised for each MTBF)."""
-    curves: dict[str, list[float]] = {name: [] for name in APPROACHES}
+    curves: dict[str, list[float]] = {}
     for mtbf in mtbfs_s:
-        costs = plan_approaches(model, hardware, mtbf_s=mtbf)
-        for name in APPROACHES:
-            curves[name].append(analytic_ettr(costs[name], mtbf_s=mtbf))
+        for name, cost in plan_approaches(model, hardware, mtbf_s=mtbf).items():
+            curves.setdefault(name, []).append(analytic_ettr(cost, mtbf_s=mtbf))
     return curves
 
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from moetion.planner.calibration import Calibration, calibrate_costs, calibrate_hardware
-from moetion.planner.cost import APPROACHES, HardwareSpec, ModelSpec, plan_approaches
+from moetion.planner.cost import EP_LOG_APPROACH, HardwareSpec, ModelSpec, plan_approaches
 from moetion.planner.ettr import analytic_ettr, simulate_ettr
 from moetion.progress import track
 
 _LABELS = {"moevement": "MoEvement (sparse)", "checkfreq": "CheckFreq (disk)", "gemini": "Gemini (peer mem)",
-           "moc": "MoC (partial experts)"}
+           "moc": "MoC (partial experts)", EP_LOG_APPROACH: "MoEvement, a2a log (b)"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,7 +46,7 @@ def build_rows(model: ModelSpec, hardware: HardwareSpec, *, mtbf_s: float, runs:
     if calibration is not None:
         costs = calibrate_costs(costs, calibration)
     rows = []
-    for offset, name in enumerate(track(APPROACHES, desc="plan: simulating", quiet=quiet or runs == 0)):
+    for offset, name in enumerate(track(list(costs), desc="plan: simulating", quiet=quiet or runs == 0)):
         cost = costs[name]
         sim = (simulate_ettr(cost, mtbf_s=mtbf_s, runs=runs, seed=seed + offset, horizon_failures=horizon_failures)
                if runs > 0 else None)

@@ -10,7 +10,9 @@ starts in that generation. Then, in the new group, every rank:
 2. survivors send what the plan asks of them (logs, a window replica, a replica's state);
    a restoring rank loads its window, receives the logs and replays up to the resume iteration
    through the same iteration body as training;
-3. waits until every restoring rank is ready, then trains on. Survivors never re-execute anything.
+3. waits until every restoring rank is ready, then trains on. Survivors never re-execute anything,
+   except the replicas of a stage whose lost experts have no live copy (expert parallelism): they
+   reload their own window and replay with the replacement, the all-to-all live among them.
 
 Adjacent stages lost together replay as a chain: each member's replay sends what it computes live
 to the members beside it (the links of the chain) and reads the surviving neighbours' logs at the
@@ -127,7 +129,7 @@ class Recovery:
         mine = plan.restore_of(rank)
         if mine is None:
             events.bytes_sent = self._serve(plan)
-        else:
+        else:  # a replacement, or a survivor replaying with its stage's expert-parallel replicas
             self._restore(plan, mine, data, events)
             self.needs_restore = False
             self.control.mark_ready(self.generation, rank)
@@ -160,7 +162,8 @@ class Recovery:
         start, window = stage.window_schedule()
         return RankStatus(stage.iteration, False, held_start=_start_of(self._held),
                           window_start=None if start < 0 else start, window=window,
-                          log_kept_from=stage.logs_kept_from(), finished=self._finished)
+                          log_kept_from=stage.logs_kept_from(), finished=self._finished,
+                          own_start=stage.own_window_start())
 
     # -- survivors -----------------------------------------------------------------------------------
     def _serve(self, plan: RecoveryPlan) -> int:
@@ -177,10 +180,10 @@ class Recovery:
                 transfer.send_bytes(logs, restore.rank, what="upstream logs",
                                     after_size=lambda: self._fault_point("handover"))
                 sent += len(logs)
-            if rank == plan.history_donor:
+            if rank == plan.history_donor and not restore.survivor:
                 transfer.send_losses(self.stage.loss_history(), restore.rank)
         # The replica a replacement held for us died with its predecessor: send our window again.
-        self.stage.reoffer_window(plan.restoring_ranks)
+        self.stage.reoffer_window(plan.replaced_ranks)
         return sent
 
     def _fault_point(self, phase: str) -> None:
@@ -203,17 +206,20 @@ class Recovery:
             stores, events.bytes_received = self._receive_logs(restore)
             events.logs_received_at = time.time()
             try:
-                self._receive_losses(plan)
+                if not restore.survivor:  # a survivor keeps its own loss history
+                    self._receive_losses(plan)
                 reader = LogReader(stores, stage=self.stage.seat().stage, device=self.stage.seat().device)
                 inputs, outputs = self._chain_ports(restore, reader)
-                report = self.stage.replay(image, reader, data, resume=plan.resume, inputs=inputs, outputs=outputs)
+                report = self.stage.replay(image, reader, data, resume=plan.resume, inputs=inputs, outputs=outputs,
+                                           together=bool(restore.together), survivor=restore.survivor)
             finally:
                 for store in stores.values():
                     store.close()
             if report is not None:
                 events.replayed, events.replay_s = report.iterations_replayed, report.seconds
-        self.stage.adopt_schedule(start=plan.window_start, window=plan.window, resume=plan.resume,
-                                  restored_start=restore.start)
+        if not restore.survivor:  # a survivor's own windows go on as before
+            self.stage.adopt_schedule(start=plan.window_start, window=plan.window, resume=plan.resume,
+                                      restored_start=restore.start)
         log.warning("restored stage %d from %s (window %d) to iteration %d", self.stage.seat().stage,
                     restore.source.value, restore.start, plan.resume)
 
@@ -235,6 +241,11 @@ class Recovery:
 
     def _load_window(self, restore: Restore) -> WindowImage | None:
         seat = self.stage.seat()
+        if restore.survivor:
+            image = self.stage.shm_window()
+            if image is None or image.manifest.start_iteration != restore.start:
+                raise PeerFailure(f"rank {seat.rank} no longer holds its window {restore.start} in shared memory")
+            return image
         if restore.source is RestoreSource.SHM:
             return self._shm_image  # the window this rank announced, already verified
         if restore.source is RestoreSource.PEER:

@@ -3,7 +3,7 @@
 Every rank of the rebuilt job contributes one :class:`RankStatus` to an all-gather and computes
 the same :class:`RecoveryPlan` from the gathered table, so no rank decides for the others and no
 extra round is needed. The tiers, fastest first (DESIGN.md §4): a live data-parallel replica of the
-lost stage (copy its state), the replacement's own shared memory, the peer that holds its window
+lost stage holding the same experts (copy its state), the replacement's own shared memory, the peer that holds its window
 replica, disk; before any window completed, the initial state. A window tier is usable only when
 every neighbour still logs what replay needs from it.
 
@@ -42,6 +42,7 @@ class RankStatus:
     log_kept_from: int | None = None  # survivor: every iteration from here on is in its upstream log
     disk_start: int | None = None  # restoring rank: its newest persisted window
     finished: bool = False  # survivor: it has finished training and waits in close()
+    own_start: int | None = None  # survivor: its own newest complete window (expert-parallel group replay)
 
     def to_tensor(self) -> torch.Tensor:
         return torch.tensor([_NONE if v is None else int(v) for v in astuple(self)], dtype=torch.int64)
@@ -69,6 +70,11 @@ class Restore:
     # logged, it computes and sends live during the replay.
     chain_prev: int | None = None
     chain_next: int | None = None
+    # A stage whose lost experts have no live copy replays with all its replicas at once, the
+    # all-to-all and the gradient average live among them: the ranks, and whether this one survived
+    # (it replays from its own window, keeps its logs and loss history, and serves nothing).
+    together: tuple[int, ...] = ()
+    survivor: bool = False
 
     @property
     def replay_from(self) -> int:
@@ -90,7 +96,13 @@ class RecoveryPlan:
 
     @property
     def restoring_ranks(self) -> list[int]:
+        """Every rank that restores or replays (the others wait until these are ready)."""
         return [r.rank for r in self.restores]
+
+    @property
+    def replaced_ranks(self) -> list[int]:
+        """The restoring ranks that lost their state (replacements), not survivors replaying with them."""
+        return [r.rank for r in self.restores if not r.survivor]
 
 
 def plan_recovery(statuses: list[RankStatus], *, topology: PipeTopology,
@@ -112,11 +124,68 @@ def plan_recovery(statuses: list[RankStatus], *, topology: PipeTopology,
     resume = iterations.pop()
     window_start, window = schedules.pop()
     restores: list[Restore] = []
+    grouped = _stages_replaying_together(restoring, survivors, topology)
     for chain in _chains(restoring, topology):
+        if any(topology.stage_of(rank) in grouped for rank in chain):
+            if len(chain) > 1:
+                raise RecoveryImpossible(
+                    f"ranks {chain} of adjacent stages were lost together and one of them must replay with its "
+                    "expert-parallel group: not supported; restart the job from its persisted windows "
+                    f"(`moetion launch --resume`){_newest(statuses, chain)}")
+            continue
         restores += _restore_chain(chain, statuses, survivors, resume, topology, tied_stages)
+    for stage in sorted(grouped):
+        restores += _restore_group(stage, statuses, survivors, resume, topology, tied_stages)
     finished = all(statuses[r].finished for r in survivors)
+    serving = [r for r in survivors if not any(x.rank == r for x in restores)]
+    if not serving:
+        raise RecoveryImpossible("every surviving rank must replay with a lost expert-parallel rank: nothing is "
+                                 "left to serve the logs; restart the job from its persisted windows")
     return RecoveryPlan(resume, -1 if window_start is None else window_start, window,
-                        tuple(sorted(restores, key=lambda r: r.rank)), finished, history_donor=min(survivors))
+                        tuple(sorted(restores, key=lambda r: r.rank)), finished, history_donor=min(serving))
+
+
+def _stages_replaying_together(restoring: list[int], survivors: list[int], topology: PipeTopology) -> set[int]:
+    """Stages with a lost rank whose experts no survivor holds: all their replicas replay together."""
+    if topology.expert_parallel == 1:
+        return set()
+    return {topology.stage_of(rank) for rank in restoring if _copy_of_live_replica(rank, topology, survivors) is None}
+
+
+def _restore_group(stage: int, statuses: list[RankStatus], survivors: list[int], resume: int,
+                   topology: PipeTopology, tied_stages: dict[str, list[int]]) -> list[Restore]:
+    """Option (a) of expert-parallel recovery: every replica of ``stage`` replays from a window start
+    all of them hold (survivors: their own newest window in shared memory), each reading its own
+    pipeline neighbours' logs, with the all-to-all and the gradient average live among them."""
+    members = topology.replica_ranks(stage)
+    lost = [r for r in members if r not in survivors]
+    what = f"stage {stage} (ranks {members}, expert-parallel groups of {topology.expert_parallel})"
+    talks = {r: _talks_to(r, topology, tied_stages) for r in members}
+    gone = sorted({n for ns in talks.values() for n in ns if n not in survivors})
+    if gone:
+        raise RecoveryImpossible(f"{what} must replay together, but rank(s) {gone}, whose logs it reads, were lost "
+                                 f"too; restart the job from its persisted windows{_newest(statuses, lost)}")
+    if any(statuses[r].finished for r in members if r in survivors):
+        raise RecoveryImpossible(f"{what}: a rank was lost after training finished and its replicas would have to "
+                                 "replay without a data source; restart the job from its persisted windows")
+    helpers = [r for r in survivors if r not in members]
+    tiers = {r: _tiers(r, statuses, helpers, topology) for r in lost}
+    for r in members:
+        if r in survivors:
+            own = statuses[r].own_start
+            tiers[r] = {} if own is None else {own: (RestoreSource.SHM, None)}
+    common = sorted(set.intersection(*(set(t) for t in tiers.values())), reverse=True)
+    for start in common:
+        needed = range(start + 1, resume)
+        if needed and any(statuses[n].log_kept_from is None or statuses[n].log_kept_from > needed.start
+                          for ns in talks.values() for n in ns):
+            continue
+        return [Restore(r, tiers[r][start][0], start, tiers[r][start][1], tuple(talks[r]), together=tuple(members),
+                        survivor=r in survivors) for r in members]
+    held = "; ".join(f"rank {r}: " + (", ".join(f"window {s}" if s >= 0 else "the initial state" for s in sorted(t))
+                                      or "none") for r, t in tiers.items())
+    raise RecoveryImpossible(f"{what} must replay together from a window every replica holds (with its "
+                             f"neighbours' logs since): {held}{_newest(statuses, lost)}")
 
 
 def _chains(restoring: list[int], topology: PipeTopology) -> list[list[int]]:
@@ -179,7 +248,10 @@ def _restore_chain(chain: list[int], statuses: list[RankStatus], survivors: list
 
 
 def _copy_of_live_replica(rank: int, topology: PipeTopology, survivors: list[int]) -> Restore | None:
-    live = [r for r in topology.replica_ranks(topology.stage_of(rank)) if r in survivors]
+    """A surviving replica of the rank's stage that holds the same experts (any replica without
+    expert parallelism), whose state is the lost rank's."""
+    same = topology.expert_data_ranks(topology.stage_of(rank), topology.expert_rank_of(rank))
+    live = [r for r in same if r in survivors]
     return Restore(rank, RestoreSource.REPLICA, -1, live[0], ()) if live else None
 
 

@@ -85,6 +85,9 @@ class RecoverableStage(Protocol):
     def shm_window(self) -> WindowImage | None:
         """This stage's newest intact window in node-local shared memory."""
 
+    def own_window_start(self) -> int | None:
+        """A survivor's newest complete window (the start a replay with its stage's replicas can use)."""
+
     def persist_root(self) -> Path | None: ...
 
     def logs_kept_from(self) -> int | None:
@@ -108,9 +111,12 @@ class RecoverableStage(Protocol):
         """Takes over a live replica's exact state; training continues at ``resume``."""
 
     def replay(self, window: WindowImage | None, logs: LogReader, data: DataSource, *, resume: int,
-               inputs: InputPort | None = None, outputs: OutputPort | None = None) -> ReplayReport | None:
+               inputs: InputPort | None = None, outputs: OutputPort | None = None, together: bool = False,
+               survivor: bool = False) -> ReplayReport | None:
         """Replays from ``window`` (None: the initial state) to just before ``resume``, recording what
-        it sends and decides into its own log; training continues at ``resume``."""
+        it sends and decides into its own log; training continues at ``resume``. ``together``: with
+        every replica of the stage (the data-parallel and expert-parallel groups live); ``survivor``:
+        this rank's log already holds what it replays, so nothing is recorded."""
 
     def adopt_schedule(self, *, start: int, window: int, resume: int, restored_start: int) -> None: ...
 

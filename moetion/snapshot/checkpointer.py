@@ -40,7 +40,7 @@ from moetion.faults import fault_point, register_memory
 from moetion.model_state import state_tensors
 from moetion.operators import OPERATOR_KINDS, Operator, discover_operators, kind_counts
 from moetion.profiling import CAPTURE, FENCE, LEDGER, PROPOSE, STORED
-from moetion.routing import operator_counts
+from moetion.routing import expert_counts
 from moetion.snapshot.capture import CaptureWorker, CopyJob
 from moetion.snapshot.delta import DeltaCodec
 from moetion.snapshot.image import Capture, Entry, SnapshotError, WindowImage, WindowManifest, checksum
@@ -71,6 +71,7 @@ class StageIdentity:
     data_parallel: int
     threads: int
     precision: str
+    expert_parallel: int = 1
 
 
 class SparseCheckpointer:
@@ -93,6 +94,9 @@ class SparseCheckpointer:
         self._master_params = list(master.parameters())
         self._experts = [op.name for op in self.operators.values() if op.kind == "expert"]
         self.kinds = kind_counts(list(self.operators.values()))
+        # The experts whose token counts ride on the data-parallel all-reduce: every expert of the
+        # stage, also those other expert-parallel ranks hold, so that every replica sends one layout.
+        self._counted = _counted_experts(master, list(self.operators.values()))
         self.full_bytes = {n: op.full_bytes() for n, op in self.operators.items()}
         self.compute_bytes = {n: op.compute_bytes(precision=identity.precision) for n, op in self.operators.items()}
         self.shm = SharedMemoryTier(config.shm_dir, run_id=identity.run_id, job_nonce=identity.job_nonce,
@@ -117,7 +121,7 @@ class SparseCheckpointer:
         self._budget_fraction = config.budget_fraction or (1.0 if self.device.type == "cuda" else CPU_BUDGET_FRACTION)
         self._proposal = 1.0
         self._agreed: int | None = None
-        self._counts_pending: list[float] = []
+        self._counts_pending: dict[str, float] = {}
         self._restored_start: int | None = None  # a replacement's restored window, until it completes its own
         self.job_restorable_start = -1  # logs from here on may be needed by some stage's restore
         self._iteration = 0
@@ -146,7 +150,7 @@ class SparseCheckpointer:
 
     def dp_payload(self, token_counts: dict[str, torch.Tensor]) -> torch.Tensor:
         """[W proposal, tokens per expert operator] to be summed across replicas."""
-        counts = operator_counts([self.operators[name] for name in self._experts], token_counts)
+        counts = expert_counts([(layer, expert) for _, layer, expert in self._counted], token_counts)
         # Algorithm 1 is quadratic in operators: run it only where its answer is used.
         with LEDGER.blocking(PROPOSE):
             proposal = self._propose() if self._is_decision_point(self._iteration) else self._proposal
@@ -155,7 +159,7 @@ class SparseCheckpointer:
     def absorb_dp(self, summed: torch.Tensor) -> None:
         replicas = self.identity.data_parallel
         self._proposal = math.ceil(float(summed[0]) / replicas)
-        self._counts_pending = summed[1:].tolist()  # counted only once the step commits
+        self._counts_pending = dict(zip((name for name, _, _ in self._counted), summed[1:].tolist()))  # counted once the step commits
 
     def stage_payload(self) -> torch.Tensor:
         return torch.tensor([float(self._proposal), float(self.restorable_start())], dtype=torch.float32)
@@ -190,9 +194,9 @@ class SparseCheckpointer:
 
     def _after_step(self, iteration: int) -> None:
         self._observe_iteration_time()
-        for name, count in zip(self._experts, self._counts_pending):
-            self._popularity_now[name] += count
-        self._counts_pending = []
+        for name in self._experts:
+            self._popularity_now[name] += self._counts_pending.get(name, 0.0)
+        self._counts_pending = {}
         if self.state is WindowState.CAPTURING:
             self._capture(iteration)
         if self._is_decision_point(iteration):
@@ -219,7 +223,7 @@ class SparseCheckpointer:
 
     def abandon_iteration(self) -> None:
         """The in-flight iteration will be re-run: forget what it proposed and counted."""
-        self._counts_pending = []
+        self._counts_pending = {}
 
     def replace_replicator(self, replicator: PeerReplicator | None) -> None:
         """After the job's groups were rebuilt: the old replicator's threads die with the old group;
@@ -348,7 +352,8 @@ class SparseCheckpointer:
                 start_iteration=start,
                 slots=plan.slots, precision=identity.precision, threads=identity.threads,
                 captures=captures, blob_bytes=layout.blob_bytes,
-                extra={"data_parallel": identity.data_parallel, OPERATOR_KINDS: self.kinds, **window.extra},
+                extra={"data_parallel": identity.data_parallel, OPERATOR_KINDS: self.kinds, **window.extra,
+                       **({"expert_parallel": identity.expert_parallel} if identity.expert_parallel > 1 else {})},
             )
             self.shm.publish(manifest)
             LEDGER.add_bytes(STORED, manifest.blob_bytes)
@@ -428,3 +433,24 @@ def _probe_bandwidth(module: nn.Module) -> float:
         scratch[offset : offset + n].copy_(p.reshape(-1).view(torch.uint8))
         offset += n
     return total / max(time.perf_counter() - start, 1e-9)
+
+
+def _counted_experts(master: nn.Module, operators: list[Operator]) -> list[tuple[str, str, int]]:
+    """(name, layer, expert index) of the expert operators in stage order, with a sharded MoE layer's
+    block widened to all its experts (global names), so that the list is the same on every replica."""
+    from moetion.moe import MoELayer
+
+    counted: list[tuple[str, str, int]] = []
+    widened: set[str] = set()
+    for op in operators:
+        if op.kind != "expert":
+            continue
+        layer = master.get_submodule(op.layer) if op.layer else master
+        if isinstance(layer, MoELayer) and layer.shard.size > 1:
+            if op.layer not in widened:
+                widened.add(op.layer)
+                prefix = f"{op.layer}." if op.layer else ""
+                counted += [(f"{prefix}experts.{e}", op.layer, e) for e in range(layer.num_experts)]
+        else:
+            counted.append((op.name, op.layer, op.expert))
+    return counted

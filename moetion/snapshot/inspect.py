@@ -17,7 +17,7 @@ from moetion.snapshot.persist import LOGS, MANIFEST, iter_window_dirs, load_wind
 
 _COLUMNS = (("stage", "stage"), ("replica", "replica"), ("iterations", "iterations"), ("W", "window"),
             ("ops/slot", "operators_per_slot"), ("ops", "operators"), ("experts", "expert_operators"),
-            ("dense", "dense_operators"), ("bytes", "bytes"), ("run", "run_id"),
+            ("dense", "dense_operators"), ("held", "experts"), ("bytes", "bytes"), ("run", "run_id"),
             ("integrity", "integrity"))
 
 
@@ -36,7 +36,7 @@ def inspect_dir(root: Path, *, verify: bool = True, quiet: bool = True) -> list[
         row: dict[str, Any] = {
             "stage": stage, "replica": replica, "start_iteration": t0, "end_iteration": None, "iterations": f"{t0}..?",
             "window": None, "operators_per_slot": None, "operators": None, "expert_operators": None,
-            "dense_operators": None, "run_id": None,
+            "dense_operators": None, "experts": None, "run_id": None,
             "bytes": sum(f.stat().st_size for f in path.iterdir() if f.is_file()), "path": str(path),
         }
         with contextlib.suppress(OSError, SnapshotError):  # describe the window even if its blob is bad
@@ -44,7 +44,8 @@ def inspect_dir(root: Path, *, verify: bool = True, quiet: bool = True) -> list[
             counts = [len(slot) for slot in manifest.slots]
             row.update(end_iteration=manifest.end_iteration, iterations=f"{t0}..{manifest.end_iteration}",
                        window=manifest.window, operators_per_slot="/".join(map(str, counts)),
-                       operators=sum(counts), run_id=manifest.run_id, **_kinds(manifest))
+                       operators=sum(counts), experts=expert_placement(manifest), run_id=manifest.run_id,
+                       **_kinds(manifest))
         try:
             if verify:
                 load_window(path, verify=True)  # reads the blob and checks every checksum
@@ -65,6 +66,18 @@ def _kinds(manifest: WindowManifest) -> dict[str, int]:
     if not (isinstance(kinds, dict) and all(type(kinds.get(k)) is int for k in KINDS)):
         return {}
     return {"expert_operators": kinds["expert"], "dense_operators": kinds["router"] + kinds["dense"]}
+
+
+def expert_placement(manifest: WindowManifest) -> str:
+    """The expert indices the window holds (every MoE layer of a stage holds the same ones), and,
+    under expert parallelism, the replica's expert rank: ``"2,3 (ep rank 1/2)"``; ``"-"`` for none."""
+    held = sorted({int(name.rpartition(".experts.")[2].split(".")[0])
+                   for slot in manifest.slots for name in slot if ".experts." in name})
+    if not held:
+        return "-"
+    ep_size = int(manifest.extra.get("expert_parallel", 1))
+    indices = ",".join(map(str, held))
+    return f"{indices} (ep rank {manifest.replica % ep_size}/{ep_size})" if ep_size > 1 else indices
 
 
 def verify_logs(window_dir: Path) -> int:

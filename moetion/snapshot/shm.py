@@ -125,6 +125,11 @@ class SharedMemoryTier:
             image.verify(source=str(path))
         return image
 
+    def complete_start(self) -> int | None:
+        """First iteration of the newest complete window (None: none yet), without mapping it."""
+        manifest = self._pointed_manifest()
+        return None if manifest is None else manifest.start_iteration
+
     def _pointed_manifest(self) -> WindowManifest | None:
         pointer = self.directory / POINTER
         try:

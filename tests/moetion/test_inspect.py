@@ -71,7 +71,7 @@ def test_inspect_reports_damage_without_hiding_other_windows(tmp_path):
     assert not unverified[0]["ok"]  # sizes are checked even without verification
     text = format_inspection(rows)
     lines = text.splitlines()
-    assert lines[0].split() == ["stage", "replica", "iterations", "W", "ops/slot", "ops", "experts", "dense", "bytes", "run",
+    assert lines[0].split() == ["stage", "replica", "iterations", "W", "ops/slot", "ops", "experts", "dense", "held", "bytes", "run",
                                 "integrity"]
     assert len(lines) == 5 and "2/1/2" in lines[1] and "?" in lines[4]
     with pytest.raises(SnapshotError, match="is not a directory"):

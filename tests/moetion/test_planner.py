@@ -141,3 +141,24 @@ def test_cli_prints_the_table_for_a_preset():
     bad = subprocess.run([sys.executable, "-m", "moetion.cli", "plan", "--preset", "deepseek-moe-16b", "--mtbf", "0.1s"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "shorter than one iteration" in bad.stderr
+
+
+def test_expert_parallelism_adds_the_all_to_all_log_option_with_its_bytes_and_replay_time():
+    from moetion.planner.cost import EP_LOG_APPROACH, all_to_all_bytes_per_iteration
+    from moetion.planner.report import build_rows, format_table
+
+    model = _small_model(pipeline_stages=2, total_params=10000, expert_parallel=2)
+    # 1 layer x 2 micro-batches x 4 crossings x (1.25 x 8 tokens x top-2 rows x 4 hidden x 2 B) x 1/2 leaving
+    assert all_to_all_bytes_per_iteration(model) == 1 * 2 * 4 * (1.25 * 8 * 2 * 4 * 2) / 2
+    assert all_to_all_bytes_per_iteration(_small_model()) == 0.0
+    costs = plan_approaches(model, _hardware(), mtbf_s=3600)
+    group, logged = costs["moevement"], costs[EP_LOG_APPROACH]
+    assert logged.log_bytes_per_iteration == group.log_bytes_per_iteration + all_to_all_bytes_per_iteration(model)
+    assert logged.host_memory_bytes > group.host_memory_bytes
+    # network 1 GB/s, device->host 1 GB/s: re-reading the log costs what the exchange did
+    assert logged.replay_speedup == pytest.approx(group.replay_speedup)
+    faster_host = plan_approaches(model, _hardware(d2h_bytes_per_s=1e10), mtbf_s=3600)[EP_LOG_APPROACH]
+    assert faster_host.replay_speedup > group.replay_speedup
+    assert EP_LOG_APPROACH not in plan_approaches(_small_model(), _hardware(), mtbf_s=3600)
+    table = format_table(build_rows(model, _hardware(), mtbf_s=3600, runs=0))
+    assert "MoEvement, a2a log (b)" in table and "MoEvement (sparse)" in table

@@ -1,4 +1,6 @@
 """The recovery plan: which tier restores a lost rank, and the clear errors when none can."""
+import dataclasses
+
 import pytest
 
 from moetion.recovery.plan import RankStatus, RecoveryImpossible, plan_recovery
@@ -59,6 +61,26 @@ def test_a_live_data_parallel_replica_is_copied_instead_of_replaying():
     statuses = [survivor(), survivor(), survivor(), lost(shm=12)]
     (restore,) = plan_recovery(statuses, topology=topology, tied_stages={}).restores
     assert (restore.source, restore.donor, restore.log_sources) == ("replica", 2, ())
+
+
+def test_under_expert_parallelism_only_a_replica_holding_the_same_experts_is_copied():
+    topology = PipeTopology(num_stages=1, data_parallel=4, expert_parallel=2)  # experts: ranks 0, 2 | 1, 3
+    statuses = [survivor(), lost(shm=12), survivor(), survivor()]
+    (restore,) = plan_recovery(statuses, topology=topology, tied_stages={}).restores
+    assert (restore.source, restore.donor) == ("replica", 3)
+
+
+def test_an_expert_parallel_rank_without_a_live_copy_replays_with_every_replica_of_its_stage():
+    topology = PipeTopology(num_stages=2, data_parallel=2, expert_parallel=2)  # rank = stage * 2 + replica
+    peer = dataclasses.replace(survivor(), own_start=12)
+    plan = plan_recovery([peer, lost(shm=12), survivor(), survivor()], topology=topology, tied_stages={})
+    assert plan.restoring_ranks == [0, 1] and plan.replaced_ranks == [1] and plan.history_donor == 2
+    survived, replaced = plan.restores
+    assert (survived.source, survived.start, survived.log_sources, survived.survivor) == ("shm", 12, (2,), True)
+    assert (replaced.source, replaced.start, replaced.log_sources, replaced.survivor) == ("shm", 12, (3,), False)
+    assert survived.together == replaced.together == (0, 1)
+    with pytest.raises(RecoveryImpossible, match=r"must replay together from a window every replica holds .*rank 0: none"):
+        plan_recovery([survivor(), lost(shm=12), survivor(), survivor()], topology=topology, tied_stages={})
 
 
 def test_logs_dropped_past_the_window_rule_it_out_and_the_error_names_what_is_missing():

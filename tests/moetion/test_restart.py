@@ -18,8 +18,8 @@ MODEL = GPTMoEConfig(seq_len=8, d_model=16, n_heads=2, n_layers=4, d_hidden=32, 
                      capacity_factor=1.0, dropout=0.1)
 
 
-def job(root, stages, *, resume=False, kill_at=None):
-    module = moetion.PipelineModule(build_gpt_moe_layers(MODEL), stages, loss_fn=gpt_moe_loss, seed=1)
+def job(root, stages, ep_size=1, *, resume=False, kill_at=None):
+    module = moetion.PipelineModule(build_gpt_moe_layers(MODEL), stages, loss_fn=gpt_moe_loss, seed=1, ep_size=ep_size)
     engine = moetion.initialize(module, optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-2), config={
         "seed": 5, "micro_batches": 2, "threads": 1, "grad_clip": 0.5,
         "lr_schedule": {"warmup_iterations": 3, "decay": "linear", "decay_iterations": 20},
@@ -38,12 +38,14 @@ def job(root, stages, *, resume=False, kill_at=None):
             "optim": engine.optimizer.state_dict()["state"]}
 
 
-@pytest.mark.parametrize("stages", [4, 2])  # 4 stages, and 2 stages x 2 data-parallel replicas
-def test_killed_job_resumes_bit_identically(tmp_path, stages):
-    straight = run_workers(job, nproc=RANKS, args=(tmp_path / "a", stages), timeout_s=180)
+# 4 stages; 2 stages x 2 data-parallel replicas. (With ep_size=2 this passes too, ~17 s: left out of
+# CI's budget; expert-parallel replay is covered by test_expert_parallel's recovery and export tests.)
+@pytest.mark.parametrize("stages,ep_size", [(4, 1), (2, 1)])
+def test_killed_job_resumes_bit_identically(tmp_path, stages, ep_size):
+    straight = run_workers(job, nproc=RANKS, args=(tmp_path / "a", stages, ep_size), timeout_s=180)
     with pytest.raises(moetion.LaunchError, match="killed by SIGKILL"):
-        run_workers(_killed, nproc=RANKS, args=(tmp_path / "b", stages), timeout_s=180, grace_s=2)
-    resumed = run_workers(_resumed, nproc=RANKS, args=(tmp_path / "b", stages), timeout_s=180, env=RESUME)
+        run_workers(_killed, nproc=RANKS, args=(tmp_path / "b", stages, ep_size), timeout_s=180, grace_s=2)
+    resumed = run_workers(_resumed, nproc=RANKS, args=(tmp_path / "b", stages, ep_size), timeout_s=180, env=RESUME)
     for before, after in zip(straight, resumed):  # both in rank order
         assert 0 < after["start"] < 11, "resumed from a persisted window, not from scratch"
         assert after["losses"] == {t: before["losses"][t] for t in after["losses"]}
@@ -59,9 +61,9 @@ def test_restart_without_persisted_windows_is_a_clear_error(tmp_path):
         run_workers(_resumed, nproc=RANKS, args=(tmp_path, 4), timeout_s=120, grace_s=2, env=RESUME)
 
 
-def _killed(root, stages):
-    return job(root, stages, kill_at=11)
+def _killed(root, stages, ep_size=1):
+    return job(root, stages, ep_size, kill_at=11)
 
 
-def _resumed(root, stages):
-    return job(root, stages, resume=True)
+def _resumed(root, stages, ep_size=1):
+    return job(root, stages, ep_size, resume=True)

@@ -10,7 +10,7 @@ from torch import nn
 import moetion
 from moetion.errors import ConfigError
 from moetion.operators import discover_operators
-from moetion.routing import TokenCounts, operator_counts
+from moetion.routing import TokenCounts, expert_counts
 from moetion.window import snapshot_order
 
 import layout_models as models
@@ -47,7 +47,7 @@ def test_a_user_layer_reports_token_counts_and_the_snapshot_order_follows_them(c
 
     operators = discover_operators(model)
     experts = [op for op in operators if op.kind == "expert"]
-    popularity = dict(zip((op.name for op in experts), operator_counts(experts, counts)))
+    popularity = dict(zip((op.name for op in experts), expert_counts([(op.layer, op.expert) for op in experts], counts)))
     assert [popularity[f"grouped.experts.{e}"] for e in range(4)] == expected.tolist()
     assert popularity["listed.experts.0"] == 0.0 and popularity["miscounting.experts.3"] == 0.0
     order = snapshot_order(operators, popularity)
