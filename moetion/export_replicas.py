@@ -9,12 +9,12 @@ unsharded model's keys; an expert missing or held twice is refused, naming its l
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from moetion import env
 from moetion import tensor_tree
 from moetion.config import Config
 from moetion.distributed import new_expert_groups
@@ -85,7 +85,8 @@ def _expert_of(key: str, experts: dict[str, int]) -> tuple[str, int] | None:
 
 
 def _replay_replica(run_dir: Path, job, config: Config, stage: int, start: int, ep_size: int, out_dir: Path) -> dict:
-    replica, replicas = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    where = env.rank_env()
+    replica, replicas = where.rank, where.world_size
     torch.set_num_threads(1)  # replay sets the run's own thread count
     dist.init_process_group("gloo", init_method="env://")
     try:
