@@ -126,7 +126,22 @@ def adopt_layer(layer: Any) -> LayerSpec | nn.Module:
                     "an nn.Module or a function")
 
 
-class PipelineModule(nn.Module):
+class StagePosition:
+    """Where a stage sits in its pipeline: ``stage_id`` of ``num_stages`` (set by the subclass)."""
+
+    stage_id: int
+    num_stages: int
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.stage_id == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.stage_id == self.num_stages - 1
+
+
+class PipelineModule(StagePosition, nn.Module):
     """This stage's slice of a layer list, plus the partition of the whole list.
 
     Args:
@@ -199,14 +214,6 @@ class PipelineModule(nn.Module):
             ep.shard_module(self, self.expert_shard)
 
     # -- partition facts every rank can compute -------------------------------------------------
-    @property
-    def is_first_stage(self) -> bool:
-        return self.stage_id == 0
-
-    @property
-    def is_last_stage(self) -> bool:
-        return self.stage_id == self.num_stages - 1
-
     def stage_layers(self, stage: int) -> range:
         """Global indices of the layers owned by ``stage``."""
         return range(self.parts[stage], self.parts[stage + 1])

@@ -37,7 +37,6 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from moetion import _as_config, _join, failure_notice  # the joining moetion.initialize does
 from moetion import log as _log
-from moetion.initial_state import check_finite, digest
 from moetion.config import Config
 from moetion.control import ControlPlane, start_generation
 from moetion.data import DataSource, read_micro_batch
@@ -45,6 +44,8 @@ from moetion.determinism import Pass, enable_strict_mode
 from moetion.distributed import build_context
 from moetion.engine import PipelineEngine
 from moetion.errors import ConfigError, DataError, MoetionError, PeerFailure
+from moetion.initial_state import check_finite, digest
+from moetion.module import StagePosition
 from moetion.schedule import LossScaling, Order, StageSchedule
 from moetion.threads import pin_threads
 
@@ -84,7 +85,7 @@ def join(config: Config | dict | str | None = None) -> Job:
     return Job(config, rank, world, device, control, generation)
 
 
-class StageModule(nn.Module):
+class StageModule(StagePosition, nn.Module):
     """The user's stage module as moetion's iteration body sees a stage: no layers of moetion's own,
     no tied weights; ``forward`` is the submodule's, so a replay computes what torch computed."""
 
@@ -92,16 +93,9 @@ class StageModule(nn.Module):
         super().__init__()
         self.submod, self.stage_id, self.num_stages, self.loss_fn = submod, stage_id, num_stages, loss_fn
         self.tied = nn.ModuleDict()
+        self.ep_size = 1  # experts are not spread over ranks on a torch pipelining stage
         check_finite(self, where=f"stage {stage_id}")  # the initial state is part of exactness, as for PipelineModule
         self.initial_digest = digest(self)
-
-    @property
-    def is_first_stage(self) -> bool:
-        return self.stage_id == 0
-
-    @property
-    def is_last_stage(self) -> bool:
-        return self.stage_id == self.num_stages - 1
 
     def tied_stages(self) -> dict[str, list[int]]:
         return {}
