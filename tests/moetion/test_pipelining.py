@@ -95,7 +95,7 @@ def assert_same(a, b):
 
 
 @pytest.mark.parametrize("kind, stages, dtype", [
-    ("gpipe", 2, torch.float32), ("1f1b", 2, torch.float32), ("1f1b", 4, torch.bfloat16)])
+    ("gpipe", 2, torch.float32), ("1f1b", 2, torch.float32), ("gpipe", 4, torch.bfloat16), ("1f1b", 4, torch.bfloat16)])
 def test_attached_training_equals_plain_pipelining_bit_for_bit(kind, stages, dtype):
     plain = run_workers(plain_rank, nproc=stages, args=(kind, dtype), timeout_s=120)
     attached = run_workers(attached_rank, nproc=stages, args=(kind, moetion_config(), 0.0, None, dtype), timeout_s=120)
