@@ -62,11 +62,14 @@ class SnapshotConfig:
         enabled: capture a sparse snapshot after every optimizer step.
         window: pin W; ``None`` chooses it with Algorithm 1 from measured iteration time and copy
             bandwidth, re-decided at every window boundary.
-        bandwidth_gbps: pin the snapshot bandwidth (GB/s) instead of measuring it.
-        budget_fraction: the share of an iteration's time the capture may take, so the budget is
-            ``fraction x iteration time x bandwidth``. ``None``: 1.0 with CUDA, where copies run on
-            the DMA engine behind compute (the paper's assumption), and 0.02 on CPU, where they take
-            cores from training, so that snapshots cost at most ~2% of the iteration.
+        bandwidth_gbps: pin the snapshot bandwidth (GB/s) instead of measuring it (on CPU: GB
+            captured per CPU-second of the snapshot threads).
+        budget_fraction: the share of an iteration the snapshots may cost. With CUDA the budget is
+            ``fraction x iteration time x copy bandwidth`` and ``None`` means 1.0 (copies run on the
+            DMA engine behind compute, the paper's assumption). On CPU, where they take cores from
+            training, it is ``fraction x training-thread CPU-seconds per iteration / snapshot-thread
+            CPU-seconds per captured byte`` (both measured) and ``None`` means 0.04: the snapshot
+            threads use about 4% of the training thread's CPU (docs/snapshots.md).
         shm_dir: node-local shared-memory root; windows there survive the capturing process. Must be
             a 0700 directory of this user (created so if missing): the default is per user.
         run_id: names this job's directory under ``shm_dir`` and ``persist_dir`` ([A-Za-z0-9._-]);

@@ -98,15 +98,17 @@ def background_cpu_seconds(prefixes: tuple[str, ...] = BACKGROUND_THREAD_PREFIXE
 
     Read before the threads stop (``engine.close()``): a finished thread's clock is gone.
     """
-    total = 0.0
-    for thread in threading.enumerate():
-        if thread.ident is None or not thread.name.startswith(prefixes):
-            continue
-        try:
-            total += time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
-        except (OSError, ProcessLookupError):
-            continue  # it ended between enumerate() and the read
-    return total
+    return sum(thread_cpu_seconds(t) for t in threading.enumerate() if t.name.startswith(prefixes))
+
+
+def thread_cpu_seconds(thread: threading.Thread) -> float:
+    """CPU-seconds ``thread`` used so far; 0 once it ended (its clock is gone) or before it started."""
+    if thread.ident is None or not thread.is_alive():
+        return 0.0
+    try:
+        return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+    except (OSError, ProcessLookupError):
+        return 0.0  # it ended between the check and the read
 
 
 LEDGER = CostLedger()

@@ -46,6 +46,36 @@ def slot_cost(plan: SlotPlan, i: int, *, full: Mapping[str, int], compute: Mappi
     return sum(full[op] for op in plan.slots[i]) + later
 
 
+@dataclass(frozen=True)
+class BackgroundWork:
+    """What one background thread did with snapshot bytes so far: its CPU-seconds and the bytes it
+    handled; ``share``: the fraction of captured bytes that reach it (persisting every k-th window: 1/k)."""
+
+    cpu_seconds: float
+    nbytes: int
+    share: float = 1.0
+
+
+def cpu_seconds_per_captured_byte(work: Sequence[BackgroundWork], *, first_guess: float) -> float:
+    """Background CPU-seconds that one captured byte costs, over every thread that handles it.
+
+    Each thread's cost is normalized by the bytes *it* handled, so a tier that lags a window behind
+    the capture (replication, persistence) is not under-counted. A thread that has handled nothing
+    yet counts as the first measured one (each touches every byte about once, like the capture),
+    or as ``first_guess`` before anything was measured.
+    """
+    measured = [w.cpu_seconds / w.nbytes for w in work if w.nbytes > 0]
+    stand_in = measured[0] if measured else first_guess
+    return sum(w.share * (w.cpu_seconds / w.nbytes if w.nbytes > 0 else stand_in) for w in work)
+
+
+def capture_budget_bytes(*, fraction: float, seconds_per_iteration: float, seconds_per_byte: float) -> float:
+    """Algorithm 1's per-iteration byte budget: ``fraction`` of an iteration's cost, spent at
+    ``seconds_per_byte``. With CUDA both are wall-clock (the copy runs behind compute); on CPU both
+    are CPU-seconds (training thread's, and every background thread's per captured byte)."""
+    return fraction * seconds_per_iteration / seconds_per_byte
+
+
 def find_window_size(
     order: Sequence[str], *, full: Mapping[str, int], compute: Mapping[str, int], budget_bytes: float
 ) -> int:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from moetion.errors import ConfigError
 from moetion.operators import Operator
-from moetion.window import find_window_size, slot_cost, snapshot_order, split_into_slots
+from moetion.window import capture_budget_bytes, find_window_size, slot_cost, snapshot_order, split_into_slots
 
 FULL_BYTES_PER_PARAM = 4 + 8
 GB = 1e9
@@ -238,7 +238,8 @@ def sparse_window(model: ModelSpec, hardware: HardwareSpec) -> WindowPlan:
     order = snapshot_order(ops, {})
     full = {op.name: op.full_bytes(optimizer_bytes_per_param=8) for op in ops}
     compute = {op.name: op.compute_bytes(precision=model.precision) for op in ops}
-    budget = hardware.iteration_s * hardware.device_to_host_gbps * GB
+    budget = capture_budget_bytes(fraction=1.0, seconds_per_iteration=hardware.iteration_s,
+                                  seconds_per_byte=1 / (hardware.device_to_host_gbps * GB))
     window = find_window_size(order, full=full, compute=compute, budget_bytes=budget)
     slots = split_into_slots(order, window)
     costs = [slot_cost(slots, i, full=full, compute=compute) for i in range(window)]

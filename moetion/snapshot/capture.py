@@ -16,7 +16,8 @@ from typing import Callable, Iterable
 import torch
 
 from moetion.device_copy import CaptureCopier
-from moetion.profiling import COPIED, LEDGER
+from moetion.profiling import COPIED, LEDGER, thread_cpu_seconds
+from moetion.window import BackgroundWork
 
 CopyJob = tuple[torch.Tensor, torch.Tensor]  # (source tensor, destination uint8 view)
 
@@ -41,6 +42,10 @@ class CaptureWorker:
     def bandwidth(self) -> float | None:
         """Measured capture throughput in bytes per second (copies plus the work after them)."""
         return self.bytes_copied / self.seconds_copying if self.seconds_copying > 0 else None
+
+    def work(self) -> BackgroundWork:
+        """This thread's CPU-seconds and bytes copied so far (an input of the snapshot budget)."""
+        return BackgroundWork(thread_cpu_seconds(self._thread), self.bytes_copied)
 
     def submit(self, copies: Iterable[CopyJob], then: Callable[[], None] | None = None) -> None:
         """Queues ``copies`` (iterated on the worker thread); ``then`` runs there after the last one."""

@@ -48,12 +48,15 @@ from moetion.snapshot.layout import WindowLayout, plan_layout
 from moetion.snapshot.persist import AsyncPersister
 from moetion.snapshot.replica import PeerReplicator
 from moetion.snapshot.shm import SharedMemoryTier
-from moetion.window import SlotPlan, find_window_size, popularity_drifted, snapshot_order, split_into_slots
+from moetion.window import (BackgroundWork, SlotPlan, capture_budget_bytes, cpu_seconds_per_captured_byte,
+                            find_window_size, popularity_drifted, snapshot_order, split_into_slots)
 
 log = logging.getLogger(__name__)
 
 _EMA = 0.3  # weight of the newest measurement of iteration time and bandwidth
-CPU_BUDGET_FRACTION = 0.02  # on CPU, captures compete with training for cores: spend ~2% of an iteration
+# On CPU, snapshot threads take cores from training: their CPU (capture, checksums, replication,
+# persistence) may be this share of the training thread's CPU. With CUDA the copy runs behind compute: 1.0.
+CPU_BUDGET_FRACTION = 0.04
 
 
 class WindowState(enum.Enum):
@@ -115,9 +118,11 @@ class SparseCheckpointer:
         self._layout_key: tuple | None = None  # what the layout was planned for (see _layout_for)
         self._popularity_used: dict[str, float] = {}
         self._popularity_now: dict[str, float] = {n: 0.0 for n in self._experts}
-        self._iteration_seconds: float | None = None
-        self._iteration_start = time.perf_counter()
-        self._bandwidth = config.bandwidth_gbps * 1e9 if config.bandwidth_gbps else _probe_bandwidth(master)
+        self._iteration_seconds: float | None = None  # wall-clock, EMA
+        self._iteration_cpu: float | None = None  # the training thread's CPU-seconds, EMA
+        self._iteration_start, self._iteration_cpu_start = time.perf_counter(), time.thread_time()
+        probed_bandwidth, self._probed_cpu_per_byte = _probe_capture(master)
+        self._bandwidth = config.bandwidth_gbps * 1e9 if config.bandwidth_gbps else probed_bandwidth
         self._budget_fraction = config.budget_fraction or (1.0 if self.device.type == "cuda" else CPU_BUDGET_FRACTION)
         self._proposal = 1.0
         self._agreed: int | None = None
@@ -145,7 +150,7 @@ class SparseCheckpointer:
 
     # -- piggybacked agreement -----------------------------------------------------------------
     def begin_iteration(self, iteration: int) -> None:
-        self._iteration_start = time.perf_counter()
+        self._iteration_start, self._iteration_cpu_start = time.perf_counter(), time.thread_time()
         self._iteration = iteration
 
     def dp_payload(self, token_counts: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -367,22 +372,43 @@ class SparseCheckpointer:
 
     # -- measurements ---------------------------------------------------------------------------
     def _observe_iteration_time(self) -> None:
-        seconds = time.perf_counter() - self._iteration_start
-        self._iteration_seconds = seconds if self._iteration_seconds is None else (
-            _EMA * seconds + (1 - _EMA) * self._iteration_seconds)
+        self._iteration_seconds = _ema(self._iteration_seconds, time.perf_counter() - self._iteration_start)
+        self._iteration_cpu = _ema(self._iteration_cpu, time.thread_time() - self._iteration_cpu_start)
         measured = self.worker.bandwidth
         if measured and self.config.bandwidth_gbps is None:
-            self._bandwidth = _EMA * measured + (1 - _EMA) * self._bandwidth
+            self._bandwidth = _ema(self._bandwidth, measured)
 
     def _propose(self) -> int:
         if self.config.window is not None:
             return self.config.window
-        seconds = self._iteration_seconds or (time.perf_counter() - self._iteration_start)
-        budget = self._budget_fraction * seconds * self._bandwidth
+        seconds, per_byte = self._budget_rates()
+        budget = capture_budget_bytes(fraction=self._budget_fraction, seconds_per_iteration=seconds,
+                                      seconds_per_byte=per_byte)
         try:
             return find_window_size(self.order, full=self.full_bytes, compute=self.compute_bytes, budget_bytes=budget)
         except ConfigError:
             return max(1, len(self.order))  # the cheapest per iteration; logged by the planner's users
+
+    def _budget_rates(self) -> tuple[float, float]:
+        """(seconds per iteration, seconds per captured byte) for the budget. With CUDA, wall-clock:
+        the iteration and the capture's copy throughput. On CPU, CPU-seconds: the training thread's
+        per iteration, and every snapshot thread's per captured byte (capture and checksums,
+        replication both ways, persistence), measured; wall time would grow with preemption on a
+        loaded machine and so buy more bytes exactly when cores are scarce."""
+        if self.device.type == "cuda":
+            return self._iteration_seconds or (time.perf_counter() - self._iteration_start), 1 / self._bandwidth
+        cpu = self._iteration_cpu or (time.thread_time() - self._iteration_cpu_start)
+        if self.config.bandwidth_gbps:
+            return cpu, 1 / self._bandwidth
+        return cpu, cpu_seconds_per_captured_byte(self._background_work(), first_guess=self._probed_cpu_per_byte)
+
+    def _background_work(self) -> list[BackgroundWork]:
+        work = [self.worker.work()]
+        if self.replicator is not None:
+            work += self.replicator.work()
+        if self.persister is not None:
+            work.append(self.persister.work(share=1 / self.config.persist_every))
+        return work
 
     def tier_bytes(self) -> dict[str, int]:
         """Bytes each tier holds for this stage replica (``peer``: the replica it keeps for another)."""
@@ -421,18 +447,25 @@ def _device_of(module: nn.Module) -> torch.device:
     return first.device if first is not None else torch.device("cpu")
 
 
-def _probe_bandwidth(module: nn.Module) -> float:
-    """Bytes per second of copying this stage's weights once, the first guess of snapshot speed."""
+def _probe_capture(module: nn.Module) -> tuple[float, float]:
+    """Copying and checksumming this stage's weights once, as a capture does: (bytes per wall second,
+    CPU-seconds per byte), the first guesses of snapshot speed and cost until captures measure them."""
     params = [p.detach() for p in module.parameters()]
     total = sum(p.numel() * p.element_size() for p in params) or 1
     scratch = torch.empty(total, dtype=torch.uint8)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.thread_time()
     offset = 0
     for p in params:
         n = p.numel() * p.element_size()
-        scratch[offset : offset + n].copy_(p.reshape(-1).view(torch.uint8))
+        view = scratch[offset : offset + n]
+        view.copy_(p.reshape(-1).view(torch.uint8))
+        checksum(view)
         offset += n
-    return total / max(time.perf_counter() - start, 1e-9)
+    return total / max(time.perf_counter() - start, 1e-9), max(time.thread_time() - cpu, 1e-9) / total
+
+
+def _ema(average: float | None, newest: float) -> float:
+    return newest if average is None else _EMA * newest + (1 - _EMA) * average
 
 
 def _counted_experts(master: nn.Module, operators: list[Operator]) -> list[tuple[str, str, int]]:

@@ -32,8 +32,10 @@ import torch
 from moetion.errors import ConfigError
 from moetion.faults import fault_point
 from moetion.private_files import UnsafePathError, create_exclusive, fsync_dir, private_dir
+from moetion.profiling import thread_cpu_seconds
 from moetion.snapshot.delta import DeltaCodec, EncodedWindow, decode_window, encode_window, max_encoded_bytes
 from moetion.snapshot.image import SnapshotError, WindowImage, WindowManifest
+from moetion.window import BackgroundWork
 
 MANIFEST = "manifest.json"
 BLOB = "blob.bin"
@@ -333,6 +335,7 @@ class AsyncPersister:
         self._error: BaseException | None = None
         self._last: PersistedWindow | None = None
         self._bytes: dict[tuple[int, int], int] = {}
+        self.bytes_written = 0  # window blob bytes persisted so far
         self._thread = threading.Thread(target=self._run, name="moetion-persist", daemon=True)
         self._thread.start()
 
@@ -347,6 +350,10 @@ class AsyncPersister:
         """Bytes on disk, after pruning, of the windows of the (stage, replica) pairs this persister wrote."""
         with self._cond:
             return sum(self._bytes.values())
+
+    def work(self, *, share: float) -> BackgroundWork:
+        """This thread's CPU-seconds and blob bytes written so far; ``share``: of captured windows persisted."""
+        return BackgroundWork(thread_cpu_seconds(self._thread), self.bytes_written, share)
 
     def limit_pruning(self, *, restorable_start: int, num_stages: int) -> None:
         """Never prune windows from ``restorable_start`` (agreed by every stage) on; ``num_stages``
@@ -431,6 +438,7 @@ class AsyncPersister:
                     self._error = self._error or error
                 else:
                     self._last, self._bytes[(record.stage, record.replica)] = record, size
+                    self.bytes_written += m.blob_bytes
                 self._cond.notify_all()
 
 

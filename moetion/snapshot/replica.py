@@ -21,9 +21,10 @@ from moetion import failure_notice
 from moetion.errors import PeerFailure
 from moetion.faults import fault_point
 from moetion.memory_budget import check_wire_size, transfer_limit
-from moetion.profiling import LEDGER, REPLICATED
+from moetion.profiling import LEDGER, REPLICATED, thread_cpu_seconds
 from moetion.snapshot.image import SnapshotError, WindowImage, WindowManifest
 from moetion.topology import PipeTopology
+from moetion.window import BackgroundWork
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class PeerReplicator:
         self._wake = threading.Condition()
         self.error: str | None = None
         self.windows_sent = 0
+        self.bytes_sent = self.bytes_received = 0
         self._sender = threading.Thread(target=self._send_loop, name="moetion-replica-send", daemon=True)
         self._receiver = threading.Thread(target=self._receive_loop, name="moetion-replica-recv", daemon=True)
         self._sender.start()
@@ -71,6 +73,12 @@ class PeerReplicator:
         with self._wake:
             self._pending = image
             self._wake.notify()
+
+    def work(self) -> list[BackgroundWork]:
+        """The sending and the receiving thread's CPU-seconds and bytes so far (inputs of the
+        snapshot budget: in a ring of equal stages each receives about what it sends)."""
+        return [BackgroundWork(thread_cpu_seconds(self._sender), self.bytes_sent),
+                BackgroundWork(thread_cpu_seconds(self._receiver), self.bytes_received)]
 
     def reads(self, blob: torch.Tensor) -> bool:
         """Whether ``blob`` is the blob of a window waiting to be sent or being sent."""
@@ -139,6 +147,7 @@ class PeerReplicator:
                                     iteration=image.manifest.end_iteration)
         send_image(image, self.send_to, group=self.group, before_blob=point)
         self.windows_sent += 1
+        self.bytes_sent += image.manifest.blob_bytes
         LEDGER.add_bytes(REPLICATED, image.manifest.blob_bytes)
 
     def _receive_loop(self) -> None:
@@ -148,6 +157,7 @@ class PeerReplicator:
                 if image is None:
                     return
                 self._held = image  # only now does the previous replica go
+                self.bytes_received += image.manifest.blob_bytes
         except Exception as error:  # noqa: BLE001 - a torn-down group raises RuntimeError or ValueError
             self.error = failure_notice.explain(f"replication from rank {self.receive_from} failed: {str(error).splitlines()[0]}")
             (log.warning if isinstance(error, SnapshotError) else log.info)(self.error)

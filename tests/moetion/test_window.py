@@ -5,7 +5,8 @@ from moetion import ConfigError
 from moetion.models import GPTMoEConfig, build_gpt_moe_layers, gpt_moe_loss
 from moetion.module import PipelineModule
 from moetion.operators import Operator, discover_operators
-from moetion.window import find_window_size, popularity_drifted, slot_cost, snapshot_order, split_into_slots
+from moetion.window import (BackgroundWork, capture_budget_bytes, cpu_seconds_per_captured_byte, find_window_size,
+                            popularity_drifted, slot_cost, snapshot_order, split_into_slots)
 
 ORDER = ["a", "b", "c", "d"]
 FULL = {n: 10 for n in ORDER}
@@ -34,6 +35,21 @@ def test_smallest_window_that_fits_the_budget(budget, window):
 def test_impossible_budget_says_what_is_needed():
     with pytest.raises(ConfigError, match="even one operator per slot needs"):
         find_window_size(ORDER, full=FULL, compute=COMPUTE, budget_bytes=15)
+
+
+def test_budget_is_a_share_of_the_iteration_cost_spent_at_the_cost_per_byte():
+    assert capture_budget_bytes(fraction=0.04, seconds_per_iteration=0.5, seconds_per_byte=1e-8) == pytest.approx(2e6)
+
+
+def test_each_background_thread_costs_its_cpu_per_byte_it_handled():
+    capture = BackgroundWork(cpu_seconds=1.0, nbytes=10**9)  # 1 ns per byte
+    send = BackgroundWork(cpu_seconds=1.0, nbytes=5 * 10**8)  # a window behind the capture: 2 ns per byte it sent
+    receive = BackgroundWork(cpu_seconds=0.0, nbytes=0)  # nothing arrived yet: counts as the capture, 1 ns
+    persist = BackgroundWork(cpu_seconds=4.0, nbytes=10**9, share=0.5)  # every 2nd window: 4 ns x 1/2
+    per_byte = cpu_seconds_per_captured_byte([capture, send, receive, persist], first_guess=1.0)
+    assert per_byte == pytest.approx((1 + 2 + 1 + 2) * 1e-9)
+    # Before any thread handled a byte, each counts as the probe's first guess.
+    assert cpu_seconds_per_captured_byte([BackgroundWork(0.3, 0)] * 3, first_guess=5e-9) == pytest.approx(15e-9)
 
 
 def test_experts_by_ascending_popularity_then_routers_and_dense():
