@@ -1,7 +1,8 @@
 """One failure, three ways to survive it, side by side in one run: rollback, global restart, moetion.
 
-The job is the built-in GPT-MoE demo on 4 stage processes (fp32). Stage ``--stage`` is SIGKILLed
-mid-backward in iteration ``f``; both approaches run the same model, data and kill:
+The job is the built-in GPT-MoE demo (fp32) on S stage processes, one thread each, for every S of
+``--stages`` (default 2 4 8), each S measured the same way. Stage ``--stage`` (the last stage when S
+is smaller) is SIGKILLed mid-backward in iteration ``f``; every approach runs the same model, data and kill:
 
   global-rollback  CheckFreq-style: every stage saves its full state (weights + Adam) to disk every
                    I iterations (synchronously, timed: C seconds per checkpoint). I is the Young/Daly
@@ -26,10 +27,10 @@ re-executed; and lost stage-seconds counted two ways:
 The >= 10x target of the issue is about work lost; occupancy is printed beside it.
 
 Every approach runs ``--repeats`` times, interleaved; a row is the median and its spread over the
-repeats (max/min - 1) is that row's A/A noise band. Then a model fed with the measured fixed costs
-(iteration time, in-flight loss, replay rate, restart wall time) extends the comparison to other
-checkpoint intervals and to 2, 4 and 8 stages, and reports the interval at which rollback loses
-31x moetion's work. The measured fixed costs are written as a planner calibration
+repeats (max/min - 1) is that row's A/A noise band. Then a model fed with each S's measured costs
+(iteration time, in-flight loss, replay rate) extends the comparison to other checkpoint intervals,
+and reports per S the interval at which rollback loses 31x moetion's work. The measured fixed
+costs (of the 4-stage run, else the first S) are written as a planner calibration
 (experiments/results/calibration.json).
 
 Prints the tables and writes experiments/results/bench_recovery.json (and PNGs with matplotlib).
@@ -65,16 +66,16 @@ from moetion.models import build_gpt_moe_layers, gpt_moe_loss
 
 from measure import RESULTS, save_figure, write_results
 
-STAGES = 4
 TARGET_RATIO = 31.0
 INTERVALS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 STAGE_COUNTS = (2, 4, 8)
+CALIBRATION_STAGES = 4  # the demo's topology: its fixed costs feed `moetion plan --calibrate`
 
 
 def rollback_rank(settings: DemoSettings, ckpt_dir: str, interval: int, resume: bool, back_at: int) -> dict:
     """One stage of the global-rollback job: plain training plus a dense checkpoint every ``interval``."""
     model = demo_model_config()
-    module = moetion.PipelineModule(build_gpt_moe_layers(model), STAGES, loss_fn=gpt_moe_loss, seed=settings.seed)
+    module = moetion.PipelineModule(build_gpt_moe_layers(model), settings.stages, loss_fn=gpt_moe_loss, seed=settings.seed)
     config = demo_engine_config(DemoSettings(**{**vars(settings), "snapshots": False}))
     engine = moetion.initialize(module, optimizer=lambda ps: torch.optim.AdamW(ps, lr=settings.lr), config=config)
     data = ByteCorpus(stdlib_corpus(), seq_len=model.seq_len, micro_batch_size=settings.micro_batch_size, seed=settings.seed)
@@ -112,26 +113,27 @@ def measure_rollback(settings: DemoSettings, interval: int, kill_iteration: int,
     ckpt_dir = Path(tempfile.mkdtemp(prefix=f"{approach}-", dir=scratch))
     fault_log = ckpt_dir / "kills.jsonl"
     env = {KILL_ENV: f"stage={stage},iter={kill_iteration},phase=backward", FAULT_LOG_ENV: str(fault_log)}
+    stages = settings.stages
     try:
-        supervise_workers(rollback_rank, nproc=STAGES, args=(settings, str(ckpt_dir), interval, False, -1),
+        supervise_workers(rollback_rank, nproc=stages, args=(settings, str(ckpt_dir), interval, False, -1),
                           env=env, grace_s=5.0, timeout_s=600)
         raise RuntimeError("the rollback run was supposed to die")
     except LaunchError:
         pass
     killed_at = json.loads(fault_log.read_text().splitlines()[0])["time"]
     checkpoint = torch.load(ckpt_dir / "stage-0.pt", weights_only=True)["iteration"]
-    results = supervise_workers(rollback_rank, nproc=STAGES, args=(settings, str(ckpt_dir), interval, True, kill_iteration),
+    results = supervise_workers(rollback_rank, nproc=stages, args=(settings, str(ckpt_dir), interval, True, kill_iteration),
                                 timeout_s=600).results
     back = max(r["back_at"] for r in results)
-    iteration_s = sorted(r["iteration_s"] for r in results)[STAGES // 2]
+    iteration_s = sorted(r["iteration_s"] for r in results)[stages // 2]
     redone = kill_iteration - checkpoint
     moved = sum(p.stat().st_size for p in ckpt_dir.glob("stage-*.pt"))
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     return {"approach": approach, "checkpoint_iteration": checkpoint, "wall_s": back - killed_at, "bytes_moved": moved,
-            "reexecuted_stage_iterations": STAGES * redone,
+            "reexecuted_stage_iterations": stages * redone,
             # Each stage redoes f - checkpoint iterations and loses its in-flight one (about half an iteration).
-            "work_lost_stage_s": STAGES * (redone + 0.5) * iteration_s,
-            "occupancy_lost_stage_s": STAGES * (back - killed_at)}
+            "work_lost_stage_s": stages * (redone + 0.5) * iteration_s,
+            "occupancy_lost_stage_s": stages * (back - killed_at)}
 
 
 def measure_moetion(settings: DemoSettings, kill_iteration: int, stage: int, scratch: Path) -> dict:
@@ -140,7 +142,8 @@ def measure_moetion(settings: DemoSettings, kill_iteration: int, stage: int, scr
     env = {KILL_ENV: f"stage={stage},iter={kill_iteration},phase=backward",
            FAULT_LOG_ENV: str(attempt / "kills.jsonl"), "MOETION_RUN_ID": run_id}
     try:
-        report = supervise_workers(rank_main, nproc=STAGES, args=(settings, run_id), recover=True, env=env, timeout_s=600)
+        report = supervise_workers(rank_main, nproc=settings.stages, args=(settings, run_id), recover=True, env=env,
+                                   timeout_s=600)
     finally:
         shutil.rmtree(Path(SHM_ROOT) / run_id, ignore_errors=True)
     (recovery,) = report.recoveries
@@ -158,20 +161,22 @@ def measure_moetion(settings: DemoSettings, kill_iteration: int, stage: int, scr
 
 def checkpoint_cost(settings: DemoSettings, scratch: Path) -> tuple[float, float]:
     """(seconds per dense checkpoint, seconds per iteration), measured on a short run."""
-    probe = scratch / "probe"
+    probe = scratch / f"probe-{settings.stages}"
     probe.mkdir()
-    results = supervise_workers(rollback_rank, nproc=STAGES,
+    results = supervise_workers(rollback_rank, nproc=settings.stages,
                                 args=(DemoSettings(**{**vars(settings), "iterations": 12}), str(probe), 2, False, -1),
                                 timeout_s=600).results
     saves = sorted(s for r in results for s in r["saves"])
-    return saves[len(saves) // 2], sorted(r["iteration_s"] for r in results)[STAGES // 2]
+    return saves[len(saves) // 2], sorted(r["iteration_s"] for r in results)[settings.stages // 2]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mtbf", type=float, default=1800.0, help="job MTBF in seconds for the Young/Daly interval")
     parser.add_argument("--window", type=int, default=8, help="moetion's pinned snapshot window W")
-    parser.add_argument("--stage", type=int, default=2, help="the stage to kill")
+    parser.add_argument("--stage", type=int, default=2, help="the stage to kill (the last one when there are fewer)")
+    parser.add_argument("--stages", type=int, nargs="+", default=list(STAGE_COUNTS),
+                        help="pipeline sizes to measure, one process with one thread per stage")
     parser.add_argument("--repeats", type=int, default=2, help="runs per approach (their spread is the noise band)")
     parser.add_argument("--matrix", action="store_true", help="time every cell of the fault matrix instead")
     parser.add_argument("--topology", action="append", choices=["3 stages", "4 stages", "2x2"], default=None,
@@ -192,42 +197,51 @@ def main() -> None:
     os.environ.setdefault("MOETION_LOG_LEVEL", "ERROR")
     scratch = Path(tempfile.mkdtemp(prefix="bench-recovery-"))
     memory = Path(tempfile.mkdtemp(prefix="bench-recovery-", dir="/dev/shm"))  # the global restart's in-memory copies
-    runs: dict[str, list[dict]] = {"global-rollback": [], "global-restart": [], "moetion": []}
     try:
-        base = DemoSettings(window=args.window, progress=False)
-        cost, iteration_s = checkpoint_cost(base, scratch)
-        interval = max(2, round(math.sqrt(2 * cost * args.mtbf) / iteration_s))
-        checkpoint = 2 * interval
-        kill = checkpoint + interval // 2
-        settings = DemoSettings(**{**vars(base), "iterations": kill + 5})
-        print(f"dense checkpoint C = {cost * 1000:.1f} ms/stage, iteration {iteration_s * 1000:.0f} ms, MTBF {args.mtbf:g} s "
-              f"-> Young/Daly interval I = {interval} iterations; kill stage {args.stage} in iteration {kill} "
-              f"({interval // 2} after the checkpoint at {checkpoint})", flush=True)
-        for repeat in range(args.repeats):
-            runs["global-rollback"].append(measure_rollback(settings, interval, kill, args.stage, scratch))
-            runs["global-restart"].append(measure_rollback(settings, 1, kill, args.stage, memory, "global-restart"))
-            runs["moetion"].append(measure_moetion(settings, kill, args.stage, scratch))
-            print(f"repeat {repeat + 1}/{args.repeats}: " + ", ".join(
-                f"{name} {rows[-1]['wall_s']:.2f} s" for name, rows in runs.items()), flush=True)
+        measured = {stages: measure_stages(stages, args, scratch, memory) for stages in args.stages}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         shutil.rmtree(memory, ignore_errors=True)
-    rows = [summarize_runs(name, measured) for name, measured in runs.items()]
-    print_measured(rows)
-    moe = rows[-1]
-    calibration = fixed_costs(runs["moetion"], iteration_s=iteration_s, stages=STAGES, checkpoint_s=cost)
-    calibration["restart_s"] = rows[1]["wall_s"]  # the global restart: kill -> every rank reloaded
-    calibration.update(overhead_from_bench_overhead())
-    curves = model_curves(calibration, window=args.window)
+    calibrations = {stages: m["calibration"] for stages, m in measured.items()}
+    curves = model_curves(calibrations, window=args.window)
     print_curves(curves, window=args.window)
-    print("moetion timeline (last repeat):\n  " + "\n  ".join(timeline_lines(runs["moetion"][-1])))
-    write_results("calibration", calibration)
-    write_results("bench_recovery", {"checkpoint_s": cost, "iteration_s": iteration_s, "mtbf_s": args.mtbf,
-                                     "interval": interval, "kill_iteration": kill, "rows": rows, "runs": runs,
-                                     "ratios": {r["approach"]: ratios(r, moe) for r in rows[:-1]},
-                                     "calibration": calibration, "model": curves})
+    calibration = calibrations.get(CALIBRATION_STAGES) or calibrations[args.stages[0]]
+    write_results("calibration", {**calibration, **overhead_from_bench_overhead()})
+    write_results("bench_recovery", {"mtbf_s": args.mtbf, "window": args.window,
+                                     "by_stages": {str(s): m for s, m in measured.items()}, "model": curves})
     plot_curves(curves)
-    plot_timelines(rows, runs["moetion"][-1])
+    last = measured[args.stages[-1]]
+    plot_timelines(last["rows"], last["runs"]["moetion"][-1])
+
+
+def measure_stages(stages: int, args: argparse.Namespace, scratch: Path, memory: Path) -> dict:
+    """The three approaches on ``stages`` stages, ``args.repeats`` times interleaved; prints the table."""
+    base = DemoSettings(window=args.window, progress=False, stages=stages)
+    cost, iteration_s = checkpoint_cost(base, scratch)
+    interval = max(2, round(math.sqrt(2 * cost * args.mtbf) / iteration_s))
+    checkpoint = 2 * interval
+    kill = checkpoint + interval // 2
+    victim = min(args.stage, stages - 1)
+    settings = DemoSettings(**{**vars(base), "iterations": kill + 5})
+    print(f"\n{stages} stages: dense checkpoint C = {cost * 1000:.1f} ms/stage, iteration {iteration_s * 1000:.0f} ms, "
+          f"MTBF {args.mtbf:g} s -> Young/Daly interval I = {interval} iterations; kill stage {victim} in iteration {kill} "
+          f"({interval // 2} after the checkpoint at {checkpoint}); load average {os.getloadavg()[0]:.1f}", flush=True)
+    runs: dict[str, list[dict]] = {"global-rollback": [], "global-restart": [], "moetion": []}
+    for repeat in range(args.repeats):
+        runs["global-rollback"].append(measure_rollback(settings, interval, kill, victim, scratch))
+        runs["global-restart"].append(measure_rollback(settings, 1, kill, victim, memory, "global-restart"))
+        runs["moetion"].append(measure_moetion(settings, kill, victim, scratch))
+        print(f"repeat {repeat + 1}/{args.repeats}: " + ", ".join(
+            f"{name} {rows[-1]['wall_s']:.2f} s" for name, rows in runs.items()), flush=True)
+    rows = [summarize_runs(name, measured) for name, measured in runs.items()]
+    print_measured(rows, stages=stages)
+    moe = rows[-1]
+    calibration = fixed_costs(runs["moetion"], iteration_s=iteration_s, stages=stages, checkpoint_s=cost)
+    calibration["restart_s"] = rows[1]["wall_s"]  # the global restart: kill -> every rank reloaded
+    print("moetion timeline (last repeat):\n  " + "\n  ".join(timeline_lines(runs["moetion"][-1])))
+    return {"stages": stages, "checkpoint_s": cost, "iteration_s": iteration_s, "interval": interval,
+            "kill_iteration": kill, "killed_stage": victim, "load_average": os.getloadavg()[0], "rows": rows,
+            "runs": runs, "ratios": {r["approach"]: ratios(r, moe) for r in rows[:-1]}, "calibration": calibration}
 
 
 METRICS = ("wall_s", "work_lost_stage_s", "occupancy_lost_stage_s", "bytes_moved")
@@ -248,8 +262,8 @@ def ratios(row: dict, moe: dict) -> dict:
     return {key: row[key] / moe[key] for key in ("wall_s", "work_lost_stage_s", "occupancy_lost_stage_s")}
 
 
-def print_measured(rows: list[dict]) -> None:
-    print(f"\n{STAGES} stages, one kill, median of {rows[0]['repeats']} repeats (+-: spread over the repeats, the A/A band)")
+def print_measured(rows: list[dict], *, stages: int) -> None:
+    print(f"\n{stages} stages, one kill, median of {rows[0]['repeats']} repeats (+-: spread over the repeats, the A/A band)")
     print(f"{'approach':<16} {'kill->back (s)':>16} {'re-executed':>12} {'work lost (stage-s)':>22} "
           f"{'occupancy lost (stage-s)':>26} {'MiB moved':>10}")
     for r in rows:
@@ -293,21 +307,20 @@ def overhead_from_bench_overhead() -> dict:
     return {} if auto is None else {"overhead_fraction": auto["blocked_cpu_ms"] / auto["median_ms"]}
 
 
-def model_curves(cal: dict, *, window: int) -> list[dict]:
-    """Expected work lost per failure (stage-seconds) at checkpoint interval I and S stages, the kill
-    landing uniformly within an interval:
+def model_curves(calibrations: dict[int, dict], *, window: int) -> list[dict]:
+    """Expected work lost per failure (stage-seconds) at checkpoint interval I, for each measured
+    number of stages S, the kill landing uniformly within an interval:
       rollback:        S * (I/2 + 1/2) * t          (every stage redoes half an interval and its in-flight iteration)
       global restart:  S * ((I-1)/2 + 1/2) * t      (an in-memory copy every I iterations; I = 1 is GEMINI's best case)
-      moetion:         S * 1/2 * t * inflight_share + (W/2 + 1/2) * t_replay(S)
-    where t is the measured iteration time, the in-flight share is what survivors really lost
-    (measured), and t_replay(S) the replay time of one stage-iteration, measured at 4 stages and
-    scaled by 4/S (a stage holds 1/S of the model)."""
-    t, s0 = cal["iteration_s"], cal["stages"]
-    rate = cal["replay_iterations_per_s"] or 1 / t
-    inflight_share = cal["inflight_stage_s"] / (s0 * 0.5 * t) if cal["inflight_stage_s"] else 1.0
+      moetion:         S * 1/2 * t * inflight_share + (W/2 + 1/2) * t_replay
+    where t is the iteration time measured at S stages, the in-flight share is what survivors
+    really lost (measured at S), and t_replay the replay time of one stage-iteration (measured at S)."""
     curves = []
-    for stages in STAGE_COUNTS:
-        replay = (window / 2 + 0.5) * (1 / rate) * s0 / stages
+    for stages, cal in sorted(calibrations.items()):
+        t = cal["iteration_s"]
+        rate = cal["replay_iterations_per_s"] or 1 / t
+        inflight_share = cal["inflight_stage_s"] / (stages * 0.5 * t) if cal["inflight_stage_s"] else 1.0
+        replay = (window / 2 + 0.5) / rate
         moe = stages * 0.5 * t * inflight_share + replay
         for interval in INTERVALS:
             rollback = stages * (interval / 2 + 0.5) * t
@@ -321,11 +334,12 @@ def model_curves(cal: dict, *, window: int) -> list[dict]:
 def print_curves(curves: list[dict], *, window: int) -> None:
     print(f"\nmodel from the measured fixed costs: work lost per failure, rollback (and global restart) / moetion "
           f"(W={window}), by checkpoint interval")
-    print(f"{'interval':>8} " + " ".join(f"{f'{s} stages':>22}" for s in STAGE_COUNTS))
+    measured = sorted({c["stages"] for c in curves})
+    print(f"{'interval':>8} " + " ".join(f"{f'{s} stages':>22}" for s in measured))
     for interval in INTERVALS:
         cells = [c for c in curves if c["interval"] == interval]
         print(f"{interval:>8} " + " ".join(f"{c['rollback_ratio']:9.1f}x ({c['restart_ratio']:6.1f}x)" for c in cells))
-    for stages in STAGE_COUNTS:
+    for stages in measured:
         reached = [c["interval"] for c in curves if c["stages"] == stages and c["rollback_ratio"] >= TARGET_RATIO]
         where = f"from interval {reached[0]}" if reached else f"not within intervals <= {INTERVALS[-1]}"
         print(f"{stages} stages: rollback loses >= {TARGET_RATIO:.0f}x moetion's work {where}")
@@ -365,7 +379,7 @@ def plot_curves(curves: list[dict]) -> None:
     except ImportError:
         return
     fig, axis = plt.subplots(figsize=(6, 4))
-    for stages in STAGE_COUNTS:
+    for stages in sorted({c["stages"] for c in curves}):
         cells = [c for c in curves if c["stages"] == stages]
         axis.plot([c["interval"] for c in cells], [c["rollback_ratio"] for c in cells], marker="o", label=f"rollback, {stages} stages")
         axis.plot([c["interval"] for c in cells], [c["restart_ratio"] for c in cells], linestyle="--",
