@@ -312,15 +312,18 @@ def model_curves(calibrations: dict[int, dict], *, window: int) -> list[dict]:
     number of stages S, the kill landing uniformly within an interval:
       rollback:        S * (I/2 + 1/2) * t          (every stage redoes half an interval and its in-flight iteration)
       global restart:  S * ((I-1)/2 + 1/2) * t      (an in-memory copy every I iterations; I = 1 is GEMINI's best case)
-      moetion:         S * 1/2 * t * inflight_share + (W/2 + 1/2) * t_replay
+      moetion:         S * 1/2 * t * inflight_share + 3/2 * (W - 1) * t_replay
     where t is the iteration time measured at S stages, the in-flight share is what survivors
-    really lost (measured at S), and t_replay the replay time of one stage-iteration (measured at S)."""
+    really lost (measured at S), and t_replay the replay time of one stage-iteration (measured at S).
+    The replacement replays from the start of the last *complete* window: W - 1 + p iterations for a
+    kill p iterations into the window in progress (measured: 7 at p = 0, 12 at p = 5, W = 8), on
+    average 3/2 (W - 1)."""
     curves = []
     for stages, cal in sorted(calibrations.items()):
         t = cal["iteration_s"]
         rate = cal["replay_iterations_per_s"] or 1 / t
         inflight_share = cal["inflight_stage_s"] / (stages * 0.5 * t) if cal["inflight_stage_s"] else 1.0
-        replay = (window / 2 + 0.5) / rate
+        replay = 1.5 * (window - 1) / rate
         moe = stages * 0.5 * t * inflight_share + replay
         for interval in INTERVALS:
             rollback = stages * (interval / 2 + 0.5) * t
