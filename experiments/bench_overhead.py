@@ -1,8 +1,9 @@
 """Overhead of checkpointing and of upstream logging every iteration, side by side in one run; replay speed.
 
-Every timed table runs the same model on the same 4 stage processes, in rounds that interleave its
-rows so machine noise hits all alike; a row's figure is the median over its rounds, and its ratio is
-against a baseline row measured in the same run. ``--only`` picks a part (default: both).
+Every timed table runs one model on the same processes for all its rows (4 stage processes; the
+experts part 2 stages x 2 replicas), in rounds that interleave its rows so machine noise hits all
+alike; a row's figure is the median over its rounds, and its ratio is against a baseline row
+measured in the same run. ``--only`` picks a part (default: all).
 
 Part "snapshots" -- the cost of a snapshot every iteration:
   none         no checkpointing (the baseline every ratio is against; "none (A/A)" runs it again)
@@ -32,13 +33,24 @@ Part "logging" -- upstream logging of boundary tensors (DESIGN.md §2.3), three 
      ``replay_stage``, times it against that stage's normal iteration time, and checks with
      torch.equal that weights and full optimizer state equal the live stage's.
 
+Part "experts" -- expert parallelism: EP 1 vs EP 2 on the same model and ranks (2 stages x 2
+data-parallel replicas, GPT-MoE with 8 experts per layer; with EP 2 each replica of a stage holds 4):
+  ep1 none     no checkpointing, every replica holds every expert (the baseline; "ep1 none (A/A)"
+               runs it again)
+  ep1 sparse   sparse snapshots, W pinned to --ep-window
+  ep2 none     experts split over the 2 replicas of each stage (tokens cross an all-to-all)
+  ep2 sparse   both
+plus a per-rank table: parameters one rank holds and the snapshot bytes per iteration one rank
+captures (its last complete window / W), each stage's largest over its replicas.
+
 Every table also shows the measures of experiments/measure.py: training-thread time blocked in
 moetion, background CPU, bytes per iteration, and the A/A noise band ("none (A/A)" / "log-off (A/A)").
 The snapshot part also encodes each stage's last window delta-compressed (moetion/snapshot/delta.py)
 and prints bytes per window before/after, checked bit-exact on decode.
 
 Prints the tables and writes experiments/results/bench_overhead.json (bench_overhead_<part>.json
-with --only) with the keys of the parts that ran: "rows" and "delta" (snapshots), "logging", "log_bytes" and "replay"; PNGs with matplotlib.
+with --only) with the keys of the parts that ran: "rows" and "delta" (snapshots), "logging", "log_bytes" and
+"replay", "experts"; PNGs with matplotlib.
 """
 from __future__ import annotations
 
@@ -60,7 +72,7 @@ from logging_store import LogStore
 from moetion.data import stdlib_corpus
 from moetion.demo import demo_model_config
 from moetion.launcher import run_workers
-from moetion.models import build_gpt_moe_layers, gpt_moe_loss
+from moetion.models import GPTMoEConfig, build_gpt_moe_layers, gpt_moe_loss
 from moetion.replay import replay_stage
 from moetion.snapshot.delta import DeltaCodec, decode_window, encode_window
 from moetion.snapshot.image import WindowImage, WindowManifest
@@ -80,6 +92,11 @@ LOG_ROWS = {
 DEFAULT_LOG_ROW = "log-lz4"
 COMPRESS_TIMEOUT_S = 120
 DELTA_CODECS = (DeltaCodec("lz4"), DeltaCodec("zstd", 1))
+# The experts part: a model whose layers have enough experts to split (the demo's 4 would leave 2).
+EP_MODEL = GPTMoEConfig(seq_len=64, d_model=64, n_heads=4, n_layers=4, d_hidden=128, num_experts=8, top_k=2)
+EP_STAGES, EP_REPLICAS = 2, 2
+# Label -> (ep_size, snapshots on); "ep1 none" is the baseline.
+EP_ROWS = {"ep1 none": (1, False), "ep1 sparse": (1, True), "ep2 none": (2, False), "ep2 sparse": (2, True)}
 
 
 # -- shared ----------------------------------------------------------------------------------------
@@ -105,16 +122,35 @@ def scratch_dir() -> Iterator[str]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def run_stages(fn: Callable[..., dict], args: argparse.Namespace, *fn_args: object) -> list[dict]:
-    """``fn(*fn_args, scratch)`` on ``args.stages`` forked stage processes; their results in rank order."""
+def run_stages(fn: Callable[..., dict], args: argparse.Namespace, *fn_args: object, nproc: int | None = None) -> list[dict]:
+    """``fn(*fn_args, scratch)`` on ``nproc`` (default ``args.stages``) forked processes; their
+    results in rank order."""
     with scratch_dir() as scratch:
-        return run_workers(fn, nproc=args.stages, args=(*fn_args, scratch), timeout_s=600)
+        return run_workers(fn, nproc=nproc or args.stages, args=(*fn_args, scratch), timeout_s=600)
 
 
 def interleaved(rows: dict[str, tuple], fn: Callable[..., dict], args: argparse.Namespace,
-                baseline: str) -> dict[str, list[list[dict]]]:
+                baseline: str, nproc: int | None = None) -> dict[str, list[list[dict]]]:
     """Every row (``fn``'s arguments) once per round, rows in turn, plus the baseline's A/A row."""
-    return interleave(with_aa(rows, baseline), lambda *fn_args: run_stages(fn, args, *fn_args), rounds=args.rounds)
+    return interleave(with_aa(rows, baseline), lambda *fn_args: run_stages(fn, args, *fn_args, nproc=nproc),
+                      rounds=args.rounds)
+
+
+def timed_iterations(engine: moetion.PipelineEngine, data: moetion.ByteCorpus, probe: StageProbe,
+                     args: argparse.Namespace, after: Callable[[int], None] | None = None) -> list[float]:
+    """``args.warmup`` untimed iterations, then ``args.iterations`` timed ones (``after(t)`` inside
+    the timing); restarts ``probe`` between them. Returns each timed iteration's wall seconds."""
+    seconds = []
+    for t in range(args.warmup + args.iterations):
+        if t == args.warmup:
+            probe.restart()
+        start = time.perf_counter()
+        engine.train_batch(data)
+        if after is not None:
+            after(t)
+        if t >= args.warmup:
+            seconds.append(time.perf_counter() - start)
+    return seconds
 
 
 # -- part "snapshots" ------------------------------------------------------------------------------
@@ -126,22 +162,14 @@ def run_mode(mode: str, window: int | None, args: argparse.Namespace, scratch: s
                 "run_id": f"bench-{mode}-{window}"}
     engine = moetion.initialize(module, optimizer=adamw, config={
         "micro_batches": args.micro_batches, "precision": args.precision, "snapshot": snapshot})
-    data, seconds, probe = corpus(), [], StageProbe()
+    probe = StageProbe()
     peer = None
     if mode == "gemini":
         peer = GeminiPeer(module, engine.optimizer, interval=window, probe=probe)
     elif mode == "dcp-async":
         peer = DcpAsyncPeer(module, engine.optimizer, every=window, directory=f"{scratch}/dcp-{engine.dist.rank}",
                             probe=probe)
-    for t in range(args.warmup + args.iterations):
-        if t == args.warmup:
-            probe.restart()
-        start = time.perf_counter()
-        engine.train_batch(data)
-        if peer is not None:
-            peer.after_iteration(t)
-        if t >= args.warmup:
-            seconds.append(time.perf_counter() - start)
+    seconds = timed_iterations(engine, corpus(), probe, args, after=peer.after_iteration if peer else None)
     result = probe.stop(seconds)
     ckpt = engine.checkpointer
     result.update(window=None, host_bytes=0)
@@ -435,6 +463,61 @@ def logging_part(args: argparse.Namespace) -> dict:
     return {"logging": overhead, "log_bytes": log_bytes_table(args, timed), "replay": replay_speed(args)}
 
 
+# -- part "experts" ---------------------------------------------------------------------------------
+def run_expert_rank(ep_size: int, snapshots: bool, args: argparse.Namespace, scratch: str) -> dict:
+    """One rank of an experts row: its timed figures, the parameters it holds and, with snapshots,
+    the bytes per iteration of its last complete window."""
+    module = moetion.PipelineModule(build_gpt_moe_layers(EP_MODEL), EP_STAGES, loss_fn=gpt_moe_loss, ep_size=ep_size)
+    snapshot = {"enabled": snapshots, "window": args.ep_window, "shm_dir": f"{scratch}/shm", "run_id": f"bench-ep{ep_size}"}
+    engine = moetion.initialize(module, optimizer=adamw, config={
+        "micro_batches": args.micro_batches, "precision": args.precision, "snapshot": snapshot})
+    probe = StageProbe()
+    result = probe.stop(timed_iterations(engine, corpus(), probe, args))
+    result.update(stage=engine.stage, replica=engine.dist.replica, params=sum(p.numel() for p in module.parameters()),
+                  snapshot_bytes_per_iteration=None)
+    ckpt = engine.checkpointer
+    if ckpt is not None:
+        ckpt.worker.fence()
+        last = ckpt.last_complete
+        if last is None:
+            raise RuntimeError(f"rank {engine.dist.rank}: no complete window in {args.warmup + args.iterations} "
+                               f"iterations at W={args.ep_window}")
+        result["snapshot_bytes_per_iteration"] = last.blob_bytes / last.window
+    engine.close()
+    return result
+
+
+def per_rank(ranks: list[dict], key: str) -> list[float | None]:
+    """``key`` per stage: the largest over the stage's replicas (the rank that carries the most)."""
+    values = [[r[key] for r in ranks if r["stage"] == stage] for stage in range(EP_STAGES)]
+    return [None if None in v else max(v) for v in values]
+
+
+def experts_part(args: argparse.Namespace) -> dict:
+    rows = {label: (ep_size, snapshots, args) for label, (ep_size, snapshots) in EP_ROWS.items()}
+    per_row = interleaved(rows, run_expert_rank, args, "ep1 none", nproc=EP_STAGES * EP_REPLICAS)
+    table = summarize(per_row, baseline="ep1 none")
+    print_rows(table, title=f"expert parallelism: {EP_STAGES} stages x {EP_REPLICAS} replicas, {EP_MODEL.num_experts} "
+                            f"experts per layer, {args.precision}, sparse rows W={args.ep_window}, "
+                            f"{args.rounds} interleaved rounds of {args.iterations} iterations")
+    by_label = {r.label: r for r in table}
+    print(compare(by_label["ep2 sparse"], by_label["ep1 sparse"]))
+    print(compare(by_label["ep2 none"], by_label["ep1 none"]))
+    ranks = {label: rounds[-1] for label, rounds in per_row.items()}
+    params = {label: per_rank(r, "params") for label, r in ranks.items()}
+    snapshot = {label: per_rank(r, "snapshot_bytes_per_iteration") for label, r in ranks.items()}
+    print(f"\n{'per rank':20s} {'params (s0 / s1)':>20s} {'snapshot KiB/iter (s0 / s1)':>28s}")
+    for label in ranks:
+        kib = "-" if None in snapshot[label] else " / ".join(f"{b / 1024:.1f}" for b in snapshot[label])
+        print(f"{label:20s} {' / '.join(f'{p:,}' for p in params[label]):>20s} {kib:>28s}")
+    print(f"(each stage's largest replica; snapshot bytes per iteration: the rank's last complete window / W. "
+          f"The table above: ms/iter of rank 0 (stage 0), blocked of the worst rank, CPU and bytes summed over the "
+          f"{EP_STAGES * EP_REPLICAS} ranks)")
+    plot_rows(table, name="bench_overhead_experts", title="expert parallelism: EP 1 vs EP 2")
+    return {"experts": [{**row.to_dict(), "params_per_rank": params[row.label],
+                         "snapshot_bytes_per_iteration_per_rank": snapshot[row.label]} for row in table]}
+
+
 def stage_device(choice: str, *, stages: int) -> str:
     """The MOETION_DEVICE of the stage processes. Asks NVML, not the CUDA runtime, how many GPUs
     there are: this process forks the stages, and a CUDA runtime started here would break them."""
@@ -452,7 +535,7 @@ def stage_device(choice: str, *, stages: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["snapshots", "logging", "all"], default="all")
+    parser.add_argument("--only", choices=["snapshots", "logging", "experts", "all"], default="all")
     parser.add_argument("--stages", type=int, default=4)
     parser.add_argument("--micro-batches", type=int, default=4)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
@@ -464,6 +547,7 @@ def main() -> None:
     parser.add_argument("--no-peers", dest="peers", action="store_false",
                         help="leave out the GEMINI and DCP rows")
     parser.add_argument("--log-window", type=int, default=4, help="W pinned in every logging and replay run")
+    parser.add_argument("--ep-window", type=int, default=4, help="W pinned in the experts part's sparse rows")
     parser.add_argument("--quick", action="store_true", help="few iterations, one round")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda", "cuda-shared"], default="auto",
                         help="where stages compute (MOETION_DEVICE); cuda: NCCL with a GPU per stage when the "
@@ -473,7 +557,8 @@ def main() -> None:
     args.device = stage_device(args.device, stages=args.stages)
     if args.device.startswith("cuda") and args.only != "snapshots":
         raise SystemExit("on CUDA this benchmark measures the snapshot part only (add --only snapshots): the "
-                         "logging part's replay table rebuilds stages in this process, on the CPU")
+                         "logging part's replay table rebuilds stages in this process, on the CPU, and the experts part "
+                         "is measured on CPU only")
     os.environ["MOETION_DEVICE"] = args.device  # read by every forked stage process
     if args.quick:
         args.iterations, args.warmup, args.rounds = 8, 2, 1
@@ -482,6 +567,8 @@ def main() -> None:
         report.update(snapshot_part(args))
     if args.only in ("logging", "all"):
         report.update(logging_part(args))
+    if args.only in ("experts", "all"):
+        report.update(experts_part(args))
     write_results("bench_overhead" if args.only == "all" else f"bench_overhead_{args.only}", report)
 
 

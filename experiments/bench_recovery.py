@@ -33,7 +33,16 @@ and reports per S the interval at which rollback loses 31x moetion's work. The m
 costs (of the 4-stage run, else the first S) are written as a planner calibration
 (experiments/results/calibration.json).
 
-Prints the tables and writes experiments/results/bench_recovery.json (and PNGs with matplotlib).
+Then an experts table (expert parallelism, DESIGN.md's EP layout): the demo on 2 stages x 2
+replicas, replica 1 of stage 1 SIGKILLed mid-backward, with the same columns for two moetion rows:
+  moetion, DP 2 (EP 1)   every replica holds every expert: the lost rank copies its stage's live replica
+  moetion, DP 2 x EP 2   each replica holds half the experts, so the lost rank's have no other copy: it
+                         replays from its window with the survivor of its expert-parallel group (which
+                         reloads its own window; both re-executions count as work lost)
+``--only stages`` / ``--only experts`` runs one of the two.
+
+Prints the tables and writes experiments/results/bench_recovery.json and bench_recovery_experts.json
+(and PNGs with matplotlib).
 
 ``--matrix`` instead times every cell of the fault matrix (topology x killed stage x phase x job
 kind: forked, fresh interpreter, warm spare) and the steady-state cost of the failure notice with
@@ -136,26 +145,30 @@ def measure_rollback(settings: DemoSettings, interval: int, kill_iteration: int,
             "occupancy_lost_stage_s": stages * (back - killed_at)}
 
 
-def measure_moetion(settings: DemoSettings, kill_iteration: int, stage: int, scratch: Path) -> dict:
+def measure_moetion(settings: DemoSettings, kill: str, scratch: Path, approach: str = "moetion") -> dict:
+    """One moetion run of the demo (``settings.stages`` x ``settings.data_parallel`` ranks) with the
+    kill spec ``kill``. Re-executed work counts every rank that replayed: the replacement and, with
+    expert parallelism, the survivors of its expert-parallel group that replay with it."""
     attempt = Path(tempfile.mkdtemp(prefix="moetion-", dir=scratch))  # a fresh fault log: each kill fires once per log
     run_id = f"bench-recovery-{os.getpid()}-{attempt.name}"
-    env = {KILL_ENV: f"stage={stage},iter={kill_iteration},phase=backward",
-           FAULT_LOG_ENV: str(attempt / "kills.jsonl"), "MOETION_RUN_ID": run_id}
+    env = {KILL_ENV: kill, FAULT_LOG_ENV: str(attempt / "kills.jsonl"), "MOETION_RUN_ID": run_id}
     try:
-        report = supervise_workers(rank_main, nproc=settings.stages, args=(settings, run_id), recover=True, env=env,
-                                   timeout_s=600)
+        report = supervise_workers(rank_main, nproc=settings.stages * settings.data_parallel, args=(settings, run_id),
+                                   recover=True, env=env, timeout_s=600)
     finally:
         shutil.rmtree(Path(SHM_ROOT) / run_id, ignore_errors=True)
     (recovery,) = report.recoveries
     line = timeline(recovery)
-    events = recovery.rank_events
-    inflight = sum(e.inflight_s for e in events.values() if e.role is Role.SURVIVOR)
-    replacement = next(e for e in events.values() if e.role is Role.REPLACEMENT)
-    resumed = {r: e.resumed_at - recovery.killed_at for r, e in events.items()}
-    return {"approach": "moetion", "wall_s": line.total_s, "reexecuted_stage_iterations": line.replayed_stage_iterations,
-            "bytes_moved": replacement.window_bytes + line.log_bytes, "inflight_stage_s": inflight,
+    events = recovery.rank_events.values()
+    inflight = sum(e.inflight_s for e in events if e.role is Role.SURVIVOR)
+    replacement = next(e for e in events if e.role is Role.REPLACEMENT)
+    resumed = [e.resumed_at - recovery.killed_at for e in events]
+    return {"approach": approach, "wall_s": line.total_s,
+            "reexecuted_stage_iterations": line.replayed_stage_iterations + line.survivor_replayed_iterations,
+            # The state each restoring rank loaded (window or live replica's state) and the logs it received.
+            "bytes_moved": sum(e.window_bytes + e.bytes_received for e in events), "inflight_stage_s": inflight,
             "replay_s": replacement.replay_s, "replayed": replacement.replayed,
-            "work_lost_stage_s": inflight + replacement.replay_s, "occupancy_lost_stage_s": sum(resumed.values()),
+            "work_lost_stage_s": inflight + sum(e.replay_s for e in events), "occupancy_lost_stage_s": sum(resumed),
             "timeline": line.to_dict(), "source": replacement.source.value}
 
 
@@ -178,6 +191,11 @@ def main() -> None:
     parser.add_argument("--stages", type=int, nargs="+", default=list(STAGE_COUNTS),
                         help="pipeline sizes to measure, one process with one thread per stage")
     parser.add_argument("--repeats", type=int, default=2, help="runs per approach (their spread is the noise band)")
+    parser.add_argument("--only", choices=["all", "stages", "experts"], default="all",
+                        help="stages: the table per pipeline size, model and calibration; experts: the 2 stages x 2 replicas "
+                             "table, EP 1 vs EP 2")
+    parser.add_argument("--ep-kill", type=int, default=None,
+                        help="experts table: the kill's iteration (default: the stages table's; 2W with --only experts)")
     parser.add_argument("--matrix", action="store_true", help="time every cell of the fault matrix instead")
     parser.add_argument("--topology", action="append", choices=["3 stages", "4 stages", "2x2"], default=None,
                         help="--matrix: topologies to run (default all)")
@@ -195,6 +213,17 @@ def main() -> None:
                     kinds=args.kind or ["built-in, forked", "script, fresh", "script, warm spare"])
         return
     os.environ.setdefault("MOETION_LOG_LEVEL", "ERROR")
+    kill = None
+    if args.only in ("all", "stages"):
+        kill = stages_part(args)
+    if args.only in ("all", "experts"):
+        report = experts_part(args, kill=args.ep_kill or kill or 2 * args.window)
+        write_results("bench_recovery_experts", report)
+
+
+def stages_part(args: argparse.Namespace) -> int:
+    """A table per pipeline size, the model built on their measured costs and the calibration; returns
+    the last size's kill iteration."""
     scratch = Path(tempfile.mkdtemp(prefix="bench-recovery-"))
     memory = Path(tempfile.mkdtemp(prefix="bench-recovery-", dir="/dev/shm"))  # the global restart's in-memory copies
     try:
@@ -211,7 +240,8 @@ def main() -> None:
                                      "by_stages": {str(s): m for s, m in measured.items()}, "model": curves})
     plot_curves(curves)
     last = measured[args.stages[-1]]
-    plot_timelines(last["rows"], last["runs"]["moetion"][-1])
+    plot_timelines(last["rows"], last["runs"]["moetion"][-1], name="bench_recovery_timelines")
+    return last["kill_iteration"]
 
 
 def measure_stages(stages: int, args: argparse.Namespace, scratch: Path, memory: Path) -> dict:
@@ -230,11 +260,11 @@ def measure_stages(stages: int, args: argparse.Namespace, scratch: Path, memory:
     for repeat in range(args.repeats):
         runs["global-rollback"].append(measure_rollback(settings, interval, kill, victim, scratch))
         runs["global-restart"].append(measure_rollback(settings, 1, kill, victim, memory, "global-restart"))
-        runs["moetion"].append(measure_moetion(settings, kill, victim, scratch))
+        runs["moetion"].append(measure_moetion(settings, f"stage={victim},iter={kill},phase=backward", scratch))
         print(f"repeat {repeat + 1}/{args.repeats}: " + ", ".join(
             f"{name} {rows[-1]['wall_s']:.2f} s" for name, rows in runs.items()), flush=True)
     rows = [summarize_runs(name, measured) for name, measured in runs.items()]
-    print_measured(rows, stages=stages)
+    print_measured(rows, title=f"{stages} stages, one kill")
     moe = rows[-1]
     calibration = fixed_costs(runs["moetion"], iteration_s=iteration_s, stages=stages, checkpoint_s=cost)
     calibration["restart_s"] = rows[1]["wall_s"]  # the global restart: kill -> every rank reloaded
@@ -242,6 +272,38 @@ def measure_stages(stages: int, args: argparse.Namespace, scratch: Path, memory:
     return {"stages": stages, "checkpoint_s": cost, "iteration_s": iteration_s, "interval": interval,
             "kill_iteration": kill, "killed_stage": victim, "load_average": os.getloadavg()[0], "rows": rows,
             "runs": runs, "ratios": {r["approach"]: ratios(r, moe) for r in rows[:-1]}, "calibration": calibration}
+
+
+# The experts table: the demo on 2 stages x 2 replicas, the killed rank's experts with (EP 1) and
+# without (EP 2) a live copy on its stage's other replica.
+EP_ROWS = {"moetion, DP 2 (EP 1)": 1, "moetion, DP 2 x EP 2": 2}
+
+
+def experts_part(args: argparse.Namespace, *, kill: int) -> dict:
+    """Replica 1 of stage 1 SIGKILLed mid-backward in iteration ``kill``: with EP 1 it heals from
+    the live replica; with EP 2 its experts have no other copy, so it replays with its expert-parallel
+    group from their windows and the neighbour stage's logs."""
+    spec = f"stage=1,iter={kill},phase=backward,replica=1"
+    print(f"experts table: demo model on 2 stages x 2 replicas, W={args.window}, kill {spec}", flush=True)
+    runs: dict[str, list[dict]] = {label: [] for label in EP_ROWS}
+    scratch = Path(tempfile.mkdtemp(prefix="bench-recovery-ep-"))
+    try:
+        for repeat in range(args.repeats):
+            for label, ep_size in EP_ROWS.items():
+                settings = DemoSettings(stages=2, data_parallel=2, expert_parallel=ep_size, window=args.window,
+                                        iterations=kill + 5, progress=False)
+                runs[label].append(measure_moetion(settings, spec, scratch, approach=label))
+            print(f"repeat {repeat + 1}/{args.repeats}: " + ", ".join(
+                f"{name} {rows[-1]['wall_s']:.2f} s" for name, rows in runs.items()), flush=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    rows = [summarize_runs(name, measured) for name, measured in runs.items()]
+    print_measured(rows, title="2 stages x 2 replicas, one kill (replica 1 of stage 1)")
+    for label, measured in runs.items():
+        print(f"{label} timeline (last repeat, restored from {measured[-1]['source']}):\n  "
+              + "\n  ".join(timeline_lines(measured[-1])))
+    plot_timelines(rows, runs[list(EP_ROWS)[-1]][-1], name="bench_recovery_experts_timelines")
+    return {"kill": spec, "window": args.window, "rows": rows, "runs": runs}
 
 
 METRICS = ("wall_s", "work_lost_stage_s", "occupancy_lost_stage_s", "bytes_moved")
@@ -262,20 +324,15 @@ def ratios(row: dict, moe: dict) -> dict:
     return {key: row[key] / moe[key] for key in ("wall_s", "work_lost_stage_s", "occupancy_lost_stage_s")}
 
 
-def print_measured(rows: list[dict], *, stages: int) -> None:
-    print(f"\n{stages} stages, one kill, median of {rows[0]['repeats']} repeats (+-: spread over the repeats, the A/A band)")
-    print(f"{'approach':<16} {'kill->back (s)':>16} {'re-executed':>12} {'work lost (stage-s)':>22} "
+def print_measured(rows: list[dict], *, title: str) -> None:
+    print(f"\n{title}, median of {rows[0]['repeats']} repeats (+-: spread over the repeats, the A/A band)")
+    print(f"{'approach':<22} {'kill->back (s)':>16} {'re-executed':>12} {'work lost (stage-s)':>22} "
           f"{'occupancy lost (stage-s)':>26} {'MiB moved':>10}")
     for r in rows:
-        print(f"{r['approach']:<16} {r['wall_s']:>8.2f} +-{r['wall_s_band'] * 100:4.0f}% {r['reexecuted_stage_iterations']:>12d} "
+        print(f"{r['approach']:<22} {r['wall_s']:>8.2f} +-{r['wall_s_band'] * 100:4.0f}% {r['reexecuted_stage_iterations']:>12d} "
               f"{r['work_lost_stage_s']:>14.2f} +-{r['work_lost_stage_s_band'] * 100:4.0f}% "
               f"{r['occupancy_lost_stage_s']:>18.2f} +-{r['occupancy_lost_stage_s_band'] * 100:4.0f}% "
               f"{r['bytes_moved'] / 2**20:10.2f}")
-    moe = rows[-1]
-    for r in rows[:-1]:
-        q = ratios(r, moe)
-        print(f"{r['approach']} / moetion: wall {q['wall_s']:.1f}x, work lost {q['work_lost_stage_s']:.1f}x, "
-              f"occupancy lost {q['occupancy_lost_stage_s']:.1f}x")
 
 
 def fixed_costs(measured: list[dict], *, iteration_s: float, stages: int, checkpoint_s: float) -> dict:
@@ -352,8 +409,8 @@ PHASES = (("detect_s", "detected"), ("respawn_s", "respawned"), ("rejoin_s", "re
           ("load_s", "window loaded"), ("logs_s", "logs received"), ("replay_s", "replayed"))
 
 
-def plot_timelines(rows: list[dict], moe: dict) -> None:
-    """Kill -> back per approach side by side, moetion's split into its recovery phases."""
+def plot_timelines(rows: list[dict], moe: dict, *, name: str) -> None:
+    """Kill -> back per row side by side, the last row's (``moe``, a moetion run) split into its recovery phases."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -370,8 +427,8 @@ def plot_timelines(rows: list[dict], moe: dict) -> None:
         left += width
     axis.set_yticks(range(len(rows)), [r["approach"] for r in rows])
     axis.set_xlabel("seconds from the kill until back at the killed iteration")
-    axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), title="moetion (last repeat)")
-    save_figure(fig, "bench_recovery_timelines")
+    axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), title=f"{rows[-1]['approach']} (last repeat)")
+    save_figure(fig, name)
 
 
 def plot_curves(curves: list[dict]) -> None:

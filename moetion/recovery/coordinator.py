@@ -195,7 +195,7 @@ class Recovery:
     def _restore(self, plan: RecoveryPlan, restore: Restore, data: DataSource, events: RecoveryEvents) -> None:
         events.source = restore.source
         if restore.source is RestoreSource.REPLICA:
-            state = transfer.recv_state(restore.donor, timeout_s=self.timeout_s)
+            state, events.window_bytes = transfer.recv_state(restore.donor, timeout_s=self.timeout_s)
             self._receive_losses(plan)
             self.stage.load_state(state, resume=plan.resume)
             events.state_loaded_at = events.logs_received_at = time.time()

@@ -45,7 +45,7 @@ class RecoveryEvents:
     state_loaded_at: float | None = None
     logs_received_at: float | None = None
     bytes_received: int = 0
-    window_bytes: int = 0  # bytes of the window a replacement restored from
+    window_bytes: int = 0  # bytes of the state a restoring rank loaded: its window, or a live replica's state
     bytes_sent: int = 0
     replayed: int = 0
     replay_s: float = 0.0

@@ -63,8 +63,9 @@ def send_state(state: StageState, dst: int) -> None:
     send_bytes(tensor_tree.encode(tree), dst, what="replica state")
 
 
-def recv_state(src: int, *, timeout_s: float) -> StageState:
-    """What :func:`send_state` sent; a stream that is not an intact tensor tree is a PeerFailure."""
+def recv_state(src: int, *, timeout_s: float) -> tuple[StageState, int]:
+    """What :func:`send_state` sent, and its size in bytes (what the recovery moved); a stream that is
+    not an intact tensor tree is a PeerFailure."""
     data = recv_bytes(src, timeout_s=timeout_s, what="replica state")
     try:
         tree = tensor_tree.decode(data, source=f"replica state from rank {src}")
@@ -77,7 +78,7 @@ def recv_state(src: int, *, timeout_s: float) -> StageState:
         history = {int(t): IterationScalars.from_tensor(v) for t, v in tree["history"].items()}
     except (TypeError, ValueError) as error:
         raise PeerFailure(f"replica state from rank {src} is malformed: {error}") from None
-    return StageState(tree["model"], tree["optimizer"], history, scheduler)
+    return StageState(tree["model"], tree["optimizer"], history, scheduler), data.nbytes
 
 
 def send_losses(losses: dict[int, float], dst: int) -> None:

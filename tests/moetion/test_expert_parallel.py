@@ -172,20 +172,28 @@ def ep_group(tmp_path_factory):
     from moetion.demo import DemoSettings
     from moetion.harness.runner import FaultHarness, Job
 
-    demo = DemoSettings(iterations=8, stages=2, data_parallel=2, expert_parallel=2, micro_batches=2,
+    demo = DemoSettings(iterations=10, stages=2, data_parallel=2, expert_parallel=2, micro_batches=2,
                         micro_batch_size=2, window=3, progress=False, lr=1e-2)
     return FaultHarness(Job(demo=demo), work_dir=tmp_path_factory.mktemp("ep"), timeout_s=400)
 
 
 @pytest.mark.slow
-def test_a_killed_expert_parallel_rank_replays_with_its_expert_parallel_group(ep_group):
-    """Rank 3, killed at backward in iteration 5, replays from window 1..3 together with rank 2,
-    which reloads its own window; the all-to-all and the gradient average run live between them."""
-    report = ep_group.run(["stage=1,iter=5,phase=backward,replica=1"])
+def test_a_killed_expert_parallel_rank_replays_with_its_group_at_backward_step_and_forward(ep_group):
+    """Three kills in one run, each of a rank whose experts have no other copy, so the survivor of
+    its expert-parallel group replays with it (each from its own window in shared memory, the
+    all-to-all and the gradient average live between them): rank 3 at backward in iteration 5
+    (from window 1..3), rank 0 after iteration 7's commit point, then rank 1, which replayed with
+    it, at forward in iteration 9 (both from window 4..6, which the replaced rank 0 restored from).
+    A survivor offers only its newest window, so each kill lands where the lost rank holds it too."""
+    report = ep_group.run(["stage=1,iter=5,phase=backward,replica=1", "stage=0,iter=7,phase=step,replica=0",
+                           "stage=0,iter=9,phase=forward,replica=1"])
     assert report.verdict.identical, "\n".join(report.lines())
-    (timeline,) = [t for t in report.timelines if not t.superseded]
-    assert list(timeline.sources.values()) == ["shm"]
-    assert timeline.replayed_stage_iterations == timeline.survivor_replayed_iterations == 3  # iterations 2..4
+    restored = [t for t in report.timelines if not t.superseded]
+    assert [t.ranks for t in restored] == [[3], [0], [1]], "\n".join(report.lines())
+    assert [list(t.sources.values()) for t in restored] == [["shm"]] * 3
+    # Iterations 2..4 (window 1..3's first is restored, not replayed); 5..7 and 5..8 from window 4..6.
+    assert [t.replayed_stage_iterations for t in restored] == [t.survivor_replayed_iterations for t in restored]
+    assert [t.replayed_stage_iterations for t in restored] == [3, 3, 4], "\n".join(report.lines())
 
 
 @pytest.mark.slow
