@@ -8,6 +8,7 @@ a lost peer to recovery, which sees the engine only through
 """
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import replace
@@ -116,6 +117,9 @@ class PipelineEngine:
             self.checkpointer.window_state[SCHEDULER_KEY] = lambda: scheduler_state(lr_scheduler)
         if self.checkpointer is not None and not replacement:
             self.checkpointer.shm.clear()  # a replacement restores from these; anyone else starts afresh
+        if self.checkpointer is not None and self.checkpointer.group_keeping:
+            # Expert parallelism: a replica may have to replay with its stage from the initial state.
+            self.checkpointer.initial_state = self._initial_copy()
         self.upstream = self._build_upstream_log() if config.upstream_log.enabled else None
         self._norm_params = self._params_counted_in_norm()
         self._connect(dist_context)
@@ -297,14 +301,28 @@ class PipelineEngine:
             log.info("no usable window in shared memory: %s", error)
             return None
 
-    def shm_window(self) -> WindowImage | None:
+    def held_starts(self) -> list[int]:
+        return self.checkpointer.held_starts() if self.checkpointer is not None else []
+
+    def shm_window(self, start: int | None = None) -> WindowImage | None:
         if self.checkpointer is None:
             return None
+        shm = self.checkpointer.shm
         try:
-            return self.checkpointer.shm.load_complete()
+            return shm.load_complete() if start is None else shm.load_kept(start)
         except SnapshotError as error:
             log.info("no usable window in shared memory: %s", error)
             return None
+
+    def reset_to_initial(self) -> None:
+        kept = self.checkpointer.initial_state if self.checkpointer is not None else None
+        if not isinstance(kept, StageState):
+            raise PeerFailure(f"rank {self.dist.rank} no longer holds its stage's initial state")
+        self.module.load_state_dict(kept.model)
+        self.optimizer.load_state_dict(kept.optimizer)
+        if self.lr_scheduler is not None:
+            restore_scheduler(self.lr_scheduler, kept.lr_scheduler)
+        self.precision.refresh()
 
     def persist_root(self) -> Path | None:
         return persist_root(self.config.snapshot)
@@ -370,6 +388,8 @@ class PipelineEngine:
             first = report.start_iteration + 1
             self._adopt_history({t: logs.scalars(t) for t in range(first, resume)}, last=report.last)
         if survivor:
+            if self.checkpointer is not None:
+                self.checkpointer.refresh_window_sources()
             self.iteration = resume
             return report
         if self.upstream is not None:
@@ -406,12 +426,19 @@ class PipelineEngine:
             self._data_iter = IteratorSource(data_iter, where=f"stage {self.stage} (rank {self.dist.rank})")
             if self.checkpointer is not None:
                 self.checkpointer.window_state[DATA_ITER_KEY] = self._data_iter.window_state
+                self.checkpointer.initial_state = None  # an iterator cannot go back to its start
         elif self._data_iter.loader is not data_iter:  # e.g. iter(loader) per call: each would restart the epoch
             raise ConfigError(f"stage {self.stage}: train_batch got another data_iter than before; pass the same "
                               "loader or iterator object every call")
         return self._data_iter
 
     # -- building ------------------------------------------------------------------------------------
+    def _initial_copy(self) -> StageState:
+        """The stage as built (weights, buffers, the optimizer without state, the LR scheduler)."""
+        model = {name: t.detach().clone() for name, t in self.module.state_dict().items()}
+        scheduler = scheduler_state(self.lr_scheduler) if self.lr_scheduler is not None else None
+        return StageState(model, copy.deepcopy(self.optimizer.state_dict()), {}, scheduler)
+
     def _share_initial_digest(self, control: ControlPlane, replacement: bool) -> InitialDigest | None:
         """A rank of the first start records its stage's initial digest; a replacement reads it."""
         rank = self.dist.rank

@@ -157,13 +157,15 @@ class Recovery:
         stage = self.stage
         if self.needs_restore:
             self._shm_image = stage.shm_window()
-            return RankStatus(None, True, shm_start=_start_of(self._shm_image), disk_start=self._disk_start())
+            kept = stage.held_starts()
+            return RankStatus(None, True, shm_start=_start_of(self._shm_image), disk_start=self._disk_start(),
+                              shm_oldest=next((s for s in kept if s >= 0), None))
         self._held = stage.held_replica()  # the replica announced; a newer one may arrive before it is sent
         start, window = stage.window_schedule()
         return RankStatus(stage.iteration, False, held_start=_start_of(self._held),
                           window_start=None if start < 0 else start, window=window,
                           log_kept_from=stage.logs_kept_from(), finished=self._finished,
-                          own_start=stage.own_window_start())
+                          own_start=stage.own_window_start(), own_oldest=next(iter(stage.held_starts()), None))
 
     # -- survivors -----------------------------------------------------------------------------------
     def _serve(self, plan: RecoveryPlan) -> int:
@@ -241,8 +243,11 @@ class Recovery:
 
     def _load_window(self, restore: Restore) -> WindowImage | None:
         seat = self.stage.seat()
-        if restore.survivor:
-            image = self.stage.shm_window()
+        if restore.survivor and restore.start < 0:
+            self.stage.reset_to_initial()
+            return None
+        if restore.survivor or (restore.source is RestoreSource.SHM and restore.start != _start_of(self._shm_image)):
+            image = self.stage.shm_window(restore.start)  # a window kept for a replay with the stage's replicas
             if image is None or image.manifest.start_iteration != restore.start:
                 raise PeerFailure(f"rank {seat.rank} no longer holds its window {restore.start} in shared memory")
             return image

@@ -22,7 +22,7 @@ from moetion.recovery.records import RestoreSource
 from moetion.snapshot.replica import replication_peers
 from moetion.topology import PipeTopology
 
-_NONE = -1  # how "nothing" travels in the all-gathered integer row
+_NONE = -(2 ** 62)  # how "nothing" travels in the all-gathered integer row (-1 is the initial state)
 
 
 class RecoveryImpossible(MoetionError):
@@ -43,6 +43,8 @@ class RankStatus:
     disk_start: int | None = None  # restoring rank: its newest persisted window
     finished: bool = False  # survivor: it has finished training and waits in close()
     own_start: int | None = None  # survivor: its own newest complete window (expert-parallel group replay)
+    own_oldest: int | None = None  # survivor: the oldest window it keeps for a group replay (-1: the initial state)
+    shm_oldest: int | None = None  # restoring rank: the oldest window kept in its shared memory
 
     def to_tensor(self) -> torch.Tensor:
         return torch.tensor([_NONE if v is None else int(v) for v in astuple(self)], dtype=torch.int64)
@@ -155,8 +157,9 @@ def _stages_replaying_together(restoring: list[int], survivors: list[int], topol
 def _restore_group(stage: int, statuses: list[RankStatus], survivors: list[int], resume: int,
                    topology: PipeTopology, tied_stages: dict[str, list[int]]) -> list[Restore]:
     """Option (a) of expert-parallel recovery: every replica of ``stage`` replays from a window start
-    all of them hold (survivors: their own newest window in shared memory), each reading its own
-    pipeline neighbours' logs, with the all-to-all and the gradient average live among them."""
+    all of them hold (survivors: their own newest window in shared memory, or the oldest they keep
+    for their group, or the initial state), each reading its own pipeline neighbours' logs, with the
+    all-to-all and the gradient average live among them."""
     members = topology.replica_ranks(stage)
     lost = [r for r in members if r not in survivors]
     what = f"stage {stage} (ranks {members}, expert-parallel groups of {topology.expert_parallel})"
@@ -172,8 +175,8 @@ def _restore_group(stage: int, statuses: list[RankStatus], survivors: list[int],
     tiers = {r: _tiers(r, statuses, helpers, topology) for r in lost}
     for r in members:
         if r in survivors:
-            own = statuses[r].own_start
-            tiers[r] = {} if own is None else {own: (RestoreSource.SHM, None)}
+            kept = (statuses[r].own_oldest, statuses[r].own_start)
+            tiers[r] = {s: (RestoreSource.SHM if s >= 0 else RestoreSource.INITIAL, None) for s in kept if s is not None}
     common = sorted(set.intersection(*(set(t) for t in tiers.values())), reverse=True)
     for start in common:
         needed = range(start + 1, resume)
@@ -266,6 +269,8 @@ def _tiers(rank: int, statuses: list[RankStatus], survivors: list[int],
                    and (replication_peers(topology, r) or (None, None))[1] == rank), None)
     if holder is not None:
         found[statuses[holder].held_start] = (RestoreSource.PEER, holder)
+    if mine.shm_oldest is not None:
+        found[mine.shm_oldest] = (RestoreSource.SHM, None)
     if mine.shm_start is not None:
         found[mine.shm_start] = (RestoreSource.SHM, None)
     return found

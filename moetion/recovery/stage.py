@@ -82,8 +82,14 @@ class RecoverableStage(Protocol):
     def held_replica(self) -> WindowImage | None:
         """The window replica this stage holds for the replica it receives from."""
 
-    def shm_window(self) -> WindowImage | None:
-        """This stage's newest intact window in node-local shared memory."""
+    def shm_window(self, start: int | None = None) -> WindowImage | None:
+        """This stage's newest intact window in node-local shared memory (``start``: that kept window)."""
+
+    def held_starts(self) -> list[int]:
+        """Windows kept for a replay with the stage's replicas, oldest first (-1: the initial state)."""
+
+    def reset_to_initial(self) -> None:
+        """A survivor about to replay with its stage from the initial state goes back to it."""
 
     def own_window_start(self) -> int | None:
         """A survivor's newest complete window (the start a replay with its stage's replicas can use)."""

@@ -19,6 +19,14 @@ schedule without capturing (its predecessor's earlier captures died with it) unt
 Log retention is job-wide too: each stage reports the oldest window it could restore from (its
 newest window in shared memory, or on disk when persisting) on the commit all-gather, and logs are
 kept from the minimum over the stages, so every stage's restore finds its neighbours' logs.
+
+Group keeping (expert parallelism: a lost rank's experts may have no other copy, and then every
+replica of its stage replays together from a window each of them holds): each replica puts the
+windows it holds (and -1 while it keeps the stage's initial state) into its own slots of the
+data-parallel all-reduce; the newest window every replica holds becomes the stage's *common*
+window, which each keeps (windows from it on stay in shared memory) and reports as its restorable
+start, so its neighbours keep their logs back to it. Older windows and the initial state go once a
+newer window is common.
 """
 from __future__ import annotations
 
@@ -53,6 +61,8 @@ from moetion.window import (BackgroundWork, SlotPlan, capture_budget_bytes, cpu_
 
 log = logging.getLogger(__name__)
 
+HELD_SLOTS = 3  # windows (or -1, the initial state) a replica reports holding, newest first
+_NO_WINDOW = -2.0  # an empty slot
 _EMA = 0.3  # weight of the newest measurement of iteration time and bandwidth
 # On CPU, snapshot threads take cores from training: their CPU (capture, checksums, replication,
 # persistence) may be this share of the training thread's CPU. With CUDA the copy runs behind compute: 1.0.
@@ -132,6 +142,11 @@ class SparseCheckpointer:
         self._iteration = 0
         self.replicator = replicator
         self._held_over: WindowImage | None = None  # a peer's window replica, kept while groups are rebuilt
+        # Expert parallelism: the stage's replicas replay together, so each keeps the newest window
+        # all of them hold (-1: the initial state), and the initial state until a window is common.
+        self.group_keeping = identity.expert_parallel > 1
+        self.group_common = -1
+        self.initial_state: object | None = None  # set by the engine; dropped once a window is common
         # Set by the engine when upstream logging is on: (start, stop) -> this stage's logs of those
         # iterations, persisted with each window so it can be replayed offline.
         self.log_exporter: Callable[[int, int], bytes] | None = None
@@ -159,12 +174,40 @@ class SparseCheckpointer:
         # Algorithm 1 is quadratic in operators: run it only where its answer is used.
         with LEDGER.blocking(PROPOSE):
             proposal = self._propose() if self._is_decision_point(self._iteration) else self._proposal
-        return torch.tensor([proposal, *counts], dtype=torch.float32)
+        return torch.tensor([proposal, *counts, *self._held_slots()], dtype=torch.float32)
 
     def absorb_dp(self, summed: torch.Tensor) -> None:
         replicas = self.identity.data_parallel
         self._proposal = math.ceil(float(summed[0]) / replicas)
-        self._counts_pending = dict(zip((name for name, _, _ in self._counted), summed[1:].tolist()))  # counted once the step commits
+        counted = len(self._counted)
+        self._counts_pending = dict(zip((name for name, _, _ in self._counted), summed[1:1 + counted].tolist()))  # counted once the step commits
+        if self.group_keeping:
+            self._absorb_held(summed[1 + counted:].reshape(replicas, HELD_SLOTS).tolist())
+
+    def held_starts(self) -> list[int]:
+        """Windows this replica could replay from with its group, oldest first (-1: the initial state)."""
+        return ([-1] if self.initial_state is not None else []) + self.shm.held_starts()
+
+    def _held_slots(self) -> list[float]:
+        """This replica's row of the held windows, in its own slots (the others' are zero in the sum)."""
+        if not self.group_keeping:
+            return []
+        mine = sorted(self.held_starts(), reverse=True)[:HELD_SLOTS]
+        row = [float(s) for s in mine] + [_NO_WINDOW] * (HELD_SLOTS - len(mine))
+        slots = [0.0] * (self.identity.data_parallel * HELD_SLOTS)
+        at = self.identity.replica * HELD_SLOTS
+        slots[at:at + HELD_SLOTS] = row
+        return slots
+
+    def _absorb_held(self, rows: list[list[float]]) -> None:
+        """The newest window every replica holds becomes common: what is older is retired."""
+        common = set.intersection(*({int(v) for v in row if v != _NO_WINDOW} for row in rows))
+        newest = max(common, default=-1)
+        if newest <= self.group_common:
+            return
+        self.group_common = newest
+        self.initial_state = None
+        self.shm.retire_before(newest)
 
     def stage_payload(self) -> torch.Tensor:
         return torch.tensor([float(self._proposal), float(self.restorable_start())], dtype=torch.float32)
@@ -177,6 +220,11 @@ class SparseCheckpointer:
 
     def restorable_start(self) -> int:
         """Start of the oldest window a restore of this stage could begin at (-1: the initial state)."""
+        if self.group_keeping:
+            return min(self.group_common, self._restorable_alone())
+        return self._restorable_alone()
+
+    def _restorable_alone(self) -> int:
         if self.persister is not None:
             persisted = self.persister.last_persisted
             return persisted.start_iteration if persisted is not None else -1
@@ -225,6 +273,22 @@ class SparseCheckpointer:
         self.state = WindowState.CAPTURING if start >= resume else WindowState.SKIPPING
         log.info("joined window %d..%d (W=%d) %s", start, start + window - 1, window,
                  "from its start" if start >= resume else "mid-way: capturing from the next window")
+
+    def refresh_window_sources(self) -> None:
+        """After a survivor replayed (its optimizer state tensors were replaced), the rest of the
+        window in progress copies the new tensors: the same entries, planned again."""
+        window = self._window
+        self.worker.fence()
+        if (self.state is not WindowState.CAPTURING or window is None or window.start != self.window_start
+                or window.layout is None):
+            return
+        fresh = plan_layout(plan=window.plan, operators=self.operators, master=self.master, compute=self.compute,
+                            optimizer=self.optimizer, state=window.model_state)
+        if fresh.entries != window.layout.entries:
+            raise SnapshotError(f"stage {self.identity.stage}: the replayed optimizer state does not fit window "
+                                f"{window.start}'s layout")
+        window.layout = fresh
+        self._layout, self._layout_key = fresh, None
 
     def abandon_iteration(self) -> None:
         """The in-flight iteration will be re-run: forget what it proposed and counted."""
@@ -360,7 +424,7 @@ class SparseCheckpointer:
                 extra={"data_parallel": identity.data_parallel, OPERATOR_KINDS: self.kinds, **window.extra,
                        **({"expert_parallel": identity.expert_parallel} if identity.expert_parallel > 1 else {})},
             )
-            self.shm.publish(manifest)
+            self.shm.publish(manifest, keep_from=self.group_common if self.group_keeping else None)
             LEDGER.add_bytes(STORED, manifest.blob_bytes)
             self.last_complete = manifest
             self.windows_completed += 1

@@ -13,6 +13,11 @@ directories under it, must be a real 0700 directory of this user (checked with `
 symlink or another user's directory is refused, never used). Window files are created with
 ``O_EXCL|O_NOFOLLOW``, mode 0600; a window read back must name this run, job, stage and replica.
 
+Group keeping (expert parallelism, where a stage's replicas replay together from a window every
+one of them holds): ``publish(..., keep_from=c)`` keeps every complete window starting at or after
+``c`` besides the new one, each with its manifest in ``window-<start>.json``, until
+:meth:`retire_before` moves ``c`` on; a replacement finds them with :meth:`held_starts`.
+
 Recycling: a retired window's file is not unlinked but kept, still mapped, as the *spare*; the next
 window that fits takes it over by a rename. In steady state no window creates a file or touches a
 fresh page (first-touch page faults cost more than the copy itself on CPU). A spare is taken only if
@@ -53,6 +58,7 @@ class SharedMemoryTier:
         self._lock = threading.Lock()  # new_blob and publish run on the capture thread, load_complete anywhere
         self._mapped: dict[int, torch.Tensor] = {}  # windows this process mapped, by start iteration
         self._spare: torch.Tensor | None = None  # the mapping of SPARE, a retired window's file
+        self._kept = self._scan_kept()  # complete windows kept for a group replay, by start (a predecessor's too)
         self.files_created = 0
         self.files_recycled = 0
 
@@ -61,6 +67,7 @@ class SharedMemoryTier:
         with self._lock:
             self._mapped.clear()
             self._spare = None
+            self._kept = set()
         for path in self.directory.iterdir():
             path.unlink(missing_ok=True)
 
@@ -84,14 +91,37 @@ class SharedMemoryTier:
             self._mapped[start_iteration] = blob
         return blob
 
-    def publish(self, manifest: WindowManifest) -> None:
-        """Makes a fully written window the complete one, then retires the window it replaces."""
+    def publish(self, manifest: WindowManifest, *, keep_from: int | None = None) -> None:
+        """Makes a fully written window the complete one, then retires the window it replaces
+        (``keep_from``: only the kept windows starting before it)."""
+        start = manifest.start_iteration
+        if keep_from is not None:
+            write_atomically(self._manifest_path(start), manifest.to_json())
         previous = self._pointed_manifest()
         write_atomically(self.directory / POINTER, manifest.to_json())
-        if previous is not None and previous.start_iteration != manifest.start_iteration:
+        if keep_from is not None:
+            with self._lock:
+                self._kept.add(start)
+            self.retire_before(keep_from)
+        elif previous is not None and previous.start_iteration != start:
             self._retire(previous.start_iteration)
         log.info("window %d..%d complete in shared memory (%d bytes)",
                  manifest.start_iteration, manifest.end_iteration, manifest.blob_bytes)
+
+    def held_starts(self) -> list[int]:
+        """Starts of the complete windows kept for a group replay, oldest first (the newest included)."""
+        with self._lock:
+            return sorted(self._kept)
+
+    def retire_before(self, start: int) -> None:
+        """Retires the kept windows starting before ``start``, never the newest complete one."""
+        newest = self.complete_start()
+        with self._lock:
+            old = [s for s in self._kept if s < start and s != newest]
+            self._kept.difference_update(old)
+        for s in old:
+            self._manifest_path(s).unlink(missing_ok=True)
+            self._retire(s)
 
     def bytes_held(self) -> int:
         """Bytes of every file held, the spare included (read once per iteration by the metrics: scandir, not glob)."""
@@ -107,7 +137,22 @@ class SharedMemoryTier:
         manifest = self._pointed_manifest()
         if manifest is None:
             raise SnapshotError(f"no complete window in shared memory at {self.directory}")
-        manifest.check_owner(**self.owner, source=str(self.directory / POINTER))
+        return self._load(manifest, source=self.directory / POINTER, verify=verify)
+
+    def load_kept(self, start: int) -> WindowImage:
+        """A window kept for a group replay (the newest too), mapped and verified as :meth:`load_complete`."""
+        path = self._manifest_path(start)
+        try:
+            check_private_file(path)
+            manifest = WindowManifest.from_json(path.read_bytes(), source=str(path))
+        except (OSError, UnsafePathError) as error:
+            raise SnapshotError(f"{path}: kept window unusable ({error})") from None
+        if manifest.start_iteration != start:
+            raise SnapshotError(f"{path}: names window {manifest.start_iteration}, not {start}")
+        return self._load(manifest, source=path, verify=True)
+
+    def _load(self, manifest: WindowManifest, *, source: Path, verify: bool) -> WindowImage:
+        manifest.check_owner(**self.owner, source=str(source))
         path = self._blob_path(manifest.start_iteration)
         try:
             size = check_private_file(path).st_size
@@ -152,8 +197,14 @@ class SharedMemoryTier:
             os.replace(path, self.directory / SPARE)
             self._spare = blob
 
+    def _scan_kept(self) -> set[int]:
+        return {int(p.name[len("window-"):-len(".json")]) for p in self.directory.glob("window-*.json")}
+
     def _blob_path(self, start_iteration: int) -> Path:
         return self.directory / f"window-{start_iteration:010d}.bin"
+
+    def _manifest_path(self, start_iteration: int) -> Path:
+        return self.directory / f"window-{start_iteration:010d}.json"
 
 
 def _map_file(path: Path, nbytes: int, *, shared: bool = True) -> torch.Tensor:

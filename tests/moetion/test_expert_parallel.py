@@ -197,6 +197,28 @@ def test_a_killed_expert_parallel_rank_replays_with_its_group_at_backward_step_a
 
 
 @pytest.mark.slow
+def test_an_expert_parallel_group_replays_from_a_window_all_its_replicas_kept_or_the_initial_state(ep_group):
+    """Four kills where a survivor's newest window is not the lost rank's: each replica keeps the
+    windows from the newest one every replica of its stage holds (and the initial state until one
+    is), so the group finds a common start. Rank 1 at forward in iteration 2 (no window yet: stage 0
+    from the initial state); rank 2 at forward in iteration 4, just after window 1..3's end (from
+    window 1 or the initial state, as far as its publishing got); rank 3 at backward in iteration 5
+    (from window 1); rank 2 again at forward in iteration 9: rank 3 skipped window 4..6, so rank 2
+    kept window 1 besides 4 and they replay from 1."""
+    report = ep_group.run(["stage=0,iter=2,phase=forward,replica=1", "stage=1,iter=4,phase=forward,replica=0",
+                           "stage=1,iter=5,phase=backward,replica=1", "stage=1,iter=9,phase=forward,replica=0"])
+    assert report.verdict.identical, "\n".join(report.lines())
+    restored = [t for t in report.timelines if not t.superseded]
+    assert [t.ranks for t in restored] == [[1], [2], [3], [2]], "\n".join(report.lines())
+    sources = [list(t.sources.values()) for t in restored]
+    assert sources[0] == ["initial"] and sources[2:] == [["shm"], ["shm"]], "\n".join(report.lines())
+    # Iterations 0..1 from the initial state; 2..4 from window 1..3; 2..8 from window 1..3 again.
+    replayed = [t.replayed_stage_iterations for t in restored]
+    assert replayed[0] == 2 and replayed[2:] == [3, 7], "\n".join(report.lines())
+    assert replayed == [t.survivor_replayed_iterations for t in restored]
+
+
+@pytest.mark.slow
 def test_negative_control_one_all_to_all_chunk_perturbed_in_replay_is_a_mismatch(ep_group, monkeypatch):
     from moetion import expert_parallel, replay
 

@@ -18,7 +18,8 @@ def lost(*, shm=None, disk=None):
 
 
 def test_status_round_trips_through_a_tensor():
-    status = RankStatus(7, True, shm_start=3, held_start=None, window_start=4, window=2, log_kept_from=1, disk_start=0)
+    status = RankStatus(7, True, shm_start=3, held_start=None, window_start=4, window=2, log_kept_from=1, disk_start=0,
+                        own_oldest=-1, shm_oldest=1)
     assert RankStatus.from_tensor(status.to_tensor()) == status
     done = RankStatus(9, False, finished=True)
     assert RankStatus.from_tensor(done.to_tensor()) == done
@@ -81,6 +82,27 @@ def test_an_expert_parallel_rank_without_a_live_copy_replays_with_every_replica_
     assert survived.together == replaced.together == (0, 1)
     with pytest.raises(RecoveryImpossible, match=r"must replay together from a window every replica holds .*rank 0: none"):
         plan_recovery([survivor(), lost(shm=12), survivor(), survivor()], topology=topology, tied_stages={})
+
+
+def test_an_expert_parallel_group_replays_from_the_oldest_window_its_members_kept_or_the_initial_state():
+    topology = PipeTopology(num_stages=2, data_parallel=2, expert_parallel=2)  # rank = stage * 2 + replica
+    # The survivor kept window 1 besides its newest, 4, because the lost rank (its newest: window 1,
+    # still its oldest kept) had not published 4: they replay together from 1.
+    peer = dataclasses.replace(survivor(kept=2), own_start=4, own_oldest=1)
+    plan = plan_recovery([peer, dataclasses.replace(lost(shm=1), shm_oldest=1), survivor(kept=2), survivor(kept=2)],
+                         topology=topology, tied_stages={})
+    assert [(r.source, r.start) for r in plan.restores] == [("shm", 1), ("shm", 1)]
+    # A replacement that replayed with its group has no window of its own yet; the lost member kept
+    # the window the replacement restored from besides its newest.
+    replacement = dataclasses.replace(survivor(kept=2), own_start=1, own_oldest=-1)
+    plan = plan_recovery([replacement, dataclasses.replace(lost(shm=4), shm_oldest=1), survivor(kept=2),
+                          survivor(kept=2)], topology=topology, tied_stages={})
+    assert [(r.source, r.start) for r in plan.restores] == [("shm", 1), ("shm", 1)]
+    # Before a window is common, the survivor goes back to the initial state it kept.
+    early = dataclasses.replace(survivor(2, kept=0, window=(1, 3)), own_start=1, own_oldest=-1)
+    plan = plan_recovery([early, lost(), survivor(2, kept=0, window=(1, 3)), survivor(2, kept=0, window=(1, 3))],
+                         topology=topology, tied_stages={})
+    assert [(r.source, r.start, r.survivor) for r in plan.restores] == [("initial", -1, True), ("initial", -1, False)]
 
 
 def test_logs_dropped_past_the_window_rule_it_out_and_the_error_names_what_is_missing():
