@@ -172,7 +172,7 @@ def ep_group(tmp_path_factory):
     from moetion.demo import DemoSettings
     from moetion.harness.runner import FaultHarness, Job
 
-    demo = DemoSettings(iterations=10, stages=2, data_parallel=2, expert_parallel=2, micro_batches=2,
+    demo = DemoSettings(iterations=12, stages=2, data_parallel=2, expert_parallel=2, micro_batches=2,
                         micro_batch_size=2, window=3, progress=False, lr=1e-2)
     return FaultHarness(Job(demo=demo), work_dir=tmp_path_factory.mktemp("ep"), timeout_s=400)
 
@@ -201,20 +201,20 @@ def test_an_expert_parallel_group_replays_from_a_window_all_its_replicas_kept_or
     """Four kills where a survivor's newest window is not the lost rank's: each replica keeps the
     windows from the newest one every replica of its stage holds (and the initial state until one
     is), so the group finds a common start. Rank 1 at forward in iteration 2 (no window yet: stage 0
-    from the initial state); rank 2 at forward in iteration 4, just after window 1..3's end (from
-    window 1 or the initial state, as far as its publishing got); rank 3 at backward in iteration 5
-    (from window 1); rank 2 again at forward in iteration 9: rank 3 skipped window 4..6, so rank 2
-    kept window 1 besides 4 and they replay from 1."""
-    report = ep_group.run(["stage=0,iter=2,phase=forward,replica=1", "stage=1,iter=4,phase=forward,replica=0",
-                           "stage=1,iter=5,phase=backward,replica=1", "stage=1,iter=9,phase=forward,replica=0"])
+    from the initial state); rank 3 at backward in iteration 5 (from window 1); rank 2 at forward in
+    iteration 9: rank 3 skipped window 4..6, so rank 2 kept window 1 besides 4 and they replay from
+    1; rank 0 at forward in iteration 10, just after window 7..9's end, published or not by the lost
+    rank (rank 1 kept window 4 until both hold 7: from 4 or 7, as far as the publishing got)."""
+    report = ep_group.run(["stage=0,iter=2,phase=forward,replica=1", "stage=1,iter=5,phase=backward,replica=1",
+                           "stage=1,iter=9,phase=forward,replica=0", "stage=0,iter=10,phase=forward,replica=0"])
     assert report.verdict.identical, "\n".join(report.lines())
     restored = [t for t in report.timelines if not t.superseded]
-    assert [t.ranks for t in restored] == [[1], [2], [3], [2]], "\n".join(report.lines())
+    assert [t.ranks for t in restored] == [[1], [3], [2], [0]], "\n".join(report.lines())
     sources = [list(t.sources.values()) for t in restored]
-    assert sources[0] == ["initial"] and sources[2:] == [["shm"], ["shm"]], "\n".join(report.lines())
-    # Iterations 0..1 from the initial state; 2..4 from window 1..3; 2..8 from window 1..3 again.
+    assert sources == [["initial"], ["shm"], ["shm"], ["shm"]], "\n".join(report.lines())
+    # Iterations 0..1 from the initial state; 2..4 and 2..8 from window 1..3; 5..9 or 8..9.
     replayed = [t.replayed_stage_iterations for t in restored]
-    assert replayed[0] == 2 and replayed[2:] == [3, 7], "\n".join(report.lines())
+    assert replayed[:3] == [2, 3, 7] and replayed[3] in (5, 2), "\n".join(report.lines())
     assert replayed == [t.survivor_replayed_iterations for t in restored]
 
 

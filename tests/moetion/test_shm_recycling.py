@@ -58,3 +58,27 @@ def test_a_spare_too_small_for_the_next_window_is_dropped(tmp_path):
     tier.new_blob(6, image.manifest.blob_bytes * 2)
     assert (tier.files_created, tier.files_recycled) == (3, 0)
     assert not (tier.directory / "spare.bin").exists()
+
+
+def test_windows_kept_for_a_group_replay_stay_until_retired_and_a_replacement_finds_them(tmp_path):
+    tier = SharedMemoryTier(tmp_path, run_id="run-test", job_nonce="job-test", stage=0, replica=0)
+    images = {}
+    for seed, start in enumerate((1, 4, 7)):
+        image, expected = make_image(start_iteration=start, seed=seed)
+        n = image.manifest.blob_bytes
+        tier.new_blob(start, n)[:n].copy_(image.blob[:n])
+        tier.publish(image.manifest, keep_from=1)  # window 1 is the one every replica holds
+        images[start] = expected
+    assert tier.held_starts() == [1, 4, 7] and tier.complete_start() == 7
+    tier.retire_before(7)  # 7 became common
+    assert tier.held_starts() == [7]
+    tier.retire_before(9)  # never the newest
+    assert tier.held_starts() == [7]
+    replacement = SharedMemoryTier(tmp_path, run_id="run-test", job_nonce="job-test", stage=0, replica=0)
+    assert replacement.held_starts() == [7]
+    image = replacement.load_kept(7)
+    for capture in image.manifest.captures:
+        for entry in capture.entries:
+            assert torch.equal(image.tensor(entry), images[7][(capture.iteration, entry.param, entry.role)])
+    assert sorted(p.name for p in tier.directory.iterdir()) == [
+        "complete.json", "spare.bin", "window-0000000007.bin", "window-0000000007.json"]
