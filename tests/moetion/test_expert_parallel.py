@@ -183,8 +183,7 @@ def test_a_killed_expert_parallel_rank_replays_with_its_group_at_backward_step_a
     its expert-parallel group replays with it (each from its own window in shared memory, the
     all-to-all and the gradient average live between them): rank 3 at backward in iteration 5
     (from window 1..3), rank 0 after iteration 7's commit point, then rank 1, which replayed with
-    it, at forward in iteration 9 (both from window 4..6, which the replaced rank 0 restored from).
-    A survivor offers only its newest window, so each kill lands where the lost rank holds it too."""
+    it, at forward in iteration 9 (both from window 4..6, which the replaced rank 0 restored from)."""
     report = ep_group.run(["stage=1,iter=5,phase=backward,replica=1", "stage=0,iter=7,phase=step,replica=0",
                            "stage=0,iter=9,phase=forward,replica=1"])
     assert report.verdict.identical, "\n".join(report.lines())
