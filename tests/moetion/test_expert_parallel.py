@@ -1,5 +1,6 @@
 """Expert parallelism: placement, bad input, and a PP x EP run equal to the unsharded model's training."""
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from moetion.launcher import run_workers
 from moetion.models import GPTMoEConfig, build_gpt_moe_layers, gpt_moe_loss
 from moetion.moe import MoELayer
 from moetion.reference import train_reference
+from moetion.snapshot.persist import load_persisted
 from moetion.topology import PipeTopology
 
 MODEL = GPTMoEConfig(seq_len=16, d_model=32, n_heads=2, n_layers=2, d_hidden=64, num_experts=4,
@@ -172,9 +174,10 @@ def ep_group(tmp_path_factory):
     from moetion.demo import DemoSettings
     from moetion.harness.runner import FaultHarness, Job
 
+    work = tmp_path_factory.mktemp("ep")
     demo = DemoSettings(iterations=12, stages=2, data_parallel=2, expert_parallel=2, micro_batches=2,
-                        micro_batch_size=2, window=3, progress=False, lr=1e-2)
-    return FaultHarness(Job(demo=demo), work_dir=tmp_path_factory.mktemp("ep"), timeout_s=400)
+                        micro_batch_size=2, window=3, progress=False, lr=1e-2, persist_dir=str(work / "disk"))
+    return FaultHarness(Job(demo=demo), work_dir=work, timeout_s=400)
 
 
 @pytest.mark.slow
@@ -215,6 +218,14 @@ def test_an_expert_parallel_group_replays_from_a_window_all_its_replicas_kept_or
     replayed = [t.replayed_stage_iterations for t in restored]
     assert replayed[:3] == [2, 3, 7] and replayed[3] in (5, 2), "\n".join(report.lines())
     assert replayed == [t.survivor_replayed_iterations for t in restored]
+    # Rank 2 replayed with rank 3 in the middle of window 4..6 (its optimizer state tensors were
+    # replaced): the rest of that window copied the replayed ones, so it equals the fault-free run's.
+    runs = {int(path.name.split("-")[2]): path for path in Path(ep_group.job.demo.persist_dir).iterdir()}
+    expected, actual = (load_persisted(runs[n], stage=1, replica=0, iteration=4) for n in (min(runs), max(runs)))
+    for before, after in zip(expected.manifest.captures, actual.manifest.captures, strict=True):
+        for e, a in zip(before.entries, after.entries, strict=True):
+            assert (e.param, e.role) == (a.param, a.role) and torch.equal(expected.tensor(e), actual.tensor(a)), \
+                f"window 4..6, capture {after.iteration}: {a.param} {a.role} differs from the fault-free run's"
 
 
 @pytest.mark.slow
