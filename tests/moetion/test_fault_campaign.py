@@ -43,7 +43,7 @@ def test_too_many_kills_for_the_run_is_a_clear_error():
 def test_three_seeded_campaigns_end_bit_identical(tmp_path):
     """The soak test's fast version (experiments/fault_campaign.py runs the long one)."""
     shape = CampaignShape(stages=4, replicas=1, iterations=16, window=3)
-    settings = DemoSettings(iterations=16, window=3, progress=False, lr=1e-2)
+    settings = DemoSettings(iterations=16, window=3, progress=False, lr=1e-2, micro_batch_size=2, micro_batches=2)
     with FaultHarness(Job(demo=settings), work_dir=tmp_path, timeout_s=400) as harness:
         for seed in range(3):
             kills = draw_kills(shape, count=4, seed=seed)

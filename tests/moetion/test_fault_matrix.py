@@ -40,7 +40,7 @@ def assert_bit_identical_and_noticed(report, *, recoveries: int):
 
 
 def demo(**values) -> DemoSettings:
-    return DemoSettings(**{"iterations": 20, "window": 2, "micro_batches": 2, "progress": False, "lr": 1e-2,
+    return DemoSettings(**{"iterations": 20, "window": 2, "micro_batches": 2, "micro_batch_size": 2, "progress": False, "lr": 1e-2,
                            "peer_timeout_s": PEER_TIMEOUT_S, **values})
 
 

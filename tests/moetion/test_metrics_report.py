@@ -33,7 +33,8 @@ PNG = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
-    settings = DemoSettings(iterations=ITERATIONS, stages=STAGES, window=2, progress=False, run_dir=str(run_dir))
+    settings = DemoSettings(iterations=ITERATIONS, stages=STAGES, window=2, progress=False, run_dir=str(run_dir),
+                            micro_batch_size=2, micro_batches=2)
     run_id = f"metrics-test-{os.getpid()}"
     env = {KILL_ENV: f"stage={KILLED},iter=5,phase=backward", "MOETION_RUN_ID": run_id}
     try:

@@ -21,7 +21,7 @@ ITERATIONS = 16
 
 
 def settings(**overrides) -> DemoSettings:
-    values = dict(iterations=ITERATIONS, window=3, progress=False, lr=1e-2)
+    values = dict(iterations=ITERATIONS, window=3, progress=False, lr=1e-2, micro_batch_size=2, micro_batches=2)
     values.update(overrides)
     return DemoSettings(**values)
 
