@@ -162,7 +162,8 @@ class FaultHarness:
             else:
                 report = launch_script(self.job.script, list(self.job.script_args), nproc=self.job.world_size,
                                        recover=True, env=env, timeout_s=self.timeout_s,
-                                       heartbeat_timeout_s=self.heartbeat_timeout_s, spares=self.spares,
+                                       heartbeat_timeout_s=self.heartbeat_timeout_s,
+                                       spares=self.spares if kills else 0,  # nothing to replace in a fault-free run
                                        max_restarts=self.max_restarts)
         finally:
             shutil.rmtree(Path(SHM_ROOT) / run_id, ignore_errors=True)
