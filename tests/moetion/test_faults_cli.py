@@ -10,13 +10,13 @@ from recovering_script import recovering_script
 
 pytestmark = pytest.mark.slow  # real ranks over gloo
 
-SCRIPT = recovering_script(stages=3, iterations=9)
+SCRIPT = recovering_script(stages=2, iterations=9)
 
 
 def faults(tmp_path, *kills):
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
-    command = [sys.executable, "-m", "moetion.cli", "faults", "--script", str(script), "--nproc", "3",
+    command = [sys.executable, "-m", "moetion.cli", "faults", "--script", str(script), "--nproc", "2",
                "--json", str(tmp_path / "report.json")]
     for kill in kills:
         command += ["--kill", kill]
