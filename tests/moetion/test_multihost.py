@@ -1,6 +1,6 @@
 """Two launchers sharing one control store, as on two hosts: a rank of the second "host" is
-SIGKILLed, its own supervisor replaces it, every rank of both hosts rebuilds around it, and the job
-ends with the same losses and weights as a fault-free single-launcher run."""
+SIGKILLed and its own supervisor replaces it; later the whole second host is lost, and a standby
+takes it over (or, without a standby, the job ends naming the host and the resume command)."""
 import json
 import os
 import re
@@ -20,11 +20,6 @@ from recovering_script import recovering_script
 
 pytestmark = pytest.mark.slow  # real ranks over gloo
 
-SCRIPT = recovering_script(stages=4, iterations=9, tail='''
-    digest = hashlib.sha256(b"".join(t.numpy().tobytes() for t in module.state_dict().values())).hexdigest()
-    print(f"rank {engine.dist.rank} result " + json.dumps({"losses": engine.losses, "weights": digest}), flush=True)
-''')
-
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -32,11 +27,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def results(*outputs: str) -> dict[str, dict]:
-    """Each rank's result line; ranks share the launcher's stdout, so a line may run into the next."""
+def results(*outputs: str, line: str = "result") -> dict[str, dict]:
+    """Each rank's ``rank N <line> {json}`` record; ranks share the launcher's stdout, so a record
+    may run into the next."""
     found, decoder = {}, json.JSONDecoder()
     for out in outputs:
-        for match in re.finditer(r"rank (\d+) result ", out):
+        for match in re.finditer(rf"rank (\d+) {line} ", out):
             found[match.group(1)] = decoder.raw_decode(out, match.end())[0]
     return found
 
@@ -48,34 +44,6 @@ def launch(script, shm, *extra, env=None, session=False):
     command = [sys.executable, "-m", "moetion.cli", "launch", "--timeout", "400", *flags, str(script), str(shm), *args]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **(env or {})}, start_new_session=session)
-
-
-def test_a_rank_of_the_second_host_is_replaced_and_the_job_stays_exact(tmp_path):
-    script = tmp_path / "train.py"
-    script.write_text(SCRIPT)
-    reference = launch(script, tmp_path / "shm-ref", "--nproc", "4")
-    out, err = reference.communicate(timeout=200)
-    assert reference.returncode == 0, err
-    expected = results(out)
-
-    port = free_port()
-    secret = {"MOETION_JOB_SECRET": secrets.token_hex(32)}  # the operator forwards one secret to every host
-    hosts = [launch(script, tmp_path / "shm", "--nproc", "2", "--nnodes", "2", "--node-rank", str(node),
-                    "--master-port", str(port), env={"MOETION_KILL": "stage=2,iter=5,phase=backward", **secret})
-             for node in (0, 1)]
-    outputs = [host.communicate(timeout=200) for host in hosts]
-    for host, (out, err) in zip(hosts, outputs):
-        assert host.returncode == 0, out + err
-    assert "rank(s) [2] killed by SIGKILL; replaced" in outputs[1][0]  # the second host's supervisor
-    got = results(*(out for out, _ in outputs))
-    assert sorted(got) == sorted(expected) == ["0", "1", "2", "3"]
-    for rank in expected:
-        assert got[rank]["weights"] == expected[rank]["weights"], f"rank {rank} weights differ"
-        if rank != "2":
-            assert got[rank]["losses"] == expected[rank]["losses"]
-    # The replacement knows the losses of the iterations it replayed (from the logs) and trained.
-    replaced = got["2"]["losses"]
-    assert "4" in replaced and replaced == {t: expected["2"]["losses"][t] for t in replaced}
 
 
 LONG_SCRIPT = recovering_script(stages=4, iterations=400).replace(
@@ -126,9 +94,10 @@ STANDBY_SCRIPT = textwrap.dedent('''
     data = moetion.ByteCorpus(bytes(range(256)) * 8, seq_len=8, micro_batch_size=2)
     while engine.iteration < 8:
         engine.train_batch(data)
-        pause = os.environ.get("TEST_PAUSE_MARKER")
-        if pause and engine.iteration == 5 and engine.dist.rank >= 2 and moetion.control.start_generation() == 0:
+        pause = os.environ.get("TEST_PAUSE_MARKER")  # set for host 1's launcher only, not the standby's
+        if pause and engine.iteration == 5:
             engine.checkpointer.drain(timeout_s=60)  # window 3..4 on disk: the chain of 2 and 3 has a common start
+            print(f"rank {engine.dist.rank} paused " + json.dumps({"losses": engine.losses}), flush=True)
             open(f"{pause}.rank{engine.dist.rank}", "w").close()
             time.sleep(120)  # host 1 is killed here
     engine.close()
@@ -138,10 +107,12 @@ STANDBY_SCRIPT = textwrap.dedent('''
 
 
 @pytest.mark.timeout(400)
-def test_a_standby_host_takes_over_a_lost_host_and_the_job_stays_exact(tmp_path):
-    """Host 1's launcher and ranks are SIGKILLed and its shared memory wiped; the standby claims
-    node rank 1, its ranks restore from the peer replica and the persisted windows and replay, and
-    every rank ends as in a fault-free run."""
+def test_a_rank_of_a_host_is_replaced_then_a_standby_takes_over_the_lost_host_and_the_job_stays_exact(tmp_path):
+    """Rank 2 (host 1) is SIGKILLed in iteration 3 and host 1's own supervisor replaces it; every
+    rank of both hosts rebuilds around it and trains on exactly. Then host 1's launcher and ranks
+    are SIGKILLed and its shared memory wiped; the standby claims node rank 1, its ranks restore
+    from the peer replica and the persisted windows and replay, and every rank ends as in a
+    fault-free run (one final check covering both recoveries)."""
     script = tmp_path / "train.py"
     script.write_text(STANDBY_SCRIPT)
     reference = launch(script, tmp_path / "shm-ref", tmp_path / "disk-ref", "--nproc", "4")
@@ -150,11 +121,13 @@ def test_a_standby_host_takes_over_a_lost_host_and_the_job_stays_exact(tmp_path)
     expected = results(out)
 
     port, marker = free_port(), tmp_path / "paused"
-    env = {"MOETION_JOB_SECRET": secrets.token_hex(32), "TEST_PAUSE_MARKER": str(marker)}
+    secret = {"MOETION_JOB_SECRET": secrets.token_hex(32)}  # the operator forwards one secret to every host
+    host1_env = {**secret, "TEST_PAUSE_MARKER": str(marker), "MOETION_KILL": "stage=2,iter=3,phase=backward"}
     common = ["--heartbeat-timeout", "3", "--nproc", "2", "--nnodes", "2", "--master-port", str(port)]
-    host0 = launch(script, tmp_path / "shm0", tmp_path / "disk", *common, "--node-rank", "0", env=env)
-    host1 = launch(script, tmp_path / "shm1", tmp_path / "disk", *common, "--node-rank", "1", env=env, session=True)
-    standby = launch(script, tmp_path / "shm-standby", tmp_path / "disk", *common, "--standby", env=env)
+    host0 = launch(script, tmp_path / "shm0", tmp_path / "disk", *common, "--node-rank", "0", env=secret)
+    host1 = launch(script, tmp_path / "shm1", tmp_path / "disk", *common, "--node-rank", "1", env=host1_env,
+                   session=True)
+    standby = launch(script, tmp_path / "shm-standby", tmp_path / "disk", *common, "--standby", env=secret)
     deadline = time.monotonic() + 300
     while not all(Path(f"{marker}.rank{r}").exists() for r in (2, 3)):
         if host1.poll() is not None or time.monotonic() > deadline:
@@ -163,14 +136,26 @@ def test_a_standby_host_takes_over_a_lost_host_and_the_job_stays_exact(tmp_path)
             pytest.fail("host 1 never reached the pause:\n" + "\n".join(h.communicate()[1][-3000:] for h in (host1, host0)))
         time.sleep(0.2)
     os.killpg(host1.pid, signal.SIGKILL)  # the launcher, its ranks and its spare: the whole host
-    host1.wait()
+    out1, _ = host1.communicate()
     shutil.rmtree(tmp_path / "shm1")  # its memory is gone with it
     (out0, err0), (out_s, err_s) = host0.communicate(timeout=300), standby.communicate(timeout=300)
     assert host0.returncode == 0, out0 + err0
     assert standby.returncode == 0, out_s + err_s
+
+    # The first fault: host 1's own supervisor replaced rank 2, and host 1 trained on exactly.
+    assert "rank(s) [2] killed by SIGKILL; replaced" in out1, out1
+    paused = results(out1, line="paused")
+    assert sorted(paused) == ["2", "3"]
+    before_pause = {t: expected["3"]["losses"][t] for t in map(str, range(5))}
+    assert paused["3"]["losses"] == before_pause
+    # The replacement knows every loss so far: the job's history up to the fault (from the
+    # recovery's history donor) and the losses of the iterations it trained since.
+    assert paused["2"]["losses"] == before_pause
+
+    # The second fault: the standby took over host 1, and every rank ends as in the fault-free run.
     assert "took over host 1" in out_s, out_s
     got = results(out0, out_s)
-    assert sorted(got) == ["0", "1", "2", "3"]
+    assert sorted(got) == sorted(expected) == ["0", "1", "2", "3"]
     for rank in expected:
         assert got[rank]["weights"] == expected[rank]["weights"], f"rank {rank} weights differ"
     for rank in ("0", "1"):
