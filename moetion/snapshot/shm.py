@@ -198,7 +198,9 @@ class SharedMemoryTier:
             self._spare = blob
 
     def _scan_kept(self) -> set[int]:
-        return {int(p.name[len("window-"):-len(".json")]) for p in self.directory.glob("window-*.json")}
+        """Starts of the kept windows' manifests in the directory; any other name is not one of ours."""
+        starts = (p.name[len("window-"):-len(".json")] for p in self.directory.glob("window-*.json"))
+        return {int(s) for s in starts if s.isdigit()}
 
     def _blob_path(self, start_iteration: int) -> Path:
         return self.directory / f"window-{start_iteration:010d}.bin"
