@@ -84,11 +84,9 @@ def flat_bytes(tensor: torch.Tensor) -> torch.Tensor:
 class CaptureCopier:
     """How the capture thread copies source tensors into host destinations, and how training is fenced.
 
-    The CPU version: one ``_foreach_copy_`` straight into the destinations; training is fenced by
-    waiting for the whole capture job (:attr:`asynchronous` is False).
+    The CPU version: one ``_foreach_copy_`` straight into the destinations, done when ``enqueued``
+    is called, so the fence before the next step waits for the copies themselves.
     """
-
-    asynchronous = False
 
     def mark_step(self) -> object | None:
         """On the training thread, right after the optimizer step: what the copies must follow."""
@@ -113,8 +111,6 @@ class CaptureCopier:
 
 class CudaCaptureCopier(CaptureCopier):
     """Side-stream copies into pinned staging buffers (see the module docstring)."""
-
-    asynchronous = True
 
     def __init__(self, device: torch.device) -> None:
         self.device = device

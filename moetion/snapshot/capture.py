@@ -4,7 +4,8 @@ The worker thread copies while the next iteration's forward and backward run (to
 releases the GIL). The engine calls :meth:`CaptureWorker.fence_step` before the next optimizer
 step, so no tensor is overwritten while it is still being copied: on the CPU that waits for the
 copies themselves; on CUDA only until they were enqueued on the side stream, which the training
-stream then waits for on the GPU (:mod:`moetion.device_copy`).
+stream then waits for on the GPU (:mod:`moetion.device_copy`). Neither waits for the work after
+the copies (a window's checksums and publishing), which reads only the snapshot's own buffers.
 """
 from __future__ import annotations
 
@@ -34,7 +35,6 @@ class CaptureWorker:
         self._done = threading.Condition()
         self.bytes_copied = 0
         self.seconds_copying = 0.0
-        self.seconds_fenced = 0.0  # how long training waited for captures: the overhead it paid
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -58,22 +58,15 @@ class CaptureWorker:
 
     def fence_step(self) -> None:
         """Call before an optimizer step: returns once that step may overwrite the captured sources."""
-        if not self.copier.asynchronous:
-            self.fence()
-            return
-        start = time.perf_counter()
         with self._done:
             self._done.wait_for(lambda: self._unenqueued == 0)
         self.copier.order_step_after_copies()
-        self.seconds_fenced += time.perf_counter() - start
         self._raise_pending()
 
     def fence(self) -> None:
         """Blocks until every submitted job finished; re-raises a job's error."""
-        start = time.perf_counter()
         with self._done:
             self._done.wait_for(lambda: self._pending == 0)
-        self.seconds_fenced += time.perf_counter() - start
         self._raise_pending()
 
     def close(self) -> None:

@@ -58,6 +58,26 @@ def test_cpu_copier_copies_bytes_exactly():
         assert torch.equal(d.view(s.dtype).view(s.shape), s)
 
 
+def test_cpu_fence_waits_for_the_copies_but_not_for_the_publishing_after_them():
+    """A window's checksums and publishing read only the snapshot's buffers: the next optimizer step
+    need not wait for them, only for the copies of its sources."""
+    publishing, published = threading.Event(), threading.Event()
+
+    def publish():
+        publishing.set()
+        assert published.wait(10)
+
+    worker = CaptureWorker(copier=capture_copier(torch.device("cpu")))
+    source, destination = torch.arange(4, dtype=torch.float32), torch.zeros(16, dtype=torch.uint8)
+    worker.submit([(source, destination)], then=publish)
+    worker.fence_step()  # returns although publish() still waits
+    assert torch.equal(destination.view(torch.float32), source)
+    assert publishing.wait(10) and not published.is_set()
+    published.set()
+    worker.fence()
+    worker.close()
+
+
 def test_capture_copier_refuses_other_devices():
     with pytest.raises(MoetionError, match="cpu or cuda"):
         capture_copier(torch.device("meta"))
@@ -65,8 +85,6 @@ def test_capture_copier_refuses_other_devices():
 
 class _AsyncCopier(CaptureCopier):
     """Enqueues at once, then holds the host side of the copy until released: a side stream's shape."""
-
-    asynchronous = True
 
     def __init__(self) -> None:
         self.release = threading.Event()
