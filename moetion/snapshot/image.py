@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -77,7 +78,16 @@ class WindowManifest:
         return self.start_iteration + self.window - 1
 
     def to_json(self) -> bytes:
-        body = asdict(self)
+        """The manifest as written to every tier; encoded once (shared memory, the peer and the disk
+        all take the same bytes), with plain loops: ``dataclasses.asdict`` deep-copies every field
+        of hundreds of entries and was most of the capture thread's CPU."""
+        return self._json
+
+    @cached_property
+    def _json(self) -> bytes:
+        body = {f.name: getattr(self, f.name) for f in fields(self)}
+        body["captures"] = [{"iteration": c.iteration, "entries": [_entry_body(e) for e in c.entries]}
+                            for c in self.captures]
         return json.dumps({**body, CHECKSUM_FIELD: manifest_digest(body)}, sort_keys=True).encode()
 
     @classmethod
@@ -196,6 +206,13 @@ class _Fields:
             raise SnapshotError(f"{self.source}: {self.where}.{name} is {type(value).__name__} {value!r:.40}, "
                                 f"expected {kind.__name__}; the manifest is damaged")
         return value
+
+
+_ENTRY_FIELDS = tuple(f.name for f in fields(Entry))
+
+
+def _entry_body(entry: Entry) -> dict[str, Any]:
+    return {name: getattr(entry, name) for name in _ENTRY_FIELDS}
 
 
 def manifest_digest(body: dict[str, Any]) -> str:

@@ -59,6 +59,8 @@ class SharedMemoryTier:
         self._mapped: dict[int, torch.Tensor] = {}  # windows this process mapped, by start iteration
         self._spare: torch.Tensor | None = None  # the mapping of SPARE, a retired window's file
         self._kept = self._scan_kept()  # complete windows kept for a group replay, by start (a predecessor's too)
+        # The manifest this process last wrote to the pointer: what the pointer says, without parsing it back.
+        self._published: WindowManifest | None = None
         self.files_created = 0
         self.files_recycled = 0
 
@@ -68,6 +70,7 @@ class SharedMemoryTier:
             self._mapped.clear()
             self._spare = None
             self._kept = set()
+            self._published = None
         for path in self.directory.iterdir():
             path.unlink(missing_ok=True)
 
@@ -99,6 +102,7 @@ class SharedMemoryTier:
             write_atomically(self._manifest_path(start), manifest.to_json())
         previous = self._pointed_manifest()
         write_atomically(self.directory / POINTER, manifest.to_json())
+        self._published = manifest
         if keep_from is not None:
             with self._lock:
                 self._kept.add(start)
@@ -176,6 +180,8 @@ class SharedMemoryTier:
         return None if manifest is None else manifest.start_iteration
 
     def _pointed_manifest(self) -> WindowManifest | None:
+        if self._published is not None:
+            return self._published
         pointer = self.directory / POINTER
         try:
             check_private_file(pointer)
