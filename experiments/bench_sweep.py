@@ -82,6 +82,7 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=4)
     parser.add_argument("--iterations", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds per point (the A/A band needs >= 2)")
     parser.add_argument("--full", action="store_true", help=f"every value of {AXES} (default: {QUICK_AXES})")
     args = parser.parse_args()
     os.environ.setdefault("MOETION_LOG_LEVEL", "WARNING")
@@ -89,12 +90,12 @@ def main() -> None:
     for axis, value, model, mb in points(AXES if args.full else QUICK_AXES):
         print(f"{axis} = {value}", flush=True)
         per_row = interleave(with_aa({"none": ("none", model, mb, args), "sparse": ("sparse", model, mb, args)}, "none"),
-                             run_stages, rounds=1)
+                             run_stages, rounds=args.rounds)
         sparse = next(r for r in summarize(per_row, baseline="none") if r.label == "sparse")
         params = sum(s["params"] for s in per_row["sparse"][0])
         rows.append({"axis": axis, "value": value, "d_hidden": model.d_hidden, "num_experts": model.num_experts,
                      "micro_batches": mb, "params": params, **sparse.to_dict()})
-    print(f"\nsparse snapshots W={args.window}, {args.stages} stages, cost per iteration vs model size "
+    print(f"\nsparse snapshots W={args.window}, {args.stages} stages, {args.rounds} rounds per point, cost per iteration vs model size "
           "(band: the point's A/A noise band)")
     print(f"{'axis':>13s} {'value':>6s} {'params M':>8s} {'copied KiB':>10s} {'blocked ms':>10s} {'CPU ms':>7s} "
           f"{'bg CPU':>7s} {'x none':>7s} {'band':>6s}  verdict")
