@@ -131,3 +131,18 @@ def checksum(buffer: Any) -> int:
     for value in (*a, *b):
         h = _mix64(h ^ value)
     return h
+
+
+def checksums(buffer: Any, spans: Any, out: Any) -> None:
+    """``out[i]`` = :func:`checksum` of span ``i`` of ``buffer``; ``spans`` holds int64 (offset, length) pairs."""
+    data = _view(buffer, writable=False)
+    pairs = _view(spans, writable=False).view(np.int64).reshape(-1, 2)
+    sums = _view(out, writable=True).view(np.uint64)
+    if pairs.shape[0] != sums.size or _view(spans, writable=False).size != pairs.size * 8:
+        raise ValueError(f"checksums: {pairs.size * 8} bytes of spans and {sums.size * 8} bytes of output do not "
+                         "hold the same number of (offset, length) int64 pairs and uint64 results")
+    for i, (offset, length) in enumerate(pairs.tolist()):
+        if offset < 0 or length < 0 or offset + length > data.size:
+            raise ValueError(f"checksums: span {i} (offset {offset}, length {length}) is outside a buffer of {data.size} bytes")
+    for i, (offset, length) in enumerate(pairs.tolist()):
+        sums[i] = checksum(data[offset : offset + length])

@@ -50,3 +50,7 @@ xor: Callable[[Any, Any, Any], None] = _backend.xor
 
 checksum: Callable[[Any], int] = _backend.checksum
 """``checksum(buf) -> int``: 64-bit content checksum (4 Fletcher lanes + SplitMix64 mixing)."""
+
+checksums: Callable[[Any, Any, Any], None] = _backend.checksums
+"""``checksums(buf, spans, out)``: ``out[i]`` (uint64) = :func:`checksum` of span ``i`` of ``buf``,
+``spans`` int64 (offset, length) pairs; one call, and one GIL release, for many tensors."""

@@ -34,7 +34,7 @@ import enum
 import logging
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -51,7 +51,8 @@ from moetion.profiling import CAPTURE, FENCE, LEDGER, PROPOSE, STORED
 from moetion.routing import expert_counts
 from moetion.snapshot.capture import CaptureWorker, CopyJob
 from moetion.snapshot.delta import DeltaCodec
-from moetion.snapshot.image import Capture, Entry, SnapshotError, WindowImage, WindowManifest, checksum
+from moetion.snapshot.image import (Capture, SnapshotError, WindowImage, WindowManifest, checksum,
+                                    with_checksums)
 from moetion.snapshot.layout import WindowLayout, plan_layout
 from moetion.snapshot.persist import AsyncPersister
 from moetion.snapshot.replica import PeerReplicator
@@ -413,7 +414,7 @@ class SparseCheckpointer:
             plan, start, layout, blob = window.plan, window.start, window.layout, window.blob
             fault_point("capture", stage=identity.stage, replica=identity.replica, iteration=iteration)
             captures = tuple(
-                Capture(start + i, tuple(_with_checksum(e, blob) for e in entries))
+                Capture(start + i, with_checksums(blob, entries))
                 for i, entries in enumerate(layout.entries)
             )
             manifest = WindowManifest(
@@ -499,10 +500,6 @@ class _WindowBuffers:
     model_state: dict[str, torch.Tensor]  # buffers and frozen parameters at the window's first capture
     layout: WindowLayout | None = None
     blob: torch.Tensor | None = None
-
-
-def _with_checksum(entry: Entry, blob: torch.Tensor) -> Entry:
-    return replace(entry, checksum=checksum(blob[entry.offset : entry.offset + entry.nbytes]))
 
 
 def _device_of(module: nn.Module) -> torch.device:

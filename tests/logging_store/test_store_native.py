@@ -86,6 +86,25 @@ def test_checksum_known_answers() -> None:
         assert backend.checksum(bytes(range(256)) * 3 + b"xyz") == 0x7218E8F9101197B9
 
 
+@pytest.mark.parametrize("backend", [_native, _fallback], ids=["native", "numpy"])
+def test_checksums_of_spans_equal_one_checksum_per_span(backend) -> None:
+    data = np.random.default_rng(5).integers(0, 256, 5000, dtype=np.uint8)
+    spans = np.array([(0, 0), (0, 5000), (3, 61), (64, 4096), (4999, 1), (5000, 0)], dtype=np.int64)
+    out = np.zeros(len(spans), np.uint64)
+    backend.checksums(data, spans, out)
+    assert out.tolist() == [_native.checksum(data[o : o + n]) for o, n in spans.tolist()]
+
+
+@pytest.mark.parametrize("backend", [_native, _fallback], ids=["native", "numpy"])
+def test_checksums_refuse_spans_outside_the_buffer_or_a_short_output(backend) -> None:
+    data = np.zeros(100, np.uint8)
+    for bad in [(90, 11), (-1, 5), (101, 0), (0, -1)]:
+        with pytest.raises(ValueError, match="outside a buffer of 100 bytes"):
+            backend.checksums(data, np.array([bad], np.int64), np.zeros(1, np.uint64))
+    with pytest.raises(ValueError, match="same number"):
+        backend.checksums(data, np.array([(0, 1), (1, 1)], np.int64), np.zeros(1, np.uint64))
+
+
 @settings(max_examples=60, deadline=None)
 @given(data=st.binary(max_size=3000), itemsize=st.sampled_from(ITEMSIZES), position=st.integers(0, 2999),
        mask=st.integers(1, 255))
