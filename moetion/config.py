@@ -204,7 +204,8 @@ class Config:
         precision: ``"fp32"``, or ``"bf16"`` compute with fp32 master weights and gradients.
         grad_clip: global max gradient norm across all stages and replicas; ``None`` disables.
         lr_schedule: warm-up and decay of the learning rate, see :class:`LRScheduleConfig`.
-        threads: intra-op threads per rank; ``None`` means cores // local ranks (at least 1).
+        threads: intra-op threads per rank; ``None`` means cores // local ranks (at least 1), one core
+            left free when that would fill every core (:func:`moetion.threads.default_threads`).
             Replay must use the same count, so it is recorded.
         peer_timeout_s: bound on every wait for a peer; a dead or hung peer becomes a
             :class:`~moetion.errors.PeerFailure` naming the rank instead of a hang.
