@@ -135,14 +135,14 @@ def checksum(buffer: Any) -> int:
 
 def checksums(buffer: Any, spans: Any, out: Any) -> None:
     """``out[i]`` = :func:`checksum` of span ``i`` of ``buffer``; ``spans`` holds int64 (offset, length) pairs."""
-    data = _view(buffer, writable=False)
-    pairs = _view(spans, writable=False).view(np.int64).reshape(-1, 2)
-    sums = _view(out, writable=True).view(np.uint64)
-    if pairs.shape[0] != sums.size or _view(spans, writable=False).size != pairs.size * 8:
-        raise ValueError(f"checksums: {pairs.size * 8} bytes of spans and {sums.size * 8} bytes of output do not "
+    data, raw_spans, raw_out = _view(buffer, writable=False), _view(spans, writable=False), _view(out, writable=True)
+    if raw_spans.size % 16 or raw_out.size != raw_spans.size // 2:
+        raise ValueError(f"checksums: {raw_spans.size} bytes of spans and {raw_out.size} bytes of output do not "
                          "hold the same number of (offset, length) int64 pairs and uint64 results")
-    for i, (offset, length) in enumerate(pairs.tolist()):
+    pairs = raw_spans.view(np.int64).reshape(-1, 2).tolist()
+    for i, (offset, length) in enumerate(pairs):
         if offset < 0 or length < 0 or offset + length > data.size:
             raise ValueError(f"checksums: span {i} (offset {offset}, length {length}) is outside a buffer of {data.size} bytes")
-    for i, (offset, length) in enumerate(pairs.tolist()):
+    sums = raw_out.view(np.uint64)
+    for i, (offset, length) in enumerate(pairs):
         sums[i] = checksum(data[offset : offset + length])
