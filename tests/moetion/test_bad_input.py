@@ -324,8 +324,7 @@ def _train_while_the_disk_goes(root: str) -> str:
     data = moetion.ByteCorpus(bytes(range(256)) * 8, seq_len=8, micro_batch_size=2)
     for _ in range(3):
         engine.train_batch(data)
-    engine.checkpointer.before_step()  # the last capture published its window (and submitted it) ...
-    engine.checkpointer.persister.wait()  # ... and the disk has it: nothing writes while we break the disk
+    engine.checkpointer.drain(timeout_s=60)  # every window published and on disk: nothing writes while we break it
     run_dir = Path(root, "disk", "disk-goes")
     shutil.rmtree(run_dir)
     run_dir.write_text("no longer a directory")
