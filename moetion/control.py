@@ -153,6 +153,10 @@ class ControlPlane:
         keys = [f"gen{generation}/arrived/{r}" for r in range(world_size)]
         return self._wait_keys(keys, generation, timeout_s=timeout_s, what="every rank to join")
 
+    def arrived(self, generation: int, rank: int) -> bool:
+        """Whether ``rank`` has arrived in ``generation`` (see :meth:`arrive`)."""
+        return self._signed(f"gen{generation}/arrived/{rank}") is not None
+
     def mark_ready(self, generation: int, rank: int) -> None:
         self.store.set(f"gen{generation}/ready/{rank}", "1")
 

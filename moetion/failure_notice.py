@@ -172,10 +172,12 @@ class FailureNotice:
             if self._generation != generation:
                 return  # the rank left that group meanwhile (and has seen the generation itself)
             shut = sum(_shutdown(fd, node) for fd, node in self._sockets.items())
+            tracked = len(self._sockets)
             self.notice = Notice(generation, published, why, time.time(), shut)
             self._generation, self._sockets = None, {}
             self._armed.notify_all()
-        log.warning("%s: shut %d connection(s) of generation %d", self.notice.reason, shut, generation)
+        log.warning("%s: shut %d of the %d connection(s) of generation %d (the others had closed)",
+                    self.notice.reason, shut, tracked, generation)
 
 
 def socket_fds() -> dict[int, str]:

@@ -6,7 +6,9 @@ One supervisor per host (they share the job's control store; see :mod:`moetion.c
   ``recover`` on, the supervisor starts a replacement with the same rank and publishes a new
   generation, which the survivors join (they keep their state; see :mod:`moetion.recovery`);
 - a rank whose heartbeat stops for ``heartbeat_timeout_s`` while its process lives is hung: it
-  is SIGKILLed, and then replaced like any other dead rank;
+  is SIGKILLed, and then replaced like any other dead rank. So is a survivor that has not rejoined
+  a new generation ``heartbeat_timeout_s`` after it was published: its failure notice breaks every
+  wait on its groups within milliseconds, so it is stuck where no notice reaches;
 - a rank that exits with an error (an exception: a bug, bad input) is not retried: the others get
   ``grace_s`` to exit, then are killed, and the job fails naming every rank's error, root causes
   first. So does a ``fatal`` message in the control store (nothing can recover exactly), and so
@@ -142,6 +144,7 @@ class Supervisor:
         self.store_lost = False
         self.generation = first_generation  # > 0: a standby host's ranks, replacing a lost host's
         self.recoveries: list[RecoveryRecord] = []
+        self._hung: dict[int, str] = {}  # ranks this supervisor killed as hung, and why
 
     def run(self) -> JobReport:
         workers = {rank: self.spawn(rank, self.generation, self.control.port) for rank in self.ranks}
@@ -154,6 +157,7 @@ class Supervisor:
     def _watch(self, workers: dict[int, Worker]) -> None:
         deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
         beats = _Heartbeats(self.control, self.ranks, self.heartbeat_timeout_s)
+        rejoins = _Rejoins(self.control, self.ranks, self.heartbeat_timeout_s, first_generation=self.generation)
         kill_at, reason = None, None
         while True:
             for w in workers.values():
@@ -167,7 +171,7 @@ class Supervisor:
                 break
             if kill_at is None:
                 try:
-                    kill_at, reason = self._decide(workers, codes, beats, now, deadline)
+                    kill_at, reason = self._decide(workers, codes, beats, rejoins, now, deadline)
                 except dist.DistNetworkError as error:  # nothing can coordinate a recovery any more
                     kill_at, reason = now, self._store_lost(error)
             elif now >= kill_at:
@@ -178,16 +182,18 @@ class Supervisor:
             w.reap()
         _raise_on_failure(list(workers.values()), reason)
 
-    def _decide(self, workers: dict[int, Worker], codes: dict[int, int | None], beats: "_Heartbeats", now: float,
-                deadline: float | None) -> tuple[float | None, str | None]:
+    def _decide(self, workers: dict[int, Worker], codes: dict[int, int | None], beats: "_Heartbeats",
+                rejoins: "_Rejoins", now: float, deadline: float | None) -> tuple[float | None, str | None]:
         """One look at the ranks: (when to kill them all, why), or (None, None) to go on."""
         dead = [r for r, c in codes.items() if c is not None and c < 0]
         failed = [r for r, c in codes.items() if c is not None and c > 0]
-        silent = beats.hung(codes)
-        if silent and not self._training_over(codes):  # a finished rank stops beating while it exits
-            for rank in silent:
-                print(f"moetion supervisor: rank {rank} sent no heartbeat for {self.heartbeat_timeout_s:g} s; "
-                      "killing it", flush=True)
+        hung = {rank: f"sent no heartbeat for {self.heartbeat_timeout_s:g} s" for rank in beats.hung(codes)}
+        hung.update((rank, f"did not rejoin generation {generation} within {self.heartbeat_timeout_s:g} s of its "
+                           "failure notice") for rank, generation in rejoins.stuck(codes))
+        if hung and not self._training_over(codes):  # a finished rank stops beating while it exits
+            for rank, why in hung.items():
+                print(f"moetion supervisor: rank {rank} {why}; killing it", flush=True)
+                self._hung[rank] = why
                 workers[rank].kill()
         lost = self.hosts.lost_host() if self.hosts is not None else None
         if lost is not None:
@@ -207,6 +213,7 @@ class Supervisor:
         if dead:
             self._replace(workers, dead)
             beats.reset(dead)
+            rejoins.replaced(dead, self.generation)
         elif deadline is not None and now > deadline:
             return now, f"timed out after {self.timeout_s} s"
         return None, None
@@ -230,7 +237,8 @@ class Supervisor:
         detected = time.time()
         time.sleep(SETTLE_S)  # ranks dying together (a host) recover in one generation
         dead = [r for r, w in workers.items() if w.exit_code() is not None and w.exit_code() < 0]
-        causes = {r: _describe_exit(workers[r].exit_code()) for r in dead}
+        causes = {r: _describe_exit(workers[r].exit_code()) + (f" ({self._hung.pop(r)})" if r in self._hung else "")
+                  for r in dead}
         why = "; ".join(f"rank {r} {causes[r]}" for r in dead)
         self.generation = self.control.announce_generation(why, world_size=self.world_size)
         for rank in dead:
@@ -286,6 +294,38 @@ class _Heartbeats:
                 stuck.append(rank)
                 self.moved_at[rank] = now
         return stuck
+
+
+class _Rejoins:
+    """Notices a survivor that has not arrived in the job's newest generation ``timeout_s`` after
+    this supervisor first saw it (its own or another host's). Replacements are not watched: a
+    start-up, however slow, is not a hang."""
+
+    def __init__(self, control: ControlPlane, ranks: list[int], timeout_s: float, *, first_generation: int) -> None:
+        self.control, self.timeout_s = control, timeout_s
+        self.started_in = dict.fromkeys(ranks, first_generation)  # the generation each rank's process started in
+        self.generation, self.seen_at = first_generation, time.monotonic()
+        self.checked_at = 0.0
+
+    def replaced(self, ranks: list[int], generation: int) -> None:
+        self.started_in.update(dict.fromkeys(ranks, generation))
+
+    def stuck(self, codes: dict[int, int | None]) -> list[tuple[int, int]]:
+        """(rank, generation) of each live survivor overdue in the newest generation; each once."""
+        now = time.monotonic()
+        if now - self.checked_at < 1.0:
+            return []
+        self.checked_at = now
+        newest = self.control.generation()
+        if newest != self.generation:
+            self.generation, self.seen_at = newest, now
+        if now - self.seen_at <= self.timeout_s:
+            return []
+        overdue = [(rank, newest) for rank, started in self.started_in.items()
+                   if started < newest and codes[rank] is None and not self.control.arrived(newest, rank)]
+        for rank, _ in overdue:
+            self.started_in[rank] = newest  # killed now; its replacement is not watched in this generation
+        return overdue
 
 
 def _raise_on_failure(workers: list[Worker], reason: str | None) -> None:

@@ -1,15 +1,16 @@
 """The failure notice on real gloo groups: a rank blocked in a receive from a live, silent peer
 abandons it as soon as a new generation is announced, with the notice as the reason."""
 import os
+import signal
 import time
 
 import pytest
 
 from moetion import env, failure_notice
-from moetion.control import ControlPlane
+from moetion.control import ControlPlane, start_generation
 from moetion.distributed import build_context, join_job, leave_process_group
 from moetion.errors import PeerFailure
-from moetion.launcher import run_workers
+from moetion.launcher import run_workers, supervise_workers
 from moetion.p2p import StageLinks
 
 PEER_TIMEOUT_S = 4.0
@@ -53,3 +54,37 @@ def test_negative_control_without_the_notice_the_receive_waits_out_its_timeout()
     reason = run_workers(blocked_receiver, nproc=3, timeout_s=90, env={env.FAILURE_NOTICE: "0"})[2]
     assert "generation 1 published" not in reason
     assert f"no answer within {PEER_TIMEOUT_S:g} s" in reason, reason
+
+
+REJOIN_TIMEOUT_S = 3.0
+
+
+def survivor_the_notice_cannot_reach() -> dict:
+    """Rank 0 dies once all have arrived; rank 1 survives it but never rejoins (as if stuck where its
+    notice cannot reach), while its heartbeat thread beats on. Replacements join and finish."""
+    rank, generation = int(os.environ["RANK"]), start_generation()
+    control = ControlPlane.from_env(timeout_s=30)
+    control.start_heartbeat(rank, generation)
+    if generation == 0:
+        assert control.arrive(0, rank, 2, timeout_s=30)
+        if rank == 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(120)  # the survivor the notice never reaches
+        return {"survivor": "woke up"}
+    while control.generation() < 2:  # rank 0's replacement rejoins with the replacement of rank 1
+        time.sleep(0.05)
+    assert control.arrive(2, rank, 2, timeout_s=30)
+    return {"joined": control.generation()}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_survivor_that_does_not_rejoin_within_the_heartbeat_timeout_is_killed_and_replaced(capsys):
+    report = supervise_workers(survivor_the_notice_cannot_reach, nproc=2, recover=True,
+                               heartbeat_timeout_s=REJOIN_TIMEOUT_S, timeout_s=90)
+    assert report.results == [{"joined": 2}, {"joined": 2}]
+    assert [(r.generation, r.ranks, r.causes) for r in report.recoveries] == [
+        (1, [0], {0: "killed by SIGKILL"}),
+        (2, [1], {1: f"killed by SIGKILL (did not rejoin generation 1 within {REJOIN_TIMEOUT_S:g} s of its failure notice)"}),
+    ]
+    assert "rank 1 did not rejoin generation 1" in capsys.readouterr().out
