@@ -38,7 +38,7 @@ from moetion.job_secret import new_secret, secret_from_env
 from moetion.hosts import HostWatch, StandbyWatch, resume_command
 from moetion.rank_entry import install_hooks
 from moetion.spare import Identity, SparePool, warm_torch
-from moetion.supervisor import GRACE_S, JobReport, Spawn, Supervisor, Worker
+from moetion.supervisor import GRACE_S, REJOIN_TIMEOUT_S, JobReport, Spawn, Supervisor, Worker
 from moetion.timeouts import check_supervisor, supervisor_env
 
 
@@ -204,12 +204,14 @@ def supervise_workers(
     recover: bool = False,
     max_restarts: int = 8,
     heartbeat_timeout_s: float = 30.0,
+    rejoin_timeout_s: float = REJOIN_TIMEOUT_S,
     env: dict[str, str] | None = None,
 ) -> JobReport:
     """:func:`run_workers`, returning the whole :class:`~moetion.supervisor.JobReport`.
 
     ``timeout_s`` bounds the whole job; ``recover`` replaces ranks killed by a signal (at most
-    ``max_restarts`` times) or silent for ``heartbeat_timeout_s``; ``env`` is added to the ranks'
+    ``max_restarts`` times), silent for ``heartbeat_timeout_s`` or, after a failure, not back in the
+    new generation within ``rejoin_timeout_s``; ``env`` is added to the ranks'
     environment. The parent must not have run multi-threaded torch work (it forks).
     """
     if nproc < 1:
@@ -231,8 +233,8 @@ def supervise_workers(
         return Worker(rank, process, receiver)
 
     return _supervise(spawn, nproc=nproc, secret=secret, recover=recover, max_restarts=max_restarts,
-                      heartbeat_timeout_s=heartbeat_timeout_s, timeout_s=timeout_s, grace_s=grace_s,
-                      fault_log=extra[variables.FAULT_LOG])
+                      heartbeat_timeout_s=heartbeat_timeout_s, rejoin_timeout_s=rejoin_timeout_s, timeout_s=timeout_s,
+                      grace_s=grace_s, fault_log=extra[variables.FAULT_LOG])
 
 
 def _preload_for_forks() -> None:

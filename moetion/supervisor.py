@@ -7,7 +7,7 @@ One supervisor per host (they share the job's control store; see :mod:`moetion.c
   generation, which the survivors join (they keep their state; see :mod:`moetion.recovery`);
 - a rank whose heartbeat stops for ``heartbeat_timeout_s`` while its process lives is hung: it
   is SIGKILLed, and then replaced like any other dead rank. So is a survivor that has not rejoined
-  a new generation ``heartbeat_timeout_s`` after it was published: its failure notice breaks every
+  a new generation ``rejoin_timeout_s`` after it was published: its failure notice breaks every
   wait on its groups within milliseconds, so it is stuck where no notice reaches;
 - a rank that exits with an error (an exception: a bug, bad input) is not retried: the others get
   ``grace_s`` to exit, then are killed, and the job fails naming every rank's error, root causes
@@ -34,6 +34,7 @@ from moetion.faults import read_fault_log
 from moetion.hosts import HostWatch
 from moetion.recovery.records import RecoveryEvents
 
+REJOIN_TIMEOUT_S = 30.0  # a survivor still not in a new generation this long after it appeared is stuck
 GRACE_S = 10.0  # how long survivors get to exit on their own after a rank fails for good
 POLL_S = 0.02
 SETTLE_S = 0.05  # after a death, wait this long for others dying with it: one generation for all
@@ -129,6 +130,7 @@ class Supervisor:
         recover: bool = False,
         max_restarts: int = 8,
         heartbeat_timeout_s: float = 30.0,
+        rejoin_timeout_s: float = REJOIN_TIMEOUT_S,
         timeout_s: float | None = None,
         grace_s: float = GRACE_S,
         fault_log: Path | None = None,
@@ -139,6 +141,7 @@ class Supervisor:
         self.ranks = list(range(world_size) if ranks is None else ranks)
         self.recover, self.max_restarts = recover, max_restarts
         self.heartbeat_timeout_s, self.timeout_s, self.grace_s = heartbeat_timeout_s, timeout_s, grace_s
+        self.rejoin_timeout_s = rejoin_timeout_s
         self.fault_log = fault_log
         self.hosts = hosts  # the other hosts' liveness, in a multi-host job
         self.store_lost = False
@@ -157,7 +160,7 @@ class Supervisor:
     def _watch(self, workers: dict[int, Worker]) -> None:
         deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
         beats = _Heartbeats(self.control, self.ranks, self.heartbeat_timeout_s)
-        rejoins = _Rejoins(self.control, self.ranks, self.heartbeat_timeout_s, first_generation=self.generation)
+        rejoins = _Rejoins(self.control, self.ranks, self.rejoin_timeout_s, first_generation=self.generation)
         kill_at, reason = None, None
         while True:
             for w in workers.values():
@@ -188,7 +191,7 @@ class Supervisor:
         dead = [r for r, c in codes.items() if c is not None and c < 0]
         failed = [r for r, c in codes.items() if c is not None and c > 0]
         hung = {rank: f"sent no heartbeat for {self.heartbeat_timeout_s:g} s" for rank in beats.hung(codes)}
-        hung.update((rank, f"did not rejoin generation {generation} within {self.heartbeat_timeout_s:g} s of its "
+        hung.update((rank, f"did not rejoin generation {generation} within {self.rejoin_timeout_s:g} s of its "
                            "failure notice") for rank, generation in rejoins.stuck(codes))
         if hung and not self._training_over(codes):  # a finished rank stops beating while it exits
             for rank, why in hung.items():

@@ -134,4 +134,5 @@ def test_a_stranger_cannot_kill_the_job_bump_the_generation_or_keep_a_hung_rank_
                                timeout_s=90)
     assert report.results[0] == {"attacked": True}  # the forged fatal did not end rank 0
     assert report.results[1] == {"replacement": True}
-    assert [(r.generation, r.ranks, r.causes) for r in report.recoveries] == [(1, [1], {1: "killed by SIGKILL"})]
+    assert [(r.generation, r.ranks, r.causes) for r in report.recoveries] == [
+        (1, [1], {1: f"killed by SIGKILL (sent no heartbeat for {HEARTBEAT_TIMEOUT_S:g} s)"})]

@@ -79,9 +79,9 @@ def survivor_the_notice_cannot_reach() -> dict:
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-def test_a_survivor_that_does_not_rejoin_within_the_heartbeat_timeout_is_killed_and_replaced(capsys):
+def test_a_survivor_that_does_not_rejoin_within_the_rejoin_timeout_is_killed_and_replaced(capsys):
     report = supervise_workers(survivor_the_notice_cannot_reach, nproc=2, recover=True,
-                               heartbeat_timeout_s=REJOIN_TIMEOUT_S, timeout_s=90)
+                               rejoin_timeout_s=REJOIN_TIMEOUT_S, timeout_s=90)
     assert report.results == [{"joined": 2}, {"joined": 2}]
     assert [(r.generation, r.ranks, r.causes) for r in report.recoveries] == [
         (1, [0], {0: "killed by SIGKILL"}),
