@@ -23,6 +23,10 @@ Measured on gloo (torch 2.13, this machine): a receive pending in another thread
 generation's group forms normally. A timed-out ``wait()`` or ``abort()`` does neither (see
 PLATFORM-NOTES), hence sockets, not the process-group API.
 
+One gap, observed rarely under load: a gloo send that was partly written when its connection
+closed is not woken (docs/timeouts-and-spares.md). The supervisor kills and replaces a survivor
+still missing from the new generation after its rejoin timeout.
+
 Lifecycle (one instance per process, :func:`start` once): joining(g) -> joined() [armed for g]
 -> (notice g' > g: sockets shut, reason kept) -> disarm() before the group is destroyed -> joining(g')...
 The lock makes shutting sockets and destroying the group mutually exclusive, so a closed and
