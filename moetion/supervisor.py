@@ -314,7 +314,11 @@ class _Rejoins:
         self.started_in.update(dict.fromkeys(ranks, generation))
 
     def stuck(self, codes: dict[int, int | None]) -> list[tuple[int, int]]:
-        """(rank, generation) of each live survivor overdue in the newest generation; each once."""
+        """(rank, generation) of each live survivor overdue in the newest generation; each once.
+
+        A survivor whose stage has data-parallel replicas but no other surviving one is left alone:
+        it holds the only live state of its stage, and replicas cannot replay together from a window,
+        so killing it would end the job; its own wait ends at ``peer_timeout_s`` instead."""
         now = time.monotonic()
         if now - self.checked_at < 1.0:
             return []
@@ -324,11 +328,23 @@ class _Rejoins:
             self.generation, self.seen_at = newest, now
         if now - self.seen_at <= self.timeout_s:
             return []
-        overdue = [(rank, newest) for rank, started in self.started_in.items()
+        overdue = [rank for rank, started in self.started_in.items()
                    if started < newest and codes[rank] is None and not self.control.arrived(newest, rank)]
-        for rank, _ in overdue:
-            self.started_in[rank] = newest  # killed now; its replacement is not watched in this generation
-        return overdue
+        killable = []
+        for rank in overdue:
+            self.started_in[rank] = newest  # looked at once per generation
+            others = [r for r in self.control.replicas(rank) if r != rank]
+            if others and not any(self._survives(r, newest, codes) for r in others):
+                print(f"moetion supervisor: rank {rank} has not rejoined generation {newest} "
+                      f"{self.timeout_s:g} s after its failure notice, but holds the only live state of its stage; "
+                      "leaving it to its peer timeout", flush=True)
+            else:
+                killable.append((rank, newest))
+        return killable
+
+    def _survives(self, rank: int, generation: int, codes: dict[int, int | None]) -> bool:
+        """Whether ``rank`` (of this host) is a live process older than ``generation``."""
+        return rank in codes and codes[rank] is None and self.started_in[rank] < generation
 
 
 def _raise_on_failure(workers: list[Worker], reason: str | None) -> None:
