@@ -25,7 +25,8 @@ PLATFORM-NOTES), hence sockets, not the process-group API.
 
 One gap, observed rarely under load: a gloo send that was partly written when its connection
 closed is not woken (docs/timeouts-and-spares.md). The supervisor kills and replaces a survivor
-still missing from the new generation after its rejoin timeout.
+still missing from the new generation after its rejoin timeout, unless it holds its stage's only
+live state.
 
 Lifecycle (one instance per process, :func:`start` once): joining(g) -> joined() [armed for g]
 -> (notice g' > g: sockets shut, reason kept) -> disarm() before the group is destroyed -> joining(g')...

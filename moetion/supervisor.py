@@ -8,7 +8,8 @@ One supervisor per host (they share the job's control store; see :mod:`moetion.c
 - a rank whose heartbeat stops for ``heartbeat_timeout_s`` while its process lives is hung: it
   is SIGKILLed, and then replaced like any other dead rank. So is a survivor that has not rejoined
   a new generation ``rejoin_timeout_s`` after it was published: its failure notice breaks every
-  wait on its groups within milliseconds, so it is stuck where no notice reaches;
+  wait on its groups within milliseconds, so it is stuck where no notice reaches (unless it holds
+  its stage's only live state: then it is left to its own ``peer_timeout_s``);
 - a rank that exits with an error (an exception: a bug, bad input) is not retried: the others get
   ``grace_s`` to exit, then are killed, and the job fails naming every rank's error, root causes
   first. So does a ``fatal`` message in the control store (nothing can recover exactly), and so
