@@ -78,11 +78,15 @@ def survivor_the_notice_cannot_reach(replicas: bool) -> dict:
     return {"joined": control.generation()}
 
 
+def job_with_a_stuck_survivor(*, replicas: bool):
+    return supervise_workers(survivor_the_notice_cannot_reach, nproc=2, args=(replicas,), recover=True,
+                             rejoin_timeout_s=REJOIN_TIMEOUT_S, timeout_s=90)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_a_survivor_that_does_not_rejoin_within_the_rejoin_timeout_is_killed_and_replaced(capsys):
-    report = supervise_workers(survivor_the_notice_cannot_reach, nproc=2, args=(False,), recover=True,
-                               rejoin_timeout_s=REJOIN_TIMEOUT_S, timeout_s=90)
+    report = job_with_a_stuck_survivor(replicas=False)
     assert report.results == [{"joined": 2}, {"joined": 2}]
     assert [(r.generation, r.ranks, r.causes) for r in report.recoveries] == [
         (1, [0], {0: "killed by SIGKILL"}),
@@ -94,9 +98,8 @@ def test_a_survivor_that_does_not_rejoin_within_the_rejoin_timeout_is_killed_and
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_the_last_live_replica_of_a_stage_is_left_to_its_own_timeout_not_killed(capsys):
-    report = supervise_workers(survivor_the_notice_cannot_reach, nproc=2, args=(True,), recover=True,
-                               rejoin_timeout_s=REJOIN_TIMEOUT_S, timeout_s=90)
+    report = job_with_a_stuck_survivor(replicas=True)
     assert report.results == [{"joined": 1}, {"joined": 1}]
     assert [(r.generation, r.ranks) for r in report.recoveries] == [(1, [0])]
-    assert "rank 1 has not rejoined generation 1 3 s after its failure notice, but holds the only live state" \
-        in capsys.readouterr().out
+    assert (f"rank 1 has not rejoined generation 1 {REJOIN_TIMEOUT_S:g} s after its failure notice, but holds "
+            "the only live state") in capsys.readouterr().out
