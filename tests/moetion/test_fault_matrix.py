@@ -85,9 +85,10 @@ def idle_spares():
             found.append(int(pid))
     return found
 def kill_idle_spares(marker):
-    """Once per run, SIGKILLs this job's idle warm spare(s) (named moetion-spare, for this script),
-    waiting for one to be idle first (a spare names itself once it has imported moetion)."""
-    if Path(marker).exists():
+    """Once per faulty run, SIGKILLs this job's idle warm spare(s) (named moetion-spare, for this
+    script), waiting for one to be idle first (a spare names itself once it has imported moetion).
+    The fault-free reference run has no spares (and no armed kills): nothing to wait for there."""
+    if Path(marker).exists() or not os.environ.get("MOETION_KILL"):
         return
     Path(marker).touch()
     deadline = time.monotonic() + 300
