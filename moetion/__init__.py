@@ -109,8 +109,6 @@ def initialize(
             f"rank {context.rank} runs stage {context.stage} but the module was built for stage "
             f"{module.stage_id}: build PipelineModule without stage_id under a launcher"
         )
-    if control is not None:
-        control.record_replicas(context.rank, context.topology.replica_ranks(context.stage))
     _log.configure(rank=context.rank, stage=context.stage)
     threads = pin_threads(config.threads, local_world_size=context.local_world_size)
     module.to(context.device)
