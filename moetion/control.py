@@ -237,19 +237,6 @@ class ControlPlane:
         """What :meth:`record_initial_digest` recorded for ``rank``, if signed with the job secret."""
         return self._signed(f"initial/{rank}")
 
-    # -- the layout the supervisor needs ------------------------------------------------------------------
-    def record_replicas(self, rank: int, ranks: list[int]) -> None:
-        """The ranks holding ``rank``'s stage (itself included): the data-parallel replicas."""
-        self.store.set(f"replicas/{rank}", ",".join(map(str, ranks)))
-
-    def replicas(self, rank: int) -> list[int]:
-        """What :meth:`record_replicas` recorded for ``rank``; just ``[rank]`` if nothing valid was."""
-        value = self._signed(f"replicas/{rank}")
-        parts = [] if value is None else value.decode(errors="replace").split(",")
-        if not parts or not all(p.isdigit() for p in parts):
-            return [rank]
-        return [int(p) for p in parts]
-
     # -- liveness -------------------------------------------------------------------------------------
     def heartbeats(self, ranks: list[int]) -> dict[int, tuple[int, int] | None]:
         """Each rank's newest heartbeat as (generation its process started in, beats): a replacement's

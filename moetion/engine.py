@@ -124,8 +124,6 @@ class PipelineEngine:
         self._norm_params = self._params_counted_in_norm()
         self._connect(dist_context)
         self.metrics = open_rank_metrics(self)  # None unless config.metrics.dir is set
-        if control is not None:  # the supervisor spares a stage's last live replica (see moetion.supervisor)
-            control.record_replicas(dist_context.rank, dist_context.topology.replica_ranks(dist_context.stage))
         # A replacement that replays from the initial state checks its build against its predecessor's.
         self._initial_digest = None if control is None else self._share_initial_digest(control, replacement)
         # Under a supervisor a lost peer is recovered from; a process started into a later

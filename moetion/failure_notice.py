@@ -24,9 +24,8 @@ generation's group forms normally. A timed-out ``wait()`` or ``abort()`` does ne
 PLATFORM-NOTES), hence sockets, not the process-group API.
 
 One gap, observed rarely under load: a gloo send that was partly written when its connection
-closed is not woken (docs/timeouts-and-spares.md). The supervisor kills and replaces a survivor
-still missing from the new generation after its rejoin timeout, unless it holds its stage's only
-live state.
+closed is not woken (docs/timeouts-and-spares.md); such a survivor waits out ``peer_timeout_s``,
+and the supervisor names it once it is missing from the new generation for its rejoin timeout.
 
 Lifecycle (one instance per process, :func:`start` once): joining(g) -> joined() [armed for g]
 -> (notice g' > g: sockets shut, reason kept) -> disarm() before the group is destroyed -> joining(g')...

@@ -210,8 +210,8 @@ def supervise_workers(
     """:func:`run_workers`, returning the whole :class:`~moetion.supervisor.JobReport`.
 
     ``timeout_s`` bounds the whole job; ``recover`` replaces ranks killed by a signal (at most
-    ``max_restarts`` times), silent for ``heartbeat_timeout_s`` or, after a failure, not back in the
-    new generation within ``rejoin_timeout_s``; ``env`` is added to the ranks'
+    ``max_restarts`` times) or silent for ``heartbeat_timeout_s``, and names a survivor not back in
+    a new generation within ``rejoin_timeout_s``; ``env`` is added to the ranks'
     environment. The parent must not have run multi-threaded torch work (it forks).
     """
     if nproc < 1:

@@ -6,10 +6,12 @@ One supervisor per host (they share the job's control store; see :mod:`moetion.c
   ``recover`` on, the supervisor starts a replacement with the same rank and publishes a new
   generation, which the survivors join (they keep their state; see :mod:`moetion.recovery`);
 - a rank whose heartbeat stops for ``heartbeat_timeout_s`` while its process lives is hung: it
-  is SIGKILLed, and then replaced like any other dead rank. So is a survivor that has not rejoined
-  a new generation ``rejoin_timeout_s`` after it was published: its failure notice breaks every
-  wait on its groups within milliseconds, so it is stuck where no notice reaches (unless it holds
-  its stage's only live state: then it is left to its own ``peer_timeout_s``);
+  is SIGKILLed, and then replaced like any other dead rank;
+- a survivor that has not rejoined a new generation ``rejoin_timeout_s`` after it was published is
+  named in a warning: its failure notice breaks every wait on its groups within milliseconds, so it
+  is stuck where no notice reaches (a gloo send whose connection closed mid-write). It is not
+  killed: its state may be the only one its stage's recovery can use, which the supervisor cannot
+  tell; its own wait ends at ``peer_timeout_s``;
 - a rank that exits with an error (an exception: a bug, bad input) is not retried: the others get
   ``grace_s`` to exit, then are killed, and the job fails naming every rank's error, root causes
   first. So does a ``fatal`` message in the control store (nothing can recover exactly), and so
@@ -35,7 +37,7 @@ from moetion.faults import read_fault_log
 from moetion.hosts import HostWatch
 from moetion.recovery.records import RecoveryEvents
 
-REJOIN_TIMEOUT_S = 30.0  # a survivor still not in a new generation this long after it appeared is stuck
+REJOIN_TIMEOUT_S = 30.0  # a survivor still not in a new generation this long after it appeared is named as stuck
 GRACE_S = 10.0  # how long survivors get to exit on their own after a rank fails for good
 POLL_S = 0.02
 SETTLE_S = 0.05  # after a death, wait this long for others dying with it: one generation for all
@@ -192,13 +194,16 @@ class Supervisor:
         dead = [r for r, c in codes.items() if c is not None and c < 0]
         failed = [r for r, c in codes.items() if c is not None and c > 0]
         hung = {rank: f"sent no heartbeat for {self.heartbeat_timeout_s:g} s" for rank in beats.hung(codes)}
-        hung.update((rank, f"did not rejoin generation {generation} within {self.rejoin_timeout_s:g} s of its "
-                           "failure notice") for rank, generation in rejoins.stuck(codes))
         if hung and not self._training_over(codes):  # a finished rank stops beating while it exits
             for rank, why in hung.items():
                 print(f"moetion supervisor: rank {rank} {why}; killing it", flush=True)
                 self._hung[rank] = why
                 workers[rank].kill()
+        for rank, generation in rejoins.stuck(codes):
+            print(f"moetion supervisor: rank {rank} has not rejoined generation {generation} "
+                  f"{self.rejoin_timeout_s:g} s after its failure notice: it is probably stuck in a gloo send whose "
+                  "connection closed mid-write (docs/timeouts-and-spares.md); its own wait ends at its "
+                  "peer_timeout_s", flush=True)
         lost = self.hosts.lost_host() if self.hosts is not None else None
         if lost is not None:
             self.control.declare_fatal(lost)
@@ -315,11 +320,7 @@ class _Rejoins:
         self.started_in.update(dict.fromkeys(ranks, generation))
 
     def stuck(self, codes: dict[int, int | None]) -> list[tuple[int, int]]:
-        """(rank, generation) of each live survivor overdue in the newest generation; each once.
-
-        A survivor whose stage has data-parallel replicas but no other surviving one is left alone:
-        it holds the only live state of its stage, and replicas cannot replay together from a window,
-        so killing it would end the job; its own wait ends at ``peer_timeout_s`` instead."""
+        """(rank, generation) of each live survivor overdue in the newest generation; each once."""
         now = time.monotonic()
         if now - self.checked_at < 1.0:
             return []
@@ -329,23 +330,11 @@ class _Rejoins:
             self.generation, self.seen_at = newest, now
         if now - self.seen_at <= self.timeout_s:
             return []
-        overdue = [rank for rank, started in self.started_in.items()
+        overdue = [(rank, newest) for rank, started in self.started_in.items()
                    if started < newest and codes[rank] is None and not self.control.arrived(newest, rank)]
-        killable = []
-        for rank in overdue:
-            self.started_in[rank] = newest  # looked at once per generation
-            others = [r for r in self.control.replicas(rank) if r != rank]
-            if others and not any(self._survives(r, newest, codes) for r in others):
-                print(f"moetion supervisor: rank {rank} has not rejoined generation {newest} "
-                      f"{self.timeout_s:g} s after its failure notice, but holds the only live state of its stage; "
-                      "leaving it to its peer timeout", flush=True)
-            else:
-                killable.append((rank, newest))
-        return killable
-
-    def _survives(self, rank: int, generation: int, codes: dict[int, int | None]) -> bool:
-        """Whether ``rank`` (of this host) is a live process older than ``generation``."""
-        return rank in codes and codes[rank] is None and self.started_in[rank] < generation
+        for rank, _ in overdue:
+            self.started_in[rank] = newest  # named once per generation
+        return overdue
 
 
 def _raise_on_failure(workers: list[Worker], reason: str | None) -> None:
