@@ -40,6 +40,7 @@ from moetion.recovery.records import RecoveryEvents
 REJOIN_TIMEOUT_S = 30.0  # a survivor still not in a new generation this long after it appeared is named as stuck
 GRACE_S = 10.0  # how long survivors get to exit on their own after a rank fails for good
 POLL_S = 0.02
+LOOK_EVERY_S = 1.0  # how often the store is asked about heartbeats and rejoins (not every poll)
 SETTLE_S = 0.05  # after a death, wait this long for others dying with it: one generation for all
 
 
@@ -199,7 +200,8 @@ class Supervisor:
                 print(f"moetion supervisor: rank {rank} {why}; killing it", flush=True)
                 self._hung[rank] = why
                 workers[rank].kill()
-        for rank, generation in rejoins.stuck(codes):
+        stuck = rejoins.stuck(codes)
+        for rank, generation in stuck if stuck and not self._training_over(codes) else []:
             print(f"moetion supervisor: rank {rank} has not rejoined generation {generation} "
                   f"{self.rejoin_timeout_s:g} s after its failure notice: it is probably stuck in a gloo send whose "
                   "connection closed mid-write (docs/timeouts-and-spares.md); its own wait ends at its "
@@ -292,7 +294,7 @@ class _Heartbeats:
 
     def hung(self, codes: dict[int, int | None]) -> list[int]:
         now = time.monotonic()
-        if now - self.checked_at < 1.0:
+        if now - self.checked_at < LOOK_EVERY_S:
             return []
         self.checked_at = now
         stuck = []
@@ -314,6 +316,7 @@ class _Rejoins:
         self.control, self.timeout_s = control, timeout_s
         self.started_in = dict.fromkeys(ranks, first_generation)  # the generation each rank's process started in
         self.generation, self.seen_at = first_generation, time.monotonic()
+        self.named: set[tuple[int, int]] = set()  # (rank, generation) already reported
         self.checked_at = 0.0
 
     def replaced(self, ranks: list[int], generation: int) -> None:
@@ -322,7 +325,7 @@ class _Rejoins:
     def stuck(self, codes: dict[int, int | None]) -> list[tuple[int, int]]:
         """(rank, generation) of each live survivor overdue in the newest generation; each once."""
         now = time.monotonic()
-        if now - self.checked_at < 1.0:
+        if now - self.checked_at < LOOK_EVERY_S:
             return []
         self.checked_at = now
         newest = self.control.generation()
@@ -331,9 +334,9 @@ class _Rejoins:
         if now - self.seen_at <= self.timeout_s:
             return []
         overdue = [(rank, newest) for rank, started in self.started_in.items()
-                   if started < newest and codes[rank] is None and not self.control.arrived(newest, rank)]
-        for rank, _ in overdue:
-            self.started_in[rank] = newest  # named once per generation
+                   if started < newest and codes[rank] is None and (rank, newest) not in self.named
+                   and not self.control.arrived(newest, rank)]
+        self.named.update(overdue)
         return overdue
 
 
